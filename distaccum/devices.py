@@ -1,0 +1,49 @@
+"""Which GPU a worker uses: each process sees only its `local_rank`'s GPU, with memory growth on.
+
+The choice is a pure function (`choose_gpu`) so it can be tested without a GPU; `configure_gpus`
+applies it to TensorFlow and must run before TensorFlow touches a GPU.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence, TypeVar
+
+import tensorflow as tf
+
+Device = TypeVar("Device")
+
+
+def choose_gpu(gpus: Sequence[Device], local_rank: int) -> Device | None:
+    """The GPU this worker should see, or None on a machine without GPUs.
+
+    Args:
+        gpus: the physical GPUs this process can see, in TensorFlow's order.
+        local_rank: this worker's index among the workers on its machine.
+
+    Raises:
+        ValueError: more workers on this machine than GPUs, which would silently put two workers
+            on one GPU; or a launcher that already narrowed the view to one GPU per process
+            (`CUDA_VISIBLE_DEVICES`), in which case the single visible GPU is the right one.
+    """
+    if local_rank < 0:
+        raise ValueError(f"local_rank must be >= 0. Received: local_rank={local_rank}")
+    if not gpus:
+        return None
+    if len(gpus) == 1:
+        return gpus[0]
+    if local_rank >= len(gpus):
+        raise ValueError(
+            f"local_rank {local_rank} has no GPU of its own: only {len(gpus)} visible "
+            f"({', '.join(map(str, gpus))}); start at most {len(gpus)} workers per machine"
+        )
+    return gpus[local_rank]
+
+
+def configure_gpus(local_rank: int) -> object | None:
+    """Make only this worker's GPU visible to TensorFlow, with memory growth, and return it."""
+    gpu = choose_gpu(tf.config.list_physical_devices("GPU"), local_rank)
+    if gpu is not None:
+        tf.config.set_visible_devices([gpu], "GPU")
+        # Without growth, the first worker's TensorFlow reserves nearly all of the GPU's memory.
+        tf.config.experimental.set_memory_growth(gpu, True)
+    return gpu

@@ -1,0 +1,203 @@
+"""The Trainer: what one micro-step and one update step are.
+
+Public entry point:
+
+    distaccum.init()
+    trainer = distaccum.Trainer(model, optimizer, loss=loss, accumulation_steps=4)
+    history = trainer.fit(dataset, epochs=2)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import keras
+import tensorflow as tf
+
+from distaccum import comm, data
+from distaccum.controller import Controller
+from distaccum.accumulate import (
+    GradientAccumulator,
+    as_sample_weights,
+    mean_gradients,
+    per_sample_loss,
+)
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    """What one update step reports, summed over all workers (tensors: reading them syncs).
+
+    Attributes:
+        loss_sum: sum of weight × per-sample loss over the window's samples on all workers.
+        weight_sum: sum of sample weights over the same samples.
+        sample_count: number of those samples.
+        gradient_norm: global norm of the applied gradient, before clipping.
+    """
+
+    loss_sum: tf.Tensor
+    weight_sum: tf.Tensor
+    sample_count: tf.Tensor
+    gradient_norm: tf.Tensor
+
+    @property
+    def loss(self) -> float:
+        """The window's sample-weighted mean loss over all workers."""
+        return float(self.loss_sum / self.weight_sum) if float(self.weight_sum) else 0.0
+
+
+def _check_accumulation_steps(accumulation_steps) -> int:
+    if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int):
+        raise TypeError(
+            f"accumulation_steps must be an int. Received: accumulation_steps={accumulation_steps!r}"
+        )
+    if accumulation_steps < 1:
+        raise ValueError(
+            f"accumulation_steps must be >= 1. Received: accumulation_steps={accumulation_steps}"
+        )
+    return accumulation_steps
+
+
+def _check_optimizer(optimizer) -> None:
+    if not isinstance(optimizer, keras.optimizers.Optimizer):
+        raise TypeError(f"optimizer must be a keras.optimizers.Optimizer. Received: {optimizer!r}")
+    if optimizer.gradient_accumulation_steps:
+        raise ValueError(
+            "build the optimizer without gradient_accumulation_steps: distaccum accumulates "
+            "(exactly, and with one allreduce per update) and Keras's own accumulation would "
+            "average micro-batch means and count micro-steps. Received: "
+            f"gradient_accumulation_steps={optimizer.gradient_accumulation_steps}"
+        )
+
+
+class Trainer:
+    """Owns the micro-step and the update step of data-parallel training with accumulation.
+
+    A micro-step runs forward and backward on one micro-batch and adds to this worker's sums; it
+    never communicates. An update step reduces the sums over workers in one grouped allreduce,
+    divides once by the total sample weight, optionally clips by global norm, and applies. So
+    `optimizer.iterations` counts updates and LR schedules see large-batch steps.
+
+    Does not own the loop (epochs, windows, when to log or stop): that is the `Controller`, which
+    `fit` uses.
+
+    Args:
+        model: a Keras 3 model.
+        optimizer: a Keras 3 optimizer, built without `gradient_accumulation_steps`.
+        loss: a `keras.losses.Loss` or an unreduced loss function `(y_true, y_pred) -> [batch]`.
+        accumulation_steps: micro-batches per worker per update (k).
+        clip_global_norm: if set, clip the reduced, normalised gradient to this global norm.
+    """
+
+    def __init__(
+        self,
+        model: keras.Model,
+        optimizer: keras.optimizers.Optimizer,
+        *,
+        loss: Callable,
+        accumulation_steps: int = 1,
+        clip_global_norm: float | None = None,
+    ) -> None:
+        if not isinstance(model, keras.Model):
+            raise TypeError(f"model must be a keras.Model. Received: model={model!r}")
+        _check_optimizer(optimizer)
+        if not callable(loss):
+            raise TypeError(f"loss must be a Keras loss or a function. Received: loss={loss!r}")
+        if clip_global_norm is not None and not clip_global_norm > 0:
+            raise ValueError(f"clip_global_norm must be > 0. Received: {clip_global_norm!r}")
+        self.model = model
+        self.optimizer = optimizer
+        self.loss = loss
+        self.accumulation_steps = _check_accumulation_steps(accumulation_steps)
+        self.clip_global_norm = clip_global_norm
+        self.backend = comm.current()
+        self._accumulator: GradientAccumulator | None = None
+        self._micro_step = tf.function(self._micro_step_body)
+        self._update_step = tf.function(self._update_step_body)
+
+    @property
+    def micro_step_traces(self) -> int:
+        """How often the micro-step was traced (one per input signature)."""
+        return self._micro_step.experimental_get_tracing_count()
+
+    @property
+    def update_step_traces(self) -> int:
+        return self._update_step.experimental_get_tracing_count()
+
+    def prepare(self, element_spec) -> None:
+        """Build model and optimizer, then make every worker start from rank 0's state. Once."""
+        if self._accumulator is not None:
+            return
+        if not self.model.built:
+            self.model.build(tf.nest.map_structure(lambda s: s.shape, element_spec[0]))
+        variables = self.model.trainable_variables
+        self._accumulator = GradientAccumulator(variables)
+        self.optimizer.build(variables)
+        self.broadcast_from_chief()
+
+    def broadcast_from_chief(self) -> None:
+        """Overwrite model and optimizer state with rank 0's."""
+        state = list(self.model.variables) + list(self.optimizer.variables)
+        values = self.backend.broadcast_from_chief([v.value for v in state])
+        for variable, value in zip(state, values):
+            variable.assign(value)
+
+    def micro_step(self, x, y, sample_weight=None) -> None:
+        """Forward, backward and accumulate one micro-batch on this worker. No communication."""
+        self._micro_step(x, y, sample_weight)
+
+    def update_step(self) -> UpdateResult:
+        """Reduce the window over workers, normalise, clip, apply; every worker calls it."""
+        return UpdateResult(*self._update_step())
+
+    def _micro_step_body(self, x, y, sample_weight):
+        variables = self.model.trainable_variables
+        with tf.GradientTape() as tape:
+            y_pred = self.model(x, training=True)
+            losses = per_sample_loss(self.loss, y, y_pred)
+            weights = as_sample_weights(sample_weight, tf.shape(losses)[0], losses.dtype)
+            # The unnormalised sum: dividing here would make this a mean of micro-batch means.
+            loss_sum = tf.reduce_sum(losses * weights)
+        gradients = tape.gradient(loss_sum, variables)
+        self._accumulator.add(gradients, loss_sum, tf.reduce_sum(weights), tf.size(losses))
+
+    def _update_step_body(self):
+        # The only sync point of a window: gradient, loss and weight sums in one grouped allreduce.
+        totals = self.backend.sum_all(self._accumulator.totals())
+        gradient_sums, (loss_sum, weight_sum, sample_count) = GradientAccumulator.split(totals)
+        gradients = mean_gradients(gradient_sums, weight_sum)
+        gradient_norm = tf.linalg.global_norm(gradients)
+        if self.clip_global_norm is not None:
+            gradients, _ = tf.clip_by_global_norm(
+                gradients, self.clip_global_norm, use_norm=gradient_norm
+            )
+        # Keras's apply() adds 1 to optimizer.iterations: one per update, not per micro-step.
+        self.optimizer.apply(gradients, self.model.trainable_variables)
+        self._accumulator.reset()
+        return loss_sum, weight_sum, sample_count, gradient_norm
+
+    def fit(
+        self,
+        dataset: tf.data.Dataset,
+        *,
+        epochs: int | None = None,
+        update_steps: int | None = None,
+        callbacks: Sequence = (),
+    ):
+        """Train on this worker's dataset of micro-batches.
+
+        Args:
+            dataset: this worker's micro-batches, `(x, y)` or `(x, y, sample_weight)`.
+            epochs: passes over the data; each ends with an update on its last, possibly partial,
+                window. Exactly one of `epochs` and `update_steps` is given.
+            update_steps: total updates, for a dataset that repeats (or to stop mid-epoch).
+            callbacks: objects with any of `on_update(record)`, `on_epoch_end(record)`.
+
+        Returns:
+            A `History` with per-epoch global mean losses and counters.
+        """
+        data.check_micro_batch_spec(dataset)
+        return Controller(self, callbacks=callbacks).run(
+            dataset, epochs=epochs, update_steps=update_steps
+        )

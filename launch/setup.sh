@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Idempotent set-up: creates .venv/ at the repo root, installs distaccum editable with its pinned
+# dependencies, and installs a Horovod wheel patched for TF 2.21 (built once, cached outside the repo).
+# A second run with nothing changed returns in seconds.
+set -euo pipefail
+
+repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+venv="$repo_root/.venv"
+cache_dir="${DISTACCUM_CACHE_DIR:-$HOME/.cache/distaccum}"
+python_bin="${PYTHON:-python3}"
+horovod_version=0.28.1
+
+log() { echo "[setup] $*" >&2; }
+
+if [ ! -x "$venv/bin/python" ]; then
+  log "creating $venv"
+  "$python_bin" -m venv "$venv"
+fi
+py="$venv/bin/python"
+
+# The stamp records what the last successful set-up installed from; same inputs -> nothing to do.
+stamp="$venv/.distaccum-setup"
+inputs_hash=$(cat "$repo_root/pyproject.toml" "$repo_root/launch/setup.sh" | sha256sum | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$inputs_hash" ] \
+   && "$py" -c "import horovod.tensorflow, distaccum" 2>/dev/null; then
+  log "up to date ($venv)"
+  exit 0
+fi
+
+log "installing distaccum and its pinned dependencies"
+"$py" -m pip install -q --upgrade pip setuptools wheel
+"$py" -m pip install -q -e "$repo_root[test]"
+
+# The wheel is tied to the TF ABI and the Python version: both go in the cache key.
+tf_version=$("$py" -c "import importlib.metadata as m; print(m.version('tensorflow-cpu'))")
+py_tag=$("$py" -c "import sys; print(f'cp{sys.version_info[0]}{sys.version_info[1]}')")
+wheel_dir="$cache_dir/horovod-$horovod_version-tf$tf_version-$py_tag"
+
+build_horovod_wheel() {
+  local work
+  work=$(mktemp -d)
+  trap 'rm -rf "$work"' RETURN
+  log "building Horovod $horovod_version against TF $tf_version (takes ~5 min, once)"
+  "$py" -m pip download -q --no-deps --no-binary :all: -d "$work" "horovod==$horovod_version"
+  tar -xzf "$work"/horovod-$horovod_version.tar.gz -C "$work"
+  local src="$work/horovod-$horovod_version"
+  # TF 2.21 no longer ships the XLA headers xla_mpi_ops.cc needs; XLA ops only matter for GPU XLA.
+  sed -i '/xla_mpi_ops\.cc/d' "$src/horovod/tensorflow/CMakeLists.txt"
+  (
+    cd "$src"
+    export PATH="$venv/bin:$PATH"
+    CMAKE_POLICY_VERSION_MINIMUM=3.5 HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITHOUT_PYTORCH=1 \
+      HOROVOD_WITHOUT_MXNET=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1 \
+      MAKEFLAGS="-j$(nproc)" \
+      "$py" -m pip wheel -q --no-build-isolation --no-deps -w "$work/dist" . >"$work/build.log" 2>&1 \
+      || { tail -n 40 "$work/build.log" >&2; log "Horovod build failed"; exit 1; }
+  )
+  mkdir -p "$wheel_dir"
+  # Copy then rename so an interrupted set-up never leaves a half-written wheel in the cache.
+  local built
+  built=$(ls "$work"/dist/horovod-*.whl)
+  cp "$built" "$wheel_dir/.partial" && mv "$wheel_dir/.partial" "$wheel_dir/$(basename "$built")"
+}
+
+if ! ls "$wheel_dir"/horovod-*.whl >/dev/null 2>&1; then
+  build_horovod_wheel
+fi
+log "installing cached $(ls "$wheel_dir"/horovod-*.whl)"
+"$py" -m pip install -q --force-reinstall --no-deps "$wheel_dir"/horovod-*.whl
+"$py" -m pip install -q cloudpickle psutil packaging cffi
+"$py" -c "import horovod.tensorflow as hvd; assert hvd.gloo_built() and hvd.mpi_built()" \
+  || { log "Horovod installed but not built with Gloo and MPI"; exit 1; }
+
+echo "$inputs_hash" > "$stamp"
+log "ready: $venv"
