@@ -1,0 +1,41 @@
+"""Read Horovod's timeline (`HOROVOD_TIMELINE=file.json`): how many collectives ran, per tensor.
+
+The timeline is a Chrome trace with one "process" row per tensor name; each collective on that
+tensor opens a top-level activity such as `ALLREDUCE` or `BROADCAST`. Counting those is the proof
+that distaccum communicates once per update and never on micro-steps.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+COLLECTIVES = ("ALLREDUCE", "BROADCAST", "ALLGATHER", "ALLTOALL", "REDUCESCATTER", "JOIN")
+
+
+def load_events(path: str | Path) -> list[dict]:
+    """The trace's events; tolerates the unterminated array Horovod leaves while still running."""
+    text = Path(path).read_text().rstrip().rstrip(",")
+    if not text.endswith("]"):
+        text += "]"
+    return json.loads(text)
+
+
+def collective_counts(path: str | Path) -> dict[str, Counter]:
+    """For each tensor name, how many times each collective ran on it.
+
+    Returns:
+        `{tensor_name: Counter({"ALLREDUCE": n, ...})}`.
+    """
+    events = load_events(path)
+    tensor_names = {
+        event["pid"]: event["args"]["name"]
+        for event in events
+        if event.get("ph") == "M" and event.get("name") == "process_name" and "name" in event["args"]
+    }
+    counts: dict[str, Counter] = {name: Counter() for name in tensor_names.values()}
+    for event in events:
+        if event.get("ph") == "B" and event.get("name") in COLLECTIVES:
+            counts[tensor_names[event["pid"]]][event["name"]] += 1
+    return counts

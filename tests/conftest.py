@@ -1,0 +1,51 @@
+"""Shared fixtures: how tests launch real worker processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+WORKERS_DIR = Path(__file__).resolve().parent / "workers"
+
+# Open MPI refuses to run as root without these; harmless for other users.
+MPI_ROOT_VARIABLES = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+
+
+def launcher_command(launcher: str, num_workers: int) -> list[str]:
+    """The command prefix that starts `num_workers` copies of a Python script."""
+    if launcher == "horovodrun":
+        return [str(VENV_BIN / "horovodrun"), "--gloo", "-np", str(num_workers)]
+    if launcher == "mpirun":
+        return [str(VENV_BIN / "mpirun"), "-np", str(num_workers)]
+    if launcher == "python":
+        return []
+    raise ValueError(launcher)
+
+
+def run_script(
+    launcher: str,
+    script: str | Path,
+    *args: str,
+    num_workers: int = 2,
+    extra_env: dict | None = None,
+    timeout: float = 300,
+) -> subprocess.CompletedProcess:
+    """Run a script under a launcher (really starting the processes); fail with its output."""
+    env = {**os.environ, **MPI_ROOT_VARIABLES, "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
+    env.update(extra_env or {})
+    command = [*launcher_command(launcher, num_workers), sys.executable, str(script), *args]
+    completed = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT
+    )
+    if completed.returncode != 0:
+        pytest.fail(
+            f"{' '.join(command)} exited {completed.returncode}\n"
+            f"stdout:\n{completed.stdout[-4000:]}\nstderr:\n{completed.stderr[-4000:]}"
+        )
+    return completed

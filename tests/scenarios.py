@@ -1,0 +1,87 @@
+"""Shared test problems and the reference computation every equivalence test compares against.
+
+The reference applies the window definition literally, with no distaccum code: for update window u
+of an epoch, concatenate micro-batches u*k … u*k+k-1 of every worker, take one step on that batch
+with the sample-weighted mean loss sum(w * l) / sum(w) (Keras's loss with reduction="sum" divided by
+the weight sum), and apply it with the optimizer's own `apply_gradients`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+MICRO_BATCH_SIZE = 4
+# Worker 1 has fewer samples: at k=3 its second window is empty; both shards end ragged.
+SHARD_SIZES = (23, 9)
+FEATURES = 5
+
+
+def make_model(seed: int = 7) -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [
+            keras.Input((FEATURES,)),
+            keras.layers.Dense(6, activation="tanh"),
+            keras.layers.Dense(1),
+        ]
+    )
+
+
+def make_optimizer(name: str) -> keras.optimizers.Optimizer:
+    if name == "sgd":
+        return keras.optimizers.SGD(learning_rate=0.1, momentum=0.5)
+    if name == "adam_schedule":
+        schedule = keras.optimizers.schedules.ExponentialDecay(0.05, decay_steps=2, decay_rate=0.5)
+        return keras.optimizers.Adam(learning_rate=schedule)
+    raise ValueError(name)
+
+
+def make_shard(rank: int, size: int, weighted: bool = True, seed: int = 3):
+    """Deterministic `(x, y, w)` arrays for one worker."""
+    rng = np.random.default_rng(seed + 101 * rank)
+    x = rng.normal(size=(size, FEATURES)).astype("float32")
+    y = (x @ np.arange(1, FEATURES + 1, dtype="float32")[:, None] / 5 + 0.1).astype("float32")
+    w = rng.uniform(0.2, 2.0, size=(size,)).astype("float32") if weighted else None
+    return x, y, w
+
+
+def split_micro_batches(x, y, w, micro_batch_size: int = MICRO_BATCH_SIZE) -> list[tuple]:
+    return [
+        (x[i : i + micro_batch_size], y[i : i + micro_batch_size],
+         None if w is None else w[i : i + micro_batch_size])
+        for i in range(0, len(x), micro_batch_size)
+    ]
+
+
+def as_dataset(x, y, w, micro_batch_size: int = MICRO_BATCH_SIZE) -> tf.data.Dataset:
+    tensors = (x, y) if w is None else (x, y, w)
+    return tf.data.Dataset.from_tensor_slices(tensors).batch(micro_batch_size)
+
+
+def reference_training(model, optimizer, loss, shards_micro_batches, k: int, epochs: int) -> int:
+    """Large-batch training by the window definition; returns the number of updates applied."""
+    summed_loss = loss.__class__(**{**loss.get_config(), "reduction": "sum"})
+    windows = math.ceil(max(len(m) for m in shards_micro_batches) / k)
+    updates = 0
+    for _ in range(epochs):
+        for u in range(windows):
+            parts = [b for shard in shards_micro_batches for b in shard[u * k : u * k + k]]
+            x = np.concatenate([p[0] for p in parts])
+            y = np.concatenate([p[1] for p in parts])
+            w = np.concatenate(
+                [np.ones(len(p[0]), "float32") if p[2] is None else p[2] for p in parts]
+            )
+            with tf.GradientTape() as tape:
+                batch_loss = summed_loss(y, model(x, training=True), sample_weight=w) / w.sum()
+            gradients = tape.gradient(batch_loss, model.trainable_variables)
+            optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+            updates += 1
+    return updates
+
+
+def weights_of(model) -> list[np.ndarray]:
+    return [v.numpy() for v in model.trainable_variables]
