@@ -68,7 +68,10 @@ class GradientAccumulator:
 
     Sparse gradients (`tf.IndexedSlices`, e.g. from `keras.layers.Embedding`) are scattered into a
     dense sum (`scatter_add`, which costs only the rows touched); the sum is reduced and applied
-    dense, once per update, so the k-fold traffic saving holds for them too.
+    dense, once per update, so the k-fold traffic saving holds for them too. The optimizer thus
+    sees the exact dense gradient of the window loss. (Keras's own sparse path differs for
+    stateful optimizers: it updates moments of touched rows only and, for ids repeated in a batch,
+    squares each occurrence's piece separately, so it is not a function of the gradient alone.)
     A variable that gets no gradient (not used by the loss) keeps a zero sum.
     """
 

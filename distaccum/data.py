@@ -21,18 +21,29 @@ INFINITE = math.inf
 def check_micro_batch_spec(dataset: tf.data.Dataset) -> None:
     """Reject datasets whose elements are not `(x, y)` or `(x, y, sample_weight)` tuples."""
     if not isinstance(dataset, tf.data.Dataset):
-        raise TypeError(f"dataset must be a tf.data.Dataset. Received: dataset={dataset!r}")
+        raise TypeError(
+            f"dataset must be a tf.data.Dataset. Received: a {type(dataset).__name__}"
+        )
     spec = dataset.element_spec
     if not isinstance(spec, tuple) or len(spec) not in (2, 3):
         raise ValueError(
             "each micro-batch must be (x, y) or (x, y, sample_weight); labels are required. "
             f"Received: element_spec={spec}"
         )
-    batch_dimension = tf.nest.flatten(spec[0])[0].shape
-    if batch_dimension.rank == 0:
+
+
+def check_inputs_match_model(element_spec, model) -> None:
+    """Catch an unbatched dataset before tracing (Keras would fail deep inside `tf.function`)."""
+    model_inputs = getattr(model, "inputs", None)
+    if not model_inputs:
+        return  # a subclassed model declares no input shape to compare with
+    given = tf.nest.flatten(element_spec[0])[0].shape
+    expected = model_inputs[0].shape
+    if given.rank != len(expected):
         raise ValueError(
-            "each element must be a micro-batch with a leading batch axis (use dataset.batch(b)). "
-            f"Received: element_spec={spec}"
+            f"each element must be a micro-batch with a leading batch axis matching the model's "
+            f"input {tuple(expected)} (use dataset.batch(micro_batch_size)). Received: x shape "
+            f"{tuple(given)}"
         )
 
 

@@ -131,6 +131,7 @@ class Trainer:
             return
         if not self.model.built:
             self.model.build(tf.nest.map_structure(lambda s: s.shape, element_spec[0]))
+        data.check_inputs_match_model(element_spec, self.model)
         variables = self.model.trainable_variables
         self._accumulator = GradientAccumulator(variables)
         self.optimizer.build(variables)

@@ -62,8 +62,15 @@ def as_dataset(x, y, w, micro_batch_size: int = MICRO_BATCH_SIZE) -> tf.data.Dat
     return tf.data.Dataset.from_tensor_slices(tensors).batch(micro_batch_size)
 
 
-def reference_training(model, optimizer, loss, shards_micro_batches, k: int, epochs: int) -> int:
-    """Large-batch training by the window definition; returns the number of updates applied."""
+def reference_training(
+    model, optimizer, loss, shards_micro_batches, k: int, epochs: int, densify: bool = False
+) -> int:
+    """Large-batch training by the window definition; returns the number of updates applied.
+
+    `densify` hands the optimizer dense gradients, as distaccum does for sparse ones: Keras's
+    sparse path (lazy moments, squares of per-occurrence pieces for repeated ids) is not a
+    function of the gradient alone.
+    """
     summed_loss = loss.__class__(**{**loss.get_config(), "reduction": "sum"})
     windows = math.ceil(max(len(m) for m in shards_micro_batches) / k)
     updates = 0
@@ -78,6 +85,8 @@ def reference_training(model, optimizer, loss, shards_micro_batches, k: int, epo
             with tf.GradientTape() as tape:
                 batch_loss = summed_loss(y, model(x, training=True), sample_weight=w) / w.sum()
             gradients = tape.gradient(batch_loss, model.trainable_variables)
+            if densify:
+                gradients = [tf.convert_to_tensor(g) for g in gradients]
             optimizer.apply_gradients(zip(gradients, model.trainable_variables))
             updates += 1
     return updates

@@ -1,0 +1,257 @@
+"""Single process: k micro-steps equal one large-batch step, and bad input is refused clearly."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import distaccum
+import scenarios
+
+MSE = keras.losses.MeanSquaredError()
+
+
+def _train(optimizer: str, shard, accumulation_steps: int, epochs: int = 2, **trainer_options):
+    model = scenarios.make_model()
+    trainer = distaccum.Trainer(
+        model,
+        scenarios.make_optimizer(optimizer),
+        loss=MSE,
+        accumulation_steps=accumulation_steps,
+        **trainer_options,
+    )
+    history = trainer.fit(scenarios.as_dataset(*shard), epochs=epochs)
+    return model, trainer, history
+
+
+def _reference(optimizer: str, shard, accumulation_steps: int, epochs: int = 2):
+    model = scenarios.make_model()
+    reference_optimizer = scenarios.make_optimizer(optimizer)
+    updates = scenarios.reference_training(
+        model,
+        reference_optimizer,
+        MSE,
+        [scenarios.split_micro_batches(*shard)],
+        accumulation_steps,
+        epochs,
+    )
+    return model, updates
+
+
+SHARDS = {
+    "even": (24, False),  # 6 micro-batches of 4
+    "ragged": (22, False),  # last micro-batch has 2 samples
+    "weighted_ragged": (22, True),
+}
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam_schedule"])
+@pytest.mark.parametrize("shard_name", list(SHARDS))
+@pytest.mark.parametrize("accumulation_steps", [1, 3, 6], ids=["k1", "k3", "k6"])
+def test_micro_steps_equal_large_batch_steps_when_single_process(
+    optimizer, shard_name, accumulation_steps
+):
+    size, weighted = SHARDS[shard_name]
+    shard = scenarios.make_shard(0, size, weighted=weighted)
+    model, trainer, _ = _train(optimizer, shard, accumulation_steps)
+    reference, updates = _reference(optimizer, shard, accumulation_steps)
+    assert int(trainer.optimizer.iterations) == updates == 2 * -(-6 // accumulation_steps)
+    for got, expected in zip(scenarios.weights_of(model), scenarios.weights_of(reference)):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_one_window_equals_keras_train_on_batch_when_unweighted():
+    # An oracle independent of our reference: Keras's own compiled step on the whole batch.
+    x, y, _ = scenarios.make_shard(0, 24, weighted=False)
+    model, _, _ = _train("sgd", (x, y, None), accumulation_steps=6, epochs=1)
+    keras_model = scenarios.make_model()
+    keras_model.compile(optimizer=scenarios.make_optimizer("sgd"), loss=MSE)
+    keras_model.train_on_batch(x, y)
+    for got, expected in zip(scenarios.weights_of(model), scenarios.weights_of(keras_model)):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_history_loss_is_global_weighted_mean_when_weights_differ():
+    x, y, w = scenarios.make_shard(0, 22, weighted=True)
+    model = scenarios.make_model()
+    predictions = model(x).numpy()
+    expected_first_window = float(np.sum(w[:12] * np.mean((predictions[:12] - y[:12]) ** 2, axis=1))
+                                  / np.sum(w[:12]))
+    records = []
+
+    class Recorder:
+        def on_update(self, record):
+            records.append(record)
+
+    trainer = distaccum.Trainer(
+        model, keras.optimizers.SGD(0.01), loss=MSE, accumulation_steps=3
+    )
+    history = trainer.fit(scenarios.as_dataset(x, y, w), epochs=1, callbacks=[Recorder()])
+    assert [r.update_step for r in records] == [1, 2]
+    assert [r.micro_steps for r in records] == [3, 3]
+    assert records[0].result.loss == pytest.approx(expected_first_window, rel=1e-5)
+    assert history.samples == 22 and history.update_steps == 2
+
+
+def test_micro_step_traces_once_per_signature_when_last_batch_is_ragged():
+    shard = scenarios.make_shard(0, 22, weighted=True)
+    _, trainer, _ = _train("sgd", shard, accumulation_steps=2, epochs=3)
+    assert trainer.micro_step_traces == 2  # full micro-batches, and the ragged tail
+    assert trainer.update_step_traces == 1
+
+
+@pytest.mark.parametrize(
+    "make_optimizer, densify",
+    [(lambda: keras.optimizers.Adam(0.1), True), (lambda: keras.optimizers.SGD(0.5), False)],
+    ids=["adam_vs_dense_reference", "sgd_vs_keras_sparse_path"],
+)
+def test_sparse_embedding_gradients_match_reference_when_accumulated(make_optimizer, densify):
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 20, size=(14, 3)).astype("int32")
+    labels = rng.normal(size=(14, 1)).astype("float32")
+
+    def make_model():
+        keras.utils.set_random_seed(5)
+        return keras.Sequential(
+            [
+                keras.Input((3,), dtype="int32"),
+                keras.layers.Embedding(20, 4),
+                keras.layers.GlobalAveragePooling1D(),
+                keras.layers.Dense(1),
+            ]
+        )
+
+    model = make_model()
+    with tf.GradientTape() as tape:
+        loss = MSE(labels[:4], model(tokens[:4]))
+    assert isinstance(tape.gradient(loss, model.trainable_variables[0]), tf.IndexedSlices)
+    trainer = distaccum.Trainer(model, make_optimizer(), loss=MSE, accumulation_steps=2)
+    trainer.fit(tf.data.Dataset.from_tensor_slices((tokens, labels)).batch(4), epochs=2)
+    reference = make_model()
+    scenarios.reference_training(
+        reference,
+        make_optimizer(),
+        MSE,
+        [scenarios.split_micro_batches(tokens, labels, None)],
+        2,
+        2,
+        densify=densify,
+    )
+    for got, expected in zip(scenarios.weights_of(model), scenarios.weights_of(reference)):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_clipping_applies_to_reduced_gradient_when_clip_global_norm_is_set():
+    x, y, _ = scenarios.make_shard(0, 12, weighted=False)
+    model = scenarios.make_model()
+    before = [v.numpy() for v in model.trainable_variables]
+    trainer = distaccum.Trainer(
+        model, keras.optimizers.SGD(0.5), loss=MSE, accumulation_steps=3, clip_global_norm=0.01
+    )
+    trainer.fit(scenarios.as_dataset(x, y, None), epochs=1)
+    step = np.sqrt(sum(np.sum((v.numpy() - b) ** 2) for v, b in zip(model.trainable_variables, before)))
+    assert step == pytest.approx(0.5 * 0.01, rel=1e-4)
+
+
+def test_update_steps_counts_updates_when_dataset_repeats():
+    x, y, _ = scenarios.make_shard(0, 8, weighted=False)
+    _, trainer, _ = _train("sgd", (x, y, None), accumulation_steps=3, epochs=1)
+    model = scenarios.make_model()
+    trainer = distaccum.Trainer(model, keras.optimizers.SGD(0.1), loss=MSE, accumulation_steps=3)
+    history = trainer.fit(scenarios.as_dataset(x, y, None).repeat(), update_steps=5)
+    assert int(trainer.optimizer.iterations) == 5 == history.update_steps
+    assert history.samples == 5 * 3 * scenarios.MICRO_BATCH_SIZE
+
+
+def test_update_steps_stops_mid_epoch_when_dataset_is_finite():
+    x, y, _ = scenarios.make_shard(0, 24, weighted=False)
+    model = scenarios.make_model()
+    trainer = distaccum.Trainer(model, keras.optimizers.SGD(0.1), loss=MSE, accumulation_steps=2)
+    history = trainer.fit(scenarios.as_dataset(x, y, None), update_steps=4)
+    assert int(trainer.optimizer.iterations) == 4 == history.update_steps
+    assert history.loss and len(history.loss) == 2  # epoch 1 (3 updates) and part of epoch 2
+
+
+def _trainer(**overrides):
+    options = {
+        "model": scenarios.make_model(),
+        "optimizer": keras.optimizers.SGD(0.1),
+        "loss": MSE,
+        "accumulation_steps": 2,
+    }
+    options.update(overrides)
+    return distaccum.Trainer(options.pop("model"), options.pop("optimizer"), **options)
+
+
+@pytest.mark.parametrize(
+    "overrides, error, message",
+    [
+        ({"accumulation_steps": 0}, ValueError, "accumulation_steps=0"),
+        ({"accumulation_steps": -3}, ValueError, "accumulation_steps=-3"),
+        ({"accumulation_steps": 2.5}, TypeError, "accumulation_steps=2.5"),
+        ({"accumulation_steps": "4"}, TypeError, "accumulation_steps='4'"),
+        ({"accumulation_steps": True}, TypeError, "accumulation_steps=True"),
+        ({"optimizer": "adam"}, TypeError, "'adam'"),
+        (
+            {"optimizer": keras.optimizers.SGD(0.1, gradient_accumulation_steps=4)},
+            ValueError,
+            "gradient_accumulation_steps=4",
+        ),
+        ({"loss": "mse"}, TypeError, "'mse'"),
+        ({"clip_global_norm": 0.0}, ValueError, "0.0"),
+        ({"model": "resnet"}, TypeError, "'resnet'"),
+    ],
+    ids=["k_zero", "k_negative", "k_float", "k_string", "k_bool", "optimizer_name",
+         "keras_accumulation", "loss_name", "clip_zero", "model_name"],
+)
+def test_constructor_names_bad_value_when_argument_is_invalid(overrides, error, message):
+    with pytest.raises(error, match=message) as raised:
+        _trainer(**overrides)
+    assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "dataset, fit_options, message",
+    [
+        (tf.data.Dataset.from_tensor_slices(np.zeros((0, 5), "float32")).batch(2), {"epochs": 1},
+         "labels are required"),
+        (tf.data.Dataset.from_tensor_slices((np.zeros((0, 5), "float32"),
+                                             np.zeros((0, 1), "float32"))).batch(2),
+         {"epochs": 1}, "empty"),
+        (tf.data.Dataset.from_tensor_slices((np.zeros((8, 5), "float32"),
+                                             np.zeros((8, 1), "float32"))),
+         {"epochs": 1}, "leading batch axis"),
+        (tf.data.Dataset.from_tensor_slices((np.zeros((8, 5), "float32"),
+                                             np.zeros((8, 1), "float32"))).batch(2).repeat(),
+         {"epochs": 1}, "repeats forever"),
+        (tf.data.Dataset.from_tensor_slices((np.zeros((8, 5), "float32"),
+                                             np.zeros((8, 1), "float32"))).batch(2),
+         {"epochs": 1, "update_steps": 3}, "exactly one"),
+        (tf.data.Dataset.from_tensor_slices((np.zeros((8, 5), "float32"),
+                                             np.zeros((8, 1), "float32"))).batch(2),
+         {"epochs": 0}, "epochs=0"),
+        ([(np.zeros((2, 5)), np.zeros((2, 1)))], {"epochs": 1}, "tf.data.Dataset"),
+    ],
+    ids=["no_labels", "empty", "not_batched", "infinite_with_epochs", "both_durations",
+         "zero_epochs", "not_a_dataset"],
+)
+def test_fit_names_bad_value_when_dataset_or_duration_is_invalid(dataset, fit_options, message):
+    with pytest.raises((ValueError, TypeError), match=message) as raised:
+        _trainer().fit(dataset, **fit_options)
+    assert "\n" not in str(raised.value)
+
+
+def test_fit_refuses_model_without_trainable_variables():
+    model = scenarios.make_model()
+    model.trainable = False
+    dataset = scenarios.as_dataset(*scenarios.make_shard(0, 8, weighted=False))
+    with pytest.raises(ValueError, match="no trainable variables"):
+        _trainer(model=model).fit(dataset, epochs=1)
+
+
+def test_fit_refuses_loss_that_reduces_to_one_number():
+    dataset = scenarios.as_dataset(*scenarios.make_shard(0, 8, weighted=False))
+    with pytest.raises(ValueError, match="one number per batch"):
+        _trainer(loss=lambda y, p: tf.reduce_mean((y - p) ** 2)).fit(dataset, epochs=1)
