@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up (idempotent) and run the whole test suite; extra arguments go to pytest.
+set -euo pipefail
+repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+bash "$repo_root/launch/setup.sh"
+cd "$repo_root"
+exec "$repo_root/.venv/bin/python" -m pytest "$@"

@@ -1,0 +1,59 @@
+"""Backend choice, and single-process training where Horovod cannot even be imported."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import WORKERS_DIR, run_script
+from distaccum import comm
+
+
+@pytest.mark.parametrize(
+    "environ, expected",
+    [
+        ({}, "single"),
+        ({"HOROVOD_RANK": "0", "HOROVOD_SIZE": "2"}, "horovod"),
+        ({"OMPI_COMM_WORLD_SIZE": "2"}, "horovod"),
+        ({"OMPI_COMM_WORLD_SIZE": "2", "DISTACCUM_BACKEND": "single"}, "single"),
+        ({"DISTACCUM_BACKEND": "horovod"}, "horovod"),
+    ],
+    ids=["no_launcher", "horovodrun", "mpirun", "override_single", "override_horovod"],
+)
+def test_choose_backend_name_when_environment_is(environ, expected):
+    assert comm.choose_backend_name(environ) == expected
+
+
+def test_choose_backend_name_refuses_unknown_override():
+    with pytest.raises(ValueError, match="'nccl'"):
+        comm.choose_backend_name({"DISTACCUM_BACKEND": "nccl"})
+
+
+def test_single_process_backend_is_identity():
+    backend = comm.SingleProcessBackend()
+    assert backend.sum_all([1, 2]) == [1, 2]
+    assert (backend.num_workers(), backend.rank(), backend.local_rank()) == (1, 0, 0)
+
+
+def test_single_process_trains_when_horovod_import_fails(tmp_path):
+    blocker = tmp_path / "blocker" / "horovod"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('horovod is not installed here')\n")
+    check = tmp_path / "check.py"
+    check.write_text(
+        "import runpy, sys\n"
+        "try:\n    import horovod\nexcept ImportError:\n    pass\n"
+        "else:\n    sys.exit('horovod imported although blocked')\n"
+        f"sys.argv = [{str(WORKERS_DIR / 'train_shards.py')!r}, *sys.argv[1:]]\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+        "assert 'horovod.tensorflow' not in sys.modules\n"
+    )
+    run_script(
+        "python",
+        check,
+        "--accumulation-steps", "3", "--epochs", "1", "--out", str(tmp_path),
+        extra_env={"PYTHONPATH": str(blocker.parent)},
+    )
+    saved = np.load(tmp_path / "rank0.npz")
+    assert int(saved["num_workers"]) == 1
+    assert int(saved["iterations"]) == 2  # ceil(6 micro-batches / 3)

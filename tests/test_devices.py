@@ -1,0 +1,33 @@
+"""GPU choice per worker, tested with fake device lists (no GPU needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from distaccum.devices import choose_gpu
+
+FOUR_GPUS = [f"/physical_device:GPU:{i}" for i in range(4)]
+
+
+@pytest.mark.parametrize("local_rank", [0, 1, 3])
+def test_choose_gpu_picks_local_rank_when_machine_has_one_gpu_per_worker(local_rank):
+    assert choose_gpu(FOUR_GPUS, local_rank) == FOUR_GPUS[local_rank]
+
+
+def test_choose_gpu_returns_none_when_machine_has_no_gpu():
+    assert choose_gpu([], 1) is None
+
+
+def test_choose_gpu_keeps_single_visible_gpu_when_launcher_narrowed_view():
+    # e.g. Kubernetes gives each worker pod one GPU, or CUDA_VISIBLE_DEVICES per process.
+    assert choose_gpu(["/physical_device:GPU:0"], 3) == "/physical_device:GPU:0"
+
+
+def test_choose_gpu_refuses_sharing_when_more_workers_than_gpus():
+    with pytest.raises(ValueError, match="local_rank 2 has no GPU of its own: only 2 visible"):
+        choose_gpu(FOUR_GPUS[:2], 2)
+
+
+def test_choose_gpu_refuses_negative_local_rank():
+    with pytest.raises(ValueError, match="local_rank=-1"):
+        choose_gpu(FOUR_GPUS, -1)
