@@ -7,24 +7,33 @@
 
 The same script runs as `python script.py` (one process, no Horovod needed), under
 `horovodrun --gloo -np N` and under `mpirun -np N`.
+
+Names are imported on first use, so `distaccum.config` and the CLI's argument checks do not pay
+for importing TensorFlow.
 """
 
-from distaccum.comm import init, is_chief, local_rank, num_workers, rank
-from distaccum.controller import Controller, EpochRecord, History, UpdateRecord
-from distaccum.data import shard
-from distaccum.trainer import Trainer, UpdateResult
+import importlib
 
-__all__ = [
-    "Controller",
-    "EpochRecord",
-    "History",
-    "Trainer",
-    "UpdateRecord",
-    "UpdateResult",
-    "init",
-    "is_chief",
-    "local_rank",
-    "num_workers",
-    "rank",
-    "shard",
-]
+_PUBLIC_NAMES = {
+    "init": "distaccum.comm",
+    "rank": "distaccum.comm",
+    "local_rank": "distaccum.comm",
+    "num_workers": "distaccum.comm",
+    "is_chief": "distaccum.comm",
+    "shard": "distaccum.data",
+    "Trainer": "distaccum.trainer",
+    "UpdateResult": "distaccum.trainer",
+    "Controller": "distaccum.controller",
+    "History": "distaccum.controller",
+    "UpdateRecord": "distaccum.controller",
+    "IntervalRecord": "distaccum.controller",
+    "EpochRecord": "distaccum.controller",
+}
+
+__all__ = sorted(_PUBLIC_NAMES)
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC_NAMES:
+        raise AttributeError(f"module 'distaccum' has no attribute {name!r}")
+    return getattr(importlib.import_module(_PUBLIC_NAMES[name]), name)

@@ -115,6 +115,7 @@ class Trainer:
         self._accumulator: GradientAccumulator | None = None
         self._micro_step = tf.function(self._micro_step_body)
         self._update_step = tf.function(self._update_step_body)
+        self._evaluation_step = tf.function(self._evaluation_step_body)
 
     @property
     def micro_step_traces(self) -> int:
@@ -124,6 +125,24 @@ class Trainer:
     @property
     def update_step_traces(self) -> int:
         return self._update_step.experimental_get_tracing_count()
+
+    @property
+    def allreduce_per_update(self) -> tuple[int, int]:
+        """(tensors, bytes) one update step allreduces: gradient sums plus three statistics.
+
+        (0, 0) with one worker, where the single-process backend communicates nothing.
+        """
+        if self._accumulator is None or self.backend.num_workers() == 1:
+            return 0, 0
+        totals = self._accumulator.totals()
+        return len(totals), sum(int(tf.size(t)) * t.dtype.size for t in totals)
+
+    def learning_rate_at(self, update_step: int) -> float:
+        """The learning rate the optimizer used for update `update_step` (1-based)."""
+        rate = self.optimizer._learning_rate  # the schedule itself, not its current value
+        if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
+            return float(rate(update_step - 1))
+        return float(keras.ops.convert_to_numpy(rate))
 
     def prepare(self, element_spec) -> None:
         """Build model and optimizer, then make every worker start from rank 0's state. Once."""
@@ -178,13 +197,46 @@ class Trainer:
         self._accumulator.reset()
         return loss_sum, weight_sum, sample_count, gradient_norm
 
+    def evaluate(self, dataset: tf.data.Dataset) -> dict[str, float]:
+        """Sample-weighted mean loss over every worker's `dataset`; accuracy too for class ids.
+
+        Every worker must call it (the totals are summed across workers in one collective).
+        """
+        data.check_micro_batch_spec(dataset)
+        totals = tf.zeros([4])
+        for micro_batch in dataset:
+            totals += self._evaluation_step(*data.unpack(micro_batch))
+        loss_sum, weight_sum, correct, samples = (
+            float(t) for t in self.backend.sum_all([totals])[0]
+        )
+        metrics = {"loss": loss_sum / weight_sum if weight_sum else 0.0}
+        if dataset.element_spec[1].dtype.is_integer:
+            metrics["accuracy"] = correct / weight_sum if weight_sum else 0.0
+        return metrics
+
+    def _evaluation_step_body(self, x, y, sample_weight):
+        y_pred = self.model(x, training=False)
+        losses = per_sample_loss(self.loss, y, y_pred)
+        weights = as_sample_weights(sample_weight, tf.shape(losses)[0], losses.dtype)
+        totals = [tf.reduce_sum(losses * weights), tf.reduce_sum(weights)]
+        if y.dtype.is_integer:
+            hits = tf.cast(tf.argmax(y_pred, axis=-1, output_type=y.dtype) == tf.reshape(y, [-1]),
+                           weights.dtype)
+            totals.append(tf.reduce_sum(hits * weights))
+        else:
+            totals.append(tf.constant(0.0))
+        totals.append(tf.cast(tf.size(losses), tf.float32))
+        return tf.stack(totals)
+
     def fit(
         self,
         dataset: tf.data.Dataset,
         *,
         epochs: int | None = None,
         update_steps: int | None = None,
+        validation_data: tf.data.Dataset | None = None,
         callbacks: Sequence = (),
+        log_interval: int = 10,
     ):
         """Train on this worker's dataset of micro-batches.
 
@@ -193,12 +245,14 @@ class Trainer:
             epochs: passes over the data; each ends with an update on its last, possibly partial,
                 window. Exactly one of `epochs` and `update_steps` is given.
             update_steps: total updates, for a dataset that repeats (or to stop mid-epoch).
-            callbacks: objects with any of `on_update(record)`, `on_epoch_end(record)`.
+            validation_data: this worker's share of the validation set, evaluated every epoch.
+            callbacks: objects with any of `on_update`, `on_log`, `on_epoch_end` (see `Controller`).
+            log_interval: update steps between `on_log` calls.
 
         Returns:
-            A `History` with per-epoch global mean losses and counters.
+            A `History` with per-epoch global mean losses, validation metrics and counters.
         """
         data.check_micro_batch_spec(dataset)
-        return Controller(self, callbacks=callbacks).run(
-            dataset, epochs=epochs, update_steps=update_steps
+        return Controller(self, callbacks=callbacks, log_interval=log_interval).run(
+            dataset, epochs=epochs, update_steps=update_steps, validation_dataset=validation_data
         )

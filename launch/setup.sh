@@ -9,6 +9,8 @@ venv="$repo_root/.venv"
 cache_dir="${DISTACCUM_CACHE_DIR:-$HOME/.cache/distaccum}"
 python_bin="${PYTHON:-python3}"
 horovod_version=0.28.1
+# Bump when the patches applied to Horovod's sdist change, so the cached wheel is rebuilt.
+horovod_patch_level=2
 
 log() { echo "[setup] $*" >&2; }
 
@@ -34,7 +36,7 @@ log "installing distaccum and its pinned dependencies"
 # The wheel is tied to the TF ABI and the Python version: both go in the cache key.
 tf_version=$("$py" -c "import importlib.metadata as m; print(m.version('tensorflow-cpu'))")
 py_tag=$("$py" -c "import sys; print(f'cp{sys.version_info[0]}{sys.version_info[1]}')")
-wheel_dir="$cache_dir/horovod-$horovod_version-tf$tf_version-$py_tag"
+wheel_dir="$cache_dir/horovod-$horovod_version-p$horovod_patch_level-tf$tf_version-$py_tag"
 
 build_horovod_wheel() {
   local work
@@ -46,6 +48,12 @@ build_horovod_wheel() {
   local src="$work/horovod-$horovod_version"
   # TF 2.21 no longer ships the XLA headers xla_mpi_ops.cc needs; XLA ops only matter for GPU XLA.
   sed -i '/xla_mpi_ops\.cc/d' "$src/horovod/tensorflow/CMakeLists.txt"
+  # horovodrun's MPI mode passes single-dash long options (-bind-to, -map-by) that Open MPI 5's
+  # prterun no longer accepts; the double-dash spelling works with Open MPI 4 and 5.
+  sed -i "s/'-bind-to /'--bind-to /g; s/'-map-by /'--map-by /g; s/'-rank-by /'--rank-by /g" \
+    "$src/horovod/runner/mpi_run.py"
+  grep -q "'--bind-to none'" "$src/horovod/runner/mpi_run.py" \
+    || { log "Horovod's mpi_run.py changed: the Open MPI 5 patch no longer applies"; exit 1; }
   (
     cd "$src"
     export PATH="$venv/bin:$PATH"

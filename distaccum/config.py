@@ -1,0 +1,147 @@
+"""The job's configuration: one frozen, validated dataclass, read from YAML plus `key=value` overrides.
+
+Every bad value raises `ConfigError`, whose message is one line naming the key and the value; the
+CLI prints it and exits 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+DATASETS = ("digits", "synthetic")
+MODELS = ("digits_mlp", "synthetic_mlp")
+OPTIMIZERS = ("adam", "sgd")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range."""
+
+
+def _help(text: str, **kwargs):
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything `distaccum train` needs. Every `*_interval` counts update steps."""
+
+    dataset: str = _help(f"bundled dataset: {', '.join(DATASETS)}", default="digits")
+    model: str = _help(f"bundled model: {', '.join(MODELS)}", default="digits_mlp")
+    micro_batch_size: int = _help("samples per micro-batch on one worker", default=32)
+    accumulation_steps: int = _help("micro-batches per worker per update (k)", default=1)
+    optimizer: str = _help(f"optimizer: {', '.join(OPTIMIZERS)}", default="adam")
+    learning_rate: float = _help("peak learning rate (>= 0)", default=1e-3)
+    lr_schedule: str = _help(
+        f"learning-rate schedule over update steps: {', '.join(LR_SCHEDULES)}", default="constant"
+    )
+    warmup_steps: int = _help("linear warm-up, in update steps (cosine only)", default=0)
+    epochs: int | None = _help("passes over the training data (or give update_steps)", default=None)
+    update_steps: int | None = _help("total update steps (or give epochs)", default=None)
+    clip_global_norm: float | None = _help("clip the reduced gradient to this norm", default=None)
+    log_interval: int = _help("update steps between TensorBoard/progress lines", default=10)
+    checkpoint_interval: int = _help("update steps between checkpoints", default=100)
+    logdir: str = _help("TensorBoard logs, checkpoints and the saved model go here", default="runs/digits")
+    seed: int = _help("seed for model initialisation and shuffling", default=0)
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for spec in dataclasses.fields(self):
+            _check_type(spec.name, getattr(self, spec.name), hints[spec.name])
+        for name, allowed in (
+            ("dataset", DATASETS),
+            ("model", MODELS),
+            ("optimizer", OPTIMIZERS),
+            ("lr_schedule", LR_SCHEDULES),
+        ):
+            if getattr(self, name) not in allowed:
+                _fail(name, getattr(self, name), f"must be one of {', '.join(allowed)}")
+        for name in ("micro_batch_size", "accumulation_steps", "log_interval", "checkpoint_interval"):
+            if getattr(self, name) < 1:
+                _fail(name, getattr(self, name), "must be >= 1")
+        for name in ("epochs", "update_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                _fail(name, getattr(self, name), "must be >= 1")
+        if (self.epochs is None) == (self.update_steps is None):
+            _fail("epochs", self.epochs, f"give exactly one of epochs and update_steps "
+                  f"(update_steps={self.update_steps})")
+        if self.learning_rate < 0:
+            _fail("learning_rate", self.learning_rate, "must be >= 0")
+        if self.warmup_steps < 0:
+            _fail("warmup_steps", self.warmup_steps, "must be >= 0")
+        if self.clip_global_norm is not None and self.clip_global_norm <= 0:
+            _fail("clip_global_norm", self.clip_global_norm, "must be > 0")
+        if not self.logdir:
+            _fail("logdir", self.logdir, "must not be empty")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _fail(key: str, value, reason: str) -> typing.NoReturn:
+    raise ConfigError(f"{key}: {reason}. Received: {key}={value!r}")
+
+
+def _check_type(key: str, value, hint) -> None:
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None and type(None) in allowed:
+        return
+    expected = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+    if isinstance(value, bool):  # bool is an int subclass: never a valid number here
+        _fail(key, value, f"must be {expected}")
+    if float in allowed and isinstance(value, int):
+        return
+    if not isinstance(value, tuple(t for t in allowed if t is not type(None))):
+        _fail(key, value, f"must be {expected}")
+
+
+def _parse_override(text: str) -> tuple[str, object]:
+    key, separator, raw = text.partition("=")
+    if not separator or not key:
+        raise ConfigError(f"--set takes key=value. Received: {text!r}")
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise ConfigError(f"{key}: not a valid value. Received: {text!r}") from None
+
+
+def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> TrainConfig:
+    """Read a YAML file (or start from defaults when `path` is None) and apply `key=value` overrides.
+
+    Raises:
+        ConfigError: missing file, YAML syntax error, unknown key, or an invalid value.
+    """
+    values: dict = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as error:
+            raise ConfigError(f"config: cannot read file ({error.strerror}). Received: {str(path)!r}")
+        try:
+            values = yaml.safe_load(text) or {}
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"config: YAML syntax error{where}. Received: {str(path)!r}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"config: must be a mapping of key: value. Received: {str(path)!r}")
+    values.update(_parse_override(text) for text in overrides)
+    known = {spec.name for spec in dataclasses.fields(TrainConfig)}
+    for key in values:
+        if key not in known:
+            raise ConfigError(f"{key}: unknown key (see --help). Received: {key}={values[key]!r}")
+    return TrainConfig(**values)
+
+
+def describe_keys() -> str:
+    """One line per key, for `--help`."""
+    return "\n".join(
+        f"  {spec.name:<20} {spec.metadata['help']} (default: {spec.default})"
+        for spec in dataclasses.fields(TrainConfig)
+    )

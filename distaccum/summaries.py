@@ -1,0 +1,64 @@
+"""TensorBoard logging, on the chief only. The x-axis of every scalar is the update step.
+
+Tags (one glossary with the code and the docs):
+    train/loss                      sample-weighted mean over all workers, over the log interval
+    train/learning_rate             the rate the optimizer used for that update
+    train/samples_per_second        all workers together, over the log interval
+    train/gradient_global_norm      of the applied (reduced, normalised, unclipped) gradient
+    communication/allreduce_tensors cumulative tensors allreduced by this worker
+    communication/allreduce_bytes   cumulative bytes allreduced by this worker
+    time/compute_seconds            micro-steps' wall time over the log interval
+    time/communication_seconds      update steps' wall time (allreduce, then apply) over it
+    validation/loss, validation/accuracy   every epoch, over every worker's validation share
+    config                          the run's configuration as YAML text, once
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+import yaml
+
+from distaccum.controller import EpochRecord, IntervalRecord
+
+
+class TensorBoardWriter:
+    """Owns one run's event files. Create it on the chief only; it never communicates.
+
+    Args:
+        logdir: directory for the event files.
+        allreduce_per_update: `(tensors, bytes)` one update allreduces (`Trainer.allreduce_per_update`).
+    """
+
+    def __init__(self, logdir: str, allreduce_per_update: tuple[int, int]) -> None:
+        self._writer = tf.summary.create_file_writer(logdir)
+        self._allreduce_tensors, self._allreduce_bytes = allreduce_per_update
+
+    def write_config(self, config: dict) -> None:
+        with self._writer.as_default():
+            tf.summary.text("config", yaml.safe_dump(config, sort_keys=False), step=0)
+        self._writer.flush()
+
+    def on_log(self, record: IntervalRecord) -> None:
+        scalars = {
+            "train/loss": record.loss,
+            "train/learning_rate": record.learning_rate,
+            "train/samples_per_second": record.samples_per_second,
+            "train/gradient_global_norm": record.gradient_norm,
+            "communication/allreduce_tensors": record.update_step * self._allreduce_tensors,
+            "communication/allreduce_bytes": record.update_step * self._allreduce_bytes,
+            "time/compute_seconds": record.compute_seconds,
+            "time/communication_seconds": record.communication_seconds,
+        }
+        self._write(scalars, record.update_step)
+
+    def on_epoch_end(self, record: EpochRecord) -> None:
+        self._write({f"validation/{k}": v for k, v in record.validation.items()}, record.update_step)
+
+    def _write(self, scalars: dict[str, float], step: int) -> None:
+        with self._writer.as_default():
+            for tag, value in scalars.items():
+                tf.summary.scalar(tag, value, step=step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()

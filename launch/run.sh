@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Set up (idempotent, seconds once done) and run `distaccum train` under a launcher.
+#
+#   launch/run.sh local             [train args]   one process, no launcher, no Horovod needed
+#   launch/run.sh gloo N            [train args]   horovodrun --gloo -np N
+#   launch/run.sh mpi N             [train args]   mpirun -np N (Open MPI 5)
+#   launch/run.sh horovodrun-mpi N  [train args]   horovodrun --mpi -np N (patched for Open MPI 5)
+#   launch/run.sh hostfile FILE N   [train args]   mpirun over the hosts in FILE ("host slots=S" lines);
+#                                                  every host needs this repo and .venv at the same
+#                                                  path and passwordless ssh
+#
+# train args: --config FILE [--set key=value ...]; e.g.
+#   bash launch/run.sh gloo 2 --config distaccum/configs/digits.yaml
+set -euo pipefail
+repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+die() { echo "launch/run.sh: error: $*" >&2; exit 2; }
+positive_int() { [[ "$1" =~ ^[1-9][0-9]*$ ]] || die "$2 must be a positive integer. Received: $2=${1@Q}"; }
+
+mode=${1:-}
+case "$mode" in
+  local) shift ;;
+  gloo|mpi|horovodrun-mpi) num_workers=${2:-}; positive_int "$num_workers" N; shift 2 ;;
+  hostfile)
+    hostfile=${2:-}; num_workers=${3:-}
+    [ -f "$hostfile" ] || die "hostfile not found. Received: FILE=${hostfile@Q}"
+    positive_int "$num_workers" N; shift 3 ;;
+  *) die "MODE must be local, gloo, mpi, horovodrun-mpi or hostfile. Received: MODE=${mode@Q}" ;;
+esac
+
+bash "$repo_root/launch/setup.sh"
+export PATH="$repo_root/.venv/bin:$PATH"
+if [ "$(id -u)" = 0 ]; then
+  # Open MPI refuses to start as root without both.
+  export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+fi
+train=("$repo_root/.venv/bin/distaccum" train)
+
+case "$mode" in
+  local) exec "${train[@]}" "$@" ;;
+  gloo) exec horovodrun --gloo -np "$num_workers" "${train[@]}" "$@" ;;
+  mpi) exec mpirun -np "$num_workers" "${train[@]}" "$@" ;;
+  horovodrun-mpi) exec horovodrun --mpi -np "$num_workers" "${train[@]}" "$@" ;;
+  hostfile) exec mpirun --hostfile "$hostfile" -np "$num_workers" -x PATH -x OMPI_ALLOW_RUN_AS_ROOT \
+    -x OMPI_ALLOW_RUN_AS_ROOT_CONFIRM "${train[@]}" "$@" ;;
+esac
