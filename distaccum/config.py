@@ -53,7 +53,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
         for spec in dataclasses.fields(self):
-            _check_type(spec.name, getattr(self, spec.name), hints[spec.name])
+            value = getattr(self, spec.name)
+            _check_type(spec.name, value, hints[spec.name])
+            if isinstance(value, int) and float in typing.get_args(hints[spec.name]) + (hints[spec.name],):
+                object.__setattr__(self, spec.name, float(value))  # YAML reads "0" as an int
         for name, allowed in (
             ("dataset", DATASETS),
             ("model", MODELS),

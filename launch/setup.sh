@@ -24,7 +24,7 @@ py="$venv/bin/python"
 stamp="$venv/.distaccum-setup"
 inputs_hash=$(cat "$repo_root/pyproject.toml" "$repo_root/launch/setup.sh" | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$inputs_hash" ] \
-   && "$py" -c "import horovod.tensorflow, distaccum" 2>/dev/null; then
+   && "$py" -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('horovod') and u.find_spec('distaccum')))"; then
   log "up to date ($venv)"
   exit 0
 fi

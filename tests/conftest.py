@@ -30,16 +30,15 @@ def launcher_command(launcher: str, num_workers: int) -> list[str]:
 
 def run_script(
     launcher: str,
-    script: str | Path,
-    *args: str,
+    *python_arguments: str | Path,
     num_workers: int = 2,
     extra_env: dict | None = None,
     timeout: float = 300,
 ) -> subprocess.CompletedProcess:
-    """Run a script under a launcher (really starting the processes); fail with its output."""
+    """Run `python ARGS…` under a launcher (really starting the processes); fail with its output."""
     env = {**os.environ, **MPI_ROOT_VARIABLES, "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
     env.update(extra_env or {})
-    command = [*launcher_command(launcher, num_workers), sys.executable, str(script), *args]
+    command = [*launcher_command(launcher, num_workers), sys.executable, *map(str, python_arguments)]
     completed = subprocess.run(
         command, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT
     )

@@ -1,0 +1,105 @@
+"""The CLI and config: every bad value is one line on stderr naming key and value, exit 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT, VENV_BIN
+from distaccum import cli
+from distaccum.config import TrainConfig, load_config
+
+DIGITS = str(REPO_ROOT / "distaccum" / "configs" / "digits.yaml")
+
+
+def test_bundled_configs_load_when_read_from_repo():
+    config = load_config(DIGITS)
+    assert (config.dataset, config.model, config.epochs) == ("digits", "digits_mlp", 30)
+    synthetic = load_config(REPO_ROOT / "distaccum" / "configs" / "synthetic.yaml")
+    assert synthetic.model == "synthetic_mlp"
+
+
+def test_overrides_replace_file_values_when_given_with_set():
+    config = load_config(DIGITS, ["accumulation_steps=8", "epochs=null", "update_steps=5",
+                                  "clip_global_norm=1.5"])
+    assert (config.accumulation_steps, config.epochs, config.update_steps) == (8, None, 5)
+    assert config.clip_global_norm == 1.5
+
+
+def test_integer_yaml_value_becomes_float_when_key_is_a_float():
+    config = load_config(DIGITS, ["learning_rate=0", "clip_global_norm=2"])
+    assert isinstance(config.learning_rate, float) and isinstance(config.clip_global_norm, float)
+
+
+def test_config_is_frozen():
+    config = TrainConfig(epochs=1)
+    with pytest.raises(AttributeError):
+        config.epochs = 2
+
+
+@pytest.mark.parametrize(
+    "arguments, expected",
+    [
+        (["--set", "accumulation_steps=0"], "accumulation_steps=0"),
+        (["--set", "learning_rate=-0.1"], "learning_rate=-0.1"),
+        (["--set", "optimizr=adam"], "optimizr"),
+        (["--set", "model=resnet50"], "model='resnet50'"),
+        (["--set", "dataset=imagenet"], "dataset='imagenet'"),
+        (["--set", "micro_batch_size=big"], "micro_batch_size='big'"),
+        (["--set", "epochs=2", "--set", "update_steps=3"], "update_steps=3"),
+        (["--set", "log_interval=true"], "log_interval=True"),
+        (["--set", "noequals"], "'noequals'"),
+    ],
+    ids=["k_zero", "negative_lr", "unknown_key", "unknown_model", "unknown_dataset",
+         "wrong_type", "both_durations", "bool_for_int", "override_syntax"],
+)
+def test_train_exits_2_with_one_line_when_value_is_bad(capsys, arguments, expected):
+    assert cli.main(["train", "--config", DIGITS, *arguments]) == cli.EXIT_BAD_INPUT
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and expected in error and error.startswith("distaccum: error:")
+
+
+def test_train_exits_2_when_config_file_is_missing(capsys, tmp_path):
+    missing = tmp_path / "nope.yaml"
+    assert cli.main(["train", "--config", str(missing)]) == cli.EXIT_BAD_INPUT
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and str(missing) in error
+
+
+def test_train_exits_2_when_yaml_is_malformed(capsys, tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("epochs: 3\nmodel: [unclosed\n")
+    assert cli.main(["train", "--config", str(broken)]) == cli.EXIT_BAD_INPUT
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "YAML syntax error at line" in error and "broken.yaml" in error
+
+
+def test_train_exits_2_when_logdir_is_not_writable(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code = cli.main(["train", "--config", DIGITS, "--set", f"logdir={blocker}/run"])
+    assert code == cli.EXIT_BAD_INPUT
+    assert "logdir: not writable" in capsys.readouterr().err
+
+
+def test_command_line_error_is_one_line_without_traceback_when_run_as_program():
+    completed = subprocess.run(
+        [str(VENV_BIN / "distaccum"), "train", "--set", "accumulation_steps=0"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert completed.returncode == 2
+    assert completed.stderr.strip().splitlines() == [
+        "distaccum: error: accumulation_steps: must be >= 1. Received: accumulation_steps=0"
+    ]
+
+
+def test_help_documents_every_config_key():
+    completed = subprocess.run(
+        [sys.executable, "-m", "distaccum.cli", "train", "--help"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert completed.returncode == 0
+    for key in TrainConfig.__dataclass_fields__:
+        assert f"  {key} " in completed.stdout
