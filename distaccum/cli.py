@@ -1,5 +1,8 @@
 """`distaccum train --config FILE [--set key=value ...]`: argparse → config → the main job.
 
+`distaccum k8s render --config FILE --workers N --gpus-per-worker G --image IMG` prints the
+Kubernetes manifests of that job (or writes a Kustomize base with `--output-dir`).
+
 Bad input of any kind prints one line on stderr naming the key and the value, and exits 2.
 Failures during training print one line and exit 1 (`DISTACCUM_DEBUG=1` shows the traceback).
 """
@@ -9,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from distaccum.config import ConfigError, describe_keys, load_config
 
@@ -37,11 +41,52 @@ def _parser() -> argparse.ArgumentParser:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override one config key; repeatable",
     )
+    _add_k8s_commands(commands)
     return parser
+
+
+def _add_k8s_commands(commands) -> None:
+    k8s = commands.add_parser("k8s", help="Kubernetes (Kubeflow MPIJob) manifests")
+    render = k8s.add_subparsers(dest="k8s_command", required=True, parser_class=_OneLineParser)
+    options = render.add_parser("render", help="print manifests that `kubectl apply -f -` takes")
+    options.add_argument("--config", required=True, help="YAML training config (validated)")
+    options.add_argument("--workers", type=int, default=2, help="worker pods (default 2)")
+    options.add_argument("--gpus-per-worker", type=int, default=0,
+                         help="GPUs per worker pod; also its number of ranks (default 0)")
+    options.add_argument("--cpu-slots-per-worker", type=int, default=1,
+                         help="ranks per worker pod without GPUs (default 1)")
+    options.add_argument("--image", default="distaccum:0.1.0", help="container image")
+    options.add_argument("--name", default="distaccum", help="MPIJob name (DNS label)")
+    options.add_argument("--output-dir", help="write a Kustomize base here instead of printing")
+
+
+def _render_k8s(arguments) -> int:
+    from distaccum import k8s
+
+    load_config(arguments.config)  # a config that would fail in the cluster fails here
+    options = k8s.ClusterOptions(
+        name=arguments.name,
+        workers=arguments.workers,
+        gpus_per_worker=arguments.gpus_per_worker,
+        cpu_slots_per_worker=arguments.cpu_slots_per_worker,
+        image=arguments.image,
+    )
+    documents = k8s.render(options, Path(arguments.config).read_text())
+    if arguments.output_dir:
+        k8s.write_kustomize_base(documents, arguments.output_dir)
+    else:
+        print(k8s.to_yaml(documents), end="")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     arguments = _parser().parse_args(argv)
+    if arguments.command == "k8s":
+        try:
+            return _render_k8s(arguments)
+        except ValueError as error:  # ConfigError and ManifestError both name key and value
+            print(f"distaccum: error: {error}", file=sys.stderr)
+            return EXIT_BAD_INPUT
     try:
         config = load_config(arguments.config, arguments.overrides)
     except ConfigError as error:

@@ -1,0 +1,249 @@
+"""Kubernetes manifests for a Kubeflow MPIJob (mpi-operator, `kubeflow.org/v2beta1`).
+
+The single source of truth: `k8s/base` and the overlays are checked against `render()` by the
+tests. One value, `slots_per_worker` (the GPUs per worker when there are GPUs), sets the
+MPIJob's `slotsPerWorker`, and so the hostfile the operator writes; `mpirun` is given no `-np`,
+so it starts exactly one rank per hostfile slot, and the GPU limit is that same number.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+API_VERSION = "kubeflow.org/v2beta1"
+SSH_PORT = 2222
+USER_ID = 1000
+HOME = "/home/mpiuser"
+CONFIG_DIR = "/etc/distaccum"
+DATA_DIR = "/data"
+HOSTFILE = "/etc/mpi/hostfile"  # where mpi-operator mounts the hostfile it generates
+TENSORBOARD_PORT = 6006
+_DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+class ManifestError(ValueError):
+    """An option that would produce manifests the cluster or mpi-operator rejects."""
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    """What varies between submissions. Every other field of the manifests follows from these."""
+
+    name: str = "distaccum"
+    workers: int = 2
+    gpus_per_worker: int = 0
+    cpu_slots_per_worker: int = 1
+    image: str = "distaccum:0.1.0"
+    storage: str = "10Gi"
+
+    def __post_init__(self) -> None:
+        if not _DNS_LABEL.match(self.name):
+            raise ManifestError(f"name must be a DNS-1123 label. Received: name={self.name!r}")
+        # mpi-operator names pods <name>-worker-<i>; a pod's hostname must fit a DNS label.
+        last_worker = f"{self.name}-worker-{self.workers - 1}"
+        if len(last_worker) > 63:
+            raise ManifestError(
+                f"name too long: pod {last_worker!r} exceeds 63 characters. Received: name={self.name!r}"
+            )
+        for key in ("workers", "cpu_slots_per_worker"):
+            if getattr(self, key) < 1:
+                raise ManifestError(f"{key} must be >= 1. Received: {key}={getattr(self, key)}")
+        if self.gpus_per_worker < 0:
+            raise ManifestError(f"gpus_per_worker must be >= 0. Received: {self.gpus_per_worker}")
+        if not self.image:
+            raise ManifestError("image must not be empty. Received: image=''")
+
+    @property
+    def slots_per_worker(self) -> int:
+        """Ranks per worker pod: one per GPU, or `cpu_slots_per_worker` without GPUs."""
+        return self.gpus_per_worker or self.cpu_slots_per_worker
+
+
+def launcher_command(options: ClusterOptions) -> list[str]:
+    """The launcher's `mpirun` line: every hostfile slot gets a rank (no `-np` to disagree)."""
+    forwarded = ["PATH", "PYTHONUNBUFFERED"]
+    if options.gpus_per_worker:
+        forwarded += ["NCCL_DEBUG", "NCCL_SOCKET_IFNAME"]
+    command = ["mpirun", "--hostfile", HOSTFILE, "--bind-to", "none", "--map-by", "slot"]
+    for variable in forwarded:
+        command += ["-x", variable]
+    return command + [
+        "distaccum", "train", "--config", f"{CONFIG_DIR}/config.yaml",
+        "--set", f"logdir={DATA_DIR}/runs/{options.name}",
+    ]
+
+
+def _security_context() -> dict:
+    return {"runAsUser": USER_ID, "runAsGroup": USER_ID, "runAsNonRoot": True}
+
+
+def _launcher(options: ClusterOptions) -> dict:
+    environment = [
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        # Open MPI 5 (PRRTE) reads PRTE_MCA_*; Open MPI 4 reads OMPI_MCA_*: sshd listens on 2222.
+        {"name": "PRTE_MCA_plm_ssh_args", "value": f"-p {SSH_PORT}"},
+        {"name": "OMPI_MCA_plm_rsh_args", "value": f"-p {SSH_PORT}"},
+    ]
+    if options.gpus_per_worker:
+        # Ranks start through ssh with a bare environment: mpirun -x forwards these to them.
+        environment += [
+            {"name": "NCCL_DEBUG", "value": "WARN"},
+            {"name": "NCCL_SOCKET_IFNAME", "value": "eth0"},
+        ]
+    return {
+        "replicas": 1,
+        "template": {"spec": {
+            "restartPolicy": "OnFailure",
+            "securityContext": _security_context(),
+            "containers": [{
+                "name": "launcher",
+                "image": options.image,
+                "command": launcher_command(options),
+                "env": environment,
+                "resources": {"requests": {"cpu": "250m", "memory": "512Mi"}},
+            }],
+        }},
+    }
+
+
+def _worker(options: ClusterOptions) -> dict:
+    container = {
+        "name": "worker",
+        "image": options.image,
+        "command": ["/usr/sbin/sshd", "-De", "-f", f"{HOME}/.sshd_config"],
+        "ports": [{"name": "ssh", "containerPort": SSH_PORT}],
+        # The operator starts the launcher only once every worker's sshd answers.
+        "readinessProbe": {"tcpSocket": {"port": SSH_PORT}, "initialDelaySeconds": 2,
+                           "periodSeconds": 5},
+        "volumeMounts": [
+            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+            {"name": "data", "mountPath": DATA_DIR},
+        ],
+        "resources": {"requests": {"cpu": str(options.slots_per_worker), "memory": "2Gi"}},
+    }
+    volumes = [
+        {"name": "config", "configMap": {"name": f"{options.name}-config"}},
+        {"name": "data", "persistentVolumeClaim": {"claimName": f"{options.name}-data"}},
+    ]
+    if options.gpus_per_worker:
+        _add_gpu_settings(container, volumes, options.gpus_per_worker)
+    return {
+        "replicas": options.workers,
+        "template": {"spec": {
+            "restartPolicy": "OnFailure",
+            "securityContext": _security_context(),
+            "containers": [container],
+            "volumes": volumes,
+        }},
+    }
+
+
+def _add_gpu_settings(container: dict, volumes: list, gpus: int) -> None:
+    container["resources"]["limits"] = {"nvidia.com/gpu": gpus}
+    # NCCL's shared-memory transport needs more than the container runtime's 64 MiB /dev/shm.
+    container["volumeMounts"].append({"name": "shm", "mountPath": "/dev/shm"})
+    volumes.append({"name": "shm", "emptyDir": {"medium": "Memory"}})
+
+
+def mpijob(options: ClusterOptions) -> dict:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "MPIJob",
+        "metadata": {"name": options.name, "labels": {"app.kubernetes.io/name": "distaccum"}},
+        "spec": {
+            "slotsPerWorker": options.slots_per_worker,
+            "mpiImplementation": "OpenMPI",
+            "launcherCreationPolicy": "WaitForWorkersReady",
+            "sshAuthMountPath": f"{HOME}/.ssh",
+            "runPolicy": {
+                "cleanPodPolicy": "Running",
+                "backoffLimit": 3,
+                "ttlSecondsAfterFinished": 86400,
+            },
+            "mpiReplicaSpecs": {"Launcher": _launcher(options), "Worker": _worker(options)},
+        },
+    }
+
+
+def config_map(options: ClusterOptions, config_text: str) -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": f"{options.name}-config"},
+        "data": {"config.yaml": config_text},
+    }
+
+
+def volume_claim(options: ClusterOptions) -> dict:
+    # ReadWriteMany: rank 0 (on worker-0) writes logs and the model while TensorBoard reads.
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": f"{options.name}-data"},
+        "spec": {"accessModes": ["ReadWriteMany"],
+                 "resources": {"requests": {"storage": options.storage}}},
+    }
+
+
+def tensorboard(options: ClusterOptions) -> list[dict]:
+    """A TensorBoard Deployment reading the job's logs from the claim, and its Service."""
+    labels = {"app.kubernetes.io/name": "distaccum-tensorboard", "distaccum/job": options.name}
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": f"{options.name}-tensorboard"},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": labels},
+            "template": {"metadata": {"labels": labels}, "spec": {
+                "securityContext": _security_context(),
+                "containers": [{
+                    "name": "tensorboard",
+                    "image": options.image,
+                    "command": ["tensorboard", "--logdir", f"{DATA_DIR}/runs", "--bind_all",
+                                "--port", str(TENSORBOARD_PORT)],
+                    "ports": [{"name": "http", "containerPort": TENSORBOARD_PORT}],
+                    "volumeMounts": [{"name": "data", "mountPath": DATA_DIR, "readOnly": True}],
+                }],
+                "volumes": [{"name": "data", "persistentVolumeClaim": {
+                    "claimName": f"{options.name}-data", "readOnly": True}}],
+            }},
+        },
+    }
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": f"{options.name}-tensorboard"},
+        "spec": {"selector": labels,
+                 "ports": [{"name": "http", "port": TENSORBOARD_PORT, "targetPort": "http"}]},
+    }
+    return [deployment, service]
+
+
+def render(options: ClusterOptions, config_text: str) -> list[dict]:
+    """Every object of one submission, in apply order."""
+    return [config_map(options, config_text), volume_claim(options), mpijob(options),
+            *tensorboard(options)]
+
+
+def to_yaml(documents: list[dict]) -> str:
+    return yaml.safe_dump_all(documents, sort_keys=False)
+
+
+def write_kustomize_base(documents: list[dict], directory) -> list[str]:
+    """Write one file per object plus a `kustomization.yaml` listing them; returns file names."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    names = []
+    for document in documents:
+        name = f"{document['kind'].lower()}-{document['metadata']['name']}.yaml"
+        (directory / name).write_text(to_yaml([document]))
+        names.append(name)
+    kustomization = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+                     "resources": names}
+    (directory / "kustomization.yaml").write_text(to_yaml([kustomization]))
+    return names
