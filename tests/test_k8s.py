@@ -1,0 +1,270 @@
+"""Kubernetes manifests: the renderer is the source of truth, everything validates against the real
+CRD and Kubernetes schemas, mpi-operator's own rules hold, and the launcher's command really runs."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from conftest import MPI_ROOT_VARIABLES, REPO_ROOT, VENV_BIN
+from distaccum import k8s
+
+CRD_DIR = REPO_ROOT.parent / "shared" / "k8s" / "crds"
+DIGITS = REPO_ROOT / "distaccum" / "configs" / "digits.yaml"
+KUBERNETES_VERSION = "1.37.0"
+
+
+def _config_text() -> str:
+    return DIGITS.read_text()
+
+
+def _by_kind(documents: list[dict]) -> dict[str, dict]:
+    return {d["kind"]: d for d in documents}
+
+
+def _kustomize(directory: Path) -> list[dict]:
+    built = subprocess.run(["kubectl", "kustomize", str(directory)], capture_output=True,
+                           text=True, check=True)
+    return list(yaml.safe_load_all(built.stdout))
+
+
+@pytest.fixture(scope="module")
+def mpijob_schema() -> dict:
+    crd_file = CRD_DIR / "kubeflow.org_mpijobs.yaml"
+    if not crd_file.exists():
+        pytest.skip(f"the real MPIJob CRD is not here ({crd_file}): ../shared is absent")
+    crd = yaml.safe_load(crd_file.read_text())
+    [version] = [v for v in crd["spec"]["versions"] if v["name"] == "v2beta1"]
+    return _strict(copy.deepcopy(version["schema"]["openAPIV3Schema"]))
+
+
+def _strict(schema):
+    """Reject unknown fields like the API server's strict field validation does."""
+    if isinstance(schema, dict):
+        if "properties" in schema and "additionalProperties" not in schema \
+                and not schema.get("x-kubernetes-preserve-unknown-fields"):
+            schema["additionalProperties"] = False
+        for value in schema.values():
+            _strict(value)
+    elif isinstance(schema, list):
+        for value in schema:
+            _strict(value)
+    return schema
+
+
+def mpi_operator_problems(job: dict) -> list[str]:
+    """mpi-operator's Go-side rules that the CRD schema does not express."""
+    problems = []
+    specs = job["spec"]["mpiReplicaSpecs"]
+    if specs.get("Launcher", {}).get("replicas", 1) != 1:
+        problems.append("exactly one Launcher replica is allowed")
+    for role, spec in specs.items():
+        if spec["template"]["spec"].get("restartPolicy") not in ("Never", "OnFailure"):
+            problems.append(f"{role} restartPolicy must be Never or OnFailure")
+    workers = specs["Worker"]["replicas"]
+    if len(f"{job['metadata']['name']}-worker-{workers - 1}") > 63:
+        problems.append("worker pod name exceeds 63 characters")
+    return problems
+
+
+def validate(documents: list[dict], mpijob_schema: dict) -> None:
+    for document in documents:
+        if document["kind"] == "MPIJob":
+            jsonschema.validate(document, mpijob_schema)
+            assert mpi_operator_problems(document) == []
+        else:
+            kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
+
+
+RENDERED = {
+    "cpu_2_workers": k8s.ClusterOptions(),
+    "cpu_4_workers_2_slots": k8s.ClusterOptions(workers=4, cpu_slots_per_worker=2),
+    "gpu_3_workers_4_gpus": k8s.ClusterOptions(workers=3, gpus_per_worker=4, name="big-run"),
+}
+
+
+@pytest.mark.parametrize("options", list(RENDERED.values()), ids=list(RENDERED))
+def test_rendered_manifests_validate_when_options_vary(options, mpijob_schema):
+    validate(k8s.render(options, _config_text()), mpijob_schema)
+
+
+@pytest.mark.parametrize("overlay, gpus", [("cpu", 0), ("gpu", 1)])
+def test_overlay_equals_renderer_output_and_validates(overlay, gpus, mpijob_schema):
+    built = _kustomize(REPO_ROOT / "k8s" / "overlays" / overlay)
+    validate(built, mpijob_schema)
+    expected = k8s.render(k8s.ClusterOptions(gpus_per_worker=gpus), _config_text())
+    key = lambda d: (d["kind"], d["metadata"]["name"])  # noqa: E731
+    assert sorted(built, key=key) == sorted(expected, key=key)
+
+
+def test_committed_base_is_what_the_renderer_writes(tmp_path):
+    subprocess.run(
+        [str(VENV_BIN / "distaccum"), "k8s", "render", "--config", str(DIGITS),
+         "--output-dir", str(tmp_path)], check=True,
+    )
+    base = REPO_ROOT / "k8s" / "base"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in base.iterdir())
+    for rendered in tmp_path.iterdir():
+        assert rendered.read_text() == (base / rendered.name).read_text(), rendered.name
+
+
+@pytest.mark.parametrize("gpus", [1, 2, 8])
+def test_slots_ranks_and_gpu_limits_agree_when_gpus_per_worker_varies(gpus):
+    job = _by_kind(k8s.render(k8s.ClusterOptions(gpus_per_worker=gpus), _config_text()))["MPIJob"]
+    worker = job["spec"]["mpiReplicaSpecs"]["Worker"]["template"]["spec"]
+    assert job["spec"]["slotsPerWorker"] == gpus
+    assert worker["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == gpus
+    command = job["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["containers"][0]["command"]
+    assert "-np" not in command and "-n" not in command  # mpirun fills every hostfile slot
+    assert {"name": "shm", "emptyDir": {"medium": "Memory"}} in worker["volumes"]
+
+
+def test_job_has_what_mpi_operator_users_ask_for():
+    job = _by_kind(k8s.render(k8s.ClusterOptions(), _config_text()))["MPIJob"]
+    spec = job["spec"]
+    assert spec["launcherCreationPolicy"] == "WaitForWorkersReady"
+    assert spec["runPolicy"]["cleanPodPolicy"] == "Running"
+    assert spec["runPolicy"]["backoffLimit"] >= 1 and spec["runPolicy"]["ttlSecondsAfterFinished"] > 0
+    assert spec["sshAuthMountPath"] == "/home/mpiuser/.ssh"
+    for role in ("Launcher", "Worker"):
+        pod = spec["mpiReplicaSpecs"][role]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] != 0
+    worker = spec["mpiReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
+    assert worker["readinessProbe"]["tcpSocket"]["port"] == 2222
+    assert worker["ports"] == [{"name": "ssh", "containerPort": 2222}]
+
+
+@pytest.mark.parametrize(
+    "mutate, error",
+    [
+        (lambda job: job["spec"].update(slotsPerWorkr=2), "slotsPerWorkr"),
+        (lambda job: job["spec"].update(slotsPerWorker="two"), "'two' is not of type 'integer'"),
+        (lambda job: job["spec"]["mpiReplicaSpecs"]["Launcher"].update(replicas=2), "one Launcher"),
+        (lambda job: job["spec"]["mpiReplicaSpecs"]["Worker"]["template"]["spec"].update(
+            restartPolicy="Always"), "restartPolicy"),
+        (lambda job: job["metadata"].update(name="x" * 60), "63 characters"),
+    ],
+    ids=["misspelt_field", "wrong_type", "two_launchers", "restart_always", "long_name"],
+)
+def test_validation_catches_broken_manifest(mutate, error, mpijob_schema):
+    documents = k8s.render(k8s.ClusterOptions(), _config_text())
+    mutate(_by_kind(documents)["MPIJob"])
+    with pytest.raises((jsonschema.ValidationError, AssertionError), match=error):
+        validate(documents, mpijob_schema)
+
+
+def test_validation_catches_misspelt_field_in_builtin_kind(mpijob_schema):
+    documents = k8s.render(k8s.ClusterOptions(), _config_text())
+    _by_kind(documents)["Deployment"]["spec"]["replica"] = 1
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate(documents, mpijob_schema)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"name": "Bad_Name"}, "name must be a DNS-1123 label"),
+        ({"name": "n" * 55, "workers": 100}, "exceeds 63 characters"),
+        ({"workers": 0}, "workers=0"),
+        ({"gpus_per_worker": -1}, "-1"),
+        ({"image": ""}, "image"),
+    ],
+    ids=["bad_name", "long_name", "no_workers", "negative_gpus", "no_image"],
+)
+def test_cluster_options_name_bad_value(options, message):
+    with pytest.raises(k8s.ManifestError, match=message):
+        k8s.ClusterOptions(**options)
+
+
+def test_render_command_exits_2_with_one_line_when_config_is_bad(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochs: 2\naccumulation_steps: 0\n")
+    completed = subprocess.run(
+        [str(VENV_BIN / "distaccum"), "k8s", "render", "--config", str(bad)],
+        capture_output=True, text=True,
+    )
+    assert completed.returncode == 2
+    assert completed.stderr.strip().splitlines() == [
+        "distaccum: error: accumulation_steps: must be >= 1. Received: accumulation_steps=0"
+    ]
+
+
+@pytest.mark.multiworker
+def test_launcher_command_from_manifest_trains_when_hostfile_is_localhost(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text(_config_text() + "\n")
+    documents = k8s.render(k8s.ClusterOptions(), config.read_text())
+    config.write_text(_by_kind(documents)["ConfigMap"]["data"]["config.yaml"]
+                      .replace("epochs: 30", "update_steps: 4"))
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    job = _by_kind(documents)["MPIJob"]
+    command = job["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["containers"][0]["command"]
+    # Only the paths the operator and Kubernetes mount are mapped onto this machine.
+    local = {k8s.HOSTFILE: str(hostfile), f"{k8s.CONFIG_DIR}/config.yaml": str(config),
+             f"logdir={k8s.DATA_DIR}/runs/distaccum": f"logdir={tmp_path}/runs/distaccum"}
+    command = [local.get(part, part) for part in command]
+    env = {**os.environ, **MPI_ROOT_VARIABLES, "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
+           "PYTHONUNBUFFERED": "1"}
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "num_workers 2," in completed.stdout
+    assert "distaccum: done: 4 update steps" in completed.stdout
+    assert (tmp_path / "runs" / "distaccum" / "model.keras").exists()
+
+
+DOCKERFILE = REPO_ROOT / "k8s" / "Dockerfile"
+SSHD_CONFIG = REPO_ROOT / "k8s" / "image" / "sshd_config"
+
+
+def _dockerfile_instructions() -> list[tuple[str, str]]:
+    text = DOCKERFILE.read_text().replace("\\\n", " ")
+    return [tuple(line.split(None, 1)) for line in text.splitlines()
+            if line.strip() and not line.startswith("#")]
+
+
+def test_dockerfile_builds_with_readme_setup_as_non_root_user():
+    instructions = _dockerfile_instructions()
+    for keyword, argument in instructions:
+        if keyword == "COPY":
+            *sources, _ = [a for a in argument.split() if not a.startswith("--")]
+            for source in sources:
+                assert (REPO_ROOT / source).exists(), f"COPY source {source} is missing"
+    runs = [argument for keyword, argument in instructions if keyword == "RUN"]
+    assert any("bash launch/setup.sh" in run for run in runs)
+    users = [argument for keyword, argument in instructions if keyword == "USER"]
+    assert users and users[-1] == "mpiuser"
+    assert f"--uid {k8s.USER_ID}" in " ".join(runs)
+    assert ("EXPOSE", str(k8s.SSH_PORT)) in instructions
+    assert k8s.HOME == "/home/mpiuser"
+    assert "openssh-server" in " ".join(runs)
+
+
+def test_sshd_config_listens_where_manifests_probe():
+    settings = dict(line.split(None, 1) for line in SSHD_CONFIG.read_text().splitlines()
+                    if line.strip() and not line.startswith("#"))
+    assert settings["Port"] == str(k8s.SSH_PORT)
+    job = _by_kind(k8s.render(k8s.ClusterOptions(), _config_text()))["MPIJob"]
+    assert settings["AuthorizedKeysFile"].startswith(job["spec"]["sshAuthMountPath"] + "/")
+    worker = job["spec"]["mpiReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
+    assert worker["command"][-1] == f"{k8s.HOME}/.sshd_config"
+
+
+def test_sshd_accepts_config_when_sshd_is_installed(tmp_path):
+    sshd = Path("/usr/sbin/sshd")
+    if not sshd.exists():
+        pytest.skip("openssh-server is not installed here (.ci/run installs it)")
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "key")],
+                   check=True)
+    config = tmp_path / "sshd_config"
+    config.write_text(SSHD_CONFIG.read_text().replace(
+        "/home/mpiuser/.sshd/ssh_host_ed25519_key", str(tmp_path / "key")))
+    checked = subprocess.run([str(sshd), "-t", "-f", str(config)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr
