@@ -24,10 +24,14 @@ _PUBLIC_NAMES = {
     "Trainer": "distaccum.trainer",
     "UpdateResult": "distaccum.trainer",
     "Controller": "distaccum.controller",
-    "History": "distaccum.controller",
-    "UpdateRecord": "distaccum.controller",
-    "IntervalRecord": "distaccum.controller",
-    "EpochRecord": "distaccum.controller",
+    "CadenceOptions": "distaccum.controller",
+    "History": "distaccum.records",
+    "UpdateRecord": "distaccum.records",
+    "IntervalRecord": "distaccum.records",
+    "EpochRecord": "distaccum.records",
+    "Position": "distaccum.records",
+    "TrainingInterrupted": "distaccum.records",
+    "NonFiniteGradients": "distaccum.records",
 }
 
 __all__ = sorted(_PUBLIC_NAMES)

@@ -18,6 +18,9 @@ from distaccum.config import ConfigError, describe_keys, load_config
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
+# 128 + SIGTERM, as if the signal had ended the process: launchers and Kubernetes see a
+# failure (so a restart policy resumes the job), logs see why.
+EXIT_INTERRUPTED = 143
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -94,13 +97,19 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     # Before TensorFlow is imported: its later C++ info and warning lines are noise here.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from distaccum import job
+    from distaccum import comm, job
+    from distaccum.records import TrainingInterrupted
 
     try:
         job.run(config)
     except ConfigError as error:
         print(f"distaccum: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except TrainingInterrupted as stop:
+        if comm.is_chief():  # every worker stops at the same update; one of them says so
+            print(f"distaccum: {stop}; checkpoint saved in {config.logdir}/checkpoints; run the "
+                  "same command again to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as error:  # one clear line instead of a traceback on every rank
         if os.environ.get("DISTACCUM_DEBUG"):
             raise

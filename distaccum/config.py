@@ -47,7 +47,15 @@ class TrainConfig:
     clip_global_norm: float | None = _help("clip the reduced gradient to this norm", default=None)
     log_interval: int = _help("update steps between TensorBoard/progress lines", default=10)
     checkpoint_interval: int = _help("update steps between checkpoints", default=100)
-    logdir: str = _help("TensorBoard logs, checkpoints and the saved model go here", default="runs/digits")
+    keep_checkpoints: int = _help("how many recent checkpoints to keep", default=3)
+    max_consecutive_skips: int = _help(
+        "updates in a row with NaN/Inf gradients (skipped) before training fails", default=5
+    )
+    logdir: str = _help(
+        "TensorBoard logs, checkpoints (LOGDIR/checkpoints) and the saved model go here; "
+        "running again with the same logdir resumes from the latest checkpoint",
+        default="runs/digits",
+    )
     seed: int = _help("seed for model initialisation and shuffling", default=0)
 
     def __post_init__(self) -> None:
@@ -65,7 +73,8 @@ class TrainConfig:
         ):
             if getattr(self, name) not in allowed:
                 _fail(name, getattr(self, name), f"must be one of {', '.join(allowed)}")
-        for name in ("micro_batch_size", "accumulation_steps", "log_interval", "checkpoint_interval"):
+        for name in ("micro_batch_size", "accumulation_steps", "log_interval", "checkpoint_interval",
+                     "keep_checkpoints", "max_consecutive_skips"):
             if getattr(self, name) < 1:
                 _fail(name, getattr(self, name), "must be >= 1")
         for name in ("epochs", "update_steps"):

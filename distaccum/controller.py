@@ -1,4 +1,4 @@
-"""The Controller: cadence of training (epochs, windows, how many updates, callbacks).
+"""The Controller: cadence of training (epochs, windows, logging, checkpoints, stopping).
 
 Window `u` of an epoch is micro-batches `u*k … u*k+k-1` of every worker. Every worker runs the same
 number of windows per epoch (agreed once, see `data.agree_on_epoch_plan`); a worker that has run
@@ -9,13 +9,30 @@ with an update on its last, possibly partial, window: windows never straddle epo
 from __future__ import annotations
 
 import itertools
+import signal
+import threading
 import time
-from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence, Union
 
 import tensorflow as tf
 
 from distaccum import data
+from distaccum.records import (
+    EpochRecord,
+    History,
+    IntervalRecord,
+    NonFiniteGradients,
+    Position,
+    TrainingInterrupted,
+    UpdateRecord,
+    weighted_mean,
+    weighted_totals,
+)
+
+# A dataset, or a function of the 1-based epoch returning that epoch's dataset (for shuffles
+# that must be reproducible on resume).
+EpochData = Union[tf.data.Dataset, Callable[[int], tf.data.Dataset]]
 
 
 class StepRunner(Protocol):
@@ -27,111 +44,65 @@ class StepRunner(Protocol):
 
     def micro_step(self, x, y, sample_weight=None) -> None: ...
 
-    def update_step(self): ...
+    def update_step(self, stop_vote: bool = False): ...
 
     def evaluate(self, dataset: tf.data.Dataset) -> dict[str, float]: ...
 
     def learning_rate_at(self, update_step: int) -> float: ...
 
 
-@dataclass(frozen=True)
-class UpdateRecord:
-    """Handed to `callback.on_update` after every update.
-
-    Attributes:
-        update_step: updates done so far in this `fit` (1 after the first).
-        epoch: 1-based epoch of this update.
-        micro_steps: micro-batches this worker ran in the window (0 when its data ran out).
-        result: the trainer's `UpdateResult` (global sums, as tensors).
-        compute_seconds: wall time of this worker's micro-steps in the window.
-        communication_seconds: wall time of the update step (allreduce, then apply).
-    """
-
-    update_step: int
-    epoch: int
-    micro_steps: int
-    result: object
-    compute_seconds: float
-    communication_seconds: float
+def _positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1. Received: {name}={value!r}")
 
 
 @dataclass(frozen=True)
-class IntervalRecord:
-    """Handed to `callback.on_log` every `log_interval` updates (and after the last update).
-
-    Loss is the sample-weighted mean over every sample of the interval on every worker.
-    """
-
-    update_step: int
-    total_update_steps: int
-    epoch: int
-    loss: float
-    samples: int
-    samples_per_second: float
-    gradient_norm: float
-    learning_rate: float
-    compute_seconds: float
-    communication_seconds: float
-
-
-@dataclass(frozen=True)
-class EpochRecord:
-    """Handed to `callback.on_epoch_end`.
+class CadenceOptions:
+    """How often things happen, in update steps.
 
     Attributes:
-        loss: sample-weighted mean training loss of the epoch over all workers.
-        validation: `{"loss": ..., "accuracy": ...}` over the whole validation set of all workers,
-            or empty without validation data.
+        log_interval: between `on_log` calls.
+        checkpoint_interval: between checkpoints (None: only when stopping on SIGTERM).
+        max_consecutive_skips: non-finite updates in a row after which training fails.
     """
 
-    epoch: int
-    update_step: int
-    loss: float
-    samples: int
-    validation: dict = field(default_factory=dict)
+    log_interval: int = 10
+    checkpoint_interval: int | None = None
+    max_consecutive_skips: int = 5
+
+    def __post_init__(self) -> None:
+        _positive_int("log_interval", self.log_interval)
+        _positive_int("max_consecutive_skips", self.max_consecutive_skips)
+        if self.checkpoint_interval is not None:
+            _positive_int("checkpoint_interval", self.checkpoint_interval)
 
 
-@dataclass
-class History:
-    """What `fit` returns.
+class _StopRequest:
+    """Records SIGTERM instead of dying, so the update in flight completes (main thread only)."""
 
-    Attributes:
-        loss: per epoch, the sample-weighted mean training loss over all workers.
-        validation: per epoch, the validation metrics (empty dicts without validation data).
-        update_steps: updates applied.
-        samples: samples seen by all workers together.
-        seconds: wall time of the loop.
-    """
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
 
-    loss: list[float] = field(default_factory=list)
-    validation: list[dict] = field(default_factory=list)
-    update_steps: int = 0
-    samples: int = 0
-    seconds: float = 0.0
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._request)
+        return self
 
-    @property
-    def history(self) -> dict[str, list[float]]:
-        """Keras-style view: `{"loss": [...], "val_loss": [...], ...}`."""
-        view = {"loss": list(self.loss)}
-        for metrics in self.validation:
-            for name, value in metrics.items():
-                view.setdefault(f"val_{name}", []).append(value)
-        return view
+    def _request(self, signum, frame) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
-def weighted_totals(results: Sequence) -> tuple[float, float, int]:
-    """(weighted loss sum, weight sum, sample count) over `UpdateResult`s, read once."""
-    if not results:
-        return 0.0, 0.0, 0
-    loss_sum, weight_sum, samples = (
-        float(tf.add_n([getattr(r, name) for r in results]))
-        for name in ("loss_sum", "weight_sum", "sample_count")
-    )
-    return loss_sum, weight_sum, int(samples)
-
-
-def weighted_mean(loss_sum: float, weight_sum: float) -> float:
-    return loss_sum / weight_sum if weight_sum else 0.0
+def _advance(position: Position, windows: int, updates_per_epoch) -> Position:
+    """Where training stands after `windows` more updates of `position`'s epoch."""
+    done = position.windows_done + windows
+    if done >= updates_per_epoch:
+        return Position(position.update_step + windows, position.epoch + 1, 0)
+    return Position(position.update_step + windows, position.epoch, done)
 
 
 def _check_duration(epochs, update_steps) -> None:
@@ -141,92 +112,153 @@ def _check_duration(epochs, update_steps) -> None:
             f"update_steps={update_steps!r}"
         )
     for name, value in (("epochs", epochs), ("update_steps", update_steps)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be an int >= 1. Received: {name}={value!r}")
+        if value is not None:
+            _positive_int(name, value)
 
 
 class Controller:
-    """Owns the loop and its cadence: epochs, windows, when to log and evaluate. Not what a step is.
+    """Owns the loop and its cadence: epochs, windows, logging, evaluation, checkpoints, stopping.
+    Not what a step is (the trainer's), nor how a checkpoint is written (`checkpoint`'s).
 
     Args:
         trainer: owns `micro_step`, `update_step` and `evaluate`.
         callbacks: objects with any of `on_update(UpdateRecord)`, `on_log(IntervalRecord)`,
             `on_epoch_end(EpochRecord)`; called on every worker (a callback that writes files
             belongs on the chief only).
-        log_interval: update steps between `on_log` calls.
+        options: the intervals.
+        save_checkpoint: called with the `Position` at checkpoint boundaries and before stopping
+            on SIGTERM, on every worker (the function decides who writes).
     """
 
-    def __init__(self, trainer: StepRunner, *, callbacks: Sequence = (), log_interval: int = 10):
-        if isinstance(log_interval, bool) or not isinstance(log_interval, int) or log_interval < 1:
-            raise ValueError(f"log_interval must be an int >= 1. Received: {log_interval!r}")
+    def __init__(
+        self,
+        trainer: StepRunner,
+        *,
+        callbacks: Sequence = (),
+        options: CadenceOptions = CadenceOptions(),
+        save_checkpoint: Callable[[Position], None] | None = None,
+    ) -> None:
         self._trainer = trainer
         self._callbacks = list(callbacks)
-        self._log_interval = log_interval
+        self._options = options
+        self._save_checkpoint = save_checkpoint
         self._interval: list[UpdateRecord] = []
         self._interval_started = 0.0
+        self._consecutive_skips = 0
+        self._checkpointed_step: int | None = None
 
     def run(
         self,
-        dataset: tf.data.Dataset,
+        dataset: EpochData,
         *,
         epochs: int | None = None,
         update_steps: int | None = None,
         validation_dataset: tf.data.Dataset | None = None,
+        start: Position = Position(),
     ) -> History:
-        """Train for `epochs` epochs or `update_steps` updates and return the `History`."""
+        """Train until `epochs` epochs or `update_steps` updates in all, starting at `start`.
+
+        Raises:
+            TrainingInterrupted: a worker got SIGTERM; every worker stops after the same update.
+            NonFiniteGradients: `max_consecutive_skips` updates in a row were not finite.
+        """
         _check_duration(epochs, update_steps)
-        self._trainer.prepare(dataset.element_spec)
-        plan = data.agree_on_epoch_plan(dataset, self._trainer.accumulation_steps)
+        first = self._epoch_dataset(dataset, start.epoch)
+        self._trainer.prepare(first.element_spec)
+        plan = data.agree_on_epoch_plan(first, self._trainer.accumulation_steps)
         if epochs is not None and plan.updates_per_epoch == data.INFINITE:
             raise ValueError(
                 "the dataset repeats forever, so an epoch never ends: pass update_steps instead "
                 f"of epochs. Received: epochs={epochs}"
             )
-        total_updates = update_steps if update_steps is not None else epochs * plan.updates_per_epoch
+        total = update_steps if update_steps is not None else epochs * plan.updates_per_epoch
         history = History()
+        position = start
         started = self._interval_started = time.perf_counter()
-        for epoch in itertools.count(1):
-            if history.update_steps >= total_updates:
-                break
-            records = self._run_epoch(dataset, plan, epoch, total_updates, history.update_steps)
-            self._end_epoch(epoch, records, validation_dataset, history)
+        with _StopRequest() as stop:
+            while position.update_step < total:
+                records = self._run_epoch(
+                    self._epoch_dataset(dataset, position.epoch), plan, position, total, stop,
+                    history,
+                )
+                self._end_epoch(position.epoch, records, validation_dataset, history)
+                position = _advance(position, len(records), plan.updates_per_epoch)
         history.seconds = time.perf_counter() - started
+        # So that running the same job again finds it finished instead of redoing the tail.
+        self._checkpoint(position)
         return history
 
-    def _run_epoch(self, dataset, plan: data.EpochPlan, epoch: int, total_updates, done: int):
-        iterator = iter(dataset)
+    def _checkpoint(self, position: Position) -> None:
+        if self._save_checkpoint and self._checkpointed_step != position.update_step:
+            self._save_checkpoint(position)
+            self._checkpointed_step = position.update_step
+
+    @staticmethod
+    def _epoch_dataset(dataset: EpochData, epoch: int) -> tf.data.Dataset:
+        return dataset if isinstance(dataset, tf.data.Dataset) else dataset(epoch)
+
+    def _run_epoch(self, dataset, plan, start: Position, total, stop, history) -> list:
+        k = self._trainer.accumulation_steps
+        # Resuming mid-epoch: the same epoch's data, minus the windows already applied.
+        iterator = iter(dataset.skip(start.windows_done * k) if start.windows_done else dataset)
         # Finite even for a repeating dataset: then update_steps bounds the run.
-        windows = int(min(plan.updates_per_epoch, total_updates - done))
+        windows = int(min(plan.updates_per_epoch - start.windows_done, total - start.update_step))
         records = []
-        for update_step in range(done + 1, done + windows + 1):
-            started = time.perf_counter()
-            micro_steps = self._run_window(iterator)
-            computed = time.perf_counter()
-            result = self._trainer.update_step()
-            record = UpdateRecord(
-                update_step, epoch, micro_steps, result,
-                computed - started, time.perf_counter() - computed,
-            )
+        for done in range(1, windows + 1):
+            record = self._run_window(iterator, start, done, stop.requested)
             records.append(record)
-            self._notify("on_update", record)
-            self._interval.append(record)
-            if update_step % self._log_interval == 0 or update_step == total_updates:
-                self._log(total_updates)
-        if windows == plan.updates_per_epoch and next(iterator, None) is not None:
+            self._after_update(record, total, history)
+            position = _advance(start, done, plan.updates_per_epoch)
+            interval = self._options.checkpoint_interval
+            if float(record.result.stop_votes) > 0:
+                self._stop(position, records, total, history)
+            if interval and record.update_step % interval == 0:
+                self._checkpoint(position)
+        if start.windows_done + windows == plan.updates_per_epoch and next(iterator, None) is not None:
             raise RuntimeError(
                 f"the dataset yielded more than the {plan.micro_batches_per_epoch} micro-batches "
                 "counted before training; its size must not change between epochs"
             )
         return records
 
-    def _run_window(self, iterator) -> int:
+    def _run_window(self, iterator, start: Position, done: int, stop_vote: bool) -> UpdateRecord:
+        started = time.perf_counter()
         micro_steps = 0
         for micro_batch in itertools.islice(iterator, self._trainer.accumulation_steps):
             self._trainer.micro_step(*data.unpack(micro_batch))
             micro_steps += 1
-        return micro_steps
+        computed = time.perf_counter()
+        result = self._trainer.update_step(stop_vote)
+        return UpdateRecord(
+            start.update_step + done, start.epoch, micro_steps, result,
+            computed - started, time.perf_counter() - computed,
+        )
 
-    def _log(self, total_updates: int) -> None:
+    def _after_update(self, record: UpdateRecord, total: int, history: History) -> None:
+        self._notify("on_update", record)
+        self._interval.append(record)
+        if bool(record.result.skipped):
+            history.skipped_updates += 1
+            self._consecutive_skips += 1
+            if self._consecutive_skips >= self._options.max_consecutive_skips:
+                raise NonFiniteGradients(
+                    f"{self._consecutive_skips} consecutive updates had NaN or Inf gradients "
+                    f"(last at update step {record.update_step}); stopping. Lower the learning "
+                    "rate, set clip_global_norm, or check the input data"
+                )
+        else:
+            self._consecutive_skips = 0
+        if record.update_step % self._options.log_interval == 0 or record.update_step == total:
+            self._log(total, history.skipped_updates)
+
+    def _stop(self, position: Position, records, total: int, history: History) -> None:
+        if self._interval:
+            self._log(total, history.skipped_updates)
+        self._checkpoint(position)
+        history.update_steps += len(records)
+        raise TrainingInterrupted(position, history)
+
+    def _log(self, total_updates: int, skipped_updates: int) -> None:
         records, self._interval = self._interval, []
         now = time.perf_counter()
         seconds, self._interval_started = now - self._interval_started, now
@@ -243,6 +275,7 @@ class Controller:
             learning_rate=self._trainer.learning_rate_at(last.update_step),
             compute_seconds=sum(r.compute_seconds for r in records),
             communication_seconds=sum(r.communication_seconds for r in records),
+            skipped_updates=skipped_updates,
         ))
 
     def _end_epoch(self, epoch: int, records, validation_dataset, history: History) -> None:
@@ -256,7 +289,7 @@ class Controller:
         history.validation.append(validation)
         self._notify(
             "on_epoch_end",
-            EpochRecord(epoch, history.update_steps, history.loss[-1], samples, validation),
+            EpochRecord(epoch, records[-1].update_step, history.loss[-1], samples, validation),
         )
 
     def _notify(self, event: str, record) -> None:

@@ -17,8 +17,11 @@ import keras
 import tensorflow as tf
 
 from distaccum import catalog, comm, data
+from distaccum.checkpoint import CheckpointManager
 from distaccum.config import ConfigError, TrainConfig
+from distaccum.controller import CadenceOptions, Controller
 from distaccum.progress import ProgressReporter
+from distaccum.records import Position
 from distaccum.summaries import TensorBoardWriter
 from distaccum.trainer import Trainer
 
@@ -50,18 +53,22 @@ def build_optimizer(config: TrainConfig, total_update_steps: int) -> keras.optim
 
 
 def worker_datasets(config: TrainConfig, split: catalog.Split):
-    """This worker's micro-batches of the training set (reshuffled every epoch) and its share
-    of the validation set."""
-    # Same seed on every worker: all shuffle identically, so `shard` splits disjointly.
-    train = (
-        tf.data.Dataset.from_tensor_slices((split.x_train, split.y_train))
-        .shuffle(len(split.x_train), seed=config.seed, reshuffle_each_iteration=True)
-    )
+    """This worker's micro-batches of the training set, as a function of the epoch, and its share
+    of the validation set.
+
+    Each epoch's shuffle is seeded by (seed, epoch), not by how many epochs this process has
+    iterated, so a resumed run sees exactly the order the interrupted one would have.
+    """
+    samples = tf.data.Dataset.from_tensor_slices((split.x_train, split.y_train))
+
+    def train_for_epoch(epoch: int) -> tf.data.Dataset:
+        # Same seed on every worker: all shuffle identically, so `shard` splits disjointly.
+        shuffled = samples.shuffle(len(split.x_train), seed=config.seed * 100_003 + epoch,
+                                   reshuffle_each_iteration=False)
+        return data.shard(shuffled).batch(config.micro_batch_size).prefetch(2)
+
     validation = tf.data.Dataset.from_tensor_slices((split.x_validation, split.y_validation))
-    return (
-        data.shard(train).batch(config.micro_batch_size).prefetch(2),
-        data.shard(validation).batch(config.micro_batch_size),
-    )
+    return train_for_epoch, data.shard(validation).batch(config.micro_batch_size)
 
 
 def prepare_logdir(logdir: str) -> Path:
@@ -77,14 +84,20 @@ def prepare_logdir(logdir: str) -> Path:
     return path
 
 
-def describe_start(config: TrainConfig, updates_per_epoch, total: int, logdir: Path) -> str:
+def describe_start(config: TrainConfig, updates_per_epoch, total: int, logdir: Path,
+                   start: Position) -> str:
     workers = comm.num_workers()
+    resumed = (f"distaccum: resuming after update step {start.update_step} (epoch {start.epoch})"
+               if start.update_step else "distaccum: starting from scratch (no checkpoint)")
     return "\n".join([
         f"distaccum: num_workers {workers}, micro_batch_size {config.micro_batch_size}, "
         f"accumulation_steps {config.accumulation_steps}, global_batch_size "
         f"{workers * config.accumulation_steps * config.micro_batch_size}",
         f"distaccum: {updates_per_epoch} updates per epoch, {total} update steps in all",
         f"distaccum: TensorBoard logs in {logdir}, trained model to {logdir / 'model.keras'}",
+        f"distaccum: checkpoints in {logdir / 'checkpoints'} every {config.checkpoint_interval} "
+        f"update steps and on SIGTERM",
+        resumed,
     ])
 
 
@@ -98,16 +111,45 @@ def describe_end(result: JobResult) -> str:
     ])
 
 
+def _resume(trainer: Trainer, manager: CheckpointManager | None, settings: dict) -> Position:
+    """The chief loads the latest checkpoint; every worker then gets its state and position."""
+    position = Position()
+    if manager is not None:
+        restored = manager.restore_latest(_checkpointed_variables(trainer), settings)
+        if restored is not None:
+            position = restored.position
+    encoded = tf.constant([position.update_step, position.epoch, position.windows_done], tf.int64)
+    [encoded] = comm.current().broadcast_from_chief([encoded])
+    trainer.broadcast_from_chief()
+    return Position(*(int(v) for v in encoded.numpy()))
+
+
+def _checkpointed_variables(trainer: Trainer) -> list:
+    return list(trainer.model.variables) + list(trainer.optimizer.variables)
+
+
+def _resume_settings(config: TrainConfig) -> dict:
+    return {**config.to_dict(), "num_workers": comm.num_workers()}
+
+
 def run(config: TrainConfig, stream: TextIO | None = None) -> JobResult:
-    """Train as configured on every worker; the chief reports, logs and saves the model."""
+    """Train as configured on every worker, resuming from the latest checkpoint in the logdir;
+    the chief reports, logs, checkpoints and saves the model.
+
+    Raises:
+        TrainingInterrupted: SIGTERM; a checkpoint was saved at the update where all stopped.
+    """
     stream = stream or sys.stdout
     comm.init()
     chief = comm.is_chief()
     logdir = prepare_logdir(config.logdir) if chief else Path(config.logdir).resolve()
+    manager = CheckpointManager(logdir / "checkpoints", keep=config.keep_checkpoints)
+    if chief:
+        manager.check_writable()
     split = catalog.load_dataset(config.dataset)
     model = catalog.build_model(config.model, split.x_train.shape[1], config.seed)
-    train, validation = worker_datasets(config, split)
-    plan = data.agree_on_epoch_plan(train, config.accumulation_steps)
+    train_for_epoch, validation = worker_datasets(config, split)
+    plan = data.agree_on_epoch_plan(train_for_epoch(1), config.accumulation_steps)
     total = config.update_steps or config.epochs * plan.updates_per_epoch
     trainer = Trainer(
         model,
@@ -116,25 +158,42 @@ def run(config: TrainConfig, stream: TextIO | None = None) -> JobResult:
         accumulation_steps=config.accumulation_steps,
         clip_global_norm=config.clip_global_norm,
     )
-    trainer.prepare(train.element_spec)
+    trainer.prepare(train_for_epoch(1).element_spec)
+    settings = _resume_settings(config)
+    start = _resume(trainer, manager if chief else None, settings)
+
+    def save_checkpoint(position: Position) -> None:
+        if chief:
+            manager.save(position, _checkpointed_variables(trainer), settings)
+
     callbacks = []
     if chief:
-        print(describe_start(config, plan.updates_per_epoch, total, logdir), file=stream, flush=True)
-        writer = TensorBoardWriter(str(logdir), trainer.allreduce_per_update)
+        print(describe_start(config, plan.updates_per_epoch, total, logdir, start), file=stream,
+              flush=True)
+        writer = TensorBoardWriter(str(logdir), trainer.allreduce_per_update, start.update_step)
         writer.write_config(config.to_dict())
         callbacks = [ProgressReporter(total, stream), writer]
-    history = trainer.fit(
-        train,
+    controller = Controller(
+        trainer,
+        callbacks=callbacks,
+        options=CadenceOptions(
+            log_interval=config.log_interval,
+            checkpoint_interval=config.checkpoint_interval,
+            max_consecutive_skips=config.max_consecutive_skips,
+        ),
+        save_checkpoint=save_checkpoint,
+    )
+    history = controller.run(
+        train_for_epoch,
         epochs=config.epochs,
         update_steps=config.update_steps,
-        validation_data=validation,
-        callbacks=callbacks,
-        log_interval=config.log_interval,
+        validation_dataset=validation,
+        start=start,
     )
     result = JobResult(
-        update_steps=history.update_steps,
+        update_steps=start.update_step + history.update_steps,
         samples_per_second=history.samples / history.seconds if history.seconds else math.nan,
-        validation=history.validation[-1],
+        validation=history.validation[-1] if history.validation else {},
         model_path=logdir / "model.keras",
         logdir=logdir,
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
-from distaccum.controller import EpochRecord, IntervalRecord, UpdateRecord
+from distaccum.records import EpochRecord, IntervalRecord, UpdateRecord
 
 _BAR_WIDTH = 30
 

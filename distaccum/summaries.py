@@ -5,6 +5,7 @@ Tags (one glossary with the code and the docs):
     train/learning_rate             the rate the optimizer used for that update
     train/samples_per_second        all workers together, over the log interval
     train/gradient_global_norm      of the applied (reduced, normalised, unclipped) gradient
+    train/skipped_updates           cumulative updates skipped for NaN/Inf gradients
     communication/allreduce_tensors cumulative tensors allreduced by this worker
     communication/allreduce_bytes   cumulative bytes allreduced by this worker
     time/compute_seconds            micro-steps' wall time over the log interval
@@ -15,10 +16,15 @@ Tags (one glossary with the code and the docs):
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import tensorflow as tf
 import yaml
+from tensorboard.compat.proto import event_pb2
+from tensorboard.summary.writer.record_writer import RecordWriter
 
-from distaccum.controller import EpochRecord, IntervalRecord
+from distaccum.records import EpochRecord, IntervalRecord
 
 
 class TensorBoardWriter:
@@ -27,9 +33,14 @@ class TensorBoardWriter:
     Args:
         logdir: directory for the event files.
         allreduce_per_update: `(tensors, bytes)` one update allreduces (`Trainer.allreduce_per_update`).
+        resumed_from: the update step a resumed run restarts after (0 for a fresh run).
     """
 
-    def __init__(self, logdir: str, allreduce_per_update: tuple[int, int]) -> None:
+    def __init__(
+        self, logdir: str, allreduce_per_update: tuple[int, int], resumed_from: int = 0
+    ) -> None:
+        if resumed_from:
+            _mark_restart(Path(logdir), resumed_from)
         self._writer = tf.summary.create_file_writer(logdir)
         self._allreduce_tensors, self._allreduce_bytes = allreduce_per_update
 
@@ -44,6 +55,7 @@ class TensorBoardWriter:
             "train/learning_rate": record.learning_rate,
             "train/samples_per_second": record.samples_per_second,
             "train/gradient_global_norm": record.gradient_norm,
+            "train/skipped_updates": record.skipped_updates,
             "communication/allreduce_tensors": record.update_step * self._allreduce_tensors,
             "communication/allreduce_bytes": record.update_step * self._allreduce_bytes,
             "time/compute_seconds": record.compute_seconds,
@@ -62,3 +74,20 @@ class TensorBoardWriter:
 
     def close(self) -> None:
         self._writer.close()
+
+
+def _mark_restart(logdir: Path, update_step: int) -> None:
+    """Make TensorBoard drop what the interrupted run logged after its last checkpoint.
+
+    A `SessionLog.START` event at step S makes TensorBoard's reader purge earlier events with
+    step > S, so steps the resumed run logs again are not duplicated. Its file is named one second
+    in the past so it sorts (TensorBoard reads files in name order) before the new writer's file.
+    """
+    path = logdir / f"events.out.tfevents.{int(time.time()) - 1}.distaccum-restart-{update_step}"
+    with path.open("wb") as handle:
+        records = RecordWriter(handle)
+        records.write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2")
+                      .SerializeToString())
+        start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+        records.write(event_pb2.Event(wall_time=time.time(), step=update_step, session_log=start)
+                      .SerializeToString())

@@ -16,7 +16,7 @@ import keras
 import tensorflow as tf
 
 from distaccum import comm, data
-from distaccum.controller import Controller
+from distaccum.controller import CadenceOptions, Controller
 from distaccum.accumulate import (
     GradientAccumulator,
     as_sample_weights,
@@ -33,13 +33,18 @@ class UpdateResult:
         loss_sum: sum of weight × per-sample loss over the window's samples on all workers.
         weight_sum: sum of sample weights over the same samples.
         sample_count: number of those samples.
-        gradient_norm: global norm of the applied gradient, before clipping.
+        gradient_norm: global norm of the reduced gradient, before clipping.
+        skipped: true when the reduced gradient was not finite on some worker's window, so no
+            worker applied it (the decision is taken on reduced values: the same on every rank).
+        stop_votes: how many workers asked to stop after this update (e.g. on SIGTERM).
     """
 
     loss_sum: tf.Tensor
     weight_sum: tf.Tensor
     sample_count: tf.Tensor
     gradient_norm: tf.Tensor
+    skipped: tf.Tensor
+    stop_votes: tf.Tensor
 
     @property
     def loss(self) -> float:
@@ -128,14 +133,16 @@ class Trainer:
 
     @property
     def allreduce_per_update(self) -> tuple[int, int]:
-        """(tensors, bytes) one update step allreduces: gradient sums plus three statistics.
+        """(tensors, bytes) one update step allreduces: the gradient sums, three statistics and
+        the stop vote, all float32-sized.
 
         (0, 0) with one worker, where the single-process backend communicates nothing.
         """
         if self._accumulator is None or self.backend.num_workers() == 1:
             return 0, 0
         totals = self._accumulator.totals()
-        return len(totals), sum(int(tf.size(t)) * t.dtype.size for t in totals)
+        stop_vote_bytes = 4
+        return len(totals) + 1, sum(int(tf.size(t)) * t.dtype.size for t in totals) + stop_vote_bytes
 
     def learning_rate_at(self, update_step: int) -> float:
         """The learning rate the optimizer used for update `update_step` (1-based)."""
@@ -167,9 +174,14 @@ class Trainer:
         """Forward, backward and accumulate one micro-batch on this worker. No communication."""
         self._micro_step(x, y, sample_weight)
 
-    def update_step(self) -> UpdateResult:
-        """Reduce the window over workers, normalise, clip, apply; every worker calls it."""
-        return UpdateResult(*self._update_step())
+    def update_step(self, stop_vote: bool = False) -> UpdateResult:
+        """Reduce the window over workers, normalise, clip, apply; every worker calls it.
+
+        Args:
+            stop_vote: this worker wants training to stop after this update. The vote travels
+                in the same grouped allreduce, so all workers learn of it at the same update.
+        """
+        return UpdateResult(*self._update_step(tf.constant(float(stop_vote))))
 
     def _micro_step_body(self, x, y, sample_weight):
         variables = self.model.trainable_variables
@@ -182,20 +194,30 @@ class Trainer:
         gradients = tape.gradient(loss_sum, variables)
         self._accumulator.add(gradients, loss_sum, tf.reduce_sum(weights), tf.size(losses))
 
-    def _update_step_body(self):
-        # The only sync point of a window: gradient, loss and weight sums in one grouped allreduce.
-        totals = self.backend.sum_all(self._accumulator.totals())
+    def _update_step_body(self, stop_vote):
+        # The only sync point of a window: gradient, loss and weight sums (and the stop vote)
+        # in one grouped allreduce.
+        totals = self.backend.sum_all(self._accumulator.totals() + [stop_vote])
+        totals, stop_votes = totals[:-1], totals[-1]
         gradient_sums, (loss_sum, weight_sum, sample_count) = GradientAccumulator.split(totals)
         gradients = mean_gradients(gradient_sums, weight_sum)
         gradient_norm = tf.linalg.global_norm(gradients)
+        # Decided on reduced values, hence identically on every worker: no extra collective.
+        finite = tf.math.is_finite(gradient_norm) & tf.math.is_finite(loss_sum)
+        skipped = tf.logical_not(finite)
         if self.clip_global_norm is not None:
             gradients, _ = tf.clip_by_global_norm(
                 gradients, self.clip_global_norm, use_norm=gradient_norm
             )
-        # Keras's apply() adds 1 to optimizer.iterations: one per update, not per micro-step.
-        self.optimizer.apply(gradients, self.model.trainable_variables)
+
+        def apply():
+            # Keras's apply() adds 1 to optimizer.iterations: one per update, not per micro-step.
+            self.optimizer.apply(gradients, self.model.trainable_variables)
+            return skipped
+
+        skipped = tf.cond(finite, apply, lambda: skipped)
         self._accumulator.reset()
-        return loss_sum, weight_sum, sample_count, gradient_norm
+        return loss_sum, weight_sum, sample_count, gradient_norm, skipped, stop_votes
 
     def evaluate(self, dataset: tf.data.Dataset) -> dict[str, float]:
         """Sample-weighted mean loss over every worker's `dataset`; accuracy too for class ids.
@@ -253,6 +275,7 @@ class Trainer:
             A `History` with per-epoch global mean losses, validation metrics and counters.
         """
         data.check_micro_batch_spec(dataset)
-        return Controller(self, callbacks=callbacks, log_interval=log_interval).run(
+        options = CadenceOptions(log_interval=log_interval)
+        return Controller(self, callbacks=callbacks, options=options).run(
             dataset, epochs=epochs, update_steps=update_steps, validation_dataset=validation_data
         )

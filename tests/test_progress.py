@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from distaccum.controller import EpochRecord, IntervalRecord, UpdateRecord
+from distaccum.records import EpochRecord, IntervalRecord, UpdateRecord
 from distaccum.progress import ProgressReporter
 
 

@@ -61,7 +61,7 @@ def test_every_documented_tag_is_logged_at_update_steps(frozen_run):
     tags = set(events.Tags()["tensors"])
     expected = {
         "train/loss", "train/learning_rate", "train/samples_per_second",
-        "train/gradient_global_norm", "communication/allreduce_tensors",
+        "train/gradient_global_norm", "train/skipped_updates", "communication/allreduce_tensors",
         "communication/allreduce_bytes", "time/compute_seconds", "time/communication_seconds",
         "validation/loss", "validation/accuracy", "config",
     }
@@ -74,8 +74,9 @@ def test_every_documented_tag_is_logged_at_update_steps(frozen_run):
 def test_collective_counts_grow_one_group_per_update(frozen_run):
     _, events = frozen_run
     model = catalog.build_model("digits_mlp", 64, seed=0)
-    tensors_per_update = len(model.trainable_variables) + 3  # + loss sum, weight sum, sample count
-    bytes_per_update = 4 * (model.count_params() + 3)
+    # + loss sum, weight sum, sample count, stop vote
+    tensors_per_update = len(model.trainable_variables) + 4
+    bytes_per_update = 4 * (model.count_params() + 4)
     assert _scalars(events, "communication/allreduce_tensors") == {
         12: 12 * tensors_per_update, 24: 24 * tensors_per_update}
     assert _scalars(events, "communication/allreduce_bytes") == {

@@ -1,0 +1,158 @@
+"""Checkpoints at update boundaries: written atomically by the chief, verified when read.
+
+A checkpoint is a directory `update-<step>/` holding `state.npz` (every model variable, including
+the layers' random-generator states, then every optimizer variable, including its iteration
+counter) and `meta.json` (the `Position` in the data, the config, the worker count, and the
+SHA-256 of `state.npz`). It is written under a temporary name, flushed to disk and renamed, so a
+crash never leaves a half-written checkpoint under a real name; a damaged one (truncated, edited)
+fails its checksum and the previous checkpoint is used instead, with a warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from distaccum.records import Position
+
+FORMAT_VERSION = 1
+_PREFIX = "update-"
+# Changing these between a run and its resume would silently change what the windows are.
+RESUME_MUST_MATCH = ("dataset", "model", "optimizer", "micro_batch_size", "accumulation_steps",
+                     "seed", "num_workers")
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint, or one that does not belong to this run."""
+
+
+@dataclass(frozen=True)
+class Restored:
+    """What `restore_latest` loaded."""
+
+    path: Path
+    position: Position
+    settings: dict
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+class CheckpointManager:
+    """Owns one run's checkpoint directory: writing, keeping the last `keep`, and reading back.
+
+    Does not decide when to checkpoint (the Controller does) nor who writes (the chief only).
+    """
+
+    def __init__(self, directory: str | Path, keep: int = 3) -> None:
+        self.directory = Path(directory)
+        self.keep = keep
+
+    def check_writable(self) -> None:
+        """Fail before training, not at the first checkpoint an hour later."""
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            probe = self.directory / f".write-test-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as error:
+            raise CheckpointError(
+                f"checkpoint directory not writable ({error.strerror}). Received: {self.directory}"
+            ) from None
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        return sorted(p for p in self.directory.glob(f"{_PREFIX}*") if p.is_dir())
+
+    def save(self, position: Position, variables: list, settings: dict) -> Path:
+        """Write `variables` (model, then optimizer) and where training stands; keep the last few."""
+        final = self.directory / f"{_PREFIX}{position.update_step:09d}"
+        staging = self.directory / f".staging-{final.name}-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        state = staging / "state.npz"
+        with state.open("wb") as handle:
+            np.savez(handle, *[np.asarray(v.numpy()) for v in variables])
+        meta = {"format": FORMAT_VERSION, "position": asdict(position), "settings": settings,
+                "variables": len(variables), "sha256": _sha256(state)}
+        (staging / "meta.json").write_text(json.dumps(meta, indent=2))
+        for path in (state, staging / "meta.json", staging):
+            _fsync(path)
+        shutil.rmtree(final, ignore_errors=True)  # a re-run reaching the same step replaces it
+        os.replace(staging, final)
+        _fsync(self.directory)
+        for old in self.checkpoints()[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def restore_latest(self, variables: list, settings: dict) -> Restored | None:
+        """Load the newest readable checkpoint into `variables`; None when there is none.
+
+        Raises:
+            CheckpointError: checkpoints exist but none is readable, or the newest readable one
+                was written with settings this run does not share.
+        """
+        candidates = self.checkpoints()
+        problems = []
+        for path in reversed(candidates):
+            try:
+                restored = self._load(path, variables)
+            except (OSError, ValueError, KeyError) as error:
+                problems.append(f"{path.name}: {error}")
+                print(f"distaccum: warning: checkpoint {path} is unreadable ({error}); "
+                      "trying the previous one", file=sys.stderr)
+                continue
+            _check_settings(restored, settings)
+            return restored
+        if candidates:
+            raise CheckpointError(f"no readable checkpoint in {self.directory}: {'; '.join(problems)}")
+        return None
+
+    @staticmethod
+    def _load(path: Path, variables: list) -> Restored:
+        meta = json.loads((path / "meta.json").read_text())
+        if meta.get("format") != FORMAT_VERSION:
+            raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT_VERSION}")
+        if _sha256(path / "state.npz") != meta["sha256"]:
+            raise ValueError("state.npz does not match its checksum (truncated or modified)")
+        with np.load(path / "state.npz") as arrays:
+            values = [arrays[f"arr_{i}"] for i in range(meta["variables"])]
+        if len(values) != len(variables):
+            raise ValueError(f"{len(values)} variables saved, this model has {len(variables)}")
+        for variable, value in zip(variables, values):
+            if tuple(variable.shape) != value.shape:
+                raise ValueError(f"shape {value.shape} saved for {variable.path}, "
+                                 f"expected {tuple(variable.shape)}")
+        for variable, value in zip(variables, values):
+            variable.assign(value)
+        return Restored(path, Position(**meta["position"]), meta["settings"])
+
+
+def _check_settings(restored: Restored, settings: dict) -> None:
+    for key in RESUME_MUST_MATCH:
+        if key in settings and restored.settings.get(key) != settings[key]:
+            raise CheckpointError(
+                f"{key}: the checkpoint in {restored.path.parent} was written with "
+                f"{key}={restored.settings.get(key)!r}; resuming needs the same. Received: "
+                f"{key}={settings[key]!r} (use another logdir to start afresh)"
+            )

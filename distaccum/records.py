@@ -1,0 +1,144 @@
+"""What the training loop reports and where it stands: the records handed to callbacks, the
+`History` that `fit` returns, and the `Position` that checkpoints store.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import tensorflow as tf
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where training stands, at an update boundary: enough to resume exactly.
+
+    Attributes:
+        update_step: updates done so far (the TensorBoard x-axis).
+        epoch: 1-based epoch in progress.
+        windows_done: update windows of that epoch already done.
+    """
+
+    update_step: int = 0
+    epoch: int = 1
+    windows_done: int = 0
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped at an update boundary because a worker was asked to (SIGTERM).
+
+    Every worker raises it after the same update; the chief has saved a checkpoint there.
+    """
+
+    def __init__(self, position: Position, history: "History") -> None:
+        super().__init__(f"stopped by SIGTERM after update step {position.update_step}")
+        self.position = position
+        self.history = history
+
+
+class NonFiniteGradients(RuntimeError):
+    """Too many consecutive updates had NaN or Inf gradients to go on."""
+
+
+@dataclass(frozen=True)
+class UpdateRecord:
+    """Handed to `callback.on_update` after every update.
+
+    Attributes:
+        update_step: updates done so far in this `fit` (1 after the first).
+        epoch: 1-based epoch of this update.
+        micro_steps: micro-batches this worker ran in the window (0 when its data ran out).
+        result: the trainer's `UpdateResult` (global sums, as tensors).
+        compute_seconds: wall time of this worker's micro-steps in the window.
+        communication_seconds: wall time of the update step (allreduce, then apply).
+    """
+
+    update_step: int
+    epoch: int
+    micro_steps: int
+    result: object
+    compute_seconds: float
+    communication_seconds: float
+
+
+@dataclass(frozen=True)
+class IntervalRecord:
+    """Handed to `callback.on_log` every `log_interval` updates (and after the last update).
+
+    Loss is the sample-weighted mean over every sample of the interval on every worker.
+    """
+
+    update_step: int
+    total_update_steps: int
+    epoch: int
+    loss: float
+    samples: int
+    samples_per_second: float
+    gradient_norm: float
+    learning_rate: float
+    compute_seconds: float
+    communication_seconds: float
+    skipped_updates: int = 0
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    """Handed to `callback.on_epoch_end`.
+
+    Attributes:
+        loss: sample-weighted mean training loss of the epoch over all workers.
+        validation: `{"loss": ..., "accuracy": ...}` over the whole validation set of all workers,
+            or empty without validation data.
+    """
+
+    epoch: int
+    update_step: int
+    loss: float
+    samples: int
+    validation: dict = field(default_factory=dict)
+
+
+@dataclass
+class History:
+    """What `fit` returns.
+
+    Attributes:
+        loss: per epoch, the sample-weighted mean training loss over all workers.
+        validation: per epoch, the validation metrics (empty dicts without validation data).
+        update_steps: update steps (windows) run; `skipped_updates` of them were not applied
+            because their gradient was not finite.
+        samples: samples seen by all workers together.
+        seconds: wall time of the loop.
+    """
+
+    loss: list[float] = field(default_factory=list)
+    validation: list[dict] = field(default_factory=list)
+    update_steps: int = 0
+    skipped_updates: int = 0
+    samples: int = 0
+    seconds: float = 0.0
+
+    @property
+    def history(self) -> dict[str, list[float]]:
+        """Keras-style view: `{"loss": [...], "val_loss": [...], ...}`."""
+        view = {"loss": list(self.loss)}
+        for metrics in self.validation:
+            for name, value in metrics.items():
+                view.setdefault(f"val_{name}", []).append(value)
+        return view
+
+
+def weighted_totals(results: Sequence) -> tuple[float, float, int]:
+    """(weighted loss sum, weight sum, sample count) over `UpdateResult`s, read once."""
+    if not results:
+        return 0.0, 0.0, 0
+    loss_sum, weight_sum, samples = (
+        float(tf.add_n([getattr(r, name) for r in results]))
+        for name in ("loss_sum", "weight_sum", "sample_count")
+    )
+    return loss_sum, weight_sum, int(samples)
+
+
+def weighted_mean(loss_sum: float, weight_sum: float) -> float:
+    return loss_sum / weight_sum if weight_sum else 0.0
