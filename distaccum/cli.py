@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"distaccum: {stop}; checkpoint saved in {config.logdir}/checkpoints; run the "
                   "same command again to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except comm.WorkerLost as error:
+        print(f"distaccum: error: {error}", file=sys.stderr)
+        return EXIT_FAILED
     except Exception as error:  # one clear line instead of a traceback on every rank
         if os.environ.get("DISTACCUM_DEBUG"):
             raise

@@ -11,8 +11,9 @@ on plain tensors (Horovod's Keras and optimizer wrappers do not work with Keras 
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Protocol, Sequence
+from typing import Iterator, Protocol, Sequence
 
 import tensorflow as tf
 
@@ -20,6 +21,25 @@ from distaccum import devices
 
 _LAUNCHER_VARIABLES = ("HOROVOD_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_RANK", "PMIX_RANK")
 _BACKEND_VARIABLE = "DISTACCUM_BACKEND"
+
+
+class WorkerLost(RuntimeError):
+    """A collective failed: another worker is gone (its process died, was killed, or its network
+    failed). Raised on the surviving workers so they stop instead of waiting forever."""
+
+
+@contextlib.contextmanager
+def collective(what: str) -> Iterator[None]:
+    """Turn a failed Horovod collective inside `what` into one clear `WorkerLost`."""
+    try:
+        yield
+    except tf.errors.OpError as error:
+        if "horovod" not in str(error).lower():
+            raise
+        raise WorkerLost(
+            f"rank {rank()} lost contact with another worker during {what} (a worker process "
+            "died, was killed, or its network failed); stopping"
+        ) from None
 
 
 class Backend(Protocol):

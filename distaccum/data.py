@@ -91,7 +91,8 @@ def agree_on_epoch_plan(dataset: tf.data.Dataset, accumulation_steps: int) -> Ep
     """
     local = count_micro_batches(dataset)
     encoded = -1 if local == INFINITE else local
-    extremes = comm.current().max_all(tf.constant([encoded, -encoded], dtype=tf.int64))
+    with comm.collective("the start-up agreement on updates per epoch"):
+        extremes = comm.current().max_all(tf.constant([encoded, -encoded], dtype=tf.int64))
     largest, smallest = int(extremes[0]), -int(extremes[1])
     if smallest == -1 and largest != -1:
         raise ValueError(

@@ -17,7 +17,7 @@ import keras
 import tensorflow as tf
 
 from distaccum import catalog, comm, data
-from distaccum.checkpoint import CheckpointManager
+from distaccum.checkpoint import CheckpointError, CheckpointManager
 from distaccum.config import ConfigError, TrainConfig
 from distaccum.controller import CadenceOptions, Controller
 from distaccum.progress import ProgressReporter
@@ -145,7 +145,10 @@ def run(config: TrainConfig, stream: TextIO | None = None) -> JobResult:
     logdir = prepare_logdir(config.logdir) if chief else Path(config.logdir).resolve()
     manager = CheckpointManager(logdir / "checkpoints", keep=config.keep_checkpoints)
     if chief:
-        manager.check_writable()
+        try:
+            manager.check_writable()
+        except CheckpointError as error:
+            raise ConfigError(f"logdir: {error}. Received: logdir={config.logdir!r}") from None
     split = catalog.load_dataset(config.dataset)
     model = catalog.build_model(config.model, split.x_train.shape[1], config.seed)
     train_for_epoch, validation = worker_datasets(config, split)

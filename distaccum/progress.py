@@ -2,6 +2,8 @@
 
 On a terminal the bar is redrawn after every update; when stdout is a file or a pipe (CI,
 Kubernetes logs) one line is printed every `log_interval` updates instead, so logs stay readable.
+Under a launcher the lines are used too: mpirun hands ranks a pseudo-terminal even when its own
+output goes to a file.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
+from distaccum import comm
 from distaccum.records import EpochRecord, IntervalRecord, UpdateRecord
 
 _BAR_WIDTH = 30
@@ -22,7 +25,9 @@ class ProgressReporter:
     ) -> None:
         self._total = total_update_steps
         self._stream = stream or sys.stdout
-        self._interactive = self._stream.isatty() if interactive is None else interactive
+        if interactive is None:
+            interactive = self._stream.isatty() and not comm.launched_by_launcher()
+        self._interactive = interactive
         self._last: IntervalRecord | None = None
 
     def on_update(self, record: UpdateRecord) -> None:

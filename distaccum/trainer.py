@@ -166,7 +166,8 @@ class Trainer:
     def broadcast_from_chief(self) -> None:
         """Overwrite model and optimizer state with rank 0's."""
         state = list(self.model.variables) + list(self.optimizer.variables)
-        values = self.backend.broadcast_from_chief([v.value for v in state])
+        with comm.collective("the start-up broadcast"):
+            values = self.backend.broadcast_from_chief([v.value for v in state])
         for variable, value in zip(state, values):
             variable.assign(value)
 
@@ -181,7 +182,8 @@ class Trainer:
             stop_vote: this worker wants training to stop after this update. The vote travels
                 in the same grouped allreduce, so all workers learn of it at the same update.
         """
-        return UpdateResult(*self._update_step(tf.constant(float(stop_vote))))
+        with comm.collective("the update step's allreduce"):
+            return UpdateResult(*self._update_step(tf.constant(float(stop_vote))))
 
     def _micro_step_body(self, x, y, sample_weight):
         variables = self.model.trainable_variables
@@ -228,9 +230,9 @@ class Trainer:
         totals = tf.zeros([4])
         for micro_batch in dataset:
             totals += self._evaluation_step(*data.unpack(micro_batch))
-        loss_sum, weight_sum, correct, samples = (
-            float(t) for t in self.backend.sum_all([totals])[0]
-        )
+        with comm.collective("validation"):
+            [totals] = self.backend.sum_all([totals])
+        loss_sum, weight_sum, correct, _ = (float(t) for t in totals)
         metrics = {"loss": loss_sum / weight_sum if weight_sum else 0.0}
         if dataset.element_spec[1].dtype.is_integer:
             metrics["accuracy"] = correct / weight_sum if weight_sum else 0.0
@@ -259,6 +261,7 @@ class Trainer:
         validation_data: tf.data.Dataset | None = None,
         callbacks: Sequence = (),
         log_interval: int = 10,
+        max_consecutive_skips: int = 5,
     ):
         """Train on this worker's dataset of micro-batches.
 
@@ -270,12 +273,16 @@ class Trainer:
             validation_data: this worker's share of the validation set, evaluated every epoch.
             callbacks: objects with any of `on_update`, `on_log`, `on_epoch_end` (see `Controller`).
             log_interval: update steps between `on_log` calls.
+            max_consecutive_skips: updates in a row whose reduced gradient is NaN or Inf (each is
+                skipped by every worker) before training fails with `NonFiniteGradients`.
 
         Returns:
             A `History` with per-epoch global mean losses, validation metrics and counters.
         """
         data.check_micro_batch_spec(dataset)
-        options = CadenceOptions(log_interval=log_interval)
+        options = CadenceOptions(
+            log_interval=log_interval, max_consecutive_skips=max_consecutive_skips
+        )
         return Controller(self, callbacks=callbacks, options=options).run(
             dataset, epochs=epochs, update_steps=update_steps, validation_dataset=validation_data
         )

@@ -22,11 +22,17 @@ parser.add_argument("--accumulation-steps", type=int, required=True)
 parser.add_argument("--epochs", type=int, default=2)
 parser.add_argument("--optimizer", default="sgd")
 parser.add_argument("--out", required=True)
+parser.add_argument("--nan-rank", type=int, default=-1, help="rank whose data gets a NaN")
+parser.add_argument("--nan-micro-batches", default="", help="comma-separated micro-batch indices")
+parser.add_argument("--max-consecutive-skips", type=int, default=5)
 args = parser.parse_args()
 
 distaccum.init()
 rank = distaccum.rank()
 x, y, w = scenarios.make_shard(rank, scenarios.SHARD_SIZES[rank])
+if rank == args.nan_rank:
+    for index in map(int, args.nan_micro_batches.split(",")):
+        x[index * scenarios.MICRO_BATCH_SIZE, 0] = np.nan
 # A different initialisation on every rank: training must start from rank 0's weights anyway.
 model = scenarios.make_model(seed=7 + rank)
 trainer = distaccum.Trainer(
@@ -35,7 +41,25 @@ trainer = distaccum.Trainer(
     loss=keras.losses.MeanSquaredError(),
     accumulation_steps=args.accumulation_steps,
 )
-history = trainer.fit(scenarios.as_dataset(x, y, w), epochs=args.epochs)
+skipped_steps = []
+
+
+class RecordSkips:
+    def on_update(self, record):
+        if bool(record.result.skipped):
+            skipped_steps.append(record.update_step)
+
+
+try:
+    history = trainer.fit(
+        scenarios.as_dataset(x, y, w),
+        epochs=args.epochs,
+        callbacks=[RecordSkips()],
+        max_consecutive_skips=args.max_consecutive_skips,
+    )
+except distaccum.NonFiniteGradients as error:
+    print(f"rank {rank}: {error}", file=sys.stderr)
+    sys.exit(3)
 np.savez(
     os.path.join(args.out, f"rank{rank}.npz"),
     *scenarios.weights_of(model),
@@ -43,4 +67,5 @@ np.savez(
     num_workers=distaccum.num_workers(),
     loss=np.array(history.loss),
     micro_step_traces=trainer.micro_step_traces,
+    skipped_steps=np.array(skipped_steps, dtype=int),
 )

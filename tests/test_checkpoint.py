@@ -1,0 +1,99 @@
+"""Checkpoints: atomic, verified, the last few kept, damaged ones refused or skipped with a warning."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+import scenarios
+from distaccum.checkpoint import CheckpointError, CheckpointManager
+from distaccum.records import Position
+
+SETTINGS = {"accumulation_steps": 2, "micro_batch_size": 4, "num_workers": 1, "seed": 0}
+
+
+def _state(seed: int = 7):
+    model = scenarios.make_model(seed)
+    optimizer = keras.optimizers.Adam(0.01)
+    optimizer.build(model.trainable_variables)
+    optimizer.iterations.assign(seed)
+    return list(model.variables) + list(optimizer.variables)
+
+
+def _values(variables) -> list[np.ndarray]:
+    return [np.array(v.numpy()) for v in variables]
+
+
+def test_restore_gives_back_bitwise_state_and_position_when_saved(tmp_path):
+    manager = CheckpointManager(tmp_path)
+    saved = _state(seed=7)
+    manager.save(Position(12, 2, 3), saved, SETTINGS)
+    target = _state(seed=8)
+    restored = manager.restore_latest(target, SETTINGS)
+    assert restored.position == Position(12, 2, 3)
+    for got, expected in zip(_values(target), _values(saved)):
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_only_last_checkpoints_are_kept_when_saving_many(tmp_path):
+    manager = CheckpointManager(tmp_path, keep=3)
+    variables = _state()
+    for step in (5, 10, 15, 20, 25):
+        manager.save(Position(step, 1, step), variables, SETTINGS)
+    assert [p.name for p in manager.checkpoints()] == [
+        "update-000000015", "update-000000020", "update-000000025"]
+    assert not list(tmp_path.glob(".staging-*"))
+
+
+def test_restore_returns_none_when_directory_is_empty(tmp_path):
+    assert CheckpointManager(tmp_path).restore_latest(_state(), SETTINGS) is None
+
+
+def test_truncated_latest_falls_back_to_previous_with_warning(tmp_path, capsys):
+    manager = CheckpointManager(tmp_path)
+    older, newer = _state(seed=7), _state(seed=9)
+    manager.save(Position(5, 1, 5), older, SETTINGS)
+    latest = manager.save(Position(10, 1, 10), newer, SETTINGS)
+    state = latest / "state.npz"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    target = _state(seed=8)
+    restored = manager.restore_latest(target, SETTINGS)
+    assert restored.position.update_step == 5
+    for got, expected in zip(_values(target), _values(older)):
+        np.testing.assert_array_equal(got, expected)
+    warning = capsys.readouterr().err
+    assert "update-000000010" in warning and "checksum" in warning
+
+
+def test_restore_refuses_when_every_checkpoint_is_damaged(tmp_path):
+    manager = CheckpointManager(tmp_path)
+    latest = manager.save(Position(5, 1, 5), _state(), SETTINGS)
+    (latest / "meta.json").write_text("{ not json")
+    target = _state(seed=8)
+    before = _values(target)
+    with pytest.raises(CheckpointError, match="no readable checkpoint"):
+        manager.restore_latest(target, SETTINGS)
+    for got, expected in zip(_values(target), before):  # nothing half-assigned
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_restore_refuses_checkpoint_of_other_accumulation_steps(tmp_path):
+    manager = CheckpointManager(tmp_path)
+    manager.save(Position(5, 1, 5), _state(), SETTINGS)
+    with pytest.raises(CheckpointError, match="accumulation_steps=2.*Received: accumulation_steps=4"):
+        manager.restore_latest(_state(), {**SETTINGS, "accumulation_steps": 4})
+
+
+def test_restore_refuses_checkpoint_of_other_model_shape(tmp_path, capsys):
+    manager = CheckpointManager(tmp_path)
+    manager.save(Position(5, 1, 5), _state()[:-1], SETTINGS)
+    with pytest.raises(CheckpointError, match="variables saved"):
+        manager.restore_latest(_state(), SETTINGS)
+
+
+def test_check_writable_names_directory_when_it_is_a_file(tmp_path):
+    blocker = tmp_path / "checkpoints"
+    blocker.write_text("")
+    with pytest.raises(CheckpointError, match="not writable.*checkpoints"):
+        CheckpointManager(blocker).check_writable()
