@@ -11,7 +11,7 @@ Tags (one glossary with the code and the docs):
     time/compute_seconds            micro-steps' wall time over the log interval
     time/communication_seconds      update steps' wall time (allreduce, then apply) over it
     validation/loss, validation/accuracy   every epoch, over every worker's validation share
-    config                          the run's configuration as YAML text, once
+    config                          the configuration as YAML text, once per (resumed) session
 """
 
 from __future__ import annotations
@@ -39,14 +39,15 @@ class TensorBoardWriter:
     def __init__(
         self, logdir: str, allreduce_per_update: tuple[int, int], resumed_from: int = 0
     ) -> None:
-        if resumed_from:
-            _mark_restart(Path(logdir), resumed_from)
+        _mark_session_start(Path(logdir), resumed_from + 1)
+        self._first_step = resumed_from
         self._writer = tf.summary.create_file_writer(logdir)
         self._allreduce_tensors, self._allreduce_bytes = allreduce_per_update
 
     def write_config(self, config: dict) -> None:
         with self._writer.as_default():
-            tf.summary.text("config", yaml.safe_dump(config, sort_keys=False), step=0)
+            # At the session's first step: a resumed run may have changed, say, epochs.
+            tf.summary.text("config", yaml.safe_dump(config, sort_keys=False), step=self._first_step)
         self._writer.flush()
 
     def on_log(self, record: IntervalRecord) -> None:
@@ -76,18 +77,19 @@ class TensorBoardWriter:
         self._writer.close()
 
 
-def _mark_restart(logdir: Path, update_step: int) -> None:
-    """Make TensorBoard drop what the interrupted run logged after its last checkpoint.
+def _mark_session_start(logdir: Path, first_step: int) -> None:
+    """Make TensorBoard drop what an interrupted run logged after its last checkpoint.
 
-    A `SessionLog.START` event at step S makes TensorBoard's reader purge earlier events with
-    step > S, so steps the resumed run logs again are not duplicated. Its file is named one second
-    in the past so it sorts (TensorBoard reads files in name order) before the new writer's file.
+    TensorBoard's reader treats every `SessionLog.START` after the first as a restart and purges
+    earlier events with step >= its step, so steps a resumed run logs again are not duplicated.
+    Its file is named one second in the past so it sorts (TensorBoard reads files in name order)
+    before this session's event file and after the interrupted session's.
     """
-    path = logdir / f"events.out.tfevents.{int(time.time()) - 1}.distaccum-restart-{update_step}"
+    path = logdir / f"events.out.tfevents.{int(time.time()) - 1}.distaccum-start-{first_step}"
     with path.open("wb") as handle:
         records = RecordWriter(handle)
         records.write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2")
                       .SerializeToString())
         start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
-        records.write(event_pb2.Event(wall_time=time.time(), step=update_step, session_log=start)
+        records.write(event_pb2.Event(wall_time=time.time(), step=first_step, session_log=start)
                       .SerializeToString())

@@ -30,9 +30,11 @@ esac
 
 bash "$repo_root/launch/setup.sh"
 export PATH="$repo_root/.venv/bin:$PATH"
+forwarded=(-x PATH)
 if [ "$(id -u)" = 0 ]; then
-  # Open MPI refuses to start as root without both.
+  # Open MPI refuses to start as root without both (on every host, hence forwarded too).
   export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+  forwarded+=(-x OMPI_ALLOW_RUN_AS_ROOT -x OMPI_ALLOW_RUN_AS_ROOT_CONFIRM)
 fi
 train=("$repo_root/.venv/bin/distaccum" train)
 
@@ -41,6 +43,5 @@ case "$mode" in
   gloo) exec horovodrun --gloo -np "$num_workers" "${train[@]}" "$@" ;;
   mpi) exec mpirun -np "$num_workers" "${train[@]}" "$@" ;;
   horovodrun-mpi) exec horovodrun --mpi -np "$num_workers" "${train[@]}" "$@" ;;
-  hostfile) exec mpirun --hostfile "$hostfile" -np "$num_workers" -x PATH -x OMPI_ALLOW_RUN_AS_ROOT \
-    -x OMPI_ALLOW_RUN_AS_ROOT_CONFIRM "${train[@]}" "$@" ;;
+  hostfile) exec mpirun --hostfile "$hostfile" -np "$num_workers" "${forwarded[@]}" "${train[@]}" "$@" ;;
 esac

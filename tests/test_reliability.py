@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.backend.event_processing import plugin_event_accumulator
 
 from conftest import MPI_ROOT_VARIABLES, REPO_ROOT, VENV_BIN, WORKERS_DIR, launcher_command, run_script
 
@@ -116,8 +116,8 @@ def test_resumed_run_equals_uninterrupted_run_when_sigterm_twice(tmp_path):
     for got, expected in zip(resumed_state, reference_state):
         np.testing.assert_array_equal(got, expected)
 
-    events = event_accumulator.EventAccumulator(
-        str(resumed), size_guidance={event_accumulator.TENSORS: 0})
+    events = plugin_event_accumulator.EventAccumulator(
+        str(resumed), size_guidance={plugin_event_accumulator.TENSORS: 0})
     events.Reload()
     steps = [e.step for e in events.Tensors("train/loss")]
     assert len(steps) == len(set(steps)), f"duplicate steps: {steps}"

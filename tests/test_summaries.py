@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.backend.event_processing import event_accumulator, plugin_event_accumulator
 from tensorboard.util import tensor_util
 
 from conftest import REPO_ROOT, run_script
@@ -88,3 +88,26 @@ def test_config_is_logged_once_as_text(frozen_run):
     [config] = events.Tensors("config")
     text = config.tensor_proto.string_val[0].decode()
     assert config.step == 0 and "accumulation_steps: 2" in text and "learning_rate: 0" in text
+
+
+def test_resumed_writer_hides_steps_logged_after_checkpoint(tmp_path):
+    import time
+
+    from distaccum.records import IntervalRecord
+    from distaccum.summaries import TensorBoardWriter
+
+    def log(writer, steps, loss):
+        for step in steps:
+            writer.on_log(IntervalRecord(step, 10, 1, loss, 1, 1.0, 1.0, 0.1, 0.1, 0.1))
+        writer.close()
+
+    log(TensorBoardWriter(str(tmp_path), (0, 0)), range(1, 9), loss=1.0)  # crashed after step 8
+    time.sleep(2)  # a restart comes later than the crash: event files sort by creation second
+    log(TensorBoardWriter(str(tmp_path), (0, 0), resumed_from=5), range(6, 11), loss=2.0)
+    # The accumulator TensorBoard's server uses (the older one never purges tensor data).
+    events = plugin_event_accumulator.EventAccumulator(
+        str(tmp_path), size_guidance={plugin_event_accumulator.TENSORS: 0})
+    events.Reload()
+    logged = [(e.step, tensor_util.make_ndarray(e.tensor_proto).item())
+              for e in events.Tensors("train/loss")]
+    assert logged == [(s, 1.0) for s in range(1, 6)] + [(s, 2.0) for s in range(6, 11)]
