@@ -6,7 +6,6 @@ accumulation, writes TensorBoard logs and the trained model (chief only), and re
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 from dataclasses import dataclass
@@ -71,6 +70,17 @@ def worker_datasets(config: TrainConfig, split: catalog.Split):
     return train_for_epoch, data.shard(validation).batch(config.micro_batch_size)
 
 
+def build_trainer(config: TrainConfig, split: catalog.Split, total_update_steps: int) -> Trainer:
+    """The bundled model and the configured optimizer, trained on class logits."""
+    return Trainer(
+        catalog.build_model(config.model, split.x_train.shape[1], config.seed),
+        build_optimizer(config, total_update_steps),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        accumulation_steps=config.accumulation_steps,
+        clip_global_norm=config.clip_global_norm,
+    )
+
+
 def prepare_logdir(logdir: str) -> Path:
     """Create the log directory (chief) and check it is writable before any training."""
     path = Path(logdir).resolve()
@@ -115,17 +125,14 @@ def _resume(trainer: Trainer, manager: CheckpointManager | None, settings: dict)
     """The chief loads the latest checkpoint; every worker then gets its state and position."""
     position = Position()
     if manager is not None:
-        restored = manager.restore_latest(_checkpointed_variables(trainer), settings)
+        restored = manager.restore_latest(trainer.state_variables, settings)
         if restored is not None:
             position = restored.position
     encoded = tf.constant([position.update_step, position.epoch, position.windows_done], tf.int64)
-    [encoded] = comm.current().broadcast_from_chief([encoded])
+    with comm.collective("the start-up broadcast"):
+        [encoded] = comm.current().broadcast_from_chief([encoded])
     trainer.broadcast_from_chief()
     return Position(*(int(v) for v in encoded.numpy()))
-
-
-def _checkpointed_variables(trainer: Trainer) -> list:
-    return list(trainer.model.variables) + list(trainer.optimizer.variables)
 
 
 def _resume_settings(config: TrainConfig) -> dict:
@@ -150,24 +157,17 @@ def run(config: TrainConfig, stream: TextIO | None = None) -> JobResult:
         except CheckpointError as error:
             raise ConfigError(f"logdir: {error}. Received: logdir={config.logdir!r}") from None
     split = catalog.load_dataset(config.dataset)
-    model = catalog.build_model(config.model, split.x_train.shape[1], config.seed)
     train_for_epoch, validation = worker_datasets(config, split)
     plan = data.agree_on_epoch_plan(train_for_epoch(1), config.accumulation_steps)
     total = config.update_steps or config.epochs * plan.updates_per_epoch
-    trainer = Trainer(
-        model,
-        build_optimizer(config, total),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        accumulation_steps=config.accumulation_steps,
-        clip_global_norm=config.clip_global_norm,
-    )
+    trainer = build_trainer(config, split, total)
     trainer.prepare(train_for_epoch(1).element_spec)
     settings = _resume_settings(config)
     start = _resume(trainer, manager if chief else None, settings)
 
     def save_checkpoint(position: Position) -> None:
         if chief:
-            manager.save(position, _checkpointed_variables(trainer), settings)
+            manager.save(position, trainer.state_variables, settings)
 
     callbacks = []
     if chief:
@@ -195,13 +195,14 @@ def run(config: TrainConfig, stream: TextIO | None = None) -> JobResult:
     )
     result = JobResult(
         update_steps=start.update_step + history.update_steps,
-        samples_per_second=history.samples / history.seconds if history.seconds else math.nan,
-        validation=history.validation[-1] if history.validation else {},
+        samples_per_second=history.samples / history.seconds if history.update_steps else 0.0,
+        # A run found already complete still reports its model's validation metrics.
+        validation=history.validation[-1] if history.validation else trainer.evaluate(validation),
         model_path=logdir / "model.keras",
         logdir=logdir,
     )
     if chief:
         writer.close()
-        model.save(result.model_path)
+        trainer.model.save(result.model_path)
         print(describe_end(result), file=stream, flush=True)
     return result

@@ -163,9 +163,15 @@ class Trainer:
         self.optimizer.build(variables)
         self.broadcast_from_chief()
 
+    @property
+    def state_variables(self) -> list:
+        """Everything training changes: model variables (weights, layers' RNG states, statistics)
+        and optimizer variables (`iterations`, moments). What workers share and checkpoints hold."""
+        return list(self.model.variables) + list(self.optimizer.variables)
+
     def broadcast_from_chief(self) -> None:
         """Overwrite model and optimizer state with rank 0's."""
-        state = list(self.model.variables) + list(self.optimizer.variables)
+        state = self.state_variables
         with comm.collective("the start-up broadcast"):
             values = self.backend.broadcast_from_chief([v.value for v in state])
         for variable, value in zip(state, values):
