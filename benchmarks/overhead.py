@@ -1,0 +1,83 @@
+"""Figure 3, overhead: distaccum's micro-step vs Keras 3's own compiled training step.
+
+One process, one intra-op thread, the synthetic ≈2.1 M-parameter MLP and one fixed micro-batch of
+32 samples (so the input pipeline plays no part). Keras runs `train_on_batch` and `fit` on a
+repeating dataset of that batch; the faster of the two is the reference. distaccum runs its
+micro-step alone (the target's figure), and, for context, whole windows of micro-steps plus the
+update step at k = 1 and k = 8. In every repeat each runner trains the same number of micro-batches
+in turn, so each repeat's ratios compare runs made moments apart.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import common
+
+KERAS_RUNNERS = {"keras_train_on_batch": "Keras `train_on_batch`", "keras_fit": "Keras `fit`"}
+DISTACCUM_RUNNERS = {
+    "micro_step": "distaccum micro-step",
+    "window_k1": "distaccum k=1 window (micro-step + update step)",
+    "window_k8": "distaccum k=8 window (8 micro-steps + update step)",
+}
+TARGET = 0.95
+FULL_STEPS = 160  # micro-batches per timed run: about a second each
+SMOKE_STEPS = 8
+
+
+def measure(repeats: int, steps: int) -> list[dict]:
+    with common.work_directory("overhead") as work:
+        command = common.worker_command("overhead", "--repeats", repeats, "--steps", steps,
+                                        "--out", work)
+        common.run_command(command, work / "worker.log", timeout=900)
+        return common.read_json(work / common.CHIEF_RESULT)
+
+
+def summarize(measurements: list[dict]) -> tuple[dict, dict]:
+    """Samples/s per runner, and per distaccum runner its ratio to the faster Keras runner of
+    the same repeat."""
+    by_repeat = defaultdict(dict)
+    for m in measurements:
+        by_repeat[m["repeat"]][m["method"]] = m["samples_per_second"]
+    runs = list(by_repeat.values())
+    rates = {name: common.summarize(run[name] for run in runs)
+             for name in {**KERAS_RUNNERS, **DISTACCUM_RUNNERS}}
+    ratios = {name: common.summarize(run[name] / max(run[k] for k in KERAS_RUNNERS)
+                                     for run in runs)
+              for name in DISTACCUM_RUNNERS}
+    return rates, ratios
+
+
+def table(rates: dict, ratios: dict) -> str:
+    rows = [[label, rates[name].format(), ratios[name].format(3) if name in ratios else "—"]
+            for name, label in {**KERAS_RUNNERS, **DISTACCUM_RUNNERS}.items()]
+    return common.markdown_table(
+        ["runner (one process, micro-batch 32)", "samples/s", "÷ faster Keras runner"], rows)
+
+
+def plot(rates: dict) -> dict:
+    labels = {**KERAS_RUNNERS, **DISTACCUM_RUNNERS}
+    bars = [{"label": labels[name].replace("`", "").split(" (")[0], **rates[name].as_dict()}
+            for name in labels]
+    return {"kind": "bars", "title": "3. Overhead, one process", "ylabel": "samples/s",
+            "bars": bars}
+
+
+def main() -> None:
+    args = common.parse_arguments(__doc__, default_repeats=5)
+    rates, ratios = summarize(measure(args.repeats, SMOKE_STEPS if args.smoke else FULL_STEPS))
+    micro = ratios["micro_step"]
+    common.emit({
+        "figure": "overhead", "smoke": args.smoke,
+        "title": "3. Overhead: distaccum's micro-step vs Keras's training step",
+        "how": __doc__.split("\n\n", 1)[1].strip(),
+        "table": table(rates, ratios),
+        "checks": [common.check("overhead: distaccum micro-step ÷ Keras training step",
+                                f"≥ {TARGET}", micro.format(3),
+                                None if args.smoke else micro.median >= TARGET)],
+        "plots": [plot(rates)],
+    }, args.json)
+
+
+if __name__ == "__main__":
+    common.run_main("overhead", main)

@@ -1,0 +1,193 @@
+"""Figure 2, throughput on a slow link: distaccum vs allreducing each micro-batch vs none at all.
+
+Two workers (one intra-op thread each) inside a network namespace whose loopback passes through
+one `tbf` qdisc (MTU 9000, burst 4 Mbit; both directions share it, so the link is half-duplex), at
+100 Mbit/s and at 1 Gbit/s; the synthetic ≈2.1 M-parameter MLP (8.4 MB of gradients), micro-batch
+32. In every repeat and for every k the same two processes run, one after the other: distaccum;
+(a) a hand-written Horovod loop that allreduces every micro-batch's gradients; (b) distaccum with
+the allreduce replaced by the identity, the compute limit. Ratios are taken within each repeat.
+Needs root for `ip netns`; `--smoke` runs on the unlimited host loopback instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from collections import defaultdict
+
+import common
+from common import ALLREDUCE_EVERY_MICRO_BATCH, DISTACCUM, NO_COMMUNICATION
+
+LINKS = (("100 Mbit/s", "100mbit"), ("1 Gbit/s", "1gbit"))
+SMOKE_LINK = "host loopback, no limit (smoke)"
+METHOD_LABELS = {
+    DISTACCUM: "distaccum",
+    ALLREDUCE_EVERY_MICRO_BATCH: "(a) allreduce every micro-batch",
+    NO_COMMUNICATION: "(b) no communication",
+}
+# Micro-batches per timed run, and the fewest updates a distaccum run may have (see workers.py).
+FULL_SETTINGS = {"accumulation_steps": (1, 2, 4, 8, 16), "micro_batches": 16, "min_updates": 3}
+# One k is enough to prove the script runs; every k costs two more traced trainers.
+SMOKE_SETTINGS = {"accumulation_steps": (2,), "micro_batches": 2, "min_updates": 1}
+TARGET_SLOW_OVER_A = ("100 Mbit/s", 0.9)  # distaccum ÷ (a) ≥ 0.9 × k at every k
+TARGET_FAST_OVER_B = ("1 Gbit/s", 16, 0.75)  # distaccum ÷ (b) ≥ 0.75 at k = 16
+
+
+class NamespaceUnavailable(common.BenchmarkError):
+    """The rate-limited namespace cannot be made here (not root, no `ip`, no netns support)."""
+
+
+def run_setup_command(command: list[str]) -> None:
+    try:
+        completed = subprocess.run(command, capture_output=True, text=True)
+    except OSError as error:
+        raise NamespaceUnavailable(f"`{command[0]}` cannot run: {error.strerror}") from error
+    if completed.returncode != 0:
+        raise NamespaceUnavailable(f"`{' '.join(command)}` failed: {completed.stderr.strip()}")
+
+
+@contextlib.contextmanager
+def rate_limited_namespace(rate: str):
+    """A network namespace whose loopback is limited to `rate`; deleted on the way out."""
+    if os.geteuid() != 0:
+        raise NamespaceUnavailable("`ip netns` needs root")
+    name = f"distaccum-bench-{os.getpid()}"
+    inside = ["ip", "netns", "exec", name]
+    try:
+        run_setup_command(["ip", "netns", "add", name])
+        # The burst must exceed the MTU, or full-size packets never pass and Gloo times out.
+        run_setup_command([*inside, "ip", "link", "set", "lo", "up", "mtu", "9000"])
+        run_setup_command([*inside, "tc", "qdisc", "add", "dev", "lo", "root", "tbf",
+                           "rate", rate, "burst", "4mbit", "latency", "50ms"])
+        yield inside
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+def measure_link(prefix: list[str], settings: dict, repeats: int) -> list[dict]:
+    """Run the two workers (under `prefix`, e.g. `ip netns exec NAME`) and return their timings."""
+    with common.work_directory("slow-link") as work:
+        command = common.worker_command(
+            "slow-link", "--accumulation-steps", *settings["accumulation_steps"],
+            "--repeats", repeats, "--micro-batches", settings["micro_batches"],
+            "--min-updates", settings["min_updates"], "--out", work, num_workers=2)
+        common.run_command([*prefix, *command], work / "workers.log", timeout=3000)
+        return common.read_json(work / common.CHIEF_RESULT)
+
+
+def summarize_link(measurements: list[dict]) -> dict[int, dict]:
+    """Per k: samples/s of each method, the two ratios (each taken within a repeat) and
+    distaccum's per-update split into micro-steps and update step."""
+    by_k = defaultdict(lambda: defaultdict(dict))
+    for m in measurements:
+        by_k[m["k"]][m["repeat"]][m["method"]] = m
+    summary = {}
+    for k, repeats in by_k.items():
+        runs = list(repeats.values())
+        rate = {method: [r[method]["samples"] / r[method]["seconds"] for r in runs]
+                for method in METHOD_LABELS}
+        distaccum_runs = [r[DISTACCUM] for r in runs]
+        summary[k] = {
+            "rates": {method: common.summarize(values) for method, values in rate.items()},
+            "over_a": common.summarize(d / a for d, a in
+                                       zip(rate[DISTACCUM], rate[ALLREDUCE_EVERY_MICRO_BATCH])),
+            "over_b": common.summarize(d / b for d, b in
+                                       zip(rate[DISTACCUM], rate[NO_COMMUNICATION])),
+            "compute": common.summarize(r["compute_seconds"] / r["updates"]
+                                        for r in distaccum_runs),
+            "update": common.summarize(r["update_seconds"] / r["updates"]
+                                       for r in distaccum_runs),
+        }
+    return summary
+
+
+def table(links: dict[str, dict]) -> str:
+    rows = [
+        [link, k, *(s["rates"][method].format() for method in METHOD_LABELS),
+         s["over_a"].format(2), s["over_b"].format(2),
+         s["compute"].format(3), s["update"].format(3)]
+        for link, summary in links.items() for k, s in sorted(summary.items())
+    ]
+    return common.markdown_table(
+        ["link", "k", *(f"{label}, samples/s" for label in METHOD_LABELS.values()),
+         "distaccum ÷ (a)", "distaccum ÷ (b)", "distaccum: micro-steps s/update",
+         "distaccum: update step s/update"], rows)
+
+
+def expected_ratios(summary: dict, k: int) -> tuple[float, float]:
+    """What ÷(a) and ÷(b) should be from distaccum's own split of an update into X s of
+    micro-steps and Y s of update step, with (a) paying about Y on each of its k micro-batches and
+    nothing overlapping: ÷(a) ≈ (k·Y + X)/(X + Y), ÷(b) ≈ X/(X + Y)."""
+    x, y = summary["compute"].median, summary["update"].median
+    return (k * y + x) / (x + y), x / (x + y)
+
+
+def checks(links: dict[str, dict]) -> list[dict]:
+    """The issue's targets; a missed one carries what the per-update split predicts, and why."""
+    link, factor = TARGET_SLOW_OVER_A
+    items = []
+    for k, summary in sorted(links[link].items()):
+        passed = summary["over_a"].median >= factor * k
+        note = f"expected from the per-update split: {expected_ratios(summary, k)[0]:.2f}"
+        items.append(common.check(
+            f"slow link {link}, k={k}: distaccum ÷ (a)", f"≥ {factor} × k = {factor * k:.1f}",
+            summary["over_a"].format(2), passed, "" if passed else note))
+    link, k, target = TARGET_FAST_OVER_B
+    summary = links[link][k]
+    x, y = summary["compute"].median, summary["update"].median
+    passed = summary["over_b"].median >= target
+    note = (f"per update {x:.3f} s of micro-steps and {y:.3f} s of update step (the 8.4 MB "
+            f"allreduce); they do not overlap, so expected ≈ {x:.3f}/({x:.3f} + {y:.3f}) = "
+            f"{expected_ratios(summary, k)[1]:.2f}")
+    items.append(common.check(f"slow link {link}, k={k}: distaccum ÷ (b)", f"≥ {target}",
+                              summary["over_b"].format(2), passed, "" if passed else note))
+    return items
+
+
+def plot(link: str, summary: dict[int, dict]) -> dict:
+    ks = sorted(summary)
+    series = []
+    for method, label in METHOD_LABELS.items():
+        rates = [summary[k]["rates"][method] for k in ks]
+        series.append({"label": label, "x": ks, "y": [r.median for r in rates],
+                       "low": [r.low for r in rates], "high": [r.high for r in rates],
+                       "style": "o-"})
+    return {"kind": "lines", "title": f"2. Throughput, 2 workers, {link}", "xlabel": "k",
+            "ylabel": "samples/s", "log": True, "series": series}
+
+
+def figure(links: dict[str, dict], smoke: bool, skipped: str = "") -> dict:
+    result = {"figure": "slow_link", "smoke": smoke,
+              "title": "2. Throughput on a slow link",
+              "how": __doc__.split("\n\n", 1)[1].strip()}
+    if skipped:
+        targets = [("slow link 100 Mbit/s: distaccum ÷ (a)", "≥ 0.9 × k"),
+                   ("slow link 1 Gbit/s, k=16: distaccum ÷ (b)", "≥ 0.75")]
+        return {**result, "table": f"skipped: {skipped}", "plots": [],
+                "checks": [common.check(claim, target, f"skipped ({skipped})", None)
+                           for claim, target in targets]}
+    return {**result, "table": table(links), "checks": [] if smoke else checks(links),
+            "plots": [plot(link, summary) for link, summary in links.items()]}
+
+
+def main() -> None:
+    args = common.parse_arguments(__doc__, default_repeats=3)
+    if args.smoke:
+        links = {SMOKE_LINK: summarize_link(measure_link([], SMOKE_SETTINGS, args.repeats))}
+        common.emit(figure(links, smoke=True), args.json)
+        return
+    links = {}
+    try:
+        for link, rate in LINKS:
+            with rate_limited_namespace(rate) as prefix:
+                links[link] = summarize_link(measure_link(prefix, FULL_SETTINGS, args.repeats))
+    except NamespaceUnavailable as reason:
+        print(f"slow_link: skipped: {reason}")
+        common.emit(figure({}, smoke=False, skipped=str(reason)), args.json)
+        return
+    common.emit(figure(links, smoke=False), args.json)
+
+
+if __name__ == "__main__":
+    common.run_main("slow_link", main)

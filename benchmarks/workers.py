@@ -1,0 +1,299 @@
+"""What runs inside the measured processes: one subcommand per figure.
+
+The figure scripts start these (one process, or two under `horovodrun --gloo`) and summarise the
+JSON they write to `--out`. Every process uses one intra-op thread (see `workload`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import time
+from pathlib import Path
+
+import tensorflow as tf
+
+import distaccum
+import workload
+from common import (
+    ALLREDUCE_EVERY_MICRO_BATCH, CHIEF_RESULT, DISTACCUM, LAUNCHED_AT_VARIABLE, MICRO_BATCH_SIZE,
+    NO_COMMUNICATION, positive_int, timeline_path,
+)
+
+
+def start_horovod():
+    """Start distaccum's Horovod backend; return `horovod.tensorflow` for what the benchmark does
+    itself (timelines, barriers, baseline (a))."""
+    distaccum.init()
+    if distaccum.num_workers() < 2:
+        raise SystemExit("workers.py: error: this subcommand needs 2 workers (horovodrun -np 2)")
+    import horovod.tensorflow as hvd  # here only: single-process figures must not load Horovod
+
+    return hvd
+
+
+def barrier(hvd) -> None:
+    hvd.allreduce(tf.constant(0.0), name="benchmark_barrier")
+
+
+def write_chief(out: Path, payload) -> None:
+    if distaccum.rank() == 0:
+        (out / CHIEF_RESULT).write_text(json.dumps(payload))
+
+
+def communication(args) -> None:
+    """Each k trains the same number of micro-batches with Horovod's timeline recording."""
+    hvd = start_horovod()
+    dataset = workload.synthetic_micro_batches()
+    runs = []
+    for k in args.accumulation_steps:
+        trainer = workload.synthetic_trainer(k)
+        trainer.prepare(dataset.element_spec)  # keeps the start-up broadcast off this timeline
+        hvd.start_timeline(str(timeline_path(args.out, k)))
+        barrier(hvd)
+        history = trainer.fit(dataset, update_steps=args.micro_batches // k,
+                              log_interval=args.micro_batches)
+        barrier(hvd)
+        hvd.stop_timeline()
+        runs.append({"k": k, "updates": history.update_steps, "samples": history.samples})
+    write_chief(args.out, runs)
+
+
+class UpdateClock:
+    """Callback summing distaccum's own split of each update: micro-steps vs update step."""
+
+    def __init__(self) -> None:
+        self.compute_seconds = 0.0
+        self.update_seconds = 0.0
+
+    def on_update(self, record) -> None:
+        self.compute_seconds += record.compute_seconds
+        self.update_seconds += record.communication_seconds
+
+
+class SlowLinkBench:
+    """distaccum, baseline (a) and baseline (b) at each k, side by side in one pair of workers."""
+
+    def __init__(self, hvd, accumulation_steps) -> None:
+        self._hvd = hvd
+        self._dataset = workload.synthetic_micro_batches()
+        self._iterator = iter(self._dataset)
+        self._baseline = workload.AllreduceEveryMicroBatch(
+            workload.synthetic_model(), workload.make_optimizer(),
+            workload.classification_loss(), hvd)
+        self._trainers = {
+            (k, method): workload.synthetic_trainer(k, communicate=method == DISTACCUM)
+            for k in accumulation_steps for method in (DISTACCUM, NO_COMMUNICATION)
+        }
+
+    def warm_up(self) -> None:
+        """One update each, so tracing and first connections stay out of the timings (the
+        baseline's step functions serve every k)."""
+        self._baseline.run(self._iterator, 1, 1)
+        for trainer in self._trainers.values():
+            self._fit(trainer, 1)
+
+    def measure(self, method: str, k: int, updates: int) -> dict:
+        """Seconds for `updates` windows (the slower worker's), and distaccum's own split."""
+        barrier(self._hvd)
+        if method == ALLREDUCE_EVERY_MICRO_BATCH:
+            started = time.perf_counter()
+            self._baseline.run(self._iterator, k, updates)
+            timing = {"seconds": time.perf_counter() - started}
+        else:
+            timing = self._fit(self._trainers[k, method], updates)
+        seconds = tf.constant(timing["seconds"], tf.float64)
+        timing["seconds"] = float(self._hvd.allreduce(seconds, op=self._hvd.Max))
+        return timing
+
+    def _fit(self, trainer, updates: int) -> dict:
+        clock = UpdateClock()
+        history = trainer.fit(self._dataset, update_steps=updates, callbacks=[clock],
+                              log_interval=updates)
+        return {"seconds": history.seconds, "compute_seconds": clock.compute_seconds,
+                "update_seconds": clock.update_seconds}
+
+
+def timed_updates(method: str, k: int, args) -> int:
+    """About `--micro-batches` micro-batches per run. distaccum and (b) run at least
+    `--min-updates` windows, so no single allreduce decides; (a) allreduces every micro-batch,
+    so its runs already average over that many collectives."""
+    windows = math.ceil(args.micro_batches / k)
+    return windows if method == ALLREDUCE_EVERY_MICRO_BATCH else max(windows, args.min_updates)
+
+
+def slow_link(args) -> None:
+    """Repeats of: for each k, distaccum, then (a), then (b); timings interleaved, so each
+    repeat's ratios compare runs made moments apart under the same machine load."""
+    hvd = start_horovod()
+    bench = SlowLinkBench(hvd, args.accumulation_steps)
+    bench.warm_up()
+    measurements = []
+    for repeat in range(args.repeats):
+        for k in args.accumulation_steps:
+            for method in (DISTACCUM, ALLREDUCE_EVERY_MICRO_BATCH, NO_COMMUNICATION):
+                updates = timed_updates(method, k, args)
+                samples = hvd.size() * MICRO_BATCH_SIZE * k * updates
+                measurements.append({"repeat": repeat, "k": k, "method": method,
+                                     "updates": updates, "samples": samples,
+                                     **bench.measure(method, k, updates)})
+    write_chief(args.out, measurements)
+
+
+def keras_runners(x, y) -> dict:
+    """Keras 3's own compiled training step on the batch: `train_on_batch` and `fit`."""
+    model = workload.synthetic_model()
+    model.compile(optimizer=workload.make_optimizer(), loss=workload.classification_loss())
+    repeated = workload.without_autotune(tf.data.Dataset.from_tensors((x, y)).repeat())
+
+    def train_on_batch(steps: int) -> None:
+        for _ in range(steps):
+            model.train_on_batch(x, y)
+
+    def fit(steps: int) -> None:
+        model.fit(repeated, steps_per_epoch=steps, epochs=1, verbose=0)
+
+    return {"keras_train_on_batch": train_on_batch, "keras_fit": fit}
+
+
+def distaccum_runners(x, y) -> dict:
+    """distaccum's micro-step alone, and whole windows (micro-steps plus update) at k=1 and 8."""
+    spec = (tf.TensorSpec.from_tensor(x), tf.TensorSpec.from_tensor(y))
+    trainers = {name: workload.synthetic_trainer(k) for name, k in
+                (("micro_step", 1), ("window_k1", 1), ("window_k8", 8))}
+    for trainer in trainers.values():
+        trainer.prepare(spec)
+
+    def micro_steps(steps: int) -> None:
+        for _ in range(steps):
+            trainers["micro_step"].micro_step(x, y)
+
+    def windows(trainer):
+        def run(steps: int) -> None:
+            for _ in range(steps // trainer.accumulation_steps):
+                for _ in range(trainer.accumulation_steps):
+                    trainer.micro_step(x, y)
+                trainer.update_step()
+        return run
+
+    return {"micro_step": micro_steps, "window_k1": windows(trainers["window_k1"]),
+            "window_k8": windows(trainers["window_k8"])}
+
+
+def overhead(args) -> None:
+    """Samples/s of each runner on one fixed micro-batch, interleaved within every repeat."""
+    distaccum.init()
+    x, y = workload.first_micro_batch()
+    runners = {**keras_runners(x, y), **distaccum_runners(x, y)}
+    for run in runners.values():
+        run(8)  # warm-up: tracing stays out of the timings
+    measurements = []
+    for repeat in range(args.repeats):
+        for method, run in runners.items():
+            started = time.perf_counter()
+            run(args.steps)
+            seconds = time.perf_counter() - started
+            measurements.append({"repeat": repeat, "method": method,
+                                 "samples_per_second": args.steps * MICRO_BATCH_SIZE / seconds})
+    write_chief(args.out, measurements)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def accumulated_update(model, micro_batch: int, k: int):
+    """distaccum: k micro-steps on micro-batches of `micro_batch` samples, then the update."""
+    x, y = workload.random_images(micro_batch)
+    trainer = distaccum.Trainer(model, workload.make_optimizer(),
+                                loss=workload.classification_loss(), accumulation_steps=k)
+    trainer.prepare((tf.TensorSpec.from_tensor(x), tf.TensorSpec.from_tensor(y)))
+
+    def step() -> None:
+        for _ in range(k):
+            trainer.micro_step(x, y)
+        trainer.update_step()
+
+    return step
+
+
+def direct_update(model, batch: int):
+    """One Keras training step on the whole batch of `batch` samples."""
+    x, y = workload.random_images(batch)
+    model.compile(optimizer=workload.make_optimizer(), loss=workload.classification_loss())
+    return lambda: model.train_on_batch(x, y)
+
+
+def memory(args) -> None:
+    """Peak memory of one update of the conv model, done one way; a fresh process per run,
+    since a process's peak never goes down."""
+    distaccum.init()
+    model = workload.conv_model(args.conv_layers, args.conv_filters)
+    k = args.accumulation_steps
+    if args.mode == "accumulate":
+        step = accumulated_update(model, args.micro_batch, k)
+    else:
+        step = direct_update(model, args.micro_batch * k)
+    before_training = peak_rss_mb()
+    step()
+    write_chief(args.out, {"peak_mb": peak_rss_mb(), "before_training_mb": before_training})
+
+
+class FirstUpdateClock:
+    """Callback noting the wall-clock time of the first update."""
+
+    def __init__(self) -> None:
+        self.first_update_at: float | None = None
+
+    def on_update(self, record) -> None:
+        if self.first_update_at is None:
+            self.first_update_at = time.time()
+
+
+def startup(args) -> None:
+    """Seconds from the launch (stamped by startup.py) to this worker's first update; every
+    import of this script counts, as it would for a user's."""
+    launched_at = float(os.environ[LAUNCHED_AT_VARIABLE])
+    distaccum.init()
+    clock = FirstUpdateClock()
+    trainer = workload.synthetic_trainer(args.accumulation_steps)
+    trainer.fit(workload.synthetic_micro_batches(), update_steps=1, callbacks=[clock])
+    seconds = clock.first_update_at - launched_at
+    (args.out / f"rank{distaccum.rank()}.json").write_text(json.dumps({"seconds": seconds}))
+
+
+def parse_arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    figures = {}
+    for name, run in (("communication", communication), ("slow-link", slow_link),
+                      ("overhead", overhead), ("memory", memory), ("startup", startup)):
+        figures[name] = commands.add_parser(name, help=run.__doc__.splitlines()[0])
+        figures[name].add_argument("--out", type=Path, required=True, help="output directory")
+        figures[name].set_defaults(run=run)
+    figures["communication"].add_argument("--accumulation-steps", type=positive_int, nargs="+")
+    figures["communication"].add_argument("--micro-batches", type=positive_int, required=True)
+    figures["slow-link"].add_argument("--accumulation-steps", type=positive_int, nargs="+")
+    for option in ("--repeats", "--micro-batches", "--min-updates"):
+        figures["slow-link"].add_argument(option, type=positive_int, required=True)
+    for option in ("--repeats", "--steps"):
+        figures["overhead"].add_argument(option, type=positive_int, required=True)
+    figures["memory"].add_argument("--mode", choices=("accumulate", "direct"), required=True)
+    for option in ("--micro-batch", "--accumulation-steps", "--conv-layers", "--conv-filters"):
+        figures["memory"].add_argument(option, type=positive_int, required=True)
+    figures["startup"].add_argument("--accumulation-steps", type=positive_int, required=True)
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_arguments()
+    workload.configure_threads()
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()

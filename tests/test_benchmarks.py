@@ -1,0 +1,84 @@
+"""Smoke runs of the benchmark scripts: each runs end to end on tiny sizes and reports sane output.
+
+Benchmarks are not tests: these prove the scripts work, not the figures (`bash benchmarks/run.sh`
+measures those). The slow-link smoke run uses the host loopback, so no root or namespace is needed.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import REPO_ROOT, run_script
+
+BENCHMARKS_DIR = REPO_ROOT / "benchmarks"
+
+
+def run_benchmark(tmp_path, script: str, *arguments: str) -> dict:
+    """Run `benchmarks/SCRIPT.py --smoke` and return the figure it writes as JSON."""
+    output = tmp_path / f"{script}.json"
+    run_script("python", BENCHMARKS_DIR / f"{script}.py", "--smoke", "--json", output, *arguments)
+    return json.loads(output.read_text())
+
+
+@pytest.mark.multiworker
+def test_communication_smoke_counts_one_grouped_allreduce_per_update_in_the_timeline(tmp_path):
+    figure = run_benchmark(tmp_path, "communication")
+    assert [check["passed"] for check in figure["checks"]] == [True, True]
+    allreduces = figure["plots"][0]["series"][0]
+    # 2 workers × 4 micro-batches of 32 = 256 samples: 4 updates at k=1, 2 at k=2.
+    assert allreduces["x"] == [1, 2]
+    assert allreduces["y"] == [4 * 1000 / 256, 2 * 1000 / 256]
+
+
+@pytest.mark.multiworker
+def test_slow_link_smoke_times_distaccum_and_both_baselines_side_by_side(tmp_path):
+    figure = run_benchmark(tmp_path, "slow_link", "--repeats", "1")
+    (panel,) = figure["plots"]
+    assert [series["label"] for series in panel["series"]] == [
+        "distaccum", "(a) allreduce every micro-batch", "(b) no communication"]
+    for series in panel["series"]:
+        assert series["x"] == [2] and series["y"][0] > 0
+
+
+def test_overhead_smoke_times_keras_and_distaccum_steps(tmp_path):
+    figure = run_benchmark(tmp_path, "overhead", "--repeats", "1")
+    bars = figure["plots"][0]["bars"]
+    assert len(bars) == 5 and all(bar["median"] > 0 for bar in bars)
+    (check,) = figure["checks"]
+    assert check["passed"] is None  # smoke sizes are not judged against the target
+
+
+def test_memory_smoke_measures_the_peak_of_both_kinds_of_update(tmp_path):
+    figure = run_benchmark(tmp_path, "memory", "--repeats", "1")
+    peaks = [bar["median"] for bar in figure["plots"][0]["bars"] if bar["label"].endswith("peak")]
+    # TensorFlow alone holds hundreds of MB: a smaller peak would mean a wrong unit.
+    assert len(peaks) == 2 and all(peak > 100 for peak in peaks)
+
+
+def test_startup_smoke_times_launch_to_first_update(tmp_path):
+    figure = run_benchmark(tmp_path, "startup", "--repeats", "1")
+    (bar,) = figure["plots"][0]["bars"]
+    assert bar["label"] == "1 worker" and 0 < bar["median"] < 120
+
+
+def test_report_writes_markdown_with_date_machine_targets_and_a_png(tmp_path):
+    pytest.importorskip("matplotlib", reason="bash benchmarks/run.sh installs matplotlib")
+    figure = {
+        "figure": "memory", "smoke": False, "title": "4. Memory", "how": "How it was measured.",
+        "table": "| update | peak |\n|---|---|\n| direct | 2 |",
+        "checks": [{"claim": "memory ratio", "target": "≤ 0.5", "measured": "0.46",
+                    "passed": True, "note": ""}],
+        "plots": [{"kind": "bars", "title": "4. Memory", "ylabel": "MB",
+                   "bars": [{"label": "direct", "median": 2.0, "low": 1.0, "high": 3.0}]}],
+    }
+    (tmp_path / "memory.json").write_text(json.dumps(figure))
+    markdown, png = tmp_path / "results.md", tmp_path / "results.png"
+    run_script("python", BENCHMARKS_DIR / "report.py", tmp_path / "memory.json",
+               "--markdown", markdown, "--plot", png)
+    text = markdown.read_text()
+    assert "- date: " in text and "cores (`nproc`)" in text
+    assert "| memory ratio | ≤ 0.5 | 0.46 | pass |" in text
+    assert "![plots](results.png)" in text and "| direct | 2 |" in text
+    assert png.read_bytes().startswith(b"\x89PNG")
