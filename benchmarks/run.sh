@@ -6,8 +6,6 @@ set -euo pipefail
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$repo_root/launch/setup.sh"
 py="$repo_root/.venv/bin/python"
-# Only the plot needs matplotlib, which distaccum itself does not: installed into .venv here.
-"$py" -c "import matplotlib" 2>/dev/null || "$py" -m pip install -q matplotlib
 
 results=$(mktemp -d)
 trap 'rm -rf "$results"' EXIT

@@ -31,7 +31,7 @@ fi
 
 log "installing distaccum and its pinned dependencies"
 "$py" -m pip install -q --upgrade pip setuptools wheel
-"$py" -m pip install -q -e "$repo_root[test]"
+"$py" -m pip install -q -e "$repo_root[test,benchmarks]"
 
 # The wheel is tied to the TF ABI and the Python version: both go in the cache key.
 tf_version=$("$py" -c "import importlib.metadata as m; print(m.version('tensorflow-cpu'))")

@@ -64,7 +64,6 @@ def test_startup_smoke_times_launch_to_first_update(tmp_path):
 
 
 def test_report_writes_markdown_with_date_machine_targets_and_a_png(tmp_path):
-    pytest.importorskip("matplotlib", reason="bash benchmarks/run.sh installs matplotlib")
     figure = {
         "figure": "memory", "smoke": False, "title": "4. Memory", "how": "How it was measured.",
         "table": "| update | peak |\n|---|---|\n| direct | 2 |",
