@@ -120,7 +120,7 @@ def main() -> None:
     parser.add_argument("--elapsed", type=float, help="seconds the whole run took")
     args = parser.parse_args()
     if plt is None:
-        raise common.BenchmarkError("matplotlib is not installed (bash benchmarks/run.sh "
+        raise common.BenchmarkError("matplotlib is not installed (bash launch/setup.sh "
                                     "installs it into .venv)")
     figures = [common.read_json(path) for path in args.figures]
     plot(figures, args.plot)
