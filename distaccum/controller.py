@@ -164,6 +164,7 @@ class Controller:
         """
         _check_duration(epochs, update_steps)
         first = self._epoch_dataset(dataset, start.epoch)
+        data.check_micro_batch_spec(first)
         self._trainer.prepare(first.element_spec)
         plan = data.agree_on_epoch_plan(first, self._trainer.accumulation_steps)
         if epochs is not None and plan.updates_per_epoch == data.INFINITE:
@@ -195,7 +196,9 @@ class Controller:
 
     @staticmethod
     def _epoch_dataset(dataset: EpochData, epoch: int) -> tf.data.Dataset:
-        return dataset if isinstance(dataset, tf.data.Dataset) else dataset(epoch)
+        if isinstance(dataset, tf.data.Dataset) or not callable(dataset):
+            return dataset  # anything but a Dataset or a function is refused by the spec check
+        return dataset(epoch)
 
     def _run_epoch(self, dataset, plan, start: Position, total, stop, history) -> list:
         k = self._trainer.accumulation_steps

@@ -129,6 +129,7 @@ class Trainer:
 
     @property
     def update_step_traces(self) -> int:
+        """How often the update step was traced (once)."""
         return self._update_step.experimental_get_tracing_count()
 
     @property
@@ -285,7 +286,6 @@ class Trainer:
         Returns:
             A `History` with per-epoch global mean losses, validation metrics and counters.
         """
-        data.check_micro_batch_spec(dataset)
         options = CadenceOptions(
             log_interval=log_interval, max_consecutive_skips=max_consecutive_skips
         )

@@ -198,11 +198,10 @@ def test_render_command_exits_2_with_one_line_when_config_is_bad(tmp_path):
 
 @pytest.mark.multiworker
 def test_launcher_command_from_manifest_trains_when_hostfile_is_localhost(tmp_path):
+    documents = k8s.render(k8s.ClusterOptions(), _config_text().replace("epochs: 30", "update_steps: 4"))
+    # The config file the workers read is the ConfigMap's, as Kubernetes would mount it.
     config = tmp_path / "config.yaml"
-    config.write_text(_config_text() + "\n")
-    documents = k8s.render(k8s.ClusterOptions(), config.read_text())
-    config.write_text(_by_kind(documents)["ConfigMap"]["data"]["config.yaml"]
-                      .replace("epochs: 30", "update_steps: 4"))
+    config.write_text(_by_kind(documents)["ConfigMap"]["data"]["config.yaml"])
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=2\n")
     job = _by_kind(documents)["MPIJob"]

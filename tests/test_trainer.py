@@ -157,7 +157,6 @@ def test_clipping_applies_to_reduced_gradient_when_clip_global_norm_is_set():
 
 def test_update_steps_counts_updates_when_dataset_repeats():
     x, y, _ = scenarios.make_shard(0, 8, weighted=False)
-    _, trainer, _ = _train("sgd", (x, y, None), accumulation_steps=3, epochs=1)
     model = scenarios.make_model()
     trainer = distaccum.Trainer(model, keras.optimizers.SGD(0.1), loss=MSE, accumulation_steps=3)
     history = trainer.fit(scenarios.as_dataset(x, y, None).repeat(), update_steps=5)
