@@ -110,3 +110,36 @@ def shard(dataset: tf.data.Dataset) -> tf.data.Dataset:
     """This worker's share: every `num_workers`-th element starting at `rank` (call before
     `.batch()` so shards split samples, not micro-batches)."""
     return dataset.shard(comm.num_workers(), comm.rank())
+
+
+def apply_class_weight(dataset: tf.data.Dataset, class_weight) -> tf.data.Dataset:
+    """Keras's `class_weight` as per-sample weights: each sample weighs its class's weight (1 for
+    classes not listed), times its own sample weight if it has one.
+
+    Labels are class ids (`[batch]` or `[batch, 1]`) or one-hot rows (argmax), as in Keras.
+    """
+    if not isinstance(class_weight, dict) or not class_weight or not all(
+            isinstance(c, int) and not isinstance(c, bool) and isinstance(w, (int, float))
+            and not isinstance(w, bool) and w >= 0 for c, w in class_weight.items()):
+        raise ValueError("class_weight must be a non-empty dict {class id: weight >= 0}. "
+                         f"Received: class_weight={class_weight!r}")
+    if min(class_weight) < 0:
+        raise ValueError(f"class ids must be >= 0. Received: class_weight={class_weight!r}")
+    if not isinstance(dataset.element_spec[1], tf.TensorSpec):
+        raise ValueError("class_weight needs a model with a single output (as in Keras). "
+                         f"Received: labels {dataset.element_spec[1]}")
+    table = tf.constant([float(class_weight.get(c, 1.0)) for c in range(max(class_weight) + 1)])
+
+    def weigh(x, y, sample_weight=None):
+        if y.shape.rank >= 2 and y.shape[-1] != 1:
+            classes = tf.argmax(y, axis=-1, output_type=tf.int32)
+        else:
+            classes = tf.cast(tf.round(tf.reshape(y, [-1])), tf.int32)
+        # A class id past the table's end weighs 1, as an unlisted class does.
+        weights = tf.gather(tf.concat([table, [1.0]], 0),
+                            tf.minimum(classes, len(table)))
+        if sample_weight is not None:
+            weights *= tf.cast(tf.reshape(sample_weight, [-1]), tf.float32)
+        return x, y, weights
+
+    return dataset.map(weigh)

@@ -130,12 +130,14 @@ class History:
 
 
 def weighted_totals(results: Sequence) -> tuple[float, float, int]:
-    """(weighted loss sum, weight sum, sample count) over `UpdateResult`s, read once."""
+    """(weighted loss sum, weight sum, sample count) over `UpdateResult`s, read once: each
+    window's loss weighs as much as its samples' weights."""
     if not results:
         return 0.0, 0.0, 0
-    loss_sum, weight_sum, samples = (
+    loss_sum = float(tf.add_n([r.window_loss * r.weight_sum for r in results]))
+    weight_sum, samples = (
         float(tf.add_n([getattr(r, name) for r in results]))
-        for name in ("loss_sum", "weight_sum", "sample_count")
+        for name in ("weight_sum", "sample_count")
     )
     return loss_sum, weight_sum, int(samples)
 

@@ -9,20 +9,17 @@ Public entry point:
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import keras
 import tensorflow as tf
 
 from distaccum import comm, data
+from distaccum.accumulate import GradientAccumulator, mean_gradients, objective_value
 from distaccum.controller import CadenceOptions, Controller
-from distaccum.accumulate import (
-    GradientAccumulator,
-    as_sample_weights,
-    mean_gradients,
-    per_sample_loss,
-)
+from distaccum.objective import Objective, resolve_losses, weight_regularizers
 
 
 @dataclass(frozen=True)
@@ -30,8 +27,11 @@ class UpdateResult:
     """What one update step reports, summed over all workers (tensors: reading them syncs).
 
     Attributes:
-        loss_sum: sum of weight × per-sample loss over the window's samples on all workers.
-        weight_sum: sum of sample weights over the same samples.
+        window_loss: the objective over the window's samples on all workers (data losses, added
+            losses and weight regularization, as Keras's loss on that batch).
+        weight_sum: the first output's normaliser over the same samples (the sum of their
+            sample weights; their count when unweighted): how much the window weighs when losses
+            are averaged over several updates.
         sample_count: number of those samples.
         gradient_norm: global norm of the reduced gradient, before clipping.
         skipped: true when the reduced gradient was not finite on some worker's window, so no
@@ -39,7 +39,7 @@ class UpdateResult:
         stop_votes: how many workers asked to stop after this update (e.g. on SIGTERM).
     """
 
-    loss_sum: tf.Tensor
+    window_loss: tf.Tensor
     weight_sum: tf.Tensor
     sample_count: tf.Tensor
     gradient_norm: tf.Tensor
@@ -48,8 +48,8 @@ class UpdateResult:
 
     @property
     def loss(self) -> float:
-        """The window's sample-weighted mean loss over all workers."""
-        return float(self.loss_sum / self.weight_sum) if float(self.weight_sum) else 0.0
+        """The window's loss over all workers."""
+        return float(self.window_loss)
 
 
 def _check_accumulation_steps(accumulation_steps) -> int:
@@ -65,6 +65,8 @@ def _check_accumulation_steps(accumulation_steps) -> int:
 
 
 def _check_optimizer(optimizer) -> None:
+    if optimizer is None:
+        raise ValueError("give an optimizer (or compile the model with one). Received: optimizer=None")
     if not isinstance(optimizer, keras.optimizers.Optimizer):
         raise TypeError(f"optimizer must be a keras.optimizers.Optimizer. Received: {optimizer!r}")
     if optimizer.gradient_accumulation_steps:
@@ -74,6 +76,50 @@ def _check_optimizer(optimizer) -> None:
             "average micro-batch means and count micro-steps. Received: "
             f"gradient_accumulation_steps={optimizer.gradient_accumulation_steps}"
         )
+
+
+def _loss_scaled(model: keras.Model, optimizer):
+    """The optimizer, in a `LossScaleOptimizer` when the model computes in float16 (as Keras's
+    `compile` does): float16 gradients underflow without loss scaling."""
+    if model.dtype_policy.name == "mixed_float16" and not isinstance(
+            optimizer, keras.optimizers.LossScaleOptimizer):
+        return keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
+
+
+def _loss_scale(optimizer):
+    """The factor `optimizer.scale_loss` multiplies by (None when it does not scale)."""
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        return optimizer.dynamic_scale
+    if optimizer.loss_scale_factor is not None:
+        return tf.constant(float(optimizer.loss_scale_factor))
+    return None
+
+
+def _layers(model) -> list:
+    """Every layer of `model`, nested models' layers included."""
+    found = []
+    for layer in getattr(model, "layers", []):
+        found.append(layer)
+        found.extend(_layers(layer))
+    return found
+
+
+class InexactWarning(UserWarning):
+    """Part of the model makes accumulated training differ from large-batch training."""
+
+
+def warn_if_inexact(model: keras.Model) -> None:
+    """BatchNormalization in training normalises each micro-batch with that micro-batch's
+    statistics: no accumulation can reproduce statistics over the global batch. Say so."""
+    names = [layer.name for layer in _layers(model)
+             if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
+    if names and comm.is_chief():
+        warnings.warn(InexactWarning(
+            f"distaccum: BatchNormalization layers ({', '.join(names)}) normalise each "
+            "micro-batch by its own statistics, not the global batch's: training is not exactly "
+            "large-batch training. LayerNormalization or GroupNormalization (per sample) are "
+            "exact; so is BatchNormalization with trainable=False"), stacklevel=3)
 
 
 class Trainer:
@@ -87,10 +133,18 @@ class Trainer:
     Does not own the loop (epochs, windows, when to log or stop): that is the `Controller`, which
     `fit` uses.
 
+    What is minimised is Keras's loss on the window's samples (see `objective`): every output's
+    loss with its `loss_weights`, losses layers add, and weight regularizers once per update.
+    Mixed precision: with a `mixed_float16` model the optimizer is wrapped in Keras's
+    `LossScaleOptimizer` (as `compile` does); each micro-step scales its loss, the sums stay
+    float32, and the scale changes only at updates.
+
     Args:
         model: a Keras 3 model.
         optimizer: a Keras 3 optimizer, built without `gradient_accumulation_steps`.
-        loss: a `keras.losses.Loss` or an unreduced loss function `(y_true, y_pred) -> [batch]`.
+        loss: a `keras.losses.Loss`, a loss name, an unreduced function
+            `(y_true, y_pred) -> per-sample values`, or a list/dict of those (one per output).
+        loss_weights: a list/dict of each output's weight in the total loss (default 1).
         accumulation_steps: micro-batches per worker per update (k).
         clip_global_norm: if set, clip the reduced, normalised gradient to this global norm.
     """
@@ -100,31 +154,44 @@ class Trainer:
         model: keras.Model,
         optimizer: keras.optimizers.Optimizer,
         *,
-        loss: Callable,
+        loss,
+        loss_weights=None,
         accumulation_steps: int = 1,
         clip_global_norm: float | None = None,
     ) -> None:
         if not isinstance(model, keras.Model):
             raise TypeError(f"model must be a keras.Model. Received: model={model!r}")
         _check_optimizer(optimizer)
-        if not callable(loss):
-            raise TypeError(f"loss must be a Keras loss or a function. Received: loss={loss!r}")
         if clip_global_norm is not None and not clip_global_norm > 0:
             raise ValueError(f"clip_global_norm must be > 0. Received: {clip_global_norm!r}")
         self.model = model
-        self.optimizer = optimizer
-        self.loss = loss
+        self.optimizer = _loss_scaled(model, optimizer)
+        self.objective = Objective(model, resolve_losses(model, loss, loss_weights))
         self.accumulation_steps = _check_accumulation_steps(accumulation_steps)
         self.clip_global_norm = clip_global_norm
         self.backend = comm.current()
         self._accumulator: GradientAccumulator | None = None
-        self._micro_step = tf.function(self._micro_step_body)
-        self._update_step = tf.function(self._update_step_body)
-        self._evaluation_step = tf.function(self._evaluation_step_body)
+        # No AutoGraph: the steps have no data-dependent Python control flow, and errors about the
+        # user's data (a weight shape, say) then reach them as they were raised, in one line.
+        self._micro_step = tf.function(self._micro_step_body, autograph=False)
+        self._update_step = tf.function(self._update_step_body, autograph=False)
+        self._evaluation_step = tf.function(self._evaluation_step_body, autograph=False)
+
+    @classmethod
+    def from_compiled(cls, model: keras.Model, *, accumulation_steps: int = 1,
+                      clip_global_norm: float | None = None) -> "Trainer":
+        """A trainer with the optimizer, loss and loss weights the model was compiled with."""
+        if not getattr(model, "compiled", False):
+            raise ValueError(f"the model is not compiled: call model.compile(optimizer=..., "
+                             f"loss=...) first. Received: model {model.name!r}")
+        return cls(model, model.optimizer, loss=model.loss,
+                   loss_weights=model.get_compile_config().get("loss_weights"),
+                   accumulation_steps=accumulation_steps, clip_global_norm=clip_global_norm)
 
     @property
     def micro_step_traces(self) -> int:
-        """How often the micro-step was traced (one per input signature)."""
+        """How often the micro-step was traced: twice at `prepare` (the first trace creates the
+        sums), then never, whatever the micro-batch sizes."""
         return self._micro_step.experimental_get_tracing_count()
 
     @property
@@ -147,7 +214,8 @@ class Trainer:
 
     def learning_rate_at(self, update_step: int) -> float:
         """The learning rate the optimizer used for update `update_step` (1-based)."""
-        rate = self.optimizer._learning_rate  # the schedule itself, not its current value
+        optimizer = getattr(self.optimizer, "inner_optimizer", self.optimizer)
+        rate = optimizer._learning_rate  # the schedule itself, not its current value
         if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
             return float(rate(update_step - 1))
         return float(keras.ops.convert_to_numpy(rate))
@@ -159,9 +227,11 @@ class Trainer:
         if not self.model.built:
             self.model.build(tf.nest.map_structure(lambda s: s.shape, element_spec[0]))
         data.check_inputs_match_model(element_spec, self.model)
-        variables = self.model.trainable_variables
-        self._accumulator = GradientAccumulator(variables)
-        self.optimizer.build(variables)
+        self.optimizer.build(self.model.trainable_variables)
+        # Tracing on the dataset's spec (batch axis unknown) finds the objective's normalisers
+        # and creates the sums; every micro-batch size, the ragged tail's too, runs that graph.
+        self._micro_step.get_concrete_function(*data.unpack(element_spec))
+        warn_if_inexact(self.model)
         self.broadcast_from_chief()
 
     @property
@@ -194,70 +264,118 @@ class Trainer:
 
     def _micro_step_body(self, x, y, sample_weight):
         variables = self.model.trainable_variables
-        with tf.GradientTape() as tape:
+        with tf.GradientTape(persistent=True) as tape:
             y_pred = self.model(x, training=True)
-            losses = per_sample_loss(self.loss, y, y_pred)
-            weights = as_sample_weights(sample_weight, tf.shape(losses)[0], losses.dtype)
-            # The unnormalised sum: dividing here would make this a mean of micro-batch means.
-            loss_sum = tf.reduce_sum(losses * weights)
-        gradients = tape.gradient(loss_sum, variables)
-        self._accumulator.add(gradients, loss_sum, tf.reduce_sum(weights), tf.size(losses))
+            batch_size = tf.shape(tf.nest.flatten(x)[0])[0]
+            terms = self.objective.terms(y, y_pred, sample_weight, batch_size)
+            # Unnormalised sums (dividing here would make a mean of micro-batch means), scaled
+            # by the loss scale this window's update will unscale by.
+            scaled = [self.optimizer.scale_loss(term.numerator) for term in terms]
+        gradients = [tape.gradient(value, variables) for value in scaled]
+        del tape
+        accumulator = self._accumulator_for([term.normaliser for term in terms])
+        accumulator.add(gradients, [t.numerator for t in terms], [t.divisor for t in terms],
+                        batch_size)
+
+    def _accumulator_for(self, normalisers: list[str]) -> GradientAccumulator:
+        if self._accumulator is None:
+            with tf.init_scope():  # created once, outside the traced graph
+                self._accumulator = GradientAccumulator(self.model.trainable_variables, normalisers)
+        elif self._accumulator.normalisers != normalisers:
+            raise ValueError(
+                "every micro-batch must have the same structure (sample weights or not, their "
+                f"rank). Received: normalisers {normalisers}, first {self._accumulator.normalisers}"
+            )
+        return self._accumulator
 
     def _update_step_body(self, stop_vote):
         # The only sync point of a window: gradient, loss and weight sums (and the stop vote)
         # in one grouped allreduce.
         totals = self.backend.sum_all(self._accumulator.totals() + [stop_vote])
         totals, stop_votes = totals[:-1], totals[-1]
-        gradient_sums, (loss_sum, weight_sum, sample_count) = GradientAccumulator.split(totals)
-        gradients = mean_gradients(gradient_sums, weight_sum)
+        gradient_sums, numerators, divisors, sample_count = self._accumulator.split(totals)
+        variables = self.model.trainable_variables
+        gradients = mean_gradients(gradient_sums, divisors)
+        scale = _loss_scale(self.optimizer)
+        if scale is not None:
+            gradients = [g / scale for g in gradients]
+        window_loss = objective_value(numerators, divisors)
+        if weight_regularizers(self.model):
+            # R(θ) depends on no sample: its gradient joins once per update, after the division.
+            with tf.GradientTape() as tape:
+                penalty = self.objective.regularization()
+            extra = tape.gradient(penalty, variables)
+            gradients = [g if e is None else g + tf.convert_to_tensor(e)
+                         for g, e in zip(gradients, extra)]
+            window_loss += penalty
+        gradients = [tf.cast(g, v.dtype) for g, v in zip(gradients, variables)]
         gradient_norm = tf.linalg.global_norm(gradients)
         # Decided on reduced values, hence identically on every worker: no extra collective.
-        finite = tf.math.is_finite(gradient_norm) & tf.math.is_finite(loss_sum)
-        skipped = tf.logical_not(finite)
+        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in gradients])
+        finite &= tf.math.is_finite(window_loss)
         if self.clip_global_norm is not None:
             gradients, _ = tf.clip_by_global_norm(
                 gradients, self.clip_global_norm, use_norm=gradient_norm
             )
+        self._apply(gradients, finite, scale)
+        self._accumulator.reset()
+        return (window_loss, divisors[0], sample_count, gradient_norm, tf.logical_not(finite),
+                stop_votes)
+
+    def _apply(self, gradients, finite, scale) -> None:
+        """Apply a finite update; Keras's apply() adds 1 to optimizer.iterations: one per update,
+        not per micro-step."""
+        variables = self.model.trainable_variables
+        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            # It skips a non-finite update itself and halves its scale then, so it must see the
+            # same decision: a skipped window reaches it as NaN. It divides by its scale again.
+            poison = tf.where(finite, 0.0, float("nan"))
+            self.optimizer.apply([g * tf.cast(scale, g.dtype) + tf.cast(poison, g.dtype)
+                                  for g in gradients], variables)
+            return
+        if scale is not None:
+            gradients = [g * tf.cast(scale, g.dtype) for g in gradients]
 
         def apply():
-            # Keras's apply() adds 1 to optimizer.iterations: one per update, not per micro-step.
-            self.optimizer.apply(gradients, self.model.trainable_variables)
-            return skipped
+            self.optimizer.apply(gradients, variables)
+            return tf.constant(True)
 
-        skipped = tf.cond(finite, apply, lambda: skipped)
-        self._accumulator.reset()
-        return loss_sum, weight_sum, sample_count, gradient_norm, skipped, stop_votes
+        tf.cond(finite, apply, lambda: tf.constant(False))
 
     def evaluate(self, dataset: tf.data.Dataset) -> dict[str, float]:
-        """Sample-weighted mean loss over every worker's `dataset`; accuracy too for class ids.
+        """The loss over every worker's `dataset` (as Keras's on all of it); accuracy too for a
+        single output with class ids.
 
         Every worker must call it (the totals are summed across workers in one collective).
         """
         data.check_micro_batch_spec(dataset)
-        totals = tf.zeros([4])
+        spec = data.unpack(dataset.element_spec)
+        step = self._evaluation_step.get_concrete_function(*spec)
+        totals = tf.zeros(step.structured_outputs.shape)
         for micro_batch in dataset:
             totals += self._evaluation_step(*data.unpack(micro_batch))
         with comm.collective("validation"):
             [totals] = self.backend.sum_all([totals])
-        loss_sum, weight_sum, correct, _ = (float(t) for t in totals)
-        metrics = {"loss": loss_sum / weight_sum if weight_sum else 0.0}
-        if dataset.element_spec[1].dtype.is_integer:
-            metrics["accuracy"] = correct / weight_sum if weight_sum else 0.0
+        count = (int(totals.shape[0]) - 2) // 2
+        numerators, divisors, correct, samples = (
+            totals[:count], totals[count:2 * count], totals[-2], totals[-1])
+        loss = objective_value(tf.unstack(numerators), tf.unstack(divisors))
+        metrics = {"loss": float(loss + self.objective.regularization())}
+        labels = spec[1]
+        if isinstance(labels, tf.TensorSpec) and labels.dtype.is_integer:
+            metrics["accuracy"] = float(correct / samples) if float(samples) else 0.0
         return metrics
 
     def _evaluation_step_body(self, x, y, sample_weight):
         y_pred = self.model(x, training=False)
-        losses = per_sample_loss(self.loss, y, y_pred)
-        weights = as_sample_weights(sample_weight, tf.shape(losses)[0], losses.dtype)
-        totals = [tf.reduce_sum(losses * weights), tf.reduce_sum(weights)]
-        if y.dtype.is_integer:
-            hits = tf.cast(tf.argmax(y_pred, axis=-1, output_type=y.dtype) == tf.reshape(y, [-1]),
-                           weights.dtype)
-            totals.append(tf.reduce_sum(hits * weights))
-        else:
-            totals.append(tf.constant(0.0))
-        totals.append(tf.cast(tf.size(losses), tf.float32))
-        return tf.stack(totals)
+        batch_size = tf.shape(tf.nest.flatten(x)[0])[0]
+        terms = self.objective.terms(y, y_pred, sample_weight, batch_size)
+        correct = tf.constant(0.0)
+        if isinstance(y, tf.Tensor) and y.dtype.is_integer:
+            hits = tf.argmax(y_pred, axis=-1, output_type=y.dtype) == tf.reshape(y, [-1])
+            correct = tf.reduce_sum(tf.cast(hits, tf.float32))
+        return tf.stack([t.numerator for t in terms] + [t.divisor for t in terms]
+                        + [correct, tf.cast(batch_size, tf.float32)])
 
     def fit(
         self,
@@ -267,6 +385,7 @@ class Trainer:
         update_steps: int | None = None,
         validation_data: tf.data.Dataset | None = None,
         callbacks: Sequence = (),
+        class_weight: dict | None = None,
         log_interval: int = 10,
         max_consecutive_skips: int = 5,
     ):
@@ -279,6 +398,7 @@ class Trainer:
             update_steps: total updates, for a dataset that repeats (or to stop mid-epoch).
             validation_data: this worker's share of the validation set, evaluated every epoch.
             callbacks: objects with any of `on_update`, `on_log`, `on_epoch_end` (see `Controller`).
+            class_weight: `{class id: weight}`, as in Keras: multiplies each sample's weight.
             log_interval: update steps between `on_log` calls.
             max_consecutive_skips: updates in a row whose reduced gradient is NaN or Inf (each is
                 skipped by every worker) before training fails with `NonFiniteGradients`.
@@ -289,6 +409,9 @@ class Trainer:
         options = CadenceOptions(
             log_interval=log_interval, max_consecutive_skips=max_consecutive_skips
         )
+        if class_weight is not None:
+            data.check_micro_batch_spec(dataset)
+            dataset = data.apply_class_weight(dataset, class_weight)
         return Controller(self, callbacks=callbacks, options=options).run(
             dataset, epochs=epochs, update_steps=update_steps, validation_dataset=validation_data
         )

@@ -95,10 +95,10 @@ def test_history_loss_is_global_weighted_mean_when_weights_differ():
     assert history.samples == 22 and history.update_steps == 2
 
 
-def test_micro_step_traces_once_per_signature_when_last_batch_is_ragged():
+def test_micro_step_is_not_traced_again_when_last_batch_is_ragged():
     shard = scenarios.make_shard(0, 22, weighted=True)
     _, trainer, _ = _train("sgd", shard, accumulation_steps=2, epochs=3)
-    assert trainer.micro_step_traces == 2  # full micro-batches, and the ragged tail
+    assert trainer.micro_step_traces == 2  # both at prepare: the first one creates the sums
     assert trainer.update_step_traces == 1
 
 
@@ -198,12 +198,13 @@ def _trainer(**overrides):
             ValueError,
             "gradient_accumulation_steps=4",
         ),
-        ({"loss": "mse"}, TypeError, "'mse'"),
+        ({"loss": "msee"}, ValueError, "'msee'"),
+        ({"loss": 3}, TypeError, "loss=3"),
         ({"clip_global_norm": 0.0}, ValueError, "0.0"),
         ({"model": "resnet"}, TypeError, "'resnet'"),
     ],
     ids=["k_zero", "k_negative", "k_float", "k_string", "k_bool", "optimizer_name",
-         "keras_accumulation", "loss_name", "clip_zero", "model_name"],
+         "keras_accumulation", "loss_name", "loss_number", "clip_zero", "model_name"],
 )
 def test_constructor_names_bad_value_when_argument_is_invalid(overrides, error, message):
     with pytest.raises(error, match=message) as raised:

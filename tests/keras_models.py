@@ -1,0 +1,121 @@
+"""Real Keras models for the exactness tests, and Keras's own step as their oracle.
+
+Each case is a model builder, its data and how it is compiled. The oracle is Keras's
+`train_on_batch` on the concatenation of a window's micro-batches (of every worker); losses that
+take sample weights use Keras's `mean_with_sample_weight` reduction, which is distaccum's
+definition (sum(w * l) / sum(w)); unweighted ones keep Keras's default.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+SAMPLES = 22  # micro-batches of 4: five full and a ragged tail of 2
+TIME_STEPS = 6
+VOCABULARY = 12
+
+
+def regularized_model(seed: int = 3, activity: bool = True) -> keras.Model:
+    """Weight regularizers on two layers and (batch-dependent) an activity regularizer."""
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([
+        keras.Input((5,)),
+        keras.layers.Dense(8, activation="tanh", kernel_regularizer=keras.regularizers.L2(0.05),
+                           activity_regularizer=keras.regularizers.L1(0.02) if activity else None),
+        keras.layers.Dense(1, kernel_regularizer=keras.regularizers.L1L2(0.01, 0.03),
+                           bias_regularizer=keras.regularizers.L2(0.1)),
+    ])
+
+
+def regularized_data(rank: int = 0, size: int = SAMPLES):
+    rng = np.random.default_rng(11 + rank)
+    x = rng.normal(size=(size, 5)).astype("float32")
+    y = (x.sum(axis=1, keepdims=True) / 3).astype("float32")
+    w = rng.uniform(0.2, 2.0, size=(size,)).astype("float32")
+    return x, y, w
+
+
+def sequence_model(seed: int = 3, mask_zero: bool = False) -> keras.Model:
+    """Per-token class logits for padded token sequences."""
+    keras.utils.set_random_seed(seed)
+    tokens = keras.Input((TIME_STEPS,), dtype="int32")
+    hidden = keras.layers.Embedding(VOCABULARY, 4, mask_zero=mask_zero)(tokens)
+    hidden = keras.layers.Dense(6, activation="tanh")(hidden)
+    return keras.Model(tokens, keras.layers.Dense(3)(hidden))
+
+
+def sequence_data(rank: int = 0, size: int = SAMPLES):
+    """Token ids with padding (id 0) after a random length, per-token labels, and the padding
+    mask as per-token weights `[batch, time]`."""
+    rng = np.random.default_rng(21 + rank)
+    lengths = rng.integers(1, TIME_STEPS + 1, size=size)
+    mask = (np.arange(TIME_STEPS)[None, :] < lengths[:, None]).astype("float32")
+    x = (rng.integers(1, VOCABULARY, size=(size, TIME_STEPS)) * mask).astype("int32")
+    y = rng.integers(0, 3, size=(size, TIME_STEPS)).astype("int32")
+    return x, y, mask
+
+
+def two_output_model(seed: int = 3) -> keras.Model:
+    """A regression head and a classification head on a shared trunk."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((5,))
+    trunk = keras.layers.Dense(8, activation="relu",
+                               kernel_regularizer=keras.regularizers.L2(0.02))(inputs)
+    value = keras.layers.Dense(1, name="value")(trunk)
+    label = keras.layers.Dense(3, name="label")(trunk)
+    return keras.Model(inputs, {"value": value, "label": label})
+
+
+def two_output_data(rank: int = 0, size: int = SAMPLES):
+    rng = np.random.default_rng(31 + rank)
+    x = rng.normal(size=(size, 5)).astype("float32")
+    value = x[:, :1] * 2 - x[:, 1:2]
+    label = np.argmax(x[:, 2:5], axis=1).astype("int32")
+    w = rng.uniform(0.2, 2.0, size=(size,)).astype("float32")
+    return x, {"value": value.astype("float32"), "label": label}, w
+
+
+TWO_OUTPUT_LOSSES = {
+    "value": keras.losses.MeanSquaredError(reduction="mean_with_sample_weight"),
+    "label": keras.losses.SparseCategoricalCrossentropy(from_logits=True,
+                                                        reduction="mean_with_sample_weight"),
+}
+TWO_OUTPUT_LOSS_WEIGHTS = {"value": 0.5, "label": 2.0}
+
+
+def micro_batches(x, y, w, size: int = 4) -> list[tuple]:
+    def take(values, i):
+        return tf.nest.map_structure(lambda v: v[i:i + size], values)
+
+    return [(take(x, i), take(y, i), None if w is None else take(w, i))
+            for i in range(0, len(tf.nest.flatten(x)[0]), size)]
+
+
+def as_dataset(x, y, w, size: int = 4) -> tf.data.Dataset:
+    return tf.data.Dataset.from_tensor_slices((x, y) if w is None else (x, y, w)).batch(size)
+
+
+def keras_reference(model: keras.Model, shards_micro_batches, k: int, epochs: int, **train_options
+                    ) -> int:
+    """Keras's own `train_on_batch` on each window's concatenated micro-batches of every worker
+    (window rule: micro-batches u*k … u*k+k-1). Returns the number of steps taken."""
+    windows = math.ceil(max(len(m) for m in shards_micro_batches) / k)
+    steps = 0
+    for _ in range(epochs):
+        for u in range(windows):
+            parts = [b for shard in shards_micro_batches for b in shard[u * k:u * k + k]]
+            x, y = (tf.nest.map_structure(lambda *p: np.concatenate(p), *[p[i] for p in parts])
+                    for i in (0, 1))
+            w = None if parts[0][2] is None else np.concatenate([p[2] for p in parts])
+            model.train_on_batch(x, y, sample_weight=w, **train_options)
+            steps += 1
+    return steps
+
+
+def assert_same_weights(got: keras.Model, expected: keras.Model, rtol: float, atol: float) -> None:
+    for a, b in zip(got.trainable_variables, expected.trainable_variables):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=rtol, atol=atol, err_msg=a.path)
