@@ -71,5 +71,6 @@ def build_model(name: str, input_features: int, seed: int) -> keras.Model:
     keras.utils.set_random_seed(seed)
     layers = [keras.Input((input_features,))]
     layers += [keras.layers.Dense(units, activation="relu") for units in hidden[name]]
-    layers.append(keras.layers.Dense(NUM_CLASSES))
+    # Logits in float32 under mixed precision too, as Keras's mixed-precision guide advises.
+    layers.append(keras.layers.Dense(NUM_CLASSES, dtype="float32"))
     return keras.Sequential(layers, name=name)

@@ -26,7 +26,7 @@ FORMAT_VERSION = 1
 _PREFIX = "update-"
 # Changing these between a run and its resume would silently change what the windows are.
 RESUME_MUST_MATCH = ("dataset", "model", "optimizer", "micro_batch_size", "accumulation_steps",
-                     "seed", "num_workers")
+                     "seed", "num_workers", "precision")
 
 
 class CheckpointError(RuntimeError):

@@ -18,6 +18,7 @@ DATASETS = ("digits", "synthetic")
 MODELS = ("digits_mlp", "synthetic_mlp")
 OPTIMIZERS = ("adam", "sgd")
 LR_SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 
 
 class ConfigError(ValueError):
@@ -42,6 +43,10 @@ class TrainConfig:
         f"learning-rate schedule over update steps: {', '.join(LR_SCHEDULES)}", default="constant"
     )
     warmup_steps: int = _help("linear warm-up, in update steps (cosine only)", default=0)
+    precision: str = _help(
+        f"Keras dtype policy: {', '.join(PRECISIONS)} (mixed_float16 adds loss scaling)",
+        default="float32",
+    )
     epochs: int | None = _help("passes over the training data (or give update_steps)", default=None)
     update_steps: int | None = _help("total update steps (or give epochs)", default=None)
     clip_global_norm: float | None = _help("clip the reduced gradient to this norm", default=None)
@@ -70,6 +75,7 @@ class TrainConfig:
             ("model", MODELS),
             ("optimizer", OPTIMIZERS),
             ("lr_schedule", LR_SCHEDULES),
+            ("precision", PRECISIONS),
         ):
             if getattr(self, name) not in allowed:
                 _fail(name, getattr(self, name), f"must be one of {', '.join(allowed)}")

@@ -71,7 +71,9 @@ def worker_datasets(config: TrainConfig, split: catalog.Split):
 
 
 def build_trainer(config: TrainConfig, split: catalog.Split, total_update_steps: int) -> Trainer:
-    """The bundled model and the configured optimizer, trained on class logits."""
+    """The bundled model under the configured dtype policy and the configured optimizer, trained
+    on class logits."""
+    keras.mixed_precision.set_global_policy(config.precision)
     return Trainer(
         catalog.build_model(config.model, split.x_train.shape[1], config.seed),
         build_optimizer(config, total_update_steps),

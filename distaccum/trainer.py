@@ -105,6 +105,16 @@ def _layers(model) -> list:
     return found
 
 
+def _times(gradient, factor):
+    """`gradient` (dense, sparse or None) times a float32 scalar, in float32."""
+    if gradient is None:
+        return None
+    if isinstance(gradient, tf.IndexedSlices):
+        return tf.IndexedSlices(tf.cast(gradient.values, tf.float32) * factor, gradient.indices,
+                                gradient.dense_shape)
+    return tf.cast(gradient, tf.float32) * factor
+
+
 class InexactWarning(UserWarning):
     """Part of the model makes accumulated training differ from large-batch training."""
 
@@ -268,11 +278,17 @@ class Trainer:
             y_pred = self.model(x, training=True)
             batch_size = tf.shape(tf.nest.flatten(x)[0])[0]
             terms = self.objective.terms(y, y_pred, sample_weight, batch_size)
-            # Unnormalised sums (dividing here would make a mean of micro-batch means), scaled
-            # by the loss scale this window's update will unscale by.
-            scaled = [self.optimizer.scale_loss(term.numerator) for term in terms]
+            # Unnormalised sums: dividing by their own divisors would make a mean of micro-batch
+            # means. Under loss scaling, float16 gradients of a sum overflow where those of
+            # Keras's batch mean do not: differentiate sum / batch_size, multiply back in float32.
+            shrink = (tf.cast(tf.maximum(batch_size, 1), tf.float32)
+                      if _loss_scale(self.optimizer) is not None else None)
+            scaled = [self.optimizer.scale_loss(
+                term.numerator if shrink is None else term.numerator / shrink) for term in terms]
         gradients = [tape.gradient(value, variables) for value in scaled]
         del tape
+        if shrink is not None:
+            gradients = [[_times(g, shrink) for g in normaliser] for normaliser in gradients]
         accumulator = self._accumulator_for([term.normaliser for term in terms])
         accumulator.add(gradients, [t.numerator for t in terms], [t.divisor for t in terms],
                         batch_size)

@@ -17,6 +17,40 @@ import tensorflow as tf
 SAMPLES = 22  # micro-batches of 4: five full and a ragged tail of 2
 TIME_STEPS = 6
 VOCABULARY = 12
+K = 3
+EPOCHS = 2
+# Two workers: rank 1 has 3 micro-batches (4, 4, 1), so its second window of each epoch is empty.
+SHARD_SIZES = (SAMPLES, 9)
+MULTIWORKER_CASES = ("regularized", "per_token", "two_output", "mixed_float16_overflow")
+OVERFLOW = 1e5  # past float16's largest value (65504): the activations become inf
+
+
+def sgd() -> keras.optimizers.Optimizer:
+    return keras.optimizers.SGD(0.05, momentum=0.5)
+
+
+def policy(case: str) -> str:
+    return "mixed_float16" if case.startswith("mixed_float16") else "float32"
+
+
+def setup(case: str, rank: int = 0, size: int = SAMPLES, seed: int = 3):
+    """(model, (x, y, w), compile options) of a case, for one worker's shard. Build the model
+    under `policy(case)`."""
+    if case == "per_token":
+        return sequence_model(seed), sequence_data(rank, size), {"loss": keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True, reduction="mean_with_sample_weight")}
+    if case == "two_output":
+        return two_output_model(seed), two_output_data(rank, size), {
+            "loss": TWO_OUTPUT_LOSSES, "loss_weights": TWO_OUTPUT_LOSS_WEIGHTS}
+    weighted_mse = {"loss": keras.losses.MeanSquaredError(reduction="mean_with_sample_weight")}
+    if case == "regularized":
+        return regularized_model(seed), regularized_data(rank, size), weighted_mse
+    if case == "mixed_float16_overflow":
+        x, y, w = regularized_data(rank, size)
+        if rank == 1:
+            x[5, 0] = OVERFLOW  # rank 1's second micro-batch: window 1 of every epoch overflows
+        return regularized_model(seed, activity=False), (x, y, w), weighted_mse
+    raise ValueError(case)
 
 
 def regularized_model(seed: int = 3, activity: bool = True) -> keras.Model:

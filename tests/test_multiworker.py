@@ -32,19 +32,29 @@ def _reference(accumulation_steps: int, optimizer: str):
     return scenarios.weights_of(model), updates
 
 
-@pytest.mark.parametrize("launcher", ["horovodrun", "mpirun"])
-@pytest.mark.parametrize("accumulation_steps", [1, 3], ids=["k1", "k3"])
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Each launcher proves the property once: horovodrun at k=3 (with Horovod's timeline),
+    mpirun at k=1 and k=3 in one launch. Returns {(launcher, k): directory of rank files}."""
+    horovodrun = tmp_path_factory.mktemp("horovodrun")
+    run_script("horovodrun", WORKERS_DIR / "train_shards.py", "--accumulation-steps", "3",
+               "--epochs", str(EPOCHS), "--out", str(horovodrun),
+               extra_env={"HOROVOD_TIMELINE": str(horovodrun / "timeline.json")})
+    mpirun = tmp_path_factory.mktemp("mpirun")
+    run_script("mpirun", WORKERS_DIR / "train_shards.py", "--accumulation-steps", "1,3",
+               "--epochs", str(EPOCHS), "--out", str(mpirun))
+    return {("horovodrun", 3): horovodrun, ("mpirun", 1): mpirun / "k1",
+            ("mpirun", 3): mpirun / "k3"}
+
+
+@pytest.mark.parametrize("launcher, accumulation_steps",
+                         [("horovodrun", 3), ("mpirun", 1), ("mpirun", 3)],
+                         ids=["horovodrun-k3", "mpirun-k1", "mpirun-k3"])
 def test_two_workers_match_large_batch_reference_when_shards_are_uneven(
-    tmp_path, launcher, accumulation_steps
+    runs, launcher, accumulation_steps
 ):
-    run_script(
-        launcher,
-        WORKERS_DIR / "train_shards.py",
-        "--accumulation-steps", str(accumulation_steps),
-        "--epochs", str(EPOCHS),
-        "--out", str(tmp_path),
-    )
-    ranks = [np.load(tmp_path / f"rank{r}.npz") for r in range(2)]
+    directory = runs[launcher, accumulation_steps]
+    ranks = [np.load(directory / f"rank{r}.npz") for r in range(2)]
     expected_weights, expected_updates = _reference(accumulation_steps, "sgd")
     for saved in ranks:
         assert int(saved["num_workers"]) == 2
@@ -56,21 +66,13 @@ def test_two_workers_match_large_batch_reference_when_shards_are_uneven(
     np.testing.assert_array_equal(ranks[0]["loss"], ranks[1]["loss"])
 
 
-def test_allreduce_count_equals_updates_not_micro_batches_when_k_is_4(tmp_path):
-    timeline = tmp_path / "timeline.json"
-    run_script(
-        "horovodrun",
-        WORKERS_DIR / "train_shards.py",
-        "--accumulation-steps", "4",
-        "--epochs", str(EPOCHS),
-        "--out", str(tmp_path),
-        extra_env={"HOROVOD_TIMELINE": str(timeline)},
-    )
-    # Worker 0 has ceil(23/4) = 6 micro-batches per epoch, so 2 updates per epoch at k=4.
+def test_allreduce_count_equals_updates_not_micro_batches_when_k_is_3(runs):
+    directory = runs["horovodrun", 3]
+    # Worker 0 has ceil(23/4) = 6 micro-batches per epoch, so 2 updates per epoch at k=3.
     expected_updates = EPOCHS * 2
     micro_batches = EPOCHS * 6
-    assert int(np.load(tmp_path / "rank0.npz")["iterations"]) == expected_updates
-    counts = collective_counts(timeline)
+    assert int(np.load(directory / "rank0.npz")["iterations"]) == expected_updates
+    counts = collective_counts(directory / "timeline.json")
     gradient_rows = {
         name: c for name, c in counts.items() if name.startswith("HorovodGroupedAllreduce")
     }

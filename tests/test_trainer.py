@@ -255,3 +255,38 @@ def test_fit_refuses_loss_that_reduces_to_one_number():
     dataset = scenarios.as_dataset(*scenarios.make_shard(0, 8, weighted=False))
     with pytest.raises(ValueError, match="one number per batch"):
         _trainer(loss=lambda y, p: tf.reduce_mean((y - p) ** 2)).fit(dataset, epochs=1)
+
+
+# Unit round-off of the compute dtype. Keras's step and ours round the same values in another
+# order (micro-batch sums added in float32 vs one batch in the low-precision dtype): the
+# difference stays within a couple of round-off units of each weight's total update.
+ROUND_OFF = {"mixed_bfloat16": 2.0 ** -8, "mixed_float16": 2.0 ** -11}
+
+
+@pytest.fixture
+def mixed_policy(request):
+    keras.mixed_precision.set_global_policy(request.param)
+    yield request.param
+    keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.mark.parametrize("mixed_policy", list(ROUND_OFF), indirect=True)
+def test_mixed_precision_matches_keras_step_within_dtype_round_off(mixed_policy):
+    import keras_models as cases
+
+    _, data, compile_options = cases.setup("regularized")
+    # No activity regularizer: Keras's own step fails on one under mixed_bfloat16.
+    model, reference = cases.regularized_model(activity=False), cases.regularized_model(activity=False)
+    before = [v.numpy() for v in model.trainable_variables]
+    trainer = distaccum.Trainer(model, cases.sgd(), accumulation_steps=cases.K, **compile_options)
+    trainer.fit(cases.as_dataset(*data), epochs=cases.EPOCHS)
+    reference.compile(optimizer=cases.sgd(), **compile_options)
+    steps = cases.keras_reference(reference, [cases.micro_batches(*data)], cases.K, cases.EPOCHS)
+    if mixed_policy == "mixed_float16":
+        assert isinstance(trainer.optimizer, keras.optimizers.LossScaleOptimizer)
+        assert float(trainer.optimizer.dynamic_scale) == 2.0 ** 15  # no overflow, no skip
+    assert int(trainer.optimizer.iterations) == steps
+    for got, expected, start in zip(model.trainable_variables, reference.trainable_variables, before):
+        assert got.dtype == "float32"
+        update = np.max(np.abs(expected.numpy() - start))
+        assert np.max(np.abs(got.numpy() - expected.numpy())) <= 4 * ROUND_OFF[mixed_policy] * update
