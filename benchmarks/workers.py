@@ -62,10 +62,11 @@ def communication(args) -> None:
     write_chief(args.out, runs)
 
 
-class UpdateClock:
+class UpdateClock(distaccum.Callback):
     """Callback summing distaccum's own split of each update: micro-steps vs update step."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.compute_seconds = 0.0
         self.update_seconds = 0.0
 
@@ -243,10 +244,11 @@ def memory(args) -> None:
     write_chief(args.out, {"peak_mb": peak_rss_mb(), "before_training_mb": before_training})
 
 
-class FirstUpdateClock:
+class FirstUpdateClock(distaccum.Callback):
     """Callback noting the wall-clock time of the first update."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.first_update_at: float | None = None
 
     def on_update(self, record) -> None:

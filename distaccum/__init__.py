@@ -29,7 +29,7 @@ _PUBLIC_NAMES = {
     "History": "distaccum.records",
     "UpdateRecord": "distaccum.records",
     "IntervalRecord": "distaccum.records",
-    "EpochRecord": "distaccum.records",
+    "Callback": "distaccum.callbacks",
     "Position": "distaccum.records",
     "TrainingInterrupted": "distaccum.records",
     "NonFiniteGradients": "distaccum.records",

@@ -9,6 +9,7 @@ with an update on its last, possibly partial, window: windows never straddle epo
 from __future__ import annotations
 
 import itertools
+import math
 import signal
 import threading
 import time
@@ -17,9 +18,9 @@ from typing import Callable, Protocol, Sequence, Union
 
 import tensorflow as tf
 
+from distaccum import callbacks as keras_callbacks
 from distaccum import data
 from distaccum.records import (
-    EpochRecord,
     History,
     IntervalRecord,
     NonFiniteGradients,
@@ -39,12 +40,17 @@ class StepRunner(Protocol):
     """What the Controller needs from a trainer."""
 
     accumulation_steps: int
+    model: object  # the Keras model callbacks see
 
     def prepare(self, element_spec) -> None: ...
 
     def micro_step(self, x, y, sample_weight=None) -> None: ...
 
-    def update_step(self, stop_vote: bool = False): ...
+    def update_step(self, stop_vote: bool = False, cancel_vote: bool = False): ...
+
+    def metric_results(self) -> dict[str, float]: ...
+
+    def reset_metrics(self) -> None: ...
 
     def evaluate(self, dataset: tf.data.Dataset) -> dict[str, float]: ...
 
@@ -122,9 +128,8 @@ class Controller:
 
     Args:
         trainer: owns `micro_step`, `update_step` and `evaluate`.
-        callbacks: objects with any of `on_update(UpdateRecord)`, `on_log(IntervalRecord)`,
-            `on_epoch_end(EpochRecord)`; called on every worker (a callback that writes files
-            belongs on the chief only).
+        callbacks: `keras.callbacks.Callback`s, run as `callbacks` describes (Keras's hooks with
+            global logs; distaccum's `on_update` and `on_log` where defined).
         options: the intervals.
         save_checkpoint: called with the `Position` at checkpoint boundaries and before stopping
             on SIGTERM, on every worker (the function decides who writes).
@@ -139,10 +144,11 @@ class Controller:
         save_checkpoint: Callable[[Position], None] | None = None,
     ) -> None:
         self._trainer = trainer
-        self._callbacks = list(callbacks)
+        self._callbacks = keras_callbacks.check_callbacks(callbacks)
         self._options = options
         self._save_checkpoint = save_checkpoint
-        self._interval: list[UpdateRecord] = []
+        self._interval: list[UpdateRecord] = []  # since the last on_log
+        self._epoch_loss = [0.0, 0.0]  # weighted loss sum and weight sum since the epoch began
         self._interval_started = 0.0
         self._consecutive_skips = 0
         self._checkpointed_step: int | None = None
@@ -174,17 +180,29 @@ class Controller:
             )
         total = update_steps if update_steps is not None else epochs * plan.updates_per_epoch
         history = History()
+        callbacks = keras_callbacks.callback_list(
+            self._callbacks, self._trainer.model, history,
+            epochs or math.ceil(total / plan.updates_per_epoch), plan.updates_per_epoch)
         position = start
         started = self._interval_started = time.perf_counter()
+        self._trainer.model.stop_training = False
+        callbacks.on_train_begin()
         with _StopRequest() as stop:
             while position.update_step < total:
-                records = self._run_epoch(
+                self._trainer.reset_metrics()
+                self._epoch_loss = [0.0, 0.0]
+                callbacks.on_epoch_begin(position.epoch - 1)
+                records, cancelled = self._run_epoch(
                     self._epoch_dataset(dataset, position.epoch), plan, position, total, stop,
-                    history,
+                    history, callbacks,
                 )
-                self._end_epoch(position.epoch, records, validation_dataset, history)
+                if records:  # as Keras's fit, an epoch stopped midway still ends (validation too)
+                    self._end_epoch(position.epoch, records, validation_dataset, history, callbacks)
                 position = _advance(position, len(records), plan.updates_per_epoch)
+                if cancelled:
+                    break
         history.seconds = time.perf_counter() - started
+        callbacks.on_train_end()
         # So that running the same job again finds it finished instead of redoing the tail.
         self._checkpoint(position)
         return history
@@ -200,7 +218,8 @@ class Controller:
             return dataset  # anything but a Dataset or a function is refused by the spec check
         return dataset(epoch)
 
-    def _run_epoch(self, dataset, plan, start: Position, total, stop, history) -> list:
+    def _run_epoch(self, dataset, plan, start: Position, total, stop, history, callbacks):
+        """The epoch's windows; `(records, cancelled)`, cancelled when a callback stopped it."""
         k = self._trainer.accumulation_steps
         # Resuming mid-epoch: the same epoch's data, minus the windows already applied.
         iterator = iter(dataset.skip(start.windows_done * k) if start.windows_done else dataset)
@@ -209,12 +228,14 @@ class Controller:
         records = []
         for done in range(1, windows + 1):
             record = self._run_window(iterator, start, done, stop.requested)
+            if float(record.result.cancel_votes) > 0:
+                return records, True  # nothing was applied: the state is the last update's
             records.append(record)
-            self._after_update(record, total, history)
+            self._after_update(record, total, history, callbacks, done - 1)
             position = _advance(start, done, plan.updates_per_epoch)
             interval = self._options.checkpoint_interval
             if float(record.result.stop_votes) > 0:
-                self._stop(position, records, total, history)
+                self._stop(position, records, total, history, callbacks)
             if interval and record.update_step % interval == 0:
                 self._checkpoint(position)
         if start.windows_done + windows == plan.updates_per_epoch and next(iterator, None) is not None:
@@ -222,7 +243,7 @@ class Controller:
                 f"the dataset yielded more than the {plan.micro_batches_per_epoch} micro-batches "
                 "counted before training; its size must not change between epochs"
             )
-        return records
+        return records, False
 
     def _run_window(self, iterator, start: Position, done: int, stop_vote: bool) -> UpdateRecord:
         started = time.perf_counter()
@@ -231,15 +252,20 @@ class Controller:
             self._trainer.micro_step(*data.unpack(micro_batch))
             micro_steps += 1
         computed = time.perf_counter()
-        result = self._trainer.update_step(stop_vote)
+        # A callback's stop request (model.stop_training) travels in this update's allreduce.
+        result = self._trainer.update_step(stop_vote, bool(self._trainer.model.stop_training))
         return UpdateRecord(
             start.update_step + done, start.epoch, micro_steps, result,
             computed - started, time.perf_counter() - computed,
         )
 
-    def _after_update(self, record: UpdateRecord, total: int, history: History) -> None:
-        self._notify("on_update", record)
+    def _after_update(self, record: UpdateRecord, total: int, history: History, callbacks,
+                      window: int) -> None:
+        keras_callbacks.notify(callbacks, "on_update", record)
         self._interval.append(record)
+        weight = float(record.result.weight_sum)
+        self._epoch_loss[0] += float(record.result.window_loss) * weight
+        self._epoch_loss[1] += weight
         if bool(record.result.skipped):
             history.skipped_updates += 1
             self._consecutive_skips += 1
@@ -251,23 +277,25 @@ class Controller:
                 )
         else:
             self._consecutive_skips = 0
+        callbacks.on_train_batch_end(window, {"loss": weighted_mean(*self._epoch_loss),
+                                              **self._trainer.metric_results()})
         if record.update_step % self._options.log_interval == 0 or record.update_step == total:
-            self._log(total, history.skipped_updates)
+            self._log(total, history.skipped_updates, callbacks)
 
-    def _stop(self, position: Position, records, total: int, history: History) -> None:
+    def _stop(self, position: Position, records, total: int, history: History, callbacks) -> None:
         if self._interval:
-            self._log(total, history.skipped_updates)
+            self._log(total, history.skipped_updates, callbacks)
         self._checkpoint(position)
         history.update_steps += len(records)
         raise TrainingInterrupted(position, history)
 
-    def _log(self, total_updates: int, skipped_updates: int) -> None:
+    def _log(self, total_updates: int, skipped_updates: int, callbacks) -> None:
         records, self._interval = self._interval, []
         now = time.perf_counter()
         seconds, self._interval_started = now - self._interval_started, now
         loss_sum, weight_sum, samples = weighted_totals([r.result for r in records])
         last = records[-1]
-        self._notify("on_log", IntervalRecord(
+        keras_callbacks.notify(callbacks, "on_log", IntervalRecord(
             update_step=last.update_step,
             total_update_steps=total_updates,
             epoch=last.epoch,
@@ -279,24 +307,15 @@ class Controller:
             compute_seconds=sum(r.compute_seconds for r in records),
             communication_seconds=sum(r.communication_seconds for r in records),
             skipped_updates=skipped_updates,
+            metrics=self._trainer.metric_results(),
         ))
 
-    def _end_epoch(self, epoch: int, records, validation_dataset, history: History) -> None:
+    def _end_epoch(self, epoch: int, records, validation_dataset, history: History,
+                   callbacks) -> None:
         loss_sum, weight_sum, samples = weighted_totals([r.result for r in records])
-        validation = (
-            self._trainer.evaluate(validation_dataset) if validation_dataset is not None else {}
-        )
+        logs = {"loss": weighted_mean(loss_sum, weight_sum), **self._trainer.metric_results()}
+        if validation_dataset is not None:
+            logs.update({f"val_{k}": v for k, v in self._trainer.evaluate(validation_dataset).items()})
         history.update_steps += len(records)
         history.samples += samples
-        history.loss.append(weighted_mean(loss_sum, weight_sum))
-        history.validation.append(validation)
-        self._notify(
-            "on_epoch_end",
-            EpochRecord(epoch, records[-1].update_step, history.loss[-1], samples, validation),
-        )
-
-    def _notify(self, event: str, record) -> None:
-        for callback in self._callbacks:
-            handler = getattr(callback, event, None)
-            if handler is not None:
-                handler(record)
+        callbacks.on_epoch_end(epoch - 1, logs)

@@ -78,6 +78,7 @@ def build_trainer(config: TrainConfig, split: catalog.Split, total_update_steps:
         catalog.build_model(config.model, split.x_train.shape[1], config.seed),
         build_optimizer(config, total_update_steps),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
         accumulation_steps=config.accumulation_steps,
         clip_global_norm=config.clip_global_norm,
     )

@@ -12,17 +12,19 @@ import sys
 from typing import TextIO
 
 from distaccum import comm
-from distaccum.records import EpochRecord, IntervalRecord, UpdateRecord
+from distaccum.callbacks import Callback
+from distaccum.records import IntervalRecord, UpdateRecord
 
 _BAR_WIDTH = 30
 
 
-class ProgressReporter:
+class ProgressReporter(Callback):
     """Owns the chief's console output during training. Create it on the chief only."""
 
     def __init__(
         self, total_update_steps: int, stream: TextIO | None = None, interactive: bool | None = None
     ) -> None:
+        super().__init__()
         self._total = total_update_steps
         self._stream = stream or sys.stdout
         if interactive is None:
@@ -51,9 +53,11 @@ class ProgressReporter:
                 f"{record.samples_per_second:,.0f} samples/s"
             )
 
-    def on_epoch_end(self, record: EpochRecord) -> None:
-        metrics = " ".join(f"validation {k} {v:.4f}" for k, v in record.validation.items())
-        self._print(f"epoch {record.epoch} done: loss {record.loss:.4f} {metrics}".rstrip())
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logs = logs or {}
+        metrics = " ".join(f"validation {k[len('val_'):]} {v:.4f}" for k, v in logs.items()
+                           if k.startswith("val_"))
+        self._print(f"epoch {epoch + 1} done: loss {logs.get('loss', 0.0):.4f} {metrics}".rstrip())
 
     def _print(self, line: str) -> None:
         if self._interactive:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import keras
 import tensorflow as tf
 
 
@@ -66,7 +67,8 @@ class UpdateRecord:
 class IntervalRecord:
     """Handed to `callback.on_log` every `log_interval` updates (and after the last update).
 
-    Loss is the sample-weighted mean over every sample of the interval on every worker.
+    Loss is the sample-weighted mean over every sample of the interval on every worker; metrics
+    are the running values of the epoch over every worker's samples.
     """
 
     update_step: int
@@ -80,53 +82,38 @@ class IntervalRecord:
     compute_seconds: float
     communication_seconds: float
     skipped_updates: int = 0
+    metrics: dict = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class EpochRecord:
-    """Handed to `callback.on_epoch_end`.
-
-    Attributes:
-        loss: sample-weighted mean training loss of the epoch over all workers.
-        validation: `{"loss": ..., "accuracy": ...}` over the whole validation set of all workers,
-            or empty without validation data.
-    """
-
-    epoch: int
-    update_step: int
-    loss: float
-    samples: int
-    validation: dict = field(default_factory=dict)
-
-
-@dataclass
-class History:
-    """What `fit` returns.
+class History(keras.callbacks.History):
+    """What `fit` returns: Keras's `History` (`history.history["loss"]`, `["val_loss"]`, one value
+    per epoch, over all workers) plus distaccum's counters.
 
     Attributes:
-        loss: per epoch, the sample-weighted mean training loss over all workers.
-        validation: per epoch, the validation metrics (empty dicts without validation data).
         update_steps: update steps (windows) run; `skipped_updates` of them were not applied
             because their gradient was not finite.
         samples: samples seen by all workers together.
         seconds: wall time of the loop.
     """
 
-    loss: list[float] = field(default_factory=list)
-    validation: list[dict] = field(default_factory=list)
-    update_steps: int = 0
-    skipped_updates: int = 0
-    samples: int = 0
-    seconds: float = 0.0
+    def __init__(self) -> None:
+        super().__init__()
+        self.update_steps = 0
+        self.skipped_updates = 0
+        self.samples = 0
+        self.seconds = 0.0
 
     @property
-    def history(self) -> dict[str, list[float]]:
-        """Keras-style view: `{"loss": [...], "val_loss": [...], ...}`."""
-        view = {"loss": list(self.loss)}
-        for metrics in self.validation:
-            for name, value in metrics.items():
-                view.setdefault(f"val_{name}", []).append(value)
-        return view
+    def loss(self) -> list[float]:
+        """Per epoch, the sample-weighted mean training loss over all workers."""
+        return list(self.history.get("loss", []))
+
+    @property
+    def validation(self) -> list[dict]:
+        """Per epoch, the validation values by name without `val_` (empty dicts without any)."""
+        names = [k for k in self.history if k.startswith("val_")]
+        return [{k[len("val_"):]: self.history[k][i] for k in names if i < len(self.history[k])}
+                for i in range(len(self.loss))]
 
 
 def weighted_totals(results: Sequence) -> tuple[float, float, int]:

@@ -10,7 +10,8 @@ Tags (one glossary with the code and the docs):
     communication/allreduce_bytes   cumulative bytes allreduced by this worker
     time/compute_seconds            micro-steps' wall time over the log interval
     time/communication_seconds      update steps' wall time (allreduce, then apply) over it
-    validation/loss, validation/accuracy   every epoch, over every worker's validation share
+    train/<metric>                  the epoch's running value over all workers (compiled metrics)
+    validation/loss, validation/<metric>   every epoch, over every worker's validation share
     config                          the configuration as YAML text, once per (resumed) session
 """
 
@@ -24,10 +25,11 @@ import yaml
 from tensorboard.compat.proto import event_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter
 
-from distaccum.records import EpochRecord, IntervalRecord
+from distaccum.callbacks import Callback
+from distaccum.records import IntervalRecord, UpdateRecord
 
 
-class TensorBoardWriter:
+class TensorBoardWriter(Callback):
     """Owns one run's event files. Create it on the chief only; it never communicates.
 
     Args:
@@ -39,8 +41,9 @@ class TensorBoardWriter:
     def __init__(
         self, logdir: str, allreduce_per_update: tuple[int, int], resumed_from: int = 0
     ) -> None:
+        super().__init__()
         _mark_session_start(Path(logdir), resumed_from + 1)
-        self._first_step = resumed_from
+        self._first_step = self._update_step = resumed_from
         self._writer = tf.summary.create_file_writer(logdir)
         self._allreduce_tensors, self._allreduce_bytes = allreduce_per_update
 
@@ -61,11 +64,17 @@ class TensorBoardWriter:
             "communication/allreduce_bytes": record.update_step * self._allreduce_bytes,
             "time/compute_seconds": record.compute_seconds,
             "time/communication_seconds": record.communication_seconds,
+            **{f"train/{name}": value for name, value in record.metrics.items()},
         }
         self._write(scalars, record.update_step)
 
-    def on_epoch_end(self, record: EpochRecord) -> None:
-        self._write({f"validation/{k}": v for k, v in record.validation.items()}, record.update_step)
+    def on_update(self, record: UpdateRecord) -> None:
+        self._update_step = record.update_step
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        validation = {f"validation/{k[len('val_'):]}": v for k, v in (logs or {}).items()
+                      if k.startswith("val_")}
+        self._write(validation, self._update_step)
 
     def _write(self, scalars: dict[str, float], step: int) -> None:
         with self._writer.as_default():

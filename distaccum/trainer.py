@@ -19,7 +19,8 @@ import tensorflow as tf
 from distaccum import comm, data
 from distaccum.accumulate import GradientAccumulator, mean_gradients, objective_value
 from distaccum.controller import CadenceOptions, Controller
-from distaccum.objective import Objective, resolve_losses, weight_regularizers
+from distaccum.metrics import GlobalMetrics
+from distaccum.objective import Objective, output_names, resolve_losses, weight_regularizers
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,8 @@ class UpdateResult:
         skipped: true when the reduced gradient was not finite on some worker's window, so no
             worker applied it (the decision is taken on reduced values: the same on every rank).
         stop_votes: how many workers asked to stop after this update (e.g. on SIGTERM).
+        cancel_votes: how many workers' callbacks asked to stop before it: then no worker
+            applied this update, and training ends with the previous update's state.
     """
 
     window_loss: tf.Tensor
@@ -45,6 +48,7 @@ class UpdateResult:
     gradient_norm: tf.Tensor
     skipped: tf.Tensor
     stop_votes: tf.Tensor
+    cancel_votes: tf.Tensor
 
     @property
     def loss(self) -> float:
@@ -155,6 +159,8 @@ class Trainer:
         loss: a `keras.losses.Loss`, a loss name, an unreduced function
             `(y_true, y_pred) -> per-sample values`, or a list/dict of those (one per output).
         loss_weights: a list/dict of each output's weight in the total loss (default 1).
+        metrics, weighted_metrics: as `model.compile` takes them; their values count every
+            worker's samples (see `metrics`).
         accumulation_steps: micro-batches per worker per update (k).
         clip_global_norm: if set, clip the reduced, normalised gradient to this global norm.
     """
@@ -166,6 +172,8 @@ class Trainer:
         *,
         loss,
         loss_weights=None,
+        metrics=None,
+        weighted_metrics=None,
         accumulation_steps: int = 1,
         clip_global_norm: float | None = None,
     ) -> None:
@@ -177,6 +185,10 @@ class Trainer:
         self.model = model
         self.optimizer = _loss_scaled(model, optimizer)
         self.objective = Objective(model, resolve_losses(model, loss, loss_weights))
+        self.metrics = (GlobalMetrics(metrics, weighted_metrics, output_names(model))
+                        if metrics or weighted_metrics else None)
+        if getattr(model, "optimizer", None) is None:
+            model.optimizer = self.optimizer  # where Keras callbacks (ReduceLROnPlateau) look
         self.accumulation_steps = _check_accumulation_steps(accumulation_steps)
         self.clip_global_norm = clip_global_norm
         self.backend = comm.current()
@@ -190,12 +202,16 @@ class Trainer:
     @classmethod
     def from_compiled(cls, model: keras.Model, *, accumulation_steps: int = 1,
                       clip_global_norm: float | None = None) -> "Trainer":
-        """A trainer with the optimizer, loss and loss weights the model was compiled with."""
+        """A trainer with the optimizer, loss, loss weights and metrics the model was compiled
+        with."""
         if not getattr(model, "compiled", False):
             raise ValueError(f"the model is not compiled: call model.compile(optimizer=..., "
                              f"loss=...) first. Received: model {model.name!r}")
+        # The arguments as given to compile (Keras keeps them for get_compile_config).
+        arguments = model._compile_config.config
         return cls(model, model.optimizer, loss=model.loss,
-                   loss_weights=model.get_compile_config().get("loss_weights"),
+                   loss_weights=arguments.get("loss_weights"), metrics=arguments.get("metrics"),
+                   weighted_metrics=arguments.get("weighted_metrics"),
                    accumulation_steps=accumulation_steps, clip_global_norm=clip_global_norm)
 
     @property
@@ -218,7 +234,7 @@ class Trainer:
         """
         if self._accumulator is None or self.backend.num_workers() == 1:
             return 0, 0
-        totals = self._accumulator.totals()
+        totals = self._accumulator.totals() + self._metric_states()
         stop_vote_bytes = 4
         return len(totals) + 1, sum(int(tf.size(t)) * t.dtype.size for t in totals) + stop_vote_bytes
 
@@ -238,6 +254,8 @@ class Trainer:
             self.model.build(tf.nest.map_structure(lambda s: s.shape, element_spec[0]))
         data.check_inputs_match_model(element_spec, self.model)
         self.optimizer.build(self.model.trainable_variables)
+        if self.metrics is not None:
+            self.metrics.build(self.model, element_spec)
         # Tracing on the dataset's spec (batch axis unknown) finds the objective's normalisers
         # and creates the sums; every micro-batch size, the ragged tail's too, runs that graph.
         self._micro_step.get_concrete_function(*data.unpack(element_spec))
@@ -262,15 +280,18 @@ class Trainer:
         """Forward, backward and accumulate one micro-batch on this worker. No communication."""
         self._micro_step(x, y, sample_weight)
 
-    def update_step(self, stop_vote: bool = False) -> UpdateResult:
+    def update_step(self, stop_vote: bool = False, cancel_vote: bool = False) -> UpdateResult:
         """Reduce the window over workers, normalise, clip, apply; every worker calls it.
 
         Args:
-            stop_vote: this worker wants training to stop after this update. The vote travels
-                in the same grouped allreduce, so all workers learn of it at the same update.
+            stop_vote: this worker wants training to stop after this update (SIGTERM). The vote
+                travels in the same grouped allreduce, so all workers learn of it at once.
+            cancel_vote: this worker wants training to stop before this update (a callback set
+                `model.stop_training`): if any worker votes so, no worker applies it.
         """
+        votes = tf.constant([float(stop_vote), float(cancel_vote)])
         with comm.collective("the update step's allreduce"):
-            return UpdateResult(*self._update_step(tf.constant(float(stop_vote))))
+            return UpdateResult(*self._update_step(votes))
 
     def _micro_step_body(self, x, y, sample_weight):
         variables = self.model.trainable_variables
@@ -285,6 +306,8 @@ class Trainer:
                       if _loss_scale(self.optimizer) is not None else None)
             scaled = [self.optimizer.scale_loss(
                 term.numerator if shrink is None else term.numerator / shrink) for term in terms]
+        if self.metrics is not None:
+            self.metrics.update(y, y_pred, sample_weight)
         gradients = [tape.gradient(value, variables) for value in scaled]
         del tape
         if shrink is not None:
@@ -304,11 +327,19 @@ class Trainer:
             )
         return self._accumulator
 
-    def _update_step_body(self, stop_vote):
-        # The only sync point of a window: gradient, loss and weight sums (and the stop vote)
-        # in one grouped allreduce.
-        totals = self.backend.sum_all(self._accumulator.totals() + [stop_vote])
-        totals, stop_votes = totals[:-1], totals[-1]
+    def _update_step_body(self, votes):
+        # The only sync point of a window: gradient, loss and weight sums, metric states (and the
+        # votes) in one grouped allreduce.
+        sums = self._accumulator.totals()
+        totals = self.backend.sum_all(sums + self._metric_states() + [votes])
+        totals, metric_states, votes = totals[:len(sums)], totals[len(sums):-1], totals[-1]
+        cancelled = votes[1] > 0
+        if self.metrics is not None:
+            def add_metric_states():
+                self.metrics.add_reduced(metric_states)
+                return tf.constant(True)
+
+            tf.cond(cancelled, lambda: tf.constant(False), add_metric_states)
         gradient_sums, numerators, divisors, sample_count = self._accumulator.split(totals)
         variables = self.model.trainable_variables
         gradients = mean_gradients(gradient_sums, divisors)
@@ -333,14 +364,26 @@ class Trainer:
             gradients, _ = tf.clip_by_global_norm(
                 gradients, self.clip_global_norm, use_norm=gradient_norm
             )
-        self._apply(gradients, finite, scale)
+        tf.cond(cancelled, lambda: tf.constant(False),
+                 lambda: self._apply(gradients, finite, scale))
         self._accumulator.reset()
         return (window_loss, divisors[0], sample_count, gradient_norm, tf.logical_not(finite),
-                stop_votes)
+                votes[0], votes[1])
 
-    def _apply(self, gradients, finite, scale) -> None:
+    def _metric_states(self) -> list[tf.Tensor]:
+        return self.metrics.window_states() if self.metrics is not None else []
+
+    def metric_results(self) -> dict[str, float]:
+        """The metrics over every worker's samples since the epoch began (empty without any)."""
+        return self.metrics.results() if self.metrics is not None else {}
+
+    def reset_metrics(self) -> None:
+        if self.metrics is not None:
+            self.metrics.reset()
+
+    def _apply(self, gradients, finite, scale) -> tf.Tensor:
         """Apply a finite update; Keras's apply() adds 1 to optimizer.iterations: one per update,
-        not per micro-step."""
+        not per micro-step. Returns whether it applied."""
         variables = self.model.trainable_variables
         if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
             # It skips a non-finite update itself and halves its scale then, so it must see the
@@ -348,7 +391,7 @@ class Trainer:
             poison = tf.where(finite, 0.0, float("nan"))
             self.optimizer.apply([g * tf.cast(scale, g.dtype) + tf.cast(poison, g.dtype)
                                   for g in gradients], variables)
-            return
+            return finite
         if scale is not None:
             gradients = [g * tf.cast(scale, g.dtype) for g in gradients]
 
@@ -356,42 +399,34 @@ class Trainer:
             self.optimizer.apply(gradients, variables)
             return tf.constant(True)
 
-        tf.cond(finite, apply, lambda: tf.constant(False))
+        return tf.cond(finite, apply, lambda: tf.constant(False))
 
     def evaluate(self, dataset: tf.data.Dataset) -> dict[str, float]:
-        """The loss over every worker's `dataset` (as Keras's on all of it); accuracy too for a
-        single output with class ids.
+        """The loss over every worker's `dataset` (as Keras's on all of it), and the metrics.
 
         Every worker must call it (the totals are summed across workers in one collective).
         """
         data.check_micro_batch_spec(dataset)
-        spec = data.unpack(dataset.element_spec)
-        step = self._evaluation_step.get_concrete_function(*spec)
+        step = self._evaluation_step.get_concrete_function(*data.unpack(dataset.element_spec))
         totals = tf.zeros(step.structured_outputs.shape)
         for micro_batch in dataset:
             totals += self._evaluation_step(*data.unpack(micro_batch))
         with comm.collective("validation"):
-            [totals] = self.backend.sum_all([totals])
-        count = (int(totals.shape[0]) - 2) // 2
-        numerators, divisors, correct, samples = (
-            totals[:count], totals[count:2 * count], totals[-2], totals[-1])
+            [totals, *metric_states] = self.backend.sum_all([totals] + self._metric_states())
+        numerators, divisors = tf.split(totals, 2)
         loss = objective_value(tf.unstack(numerators), tf.unstack(divisors))
-        metrics = {"loss": float(loss + self.objective.regularization())}
-        labels = spec[1]
-        if isinstance(labels, tf.TensorSpec) and labels.dtype.is_integer:
-            metrics["accuracy"] = float(correct / samples) if float(samples) else 0.0
-        return metrics
+        results = {"loss": float(loss + self.objective.regularization())}
+        if self.metrics is not None:
+            results.update(self.metrics.evaluation_results(metric_states))
+        return results
 
     def _evaluation_step_body(self, x, y, sample_weight):
         y_pred = self.model(x, training=False)
         batch_size = tf.shape(tf.nest.flatten(x)[0])[0]
         terms = self.objective.terms(y, y_pred, sample_weight, batch_size)
-        correct = tf.constant(0.0)
-        if isinstance(y, tf.Tensor) and y.dtype.is_integer:
-            hits = tf.argmax(y_pred, axis=-1, output_type=y.dtype) == tf.reshape(y, [-1])
-            correct = tf.reduce_sum(tf.cast(hits, tf.float32))
-        return tf.stack([t.numerator for t in terms] + [t.divisor for t in terms]
-                        + [correct, tf.cast(batch_size, tf.float32)])
+        if self.metrics is not None:
+            self.metrics.update(y, y_pred, sample_weight)
+        return tf.stack([t.numerator for t in terms] + [t.divisor for t in terms])
 
     def fit(
         self,
@@ -413,14 +448,16 @@ class Trainer:
                 window. Exactly one of `epochs` and `update_steps` is given.
             update_steps: total updates, for a dataset that repeats (or to stop mid-epoch).
             validation_data: this worker's share of the validation set, evaluated every epoch.
-            callbacks: objects with any of `on_update`, `on_log`, `on_epoch_end` (see `Controller`).
+            callbacks: `keras.callbacks.Callback`s (EarlyStopping, ModelCheckpoint, ...; see
+                `distaccum.callbacks` for what they see and where they run).
             class_weight: `{class id: weight}`, as in Keras: multiplies each sample's weight.
             log_interval: update steps between `on_log` calls.
             max_consecutive_skips: updates in a row whose reduced gradient is NaN or Inf (each is
                 skipped by every worker) before training fails with `NonFiniteGradients`.
 
         Returns:
-            A `History` with per-epoch global mean losses, validation metrics and counters.
+            A `History` (a `keras.callbacks.History`: per-epoch loss, metrics and `val_` values
+            over all workers) with distaccum's counters.
         """
         options = CadenceOptions(
             log_interval=log_interval, max_consecutive_skips=max_consecutive_skips

@@ -48,3 +48,12 @@ def run_script(
             f"stdout:\n{completed.stdout[-4000:]}\nstderr:\n{completed.stderr[-4000:]}"
         )
     return completed
+
+
+@pytest.fixture(scope="session")
+def callbacks_run(tmp_path_factory) -> Path:
+    """One 2-worker launch of `workers/train_with_callbacks.py` (metrics and Keras callbacks),
+    shared by the tests that read its files."""
+    out = tmp_path_factory.mktemp("callbacks")
+    run_script("horovodrun", WORKERS_DIR / "train_with_callbacks.py", "--out", str(out))
+    return out

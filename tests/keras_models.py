@@ -153,3 +153,25 @@ def keras_reference(model: keras.Model, shards_micro_batches, k: int, epochs: in
 def assert_same_weights(got: keras.Model, expected: keras.Model, rtol: float, atol: float) -> None:
     for a, b in zip(got.trainable_variables, expected.trainable_variables):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=rtol, atol=atol, err_msg=a.path)
+
+
+VALIDATION_SHARD_SIZES = (10, 5)
+
+
+def binary_model(seed: int = 3) -> keras.Model:
+    """Logistic regression on 5 features (one logit)."""
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([keras.Input((5,)), keras.layers.Dense(1)])
+
+
+def binary_data(rank: int = 0, size: int = SAMPLES, split: str = "train"):
+    """Noisy labels of a linear rule, so that accuracy and AUC are neither 0 nor 1."""
+    rng = np.random.default_rng((41 if split == "train" else 51) + rank)
+    x = rng.normal(size=(size, 5)).astype("float32")
+    y = ((x @ np.array([1.0, -1.0, 0.5, 0.0, 0.2]) + rng.normal(scale=0.8, size=size)) > 0)
+    return x, y.astype("int32")[:, None], None
+
+
+def binary_compile_options() -> dict:
+    return {"loss": keras.losses.BinaryCrossentropy(from_logits=True),
+            "metrics": ["accuracy", keras.metrics.AUC(from_logits=True, name="auc")]}

@@ -99,7 +99,7 @@ def test_per_token_loss_is_sum_over_window_tokens_not_mean_of_micro_batch_means(
     trainer = distaccum.Trainer(model, keras.optimizers.SGD(0.0), loss=loss, accumulation_steps=3)
     records = []
 
-    class Record:
+    class Record(distaccum.Callback):
         def on_update(self, record):
             records.append(record)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from distaccum.records import EpochRecord, IntervalRecord, UpdateRecord
+from distaccum.records import IntervalRecord, UpdateRecord
 from distaccum.progress import ProgressReporter
 
 
@@ -21,7 +21,7 @@ def _drive(reporter: ProgressReporter) -> None:
         reporter.on_update(_update(step))
         if step % 2 == 0:
             reporter.on_log(_interval(step))
-    reporter.on_epoch_end(EpochRecord(1, 4, 0.5, 128, {"accuracy": 0.9}))
+    reporter.on_epoch_end(0, {"loss": 0.5, "accuracy": 0.8, "val_loss": 0.25, "val_accuracy": 0.9})
 
 
 def test_plain_lines_every_log_interval_when_not_a_terminal():
@@ -32,7 +32,7 @@ def test_plain_lines_every_log_interval_when_not_a_terminal():
     assert lines == [
         "update 2/4 epoch 1 loss 0.5000 lr 0.01 1,000 samples/s",
         "update 4/4 epoch 1 loss 0.5000 lr 0.01 1,000 samples/s",
-        "epoch 1 done: loss 0.5000 validation accuracy 0.9000",
+        "epoch 1 done: loss 0.5000 validation loss 0.2500 validation accuracy 0.9000",
     ]
 
 
@@ -43,4 +43,4 @@ def test_bar_redrawn_every_update_when_a_terminal():
     assert output.count("\r[") == 4
     assert "update 4/4 loss 0.5000 1,000 samples/s" in output
     assert "[" + "#" * 30 + "]" in output
-    assert output.endswith("epoch 1 done: loss 0.5000 validation accuracy 0.9000\n")
+    assert output.endswith("epoch 1 done: loss 0.5000 validation loss 0.2500 validation accuracy 0.9000\n")

@@ -81,7 +81,7 @@ def test_history_loss_is_global_weighted_mean_when_weights_differ():
                                   / np.sum(w[:12]))
     records = []
 
-    class Recorder:
+    class Recorder(distaccum.Callback):
         def on_update(self, record):
             records.append(record)
 

@@ -37,8 +37,9 @@ if rank == args.nan_rank:
 several = "," in args.accumulation_steps
 
 
-class RecordSkips:
+class RecordSkips(distaccum.Callback):
     def __init__(self):
+        super().__init__()
         self.steps = []
 
     def on_update(self, record):
