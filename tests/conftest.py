@@ -51,9 +51,9 @@ def run_script(
 
 
 @pytest.fixture(scope="session")
-def callbacks_run(tmp_path_factory) -> Path:
-    """One 2-worker launch of `workers/train_with_callbacks.py` (metrics and Keras callbacks),
-    shared by the tests that read its files."""
-    out = tmp_path_factory.mktemp("callbacks")
-    run_script("horovodrun", WORKERS_DIR / "train_with_callbacks.py", "--out", str(out))
+def keras_models_run(tmp_path_factory) -> Path:
+    """One 2-worker launch of `workers/train_keras_models.py` (real Keras models, metrics and
+    Keras callbacks), shared by the tests that read its files."""
+    out = tmp_path_factory.mktemp("keras_models")
+    run_script("horovodrun", WORKERS_DIR / "train_keras_models.py", "--out", str(out))
     return out

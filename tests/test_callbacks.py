@@ -1,4 +1,4 @@
-"""Keras's own callbacks with 2 real workers (`workers/train_with_callbacks.py`): decisions taken
+"""Keras's own callbacks with 2 real workers (`workers/train_keras_models.py`): decisions taken
 alike on every rank from global logs, files written by the chief only, and a stop requested on
 one rank that stops both after the same update."""
 
@@ -23,8 +23,8 @@ def _phase(run, phase: str) -> list[dict]:
     return [json.loads((run / f"{phase}_rank{rank}.json").read_text()) for rank in range(2)]
 
 
-def test_early_stopping_stops_every_rank_after_the_same_epoch(callbacks_run):
-    ranks = _phase(callbacks_run, "callbacks")
+def test_early_stopping_stops_every_rank_after_the_same_epoch(keras_models_run):
+    ranks = _phase(keras_models_run, "callbacks")
     for saved in ranks:
         assert len(saved["history"]["loss"]) == 2  # of 6 epochs asked for
         # The stop voted at the end of epoch 2 travels in epoch 3's first update: not applied.
@@ -33,26 +33,26 @@ def test_early_stopping_stops_every_rank_after_the_same_epoch(callbacks_run):
     assert ranks[0]["history"] == ranks[1]["history"]
 
 
-def test_reduce_lr_on_plateau_lowers_the_rate_alike_on_every_rank(callbacks_run):
-    assert [saved["learning_rate"] for saved in _phase(callbacks_run, "callbacks")] == [0.25, 0.25]
+def test_reduce_lr_on_plateau_lowers_the_rate_alike_on_every_rank(keras_models_run):
+    assert [saved["learning_rate"] for saved in _phase(keras_models_run, "callbacks")] == [0.25, 0.25]
 
 
-def test_model_checkpoint_and_csv_logger_write_on_the_chief_only(callbacks_run):
-    assert sorted(p.name for p in callbacks_run.glob("*.keras")) == [
+def test_model_checkpoint_and_csv_logger_write_on_the_chief_only(keras_models_run):
+    assert sorted(p.name for p in keras_models_run.glob("*.keras")) == [
         "rank0-epoch1.keras", "rank0-epoch2.keras"]
-    assert not (callbacks_run / "rank1.csv").exists()
-    history = _phase(callbacks_run, "callbacks")[0]["history"]
-    with (callbacks_run / "rank0.csv").open() as handle:
+    assert not (keras_models_run / "rank1.csv").exists()
+    history = _phase(keras_models_run, "callbacks")[0]["history"]
+    with (keras_models_run / "rank0.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert [int(row["epoch"]) for row in rows] == [0, 1]
     for name in ("loss", "accuracy", "auc", "val_loss", "val_accuracy", "val_auc"):
         assert [float(row[name]) for row in rows] == pytest.approx(history[name], rel=1e-6)
-    saved = keras.saving.load_model(callbacks_run / "rank0-epoch2.keras")
-    assert [v.tolist() for v in saved.get_weights()] == _phase(callbacks_run, "callbacks")[0]["weights"]
+    saved = keras.saving.load_model(keras_models_run / "rank0-epoch2.keras")
+    assert [v.tolist() for v in saved.get_weights()] == _phase(keras_models_run, "callbacks")[0]["weights"]
 
 
-def test_stop_requested_on_one_rank_stops_both_after_the_same_update(callbacks_run):
-    ranks = _phase(callbacks_run, "one_rank")
+def test_stop_requested_on_one_rank_stops_both_after_the_same_update(keras_models_run):
+    ranks = _phase(keras_models_run, "one_rank")
     for saved in ranks:
         # Rank 1 asked after update 3; update 4 carried the request and applied nothing.
         assert saved["iterations"] == 3

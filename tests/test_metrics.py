@@ -1,5 +1,5 @@
 """Keras metrics over every worker's samples: 2 uneven workers against Keras on the concatenated
-data (`workers/train_with_callbacks.py`, phase `metrics`: learning rate 0, so the model is the
+data (`workers/train_keras_models.py`, phase `metrics`: learning rate 0, so the model is the
 same for every sample)."""
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def expected():
 
 @pytest.mark.parametrize("name", ["loss", "accuracy", "auc", "val_loss", "val_accuracy", "val_auc"])
 def test_logged_metric_counts_every_workers_samples_when_shards_are_uneven(
-        callbacks_run, expected, name):
+        keras_models_run, expected, name):
     for rank in range(2):
-        history = json.loads((callbacks_run / f"metrics_rank{rank}.json").read_text())["history"]
+        history = json.loads((keras_models_run / f"metrics_rank{rank}.json").read_text())["history"]
         assert history[name] == [pytest.approx(expected[name], rel=1e-5)]

@@ -15,7 +15,6 @@ import tensorflow as tf
 
 import distaccum
 import keras_models as cases
-from conftest import WORKERS_DIR, run_script
 from distaccum import objective
 
 K = 3
@@ -197,17 +196,9 @@ def test_batch_normalization_is_named_in_a_warning_when_it_trains():
         frozen.fit(cases.as_dataset(x, y, None), epochs=1)
 
 
-@pytest.fixture(scope="module")
-def two_worker_runs(tmp_path_factory):
-    """Every multi-worker case, trained once by 2 real workers under horovodrun."""
-    out = tmp_path_factory.mktemp("keras_models")
-    run_script("horovodrun", WORKERS_DIR / "train_keras_models.py", "--out", str(out))
-    return out
-
-
 @pytest.mark.multiworker
 @pytest.mark.parametrize("case", cases.MULTIWORKER_CASES)
-def test_two_workers_match_keras_large_batch_step_when_shards_are_uneven(two_worker_runs, case):
+def test_two_workers_match_keras_large_batch_step_when_shards_are_uneven(keras_models_run, case):
     keras.mixed_precision.set_global_policy(cases.policy(case))
     try:
         shards = [cases.micro_batches(*cases.setup(case, rank, size)[1])
@@ -217,7 +208,7 @@ def test_two_workers_match_keras_large_batch_step_when_shards_are_uneven(two_wor
         steps = cases.keras_reference(reference, shards, cases.K, cases.EPOCHS)
     finally:
         keras.mixed_precision.set_global_policy("float32")
-    ranks = [np.load(two_worker_runs / f"rank{r}_{case}.npz") for r in range(2)]
+    ranks = [np.load(keras_models_run / f"rank{r}_{case}.npz") for r in range(2)]
     expected = [v.numpy() for v in reference.trainable_variables]
     applied = int(reference.optimizer.iterations)
     if case == "mixed_float16_overflow":

@@ -1,9 +1,16 @@
-"""A user's script: trains each real Keras model case of `keras_models` on this worker's uneven
-shard, in one launch. Each rank saves OUT/rank<r>_<case>.npz: final weights, optimizer
-iterations and, under mixed_float16, the loss scale.
+"""A user's script: real Keras models, Keras metrics and Keras callbacks on this worker's uneven
+shard, all in one launch.
+
+First each exactness case of `keras_models`: each rank saves OUT/rank<r>_<case>.npz (final weights,
+optimizer iterations and, under mixed_float16, the loss scale). Then three trainings of the
+binary model, each saving OUT/<phase>_rank<r>.json:
+  metrics    learning rate 0, one epoch: the logged metrics over every worker's samples
+  callbacks  EarlyStopping, ModelCheckpoint, CSVLogger and ReduceLROnPlateau, up to 6 epochs
+  one_rank   a callback on rank 1 only sets model.stop_training after update 3
 """
 
 import argparse
+import json
 import os
 import sys
 
@@ -37,3 +44,37 @@ for case in cases.MULTIWORKER_CASES:
              *[v.numpy() for v in model.trainable_variables],
              iterations=int(trainer.optimizer.iterations), **extra)
     keras.mixed_precision.set_global_policy("float32")
+
+
+training = cases.as_dataset(*cases.binary_data(rank, cases.SHARD_SIZES[rank]))
+validation = cases.as_dataset(*cases.binary_data(rank, cases.VALIDATION_SHARD_SIZES[rank], "validation"))
+
+
+class StopOnRank1(keras.callbacks.Callback):
+    def on_train_batch_end(self, batch, logs=None):
+        if rank == 1 and batch == 2:
+            self.model.stop_training = True
+
+
+def train(phase: str, learning_rate: float, epochs: int, callbacks=()):
+    model = cases.binary_model(seed=3 + rank)  # rank 0's weights win at the start
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate), **cases.binary_compile_options())
+    trainer = distaccum.Trainer.from_compiled(model, accumulation_steps=1)
+    history = trainer.fit(training, epochs=epochs, validation_data=validation, callbacks=list(callbacks))
+    assert isinstance(history, keras.callbacks.History)
+    with open(os.path.join(args.out, f"{phase}_rank{rank}.json"), "w") as handle:
+        json.dump({"history": history.history, "iterations": int(trainer.optimizer.iterations),
+                   "learning_rate": float(trainer.optimizer.learning_rate),
+                   "weights": [v.numpy().tolist() for v in model.trainable_variables]}, handle)
+
+
+train("metrics", 0.0, 1)
+out = args.out
+train("callbacks", 0.5, 6, [
+    # min_delta so large that no epoch improves: stop after epoch 2, lower the rate each epoch.
+    keras.callbacks.EarlyStopping(monitor="val_loss", min_delta=100.0, patience=1),
+    keras.callbacks.ReduceLROnPlateau(monitor="val_loss", min_delta=100.0, patience=0, factor=0.5),
+    keras.callbacks.ModelCheckpoint(os.path.join(out, f"rank{rank}-epoch{{epoch}}.keras")),
+    keras.callbacks.CSVLogger(os.path.join(out, f"rank{rank}.csv")),
+])
+train("one_rank", 0.5, 2, [StopOnRank1()])
