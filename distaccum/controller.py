@@ -227,6 +227,7 @@ class Controller:
         windows = int(min(plan.updates_per_epoch - start.windows_done, total - start.update_step))
         records = []
         for done in range(1, windows + 1):
+            callbacks.on_train_batch_begin(done - 1)
             record = self._run_window(iterator, start, done, stop.requested)
             if float(record.result.cancel_votes) > 0:
                 return records, True  # nothing was applied: the state is the last update's

@@ -19,7 +19,7 @@ from distaccum import catalog, comm, data
 from distaccum.checkpoint import CheckpointError, CheckpointManager
 from distaccum.config import ConfigError, TrainConfig
 from distaccum.controller import CadenceOptions, Controller
-from distaccum.progress import ProgressReporter
+from distaccum.progress import ProgressReporter, loss_first
 from distaccum.records import Position
 from distaccum.summaries import TensorBoardWriter
 from distaccum.trainer import Trainer
@@ -115,7 +115,7 @@ def describe_start(config: TrainConfig, updates_per_epoch, total: int, logdir: P
 
 
 def describe_end(result: JobResult) -> str:
-    metrics = ", ".join(f"validation {k} {v:.4f}" for k, v in result.validation.items())
+    metrics = ", ".join(f"validation {k} {v:.4f}" for k, v in loss_first(result.validation))
     return "\n".join([
         f"distaccum: done: {result.update_steps} update steps, "
         f"{result.samples_per_second:,.0f} samples/s, {metrics}",

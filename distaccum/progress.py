@@ -18,6 +18,11 @@ from distaccum.records import IntervalRecord, UpdateRecord
 _BAR_WIDTH = 30
 
 
+def loss_first(values: dict) -> list[tuple[str, float]]:
+    """`values` as (name, value) pairs, the loss first, then by name (Keras sorts its logs)."""
+    return sorted(values.items(), key=lambda item: (item[0] != "loss", item[0]))
+
+
 class ProgressReporter(Callback):
     """Owns the chief's console output during training. Create it on the chief only."""
 
@@ -55,8 +60,8 @@ class ProgressReporter(Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         logs = logs or {}
-        metrics = " ".join(f"validation {k[len('val_'):]} {v:.4f}" for k, v in logs.items()
-                           if k.startswith("val_"))
+        validation = {k[len("val_"):]: v for k, v in logs.items() if k.startswith("val_")}
+        metrics = " ".join(f"validation {k} {v:.4f}" for k, v in loss_first(validation))
         self._print(f"epoch {epoch + 1} done: loss {logs.get('loss', 0.0):.4f} {metrics}".rstrip())
 
     def _print(self, line: str) -> None:

@@ -227,16 +227,16 @@ class Trainer:
 
     @property
     def allreduce_per_update(self) -> tuple[int, int]:
-        """(tensors, bytes) one update step allreduces: the gradient sums, three statistics and
-        the stop vote, all float32-sized.
+        """(tensors, bytes) one update step allreduces: the gradient sums and statistics per
+        normaliser, the sample count, the metrics' states and the votes, all float32.
 
         (0, 0) with one worker, where the single-process backend communicates nothing.
         """
         if self._accumulator is None or self.backend.num_workers() == 1:
             return 0, 0
         totals = self._accumulator.totals() + self._metric_states()
-        stop_vote_bytes = 4
-        return len(totals) + 1, sum(int(tf.size(t)) * t.dtype.size for t in totals) + stop_vote_bytes
+        vote_bytes = 8  # the stop and cancel votes, one tensor of two
+        return len(totals) + 1, sum(int(tf.size(t)) * t.dtype.size for t in totals) + vote_bytes
 
     def learning_rate_at(self, update_step: int) -> float:
         """The learning rate the optimizer used for update `update_step` (1-based)."""

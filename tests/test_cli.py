@@ -51,9 +51,10 @@ def test_config_is_frozen():
         (["--set", "epochs=2", "--set", "update_steps=3"], "update_steps=3"),
         (["--set", "log_interval=true"], "log_interval=True"),
         (["--set", "noequals"], "'noequals'"),
+        (["--set", "precision=float64"], "precision='float64'"),
     ],
     ids=["k_zero", "negative_lr", "unknown_key", "unknown_model", "unknown_dataset",
-         "wrong_type", "both_durations", "bool_for_int", "override_syntax"],
+         "wrong_type", "both_durations", "bool_for_int", "override_syntax", "precision"],
 )
 def test_train_exits_2_with_one_line_when_value_is_bad(capsys, arguments, expected):
     assert cli.main(["train", "--config", DIGITS, *arguments]) == cli.EXIT_BAD_INPUT
@@ -103,3 +104,20 @@ def test_help_documents_every_config_key():
     assert completed.returncode == 0
     for key in TrainConfig.__dataclass_fields__:
         assert f"  {key} " in completed.stdout
+
+
+@pytest.mark.parametrize("precision", ["mixed_bfloat16", "mixed_float16"])
+def test_precision_key_trains_the_model_under_that_policy(tmp_path, capsys, precision):
+    import keras
+
+    try:
+        code = cli.main(["train", "--config", DIGITS, "--set", f"precision={precision}",
+                         "--set", "epochs=null", "--set", "update_steps=3",
+                         "--set", f"logdir={tmp_path}"])
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert code == 0, capsys.readouterr().err
+    assert "distaccum: done: 3 update steps" in capsys.readouterr().out
+    model = keras.saving.load_model(tmp_path / "model.keras")
+    assert model.layers[0].dtype_policy.name == precision
+    assert model.layers[-1].dtype_policy.name == "float32"  # the logits

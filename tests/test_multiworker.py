@@ -77,7 +77,7 @@ def test_allreduce_count_equals_updates_not_micro_batches_when_k_is_3(runs):
         name: c for name, c in counts.items() if name.startswith("HorovodGroupedAllreduce")
     }
     num_variables = len(scenarios.make_model().trainable_variables)
-    # One row per gradient sum, plus loss sum, weight sum, sample count and stop vote: one group.
+    # One row per gradient sum, plus loss sum, weight sum, sample count and votes: one group.
     assert len(gradient_rows) == num_variables + 4
     assert {c["ALLREDUCE"] for c in gradient_rows.values()} == {expected_updates}
     assert expected_updates < micro_batches
