@@ -23,7 +23,7 @@ _PUBLIC_NAMES = {
     "shard": "distaccum.data",
     "Trainer": "distaccum.trainer",
     "UpdateResult": "distaccum.trainer",
-    "InexactWarning": "distaccum.trainer",
+    "InexactWarning": "distaccum.objective",
     "Controller": "distaccum.controller",
     "CadenceOptions": "distaccum.controller",
     "History": "distaccum.records",

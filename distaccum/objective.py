@@ -17,17 +17,21 @@ Every ratio's numerator and denominator are sums over samples: each micro-step a
 *normaliser* (terms that share a denominator share one gradient sum), the update step sums them
 over workers and divides once. R is differentiated once, in the update step.
 
-Owns which loss goes with which output, with which weight and which normaliser. Does not own the
-sums (`accumulate`) nor the steps (`trainer`).
+Owns which loss goes with which output, with which weight and which normaliser, and saying when
+the model makes training inexact (BatchNormalization). Does not own the sums (`accumulate`) nor
+the steps (`trainer`).
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 import keras
 import tensorflow as tf
+
+from distaccum import comm
 
 # Normalisers (denominators) by name; data losses with per-element weights get one per output.
 SAMPLES = "samples"  # the sample count: unweighted data losses and layers' added losses
@@ -253,3 +257,29 @@ def merge(terms: Sequence[Term]) -> list[Term]:
         else:
             merged[term.normaliser] = term
     return list(merged.values())
+
+
+def _layers(model) -> list:
+    """Every layer of `model`, nested models' layers included."""
+    found = []
+    for layer in getattr(model, "layers", []):
+        found.append(layer)
+        found.extend(_layers(layer))
+    return found
+
+
+class InexactWarning(UserWarning):
+    """Part of the model makes accumulated training differ from large-batch training."""
+
+
+def warn_if_inexact(model: keras.Model) -> None:
+    """BatchNormalization in training normalises each micro-batch with that micro-batch's
+    statistics: no accumulation can reproduce statistics over the global batch. Say so."""
+    names = [layer.name for layer in _layers(model)
+             if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
+    if names and comm.is_chief():
+        warnings.warn(InexactWarning(
+            f"distaccum: BatchNormalization layers ({', '.join(names)}) normalise each "
+            "micro-batch by its own statistics, not the global batch's: training is not exactly "
+            "large-batch training. LayerNormalization or GroupNormalization (per sample) are "
+            "exact; so is BatchNormalization with trainable=False"), stacklevel=3)

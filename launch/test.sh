@@ -4,4 +4,5 @@ set -euo pipefail
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$repo_root/launch/setup.sh"
 cd "$repo_root"
-exec "$repo_root/.venv/bin/python" -m pytest "$@"
+# The 15 slowest tests close the output, so a slow addition shows.
+exec "$repo_root/.venv/bin/python" -m pytest --durations=15 "$@"
