@@ -72,9 +72,11 @@ def test_plain_object_is_refused_as_a_callback():
         trainer.fit(cases.as_dataset(*cases.binary_data()), epochs=1, callbacks=[NotACallback()])
 
 
-def test_early_stopping_restores_best_weights_in_one_process():
-    # Keras's own fit on the same data, as the oracle of what EarlyStopping leaves behind.
+def test_history_and_early_stopping_match_keras_fit_when_one_process_accumulates():
+    # Keras's own fit with batches of k micro-batches (12, then the ragged 10) is the oracle:
+    # same loss and metrics per epoch, same stop, same restored weights.
     data = cases.binary_data()
+    k = 3
 
     def fit(with_distaccum: bool):
         model = cases.binary_model()
@@ -82,15 +84,18 @@ def test_early_stopping_restores_best_weights_in_one_process():
         stop = keras.callbacks.EarlyStopping(monitor="loss", min_delta=100.0, patience=1,
                                              restore_best_weights=True)
         if with_distaccum:
-            history = distaccum.Trainer.from_compiled(model).fit(
+            history = distaccum.Trainer.from_compiled(model, accumulation_steps=k).fit(
                 cases.as_dataset(*data), epochs=5, callbacks=[stop])
         else:
-            history = model.fit(data[0], data[1], batch_size=4, epochs=5, callbacks=[stop],
+            history = model.fit(data[0], data[1], batch_size=4 * k, epochs=5, callbacks=[stop],
                                 shuffle=False, verbose=0)
         return model, history
 
     ours, our_history = fit(True)
     theirs, their_history = fit(False)
-    assert len(our_history.history["loss"]) == len(their_history.history["loss"]) == 2
+    assert len(our_history.history["loss"]) == 2
+    assert set(our_history.history) == set(their_history.history) == {"loss", "accuracy", "auc"}
+    for name, values in their_history.history.items():
+        assert our_history.history[name] == pytest.approx(values, rel=1e-5), name
     for a, b in zip(ours.get_weights(), theirs.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
