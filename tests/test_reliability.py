@@ -15,13 +15,14 @@ import psutil
 import pytest
 from tensorboard.backend.event_processing import plugin_event_accumulator
 
+from distaccum import cli
 from conftest import MPI_ROOT_VARIABLES, REPO_ROOT, VENV_BIN, WORKERS_DIR, launcher_command, run_script
 
 pytestmark = pytest.mark.multiworker
 
 SYNTHETIC = str(REPO_ROOT / "distaccum" / "configs" / "synthetic.yaml")
 DIGITS = str(REPO_ROOT / "distaccum" / "configs" / "digits.yaml")
-TOTAL_UPDATES = 120
+TOTAL_UPDATES = 80
 LOG_INTERVAL = 10
 
 
@@ -101,7 +102,7 @@ def test_resumed_run_equals_uninterrupted_run_when_sigterm_twice(tmp_path):
 
     resumed = tmp_path / "resumed"
     _run_interrupted_at(resumed, after_checkpoint=10)
-    second = _run_interrupted_at(resumed, after_checkpoint=70)
+    second = _run_interrupted_at(resumed, after_checkpoint=40)
     assert "resuming after update step" in second
     process, output = _start("horovodrun", resumed, *_SCHEDULE)
     code, text = _finish(process, output)
@@ -176,37 +177,39 @@ def test_training_stops_with_clear_error_when_too_many_consecutive_skips(tmp_pat
                 "step 3)") in completed.stdout + completed.stderr
 
 
-def _local(logdir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    command = [str(VENV_BIN / "distaccum"), "train", "--config", DIGITS, "--set", f"logdir={logdir}",
-               "--set", "epochs=null", "--set", "checkpoint_interval=5", *overrides]
-    return subprocess.run(command, capture_output=True, text=True, env=_environment(), timeout=240)
+def _local(capsys, logdir: Path, *overrides: str) -> tuple[int, str, str]:
+    """The CLI in this process (no launcher: one worker), as (exit code, stdout, stderr)."""
+    code = cli.main(["train", "--config", DIGITS, "--set", f"logdir={logdir}", "--set",
+                     "epochs=null", "--set", "checkpoint_interval=5", *overrides])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
 
-def test_truncated_checkpoint_falls_back_to_previous_with_warning(tmp_path):
-    first = _local(tmp_path, "--set", "update_steps=20")
-    assert first.returncode == 0, first.stderr[-2000:]
+def test_truncated_checkpoint_falls_back_to_previous_with_warning(tmp_path, capsys):
+    code, _, err = _local(capsys, tmp_path, "--set", "update_steps=20")
+    assert code == 0, err[-2000:]
     latest = tmp_path / "checkpoints" / "update-000000020" / "state.npz"
     latest.write_bytes(latest.read_bytes()[:1000])
-    resumed = _local(tmp_path, "--set", "update_steps=30")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "warning: checkpoint" in resumed.stderr and "update-000000020" in resumed.stderr
-    assert "resuming after update step 15" in resumed.stdout
-    assert "distaccum: done: 30 update steps" in resumed.stdout
+    code, out, err = _local(capsys, tmp_path, "--set", "update_steps=30")
+    assert code == 0, err[-2000:]
+    assert "warning: checkpoint" in err and "update-000000020" in err
+    assert "resuming after update step 15" in out
+    assert "distaccum: done: 30 update steps" in out
 
 
-def test_every_checkpoint_damaged_is_a_clear_error(tmp_path):
-    assert _local(tmp_path, "--set", "update_steps=10").returncode == 0
+def test_every_checkpoint_damaged_is_a_clear_error(tmp_path, capsys):
+    assert _local(capsys, tmp_path, "--set", "update_steps=10")[0] == 0
     for state in (tmp_path / "checkpoints").glob("update-*/state.npz"):
         state.write_bytes(b"")
-    failed = _local(tmp_path, "--set", "update_steps=20")
-    assert failed.returncode == 1
-    [error] = [line for line in failed.stderr.splitlines() if line.startswith("distaccum: error")]
+    code, _, err = _local(capsys, tmp_path, "--set", "update_steps=20")
+    assert code == 1
+    [error] = [line for line in err.splitlines() if line.startswith("distaccum: error")]
     assert "no readable checkpoint" in error and "update-000000010" in error
 
 
-def test_unwritable_checkpoint_directory_is_refused_before_training(tmp_path):
+def test_unwritable_checkpoint_directory_is_refused_before_training(tmp_path, capsys):
     (tmp_path / "checkpoints").write_text("a file where the directory should be")
-    refused = _local(tmp_path, "--set", "update_steps=10")
-    assert refused.returncode == 2
-    assert "checkpoint directory not writable" in refused.stderr
-    assert "update 1" not in refused.stdout and not (tmp_path / "model.keras").exists()
+    code, out, err = _local(capsys, tmp_path, "--set", "update_steps=10")
+    assert code == 2
+    assert "checkpoint directory not writable" in err
+    assert "update 1" not in out and not (tmp_path / "model.keras").exists()
