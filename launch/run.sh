@@ -30,18 +30,25 @@ esac
 
 bash "$repo_root/launch/setup.sh"
 export PATH="$repo_root/.venv/bin:$PATH"
-forwarded=(-x PATH)
+# No TensorFlow start-up banners on any rank (errors still print); forwarded to every host.
+export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
+forwarded=(-x PATH -x TF_CPP_MIN_LOG_LEVEL)
 if [ "$(id -u)" = 0 ]; then
   # Open MPI refuses to start as root without both (on every host, hence forwarded too).
   export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
   forwarded+=(-x OMPI_ALLOW_RUN_AS_ROOT -x OMPI_ALLOW_RUN_AS_ROOT_CONFIRM)
 fi
 train=("$repo_root/.venv/bin/distaccum" train)
+# horovodrun imports TensorFlow itself, which prints two load-time banners no log level silences
+# (the workers drop theirs in distaccum's CLI); every other line passes, errors included.
+banners=(-e 'All log messages before absl::InitializeLog' -e 'oneDNN custom operations are on')
 
 case "$mode" in
   local) exec "${train[@]}" "$@" ;;
-  gloo) exec horovodrun --gloo -np "$num_workers" "${train[@]}" "$@" ;;
+  gloo) exec horovodrun --gloo -np "$num_workers" "${train[@]}" "$@" \
+    2> >(grep --line-buffered -v "${banners[@]}" >&2) ;;
   mpi) exec mpirun -np "$num_workers" "${train[@]}" "$@" ;;
-  horovodrun-mpi) exec horovodrun --mpi -np "$num_workers" "${train[@]}" "$@" ;;
+  horovodrun-mpi) exec horovodrun --mpi -np "$num_workers" "${train[@]}" "$@" \
+    2> >(grep --line-buffered -v "${banners[@]}" >&2) ;;
   hostfile) exec mpirun --hostfile "$hostfile" -np "$num_workers" "${forwarded[@]}" "${train[@]}" "$@" ;;
 esac

@@ -13,6 +13,8 @@ horovod_version=0.28.1
 horovod_patch_level=2
 
 log() { echo "[setup] $*" >&2; }
+# The checks below import TensorFlow: no C++ banners (errors still print).
+export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 
 if [ ! -x "$venv/bin/python" ]; then
   log "creating $venv"
@@ -32,7 +34,7 @@ fi
 log "installing distaccum and its pinned dependencies"
 # uv installs in parallel: measured here into a fresh venv, 9 s with nothing cached against pip's
 # 40 s with every wheel cached. pip stays for the Horovod build below.
-"$py" -m pip install -q "uv==0.13.9"
+"$py" -m pip install -qq "uv==0.13.9"
 uv=("$venv/bin/uv" pip install -q --python "$py")
 "${uv[@]}" "setuptools>=77" wheel -e "$repo_root[test,benchmarks]"
 
@@ -46,7 +48,7 @@ build_horovod_wheel() {
   work=$(mktemp -d)
   trap 'rm -rf "$work"' RETURN
   log "building Horovod $horovod_version against TF $tf_version (takes ~5 min, once)"
-  "$py" -m pip download -q --no-deps --no-binary :all: -d "$work" "horovod==$horovod_version"
+  "$py" -m pip download -qq --no-deps --no-binary :all: -d "$work" "horovod==$horovod_version"
   tar -xzf "$work"/horovod-$horovod_version.tar.gz -C "$work"
   local src="$work/horovod-$horovod_version"
   # TF 2.21 no longer ships the XLA headers xla_mpi_ops.cc needs; XLA ops only matter for GPU XLA.
@@ -79,8 +81,12 @@ fi
 log "installing cached $(ls "$wheel_dir"/horovod-*.whl)"
 "${uv[@]}" --reinstall --no-deps "$wheel_dir"/horovod-*.whl
 "${uv[@]}" cloudpickle psutil packaging cffi
-"$py" -c "import horovod.tensorflow as hvd; assert hvd.gloo_built() and hvd.mpi_built()" \
-  || { log "Horovod installed but not built with Gloo and MPI"; exit 1; }
+# Quiet unless it fails (importing TensorFlow prints load-time banners).
+if ! check=$("$py" -c "import horovod.tensorflow as hvd; assert hvd.gloo_built() and hvd.mpi_built()" 2>&1); then
+  echo "$check" >&2
+  log "Horovod installed but not built with Gloo and MPI"
+  exit 1
+fi
 
 echo "$inputs_hash" > "$stamp"
 log "ready: $venv"

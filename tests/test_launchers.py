@@ -69,6 +69,9 @@ def test_main_command_reaches_95_percent_validation_accuracy_when_two_workers(tm
     assert "num_workers 2," in completed.stdout
     assert "[0]<stdout>" in completed.stdout and "[1]<stdout>" not in completed.stdout
     assert completed.stdout.count("distaccum: done:") == 1
+    # A quiet console: our lines only, no TensorFlow banners from any rank, no set-up noise.
+    assert all(line.startswith("[0]<stdout>:") for line in completed.stdout.splitlines())
+    assert [line for line in completed.stderr.splitlines() if not line.startswith("[setup]")] == []
     summary = re.search(r"distaccum: done: (\d+) update steps, ([\d,]+) samples/s, "
                         r"validation loss [\d.]+, validation accuracy ([\d.]+)", completed.stdout)
     assert summary, completed.stdout[-2000:]
