@@ -1,26 +1,31 @@
-"""The communication backend: the only module that imports Horovod.
+"""The communication backend: the only module that imports Horovod or mpi4py.
 
-Two backends share one small interface. `SingleProcessBackend` needs nothing but TensorFlow, so
+Three backends share one small interface. `SingleProcessBackend` needs nothing but TensorFlow, so
 `python script.py` works without Horovod installed; `HorovodBackend` wraps Horovod's collectives
-on plain tensors (Horovod's Keras and optimizer wrappers do not work with Keras 3 variables).
+on plain tensors (Horovod's Keras and optimizer wrappers do not work with Keras 3 variables);
+`MPIBackend` runs the same collectives through mpi4py, a plain wheel, under `mpirun`.
 
 `init()` picks the backend from the environment a launcher leaves behind: `horovodrun` sets
-`HOROVOD_RANK`, Open MPI's `mpirun` sets `OMPI_COMM_WORLD_SIZE`, and `DISTACCUM_BACKEND`
-(`single` or `horovod`) overrides the guess.
+`HOROVOD_RANK`; Open MPI's `mpirun` sets `OMPI_COMM_WORLD_SIZE` (Horovod when it is installed,
+else mpi4py); `DISTACCUM_BACKEND` (`single`, `horovod` or `mpi`) overrides the guess.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import importlib.util
 import os
 from typing import Iterator, Protocol, Sequence
 
+import numpy as np
 import tensorflow as tf
 
 from distaccum import devices
 
 _LAUNCHER_VARIABLES = ("HOROVOD_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_RANK", "PMIX_RANK")
 _BACKEND_VARIABLE = "DISTACCUM_BACKEND"
+BACKENDS = ("single", "horovod", "mpi")
 
 
 class WorkerLost(RuntimeError):
@@ -30,11 +35,11 @@ class WorkerLost(RuntimeError):
 
 @contextlib.contextmanager
 def collective(what: str) -> Iterator[None]:
-    """Turn a failed Horovod collective inside `what` into one clear `WorkerLost`."""
+    """Turn a failed Horovod or MPI collective inside `what` into one clear `WorkerLost`."""
     try:
         yield
     except tf.errors.OpError as error:
-        if "horovod" not in str(error).lower():
+        if not any(name in str(error).lower() for name in ("horovod", "mpi")):
             raise
         raise WorkerLost(
             f"rank {rank()} lost contact with another worker during {what} (a worker process "
@@ -132,6 +137,64 @@ class HorovodBackend:
         return result
 
 
+class MPIBackend:
+    """mpi4py collectives on `MPI.COMM_WORLD`, for jobs started by `mpirun` without Horovod.
+
+    Inside `tf.function` each collective is one `tf.numpy_function` around one MPI call: a grouped
+    sum concatenates every tensor into one float32 buffer, so an update step is one
+    `Allreduce`, as with Horovod's grouped allreduce. `collective_counts` counts the calls made
+    by this process, by kind (Horovod's timeline plays that part for `HorovodBackend`).
+    """
+
+    name = "mpi"
+
+    def __init__(self) -> None:
+        from mpi4py import MPI  # imported here only: the other backends must not need it
+
+        self._mpi = MPI
+        self._world = MPI.COMM_WORLD
+        self._node = self._world.Split_type(MPI.COMM_TYPE_SHARED)
+        self.collective_counts: collections.Counter = collections.Counter()
+
+    def num_workers(self) -> int:
+        return self._world.Get_size()
+
+    def rank(self) -> int:
+        return self._world.Get_rank()
+
+    def local_rank(self) -> int:
+        return self._node.Get_rank()
+
+    def _allreduce(self, buffer: np.ndarray, operation) -> np.ndarray:
+        result = np.empty_like(buffer)
+        self._world.Allreduce(buffer, result, op=operation)
+        self.collective_counts["allreduce"] += 1
+        return result
+
+    def _reduce(self, tensors: Sequence[tf.Tensor], operation, dtype) -> list[tf.Tensor]:
+        tensors = [tf.convert_to_tensor(t) for t in tensors]
+        flat = tf.concat([tf.reshape(tf.cast(t, dtype), [-1]) for t in tensors], axis=0)
+        reduced = tf.numpy_function(lambda b: self._allreduce(b, operation), [flat], dtype,
+                                    stateful=True)
+        reduced.set_shape(flat.shape)
+        pieces = tf.split(reduced, [t.shape.num_elements() for t in tensors])
+        return [tf.reshape(tf.cast(p, t.dtype), t.shape) for p, t in zip(pieces, tensors)]
+
+    def sum_all(self, tensors: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+        # Everything summed is float32 (sums, statistics, metric states, votes): one buffer.
+        return self._reduce(tensors, self._mpi.SUM, tf.float32)
+
+    def max_all(self, value: tf.Tensor) -> tf.Tensor:
+        [result] = self._reduce([value], self._mpi.MAX, tf.convert_to_tensor(value).dtype)
+        return result
+
+    def broadcast_from_chief(self, tensors: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+        # Eager (start-up only): every value of every dtype in one pickled broadcast.
+        values = self._world.bcast([np.asarray(t) for t in tensors], root=0)
+        self.collective_counts["broadcast"] += 1
+        return [tf.convert_to_tensor(v) for v in values]
+
+
 _backend: Backend | None = None
 
 
@@ -141,17 +204,32 @@ def launched_by_launcher(environ: dict[str, str] | None = None) -> bool:
     return any(name in environ for name in _LAUNCHER_VARIABLES)
 
 
-def choose_backend_name(environ: dict[str, str] | None = None) -> str:
-    """`horovod` under a launcher, `single` otherwise; `DISTACCUM_BACKEND` overrides."""
+def choose_backend_name(environ: dict[str, str] | None = None,
+                        horovod_installed: bool | None = None) -> str:
+    """`horovod` under horovodrun; under mpirun `horovod` if it is installed, else `mpi`;
+    `single` without a launcher. `DISTACCUM_BACKEND` overrides."""
     environ = os.environ if environ is None else environ
     requested = environ.get(_BACKEND_VARIABLE, "")
     if requested:
-        if requested not in ("single", "horovod"):
+        if requested not in BACKENDS:
             raise ValueError(
-                f"{_BACKEND_VARIABLE} must be 'single' or 'horovod'. Received: {requested!r}"
+                f"{_BACKEND_VARIABLE} must be one of {', '.join(BACKENDS)}. Received: {requested!r}"
             )
         return requested
-    return "horovod" if launched_by_launcher(environ) else "single"
+    if not launched_by_launcher(environ):
+        return "single"
+    if "HOROVOD_RANK" in environ:
+        return "horovod"
+    if horovod_installed is None:
+        horovod_installed = _importable("horovod.tensorflow")
+    return "horovod" if horovod_installed else "mpi"
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # a parent package that is there but fails to import
+        return False
 
 
 def init() -> Backend:
@@ -162,16 +240,17 @@ def init() -> Backend:
     """
     global _backend
     if _backend is None:
-        if choose_backend_name() == "horovod":
+        name = choose_backend_name()
+        if name == "single":
+            backend: Backend = SingleProcessBackend()
+        else:
             try:
-                backend: Backend = HorovodBackend()
+                backend = HorovodBackend() if name == "horovod" else MPIBackend()
             except ImportError as error:
                 raise RuntimeError(
-                    "this process was started by horovodrun/mpirun but Horovod cannot be "
-                    f"imported ({error}); run launch/setup.sh"
+                    f"the {name} backend was chosen but cannot be imported ({error}); run "
+                    "launch/setup.sh (or set DISTACCUM_BACKEND)"
                 ) from error
-        else:
-            backend = SingleProcessBackend()
         devices.configure_gpus(backend.local_rank())
         _backend = backend
     return _backend

@@ -1,4 +1,5 @@
-"""Backend choice, and single-process training where Horovod cannot even be imported."""
+"""Backend choice, and training where Horovod cannot even be imported: one process, and
+mpirun with the mpi4py backend."""
 
 from __future__ import annotations
 
@@ -10,18 +11,21 @@ from distaccum import comm
 
 
 @pytest.mark.parametrize(
-    "environ, expected",
+    "environ, horovod_installed, expected",
     [
-        ({}, "single"),
-        ({"HOROVOD_RANK": "0", "HOROVOD_SIZE": "2"}, "horovod"),
-        ({"OMPI_COMM_WORLD_SIZE": "2"}, "horovod"),
-        ({"OMPI_COMM_WORLD_SIZE": "2", "DISTACCUM_BACKEND": "single"}, "single"),
-        ({"DISTACCUM_BACKEND": "horovod"}, "horovod"),
+        ({}, True, "single"),
+        ({"HOROVOD_RANK": "0", "HOROVOD_SIZE": "2"}, True, "horovod"),
+        ({"OMPI_COMM_WORLD_SIZE": "2"}, True, "horovod"),
+        ({"OMPI_COMM_WORLD_SIZE": "2"}, False, "mpi"),
+        ({"OMPI_COMM_WORLD_SIZE": "2", "DISTACCUM_BACKEND": "single"}, True, "single"),
+        ({"DISTACCUM_BACKEND": "horovod"}, True, "horovod"),
+        ({"OMPI_COMM_WORLD_SIZE": "2", "DISTACCUM_BACKEND": "mpi"}, True, "mpi"),
     ],
-    ids=["no_launcher", "horovodrun", "mpirun", "override_single", "override_horovod"],
+    ids=["no_launcher", "horovodrun", "mpirun", "mpirun_without_horovod", "override_single",
+         "override_horovod", "override_mpi"],
 )
-def test_choose_backend_name_when_environment_is(environ, expected):
-    assert comm.choose_backend_name(environ) == expected
+def test_choose_backend_name_when_environment_is(environ, horovod_installed, expected):
+    assert comm.choose_backend_name(environ, horovod_installed) == expected
 
 
 def test_choose_backend_name_refuses_unknown_override():
@@ -35,7 +39,9 @@ def test_single_process_backend_is_identity():
     assert (backend.num_workers(), backend.rank(), backend.local_rank()) == (1, 0, 0)
 
 
-def test_single_process_trains_when_horovod_import_fails(tmp_path):
+@pytest.mark.parametrize("launcher, backend, workers",
+                         [("python", "single", 1), ("mpirun", "mpi", 2)])
+def test_trains_without_horovod_when_its_import_fails(tmp_path, launcher, backend, workers):
     blocker = tmp_path / "blocker" / "horovod"
     blocker.mkdir(parents=True)
     (blocker / "__init__.py").write_text("raise ImportError('horovod is not installed here')\n")
@@ -49,11 +55,12 @@ def test_single_process_trains_when_horovod_import_fails(tmp_path):
         "assert 'horovod.tensorflow' not in sys.modules\n"
     )
     run_script(
-        "python",
+        launcher,
         check,
         "--accumulation-steps", "3", "--epochs", "1", "--out", str(tmp_path),
         extra_env={"PYTHONPATH": str(blocker.parent)},
     )
     saved = np.load(tmp_path / "rank0.npz")
-    assert int(saved["num_workers"]) == 1
+    assert str(saved["backend"]) == backend  # under mpirun: mpi4py, chosen by default
+    assert int(saved["num_workers"]) == workers
     assert int(saved["iterations"]) == 2  # ceil(6 micro-batches / 3)

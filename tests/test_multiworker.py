@@ -32,31 +32,44 @@ def _reference(accumulation_steps: int, optimizer: str):
     return scenarios.weights_of(model), updates
 
 
+# Each backend under each launcher it runs under proves the property once: Horovod under
+# horovodrun (k=3, with Horovod's timeline) and under mpirun (k=1 and k=3 in one launch), mpi4py
+# under mpirun (k=1 and k=3).
+LAUNCHES = {
+    "horovodrun": ("horovodrun", "3", {}),
+    "mpirun": ("mpirun", "1,3", {}),
+    "mpirun-mpi4py": ("mpirun", "1,3", {"DISTACCUM_BACKEND": "mpi"}),
+}
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Each launcher proves the property once: horovodrun at k=3 (with Horovod's timeline),
-    mpirun at k=1 and k=3 in one launch. Returns {(launcher, k): directory of rank files}."""
-    horovodrun = tmp_path_factory.mktemp("horovodrun")
-    run_script("horovodrun", WORKERS_DIR / "train_shards.py", "--accumulation-steps", "3",
-               "--epochs", str(EPOCHS), "--out", str(horovodrun),
-               extra_env={"HOROVOD_TIMELINE": str(horovodrun / "timeline.json")})
-    mpirun = tmp_path_factory.mktemp("mpirun")
-    run_script("mpirun", WORKERS_DIR / "train_shards.py", "--accumulation-steps", "1,3",
-               "--epochs", str(EPOCHS), "--out", str(mpirun))
-    return {("horovodrun", 3): horovodrun, ("mpirun", 1): mpirun / "k1",
-            ("mpirun", 3): mpirun / "k3"}
+    """{(launch, k): directory of rank files}."""
+    found = {}
+    for launch, (launcher, steps, env) in LAUNCHES.items():
+        out = tmp_path_factory.mktemp(launch)
+        if launch == "horovodrun":
+            env = {**env, "HOROVOD_TIMELINE": str(out / "timeline.json")}
+        run_script(launcher, WORKERS_DIR / "train_shards.py", "--accumulation-steps", steps,
+                   "--epochs", str(EPOCHS), "--out", str(out), extra_env=env)
+        for k in map(int, steps.split(",")):
+            found[launch, k] = out / f"k{k}" if "," in steps else out
+    return found
 
 
-@pytest.mark.parametrize("launcher, accumulation_steps",
-                         [("horovodrun", 3), ("mpirun", 1), ("mpirun", 3)],
-                         ids=["horovodrun-k3", "mpirun-k1", "mpirun-k3"])
+@pytest.mark.parametrize("launch, accumulation_steps",
+                         [("horovodrun", 3), ("mpirun", 1), ("mpirun", 3), ("mpirun-mpi4py", 1),
+                          ("mpirun-mpi4py", 3)],
+                         ids=["horovodrun-k3", "mpirun-k1", "mpirun-k3", "mpirun-mpi4py-k1",
+                              "mpirun-mpi4py-k3"])
 def test_two_workers_match_large_batch_reference_when_shards_are_uneven(
-    runs, launcher, accumulation_steps
+    runs, launch, accumulation_steps
 ):
-    directory = runs[launcher, accumulation_steps]
+    directory = runs[launch, accumulation_steps]
     ranks = [np.load(directory / f"rank{r}.npz") for r in range(2)]
     expected_weights, expected_updates = _reference(accumulation_steps, "sgd")
     for saved in ranks:
+        assert str(saved["backend"]) == ("mpi" if launch.endswith("mpi4py") else "horovod")
         assert int(saved["num_workers"]) == 2
         assert int(saved["iterations"]) == expected_updates
         for index, expected in enumerate(expected_weights):
@@ -64,6 +77,17 @@ def test_two_workers_match_large_batch_reference_when_shards_are_uneven(
     for index in range(len(expected_weights)):
         np.testing.assert_array_equal(ranks[0][f"arr_{index}"], ranks[1][f"arr_{index}"])
     np.testing.assert_array_equal(ranks[0]["loss"], ranks[1]["loss"])
+
+
+@pytest.mark.parametrize("accumulation_steps, updates", [(1, 12), (3, 4)], ids=["k1", "k3"])
+def test_mpi4py_backend_allreduces_once_per_update_when_counted(runs, accumulation_steps, updates):
+    for rank in range(2):
+        saved = np.load(runs["mpirun-mpi4py", accumulation_steps] / f"rank{rank}.npz")
+        assert int(saved["iterations"]) == updates
+        # One fused allreduce per update, none on micro-steps, one for the plan agreement; one
+        # broadcast at start-up.
+        assert int(saved["allreduces"]) == updates + 1
+        assert int(saved["broadcasts"]) == 1
 
 
 def test_allreduce_count_equals_updates_not_micro_batches_when_k_is_3(runs):

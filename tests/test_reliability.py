@@ -31,14 +31,19 @@ def _environment() -> dict:
     return {**env, **MPI_ROOT_VARIABLES, "PATH": f"{VENV_BIN}:{env['PATH']}"}
 
 
-def _start(launcher: str, logdir: Path, *overrides: str, config: str = SYNTHETIC):
+# Each backend under a launcher it runs under: Horovod (horovodrun), mpi4py (mpirun).
+BACKENDS = [("horovodrun", "horovod"), ("mpirun", "mpi")]
+
+
+def _start(launcher: str, logdir: Path, *overrides: str, config: str = SYNTHETIC,
+           backend: str = "horovod"):
     command = [*launcher_command(launcher, 2), str(VENV_BIN / "distaccum"), "train",
                "--config", config, "--set", f"logdir={logdir}"]
     for override in overrides:
         command += ["--set", override]
     output = (logdir.parent / f"{logdir.name}.{time.monotonic_ns()}.log").open("w+")
     process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, text=True,
-                               env=_environment())
+                               env={**_environment(), "DISTACCUM_BACKEND": backend})
     return process, output
 
 
@@ -72,9 +77,9 @@ def _finish(process, output, timeout: float = 240) -> tuple[int, str]:
     return code, output.read()
 
 
-def _run_interrupted_at(logdir: Path, after_checkpoint: int) -> str:
+def _run_interrupted_at(launcher: str, backend: str, logdir: Path, after_checkpoint: int) -> str:
     """Start (or resume) the job; once checkpoint `after_checkpoint` exists, SIGTERM rank 1 only."""
-    process, output = _start("horovodrun", logdir, *_SCHEDULE)
+    process, output = _start(launcher, logdir, *_SCHEDULE, backend=backend)
     marker = logdir / "checkpoints" / f"update-{after_checkpoint:09d}"
     _wait_for(marker.exists, process)
     _workers(process)[1].send_signal(signal.SIGTERM)
@@ -94,17 +99,18 @@ def _final_state(logdir: Path) -> tuple[dict, list[np.ndarray]]:
         return meta, [arrays[f"arr_{i}"] for i in range(meta["variables"])]
 
 
-def test_resumed_run_equals_uninterrupted_run_when_sigterm_twice(tmp_path):
+@pytest.mark.parametrize("launcher, backend", BACKENDS)
+def test_resumed_run_equals_uninterrupted_run_when_sigterm_twice(tmp_path, launcher, backend):
     reference = tmp_path / "uninterrupted"
-    process, output = _start("horovodrun", reference, *_SCHEDULE)
+    process, output = _start(launcher, reference, *_SCHEDULE, backend=backend)
     code, text = _finish(process, output)
     assert code == 0, text[-3000:]
 
     resumed = tmp_path / "resumed"
-    _run_interrupted_at(resumed, after_checkpoint=10)
-    second = _run_interrupted_at(resumed, after_checkpoint=40)
+    _run_interrupted_at(launcher, backend, resumed, after_checkpoint=10)
+    second = _run_interrupted_at(launcher, backend, resumed, after_checkpoint=40)
     assert "resuming after update step" in second
-    process, output = _start("horovodrun", resumed, *_SCHEDULE)
+    process, output = _start(launcher, resumed, *_SCHEDULE, backend=backend)
     code, text = _finish(process, output)
     assert code == 0, text[-3000:]
     assert f"distaccum: done: {TOTAL_UPDATES} update steps" in text
@@ -127,14 +133,17 @@ def test_resumed_run_equals_uninterrupted_run_when_sigterm_twice(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "launcher, names_the_lost_worker",
-    [("horovodrun", ["Process name: 1", "Exit code: 137"]),
-     ("mpirun", ["process rank 1", "signal 9"])],
+    "launcher, backend, names_the_lost_worker",
+    [("horovodrun", "horovod", ["Process name: 1", "Exit code: 137"]),
+     ("mpirun", "horovod", ["process rank 1", "signal 9"]),
+     ("mpirun", "mpi", ["process rank 1", "signal 9"])],
+    ids=["horovodrun", "mpirun", "mpirun-mpi4py"],
 )
-def test_others_exit_within_60s_when_one_worker_is_killed(tmp_path, launcher, names_the_lost_worker):
+def test_others_exit_within_60s_when_one_worker_is_killed(tmp_path, launcher, backend,
+                                                          names_the_lost_worker):
     logdir = tmp_path / "run"
     process, output = _start(launcher, logdir, "epochs=null", "update_steps=100000",
-                             "log_interval=1", "checkpoint_interval=5")
+                             "log_interval=1", "checkpoint_interval=5", backend=backend)
     _wait_for((logdir / "checkpoints" / "update-000000005").exists, process)
     workers = _workers(process)
     assert sorted(workers) == [0, 1]
@@ -150,10 +159,12 @@ def test_others_exit_within_60s_when_one_worker_is_killed(tmp_path, launcher, na
         assert "rank 0 lost contact with another worker during" in text
 
 
-def test_both_ranks_skip_same_update_when_nan_on_one_rank(tmp_path):
+@pytest.mark.parametrize("launcher, backend", BACKENDS)
+def test_both_ranks_skip_same_update_when_nan_on_one_rank(tmp_path, launcher, backend):
     run_script(
-        "horovodrun", WORKERS_DIR / "train_shards.py", "--accumulation-steps", "1",
+        launcher, WORKERS_DIR / "train_shards.py", "--accumulation-steps", "1",
         "--epochs", "1", "--nan-rank", "1", "--nan-micro-batches", "1", "--out", str(tmp_path),
+        extra_env={"DISTACCUM_BACKEND": backend},
     )
     ranks = [np.load(tmp_path / f"rank{r}.npz") for r in range(2)]
     for saved in ranks:

@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import keras  # noqa: E402
 
 import distaccum  # noqa: E402
+from distaccum import comm  # noqa: E402
 import scenarios  # noqa: E402
 
 parser = argparse.ArgumentParser()
@@ -47,7 +48,10 @@ class RecordSkips(distaccum.Callback):
             self.steps.append(record.update_step)
 
 
+# The mpi4py backend counts its own collectives (Horovod's are counted in its timeline).
+counts = getattr(comm.current(), "collective_counts", {})
 for accumulation_steps in map(int, args.accumulation_steps.split(",")):
+    before = dict(counts)
     # A different initialisation on every rank: training must start from rank 0's weights anyway.
     model = scenarios.make_model(seed=7 + rank)
     trainer = distaccum.Trainer(
@@ -77,4 +81,6 @@ for accumulation_steps in map(int, args.accumulation_steps.split(",")):
         loss=np.array(history.loss),
         micro_step_traces=trainer.micro_step_traces,
         skipped_steps=np.array(skips.steps, dtype=int),
+        backend=comm.current().name,
+        **{f"{kind}s": counts[kind] - before.get(kind, 0) for kind in counts},
     )
