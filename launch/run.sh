@@ -2,15 +2,15 @@
 # Set up (idempotent, seconds once done) and run `distaccum train` under a launcher.
 #
 #   launch/run.sh local             [train args]   one process, no launcher, no Horovod needed
-#   launch/run.sh gloo N            [train args]   horovodrun --gloo -np N
-#   launch/run.sh mpi N             [train args]   mpirun -np N (Open MPI 5)
+#   launch/run.sh mpi N             [train args]   mpirun -np N (Open MPI 5), mpi4py collectives
+#   launch/run.sh hostfile FILE N   [train args]   the same over the hosts in FILE ("host slots=S"
+#                                                  lines); every host needs this repo and .venv at
+#                                                  the same path and passwordless ssh
+#   launch/run.sh gloo N            [train args]   horovodrun --gloo -np N (builds Horovod once)
 #   launch/run.sh horovodrun-mpi N  [train args]   horovodrun --mpi -np N (patched for Open MPI 5)
-#   launch/run.sh hostfile FILE N   [train args]   mpirun over the hosts in FILE ("host slots=S" lines);
-#                                                  every host needs this repo and .venv at the same
-#                                                  path and passwordless ssh
 #
 # train args: --config FILE [--set key=value ...]; e.g.
-#   bash launch/run.sh gloo 2 --config distaccum/configs/digits.yaml
+#   bash launch/run.sh mpi 2 --config distaccum/configs/digits.yaml
 set -euo pipefail
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
@@ -28,11 +28,18 @@ case "$mode" in
   *) die "MODE must be local, gloo, mpi, horovodrun-mpi or hostfile. Received: MODE=${mode@Q}" ;;
 esac
 
-bash "$repo_root/launch/setup.sh"
+case "$mode" in
+  gloo|horovodrun-mpi) bash "$repo_root/launch/setup.sh" --horovod ;;
+  local) bash "$repo_root/launch/setup.sh" ;;
+  mpi|hostfile)
+    bash "$repo_root/launch/setup.sh"
+    # mpirun modes use mpi4py's collectives, even where Horovod is installed, unless told otherwise.
+    export DISTACCUM_BACKEND="${DISTACCUM_BACKEND:-mpi}" ;;
+esac
 export PATH="$repo_root/.venv/bin:$PATH"
 # No TensorFlow start-up banners on any rank (errors still print); forwarded to every host.
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
-forwarded=(-x PATH -x TF_CPP_MIN_LOG_LEVEL)
+forwarded=(-x PATH -x TF_CPP_MIN_LOG_LEVEL -x DISTACCUM_BACKEND)
 if [ "$(id -u)" = 0 ]; then
   # Open MPI refuses to start as root without both (on every host, hence forwarded too).
   export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1

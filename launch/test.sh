@@ -2,7 +2,8 @@
 # Set up (idempotent) and run the whole test suite; extra arguments go to pytest.
 set -euo pipefail
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-bash "$repo_root/launch/setup.sh"
+# Tests cover both backends: Horovod too.
+bash "$repo_root/launch/setup.sh" --horovod
 cd "$repo_root"
 # The 15 slowest tests close the output, so a slow addition shows.
 exec "$repo_root/.venv/bin/python" -m pytest --durations=15 "$@"
