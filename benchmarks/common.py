@@ -73,11 +73,22 @@ def run_main(name: str, main) -> None:
         sys.exit(1)
 
 
-def worker_command(subcommand: str, *arguments, num_workers: int = 1) -> list[str]:
-    """`python workers.py SUBCOMMAND ARGS`, under `horovodrun --gloo` for more than one worker."""
+# Open MPI between two ranks on one host would use shared memory and bypass the rate-limited
+# loopback; TCP over `lo` (which Open MPI leaves out by default) is what Gloo uses too.
+MPIRUN_OVER_LOOPBACK = ("--mca", "pml", "ob1", "--mca", "btl", "tcp,self",
+                        "--mca", "btl_tcp_if_include", "lo")
+
+
+def worker_command(subcommand: str, *arguments, num_workers: int = 1,
+                   launcher: str = "horovodrun") -> list[str]:
+    """`python workers.py SUBCOMMAND ARGS`; for more than one worker under `horovodrun --gloo`,
+    or under `mpirun` over TCP on the loopback (run it with `DISTACCUM_BACKEND=mpi`)."""
     command = [str(PYTHON), str(WORKERS_SCRIPT), subcommand, *map(str, arguments)]
     if num_workers == 1:
         return command
+    if launcher == "mpirun":
+        return [str(PYTHON.parent / "mpirun"), "-np", str(num_workers), *MPIRUN_OVER_LOOPBACK,
+                *command]
     return [str(PYTHON.parent / "horovodrun"), "--gloo", "-np", str(num_workers), *command]
 
 

@@ -6,7 +6,9 @@ one `tbf` qdisc (MTU 9000, burst 4 Mbit; both directions share it, so the link i
 32. In every repeat and for every k the same two processes run, one after the other: distaccum;
 (a) a hand-written Horovod loop that allreduces every micro-batch's gradients; (b) distaccum with
 the allreduce replaced by the identity, the compute limit. Ratios are taken within each repeat.
-Needs root for `ip netns`; `--smoke` runs on the unlimited host loopback instead.
+Then distaccum on the mpi4py backend (two processes under `mpirun`, TCP over the same loopback)
+at k = 1 and 16, with (b) again in the same processes. Needs root for `ip netns`; `--smoke` runs
+on the unlimited host loopback instead.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ METHOD_LABELS = {
 FULL_SETTINGS = {"accumulation_steps": (1, 2, 4, 8, 16), "micro_batches": 16, "min_updates": 3}
 # One k is enough to prove the script runs; every k costs two more traced trainers.
 SMOKE_SETTINGS = {"accumulation_steps": (2,), "micro_batches": 2, "min_updates": 1}
+MPI4PY_ACCUMULATION_STEPS = (1, 16)
+MPI4PY_METHODS = (DISTACCUM, NO_COMMUNICATION)
 TARGET_SLOW_OVER_A = ("100 Mbit/s", 0.9)  # distaccum ÷ (a) ≥ 0.9 × k at every k
 TARGET_FAST_OVER_B = ("1 Gbit/s", 16, 0.75)  # distaccum ÷ (b) ≥ 0.75 at k = 16
 
@@ -65,14 +69,19 @@ def rate_limited_namespace(rate: str):
         subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 
-def measure_link(prefix: list[str], settings: dict, repeats: int) -> list[dict]:
-    """Run the two workers (under `prefix`, e.g. `ip netns exec NAME`) and return their timings."""
+def measure_link(prefix: list[str], settings: dict, repeats: int, mpi4py: bool = False
+                 ) -> list[dict]:
+    """Run the two workers (under `prefix`, e.g. `ip netns exec NAME`) and return their timings:
+    Horovod under horovodrun, or (`mpi4py`) distaccum and (b) on the mpi4py backend."""
+    methods = ["--methods", *MPI4PY_METHODS] if mpi4py else []
     with common.work_directory("slow-link") as work:
         command = common.worker_command(
             "slow-link", "--accumulation-steps", *settings["accumulation_steps"],
             "--repeats", repeats, "--micro-batches", settings["micro_batches"],
-            "--min-updates", settings["min_updates"], "--out", work, num_workers=2)
-        common.run_command([*prefix, *command], work / "workers.log", timeout=3000)
+            "--min-updates", settings["min_updates"], "--out", work, *methods, num_workers=2,
+            launcher="mpirun" if mpi4py else "horovodrun")
+        common.run_command([*prefix, *command], work / "workers.log", timeout=3000,
+                           extra_env={"DISTACCUM_BACKEND": "mpi"} if mpi4py else None)
         return common.read_json(work / common.CHIEF_RESULT)
 
 
@@ -86,12 +95,10 @@ def summarize_link(measurements: list[dict]) -> dict[int, dict]:
     for k, repeats in by_k.items():
         runs = list(repeats.values())
         rate = {method: [r[method]["samples"] / r[method]["seconds"] for r in runs]
-                for method in METHOD_LABELS}
+                for method in METHOD_LABELS if method in runs[0]}
         distaccum_runs = [r[DISTACCUM] for r in runs]
         summary[k] = {
             "rates": {method: common.summarize(values) for method, values in rate.items()},
-            "over_a": common.summarize(d / a for d, a in
-                                       zip(rate[DISTACCUM], rate[ALLREDUCE_EVERY_MICRO_BATCH])),
             "over_b": common.summarize(d / b for d, b in
                                        zip(rate[DISTACCUM], rate[NO_COMMUNICATION])),
             "compute": common.summarize(r["compute_seconds"] / r["updates"]
@@ -99,6 +106,9 @@ def summarize_link(measurements: list[dict]) -> dict[int, dict]:
             "update": common.summarize(r["update_seconds"] / r["updates"]
                                        for r in distaccum_runs),
         }
+        if ALLREDUCE_EVERY_MICRO_BATCH in rate:  # baseline (a) runs on Horovod only
+            summary[k]["over_a"] = common.summarize(
+                d / a for d, a in zip(rate[DISTACCUM], rate[ALLREDUCE_EVERY_MICRO_BATCH]))
     return summary
 
 
@@ -113,6 +123,21 @@ def table(links: dict[str, dict]) -> str:
         ["link", "k", *(f"{label}, samples/s" for label in METHOD_LABELS.values()),
          "distaccum ÷ (a)", "distaccum ÷ (b)", "distaccum: micro-steps s/update",
          "distaccum: update step s/update"], rows)
+
+
+def mpi4py_table(horovod: dict[str, dict], mpi4py: dict[str, dict]) -> str:
+    """distaccum on mpi4py beside distaccum on Horovod (another pair of processes, same link)."""
+    rows = [
+        [link, k, s["rates"][DISTACCUM].format(), s["rates"][NO_COMMUNICATION].format(),
+         s["over_b"].format(2),
+         horovod[link][k]["rates"][DISTACCUM].format() if k in horovod.get(link, {}) else "—",
+         s["update"].format(3)]
+        for link, summary in mpi4py.items() for k, s in sorted(summary.items())
+    ]
+    return common.markdown_table(
+        ["link", "k", "distaccum on mpi4py, samples/s", "(b) no communication, samples/s",
+         "mpi4py ÷ (b)", "distaccum on Horovod, samples/s (its own run)",
+         "mpi4py: update step s/update"], rows)
 
 
 def expected_ratios(summary: dict, k: int) -> tuple[float, float]:
@@ -157,7 +182,8 @@ def plot(link: str, summary: dict[int, dict]) -> dict:
             "ylabel": "samples/s", "log": True, "series": series}
 
 
-def figure(links: dict[str, dict], smoke: bool, skipped: str = "") -> dict:
+def figure(links: dict[str, dict], smoke: bool, skipped: str = "",
+           mpi4py: dict[str, dict] | None = None) -> dict:
     result = {"figure": "slow_link", "smoke": smoke,
               "title": "2. Throughput on a slow link",
               "how": __doc__.split("\n\n", 1)[1].strip()}
@@ -167,7 +193,8 @@ def figure(links: dict[str, dict], smoke: bool, skipped: str = "") -> dict:
         return {**result, "table": f"skipped: {skipped}", "plots": [],
                 "checks": [common.check(claim, target, f"skipped ({skipped})", None)
                            for claim, target in targets]}
-    return {**result, "table": table(links), "checks": [] if smoke else checks(links),
+    tables = table(links) + ("\n\n" + mpi4py_table(links, mpi4py) if mpi4py else "")
+    return {**result, "table": tables, "checks": [] if smoke else checks(links),
             "plots": [plot(link, summary) for link, summary in links.items()]}
 
 
@@ -175,18 +202,23 @@ def main() -> None:
     args = common.parse_arguments(__doc__, default_repeats=3)
     if args.smoke:
         links = {SMOKE_LINK: summarize_link(measure_link([], SMOKE_SETTINGS, args.repeats))}
-        common.emit(figure(links, smoke=True), args.json)
+        mpi4py = {SMOKE_LINK: summarize_link(measure_link([], SMOKE_SETTINGS, args.repeats,
+                                                          mpi4py=True))}
+        common.emit(figure(links, smoke=True, mpi4py=mpi4py), args.json)
         return
-    links = {}
+    links, mpi4py = {}, {}
+    mpi4py_settings = {**FULL_SETTINGS, "accumulation_steps": MPI4PY_ACCUMULATION_STEPS}
     try:
         for link, rate in LINKS:
             with rate_limited_namespace(rate) as prefix:
                 links[link] = summarize_link(measure_link(prefix, FULL_SETTINGS, args.repeats))
+                mpi4py[link] = summarize_link(measure_link(prefix, mpi4py_settings, args.repeats,
+                                                           mpi4py=True))
     except NamespaceUnavailable as reason:
         print(f"slow_link: skipped: {reason}")
         common.emit(figure({}, smoke=False, skipped=str(reason)), args.json)
         return
-    common.emit(figure(links, smoke=False), args.json)
+    common.emit(figure(links, smoke=False, mpi4py=mpi4py), args.json)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from pathlib import Path
 import tensorflow as tf
 
 import distaccum
+from distaccum import comm
 import workload
 from common import (
     ALLREDUCE_EVERY_MICRO_BATCH, CHIEF_RESULT, DISTACCUM, LAUNCHED_AT_VARIABLE, MICRO_BATCH_SIZE,
@@ -76,39 +77,51 @@ class UpdateClock(distaccum.Callback):
 
 
 class SlowLinkBench:
-    """distaccum, baseline (a) and baseline (b) at each k, side by side in one pair of workers."""
+    """distaccum, baseline (a) and baseline (b) at each k, side by side in one pair of workers.
 
-    def __init__(self, hvd, accumulation_steps) -> None:
-        self._hvd = hvd
+    Synchronises and takes the slower worker's time through distaccum's own backend, so the same
+    bench runs on Horovod and on mpi4py; baseline (a) is a Horovod loop (Horovod backend only).
+    """
+
+    def __init__(self, accumulation_steps, methods) -> None:
+        self._backend = comm.current()
         self._dataset = workload.synthetic_micro_batches()
         self._iterator = iter(self._dataset)
-        self._baseline = workload.AllreduceEveryMicroBatch(
-            workload.synthetic_model(), workload.make_optimizer(),
-            workload.classification_loss(), hvd)
+        self._baseline = None
+        if ALLREDUCE_EVERY_MICRO_BATCH in methods:
+            import horovod.tensorflow as hvd  # baseline (a) is a hand-written Horovod loop
+
+            self._baseline = workload.AllreduceEveryMicroBatch(
+                workload.synthetic_model(), workload.make_optimizer(),
+                workload.classification_loss(), hvd)
         self._trainers = {
             (k, method): workload.synthetic_trainer(k, communicate=method == DISTACCUM)
             for k in accumulation_steps for method in (DISTACCUM, NO_COMMUNICATION)
+            if method in methods
         }
 
     def warm_up(self) -> None:
         """One update each, so tracing and first connections stay out of the timings (the
         baseline's step functions serve every k)."""
-        self._baseline.run(self._iterator, 1, 1)
+        if self._baseline is not None:
+            self._baseline.run(self._iterator, 1, 1)
         for trainer in self._trainers.values():
             self._fit(trainer, 1)
 
     def measure(self, method: str, k: int, updates: int) -> dict:
         """Seconds for `updates` windows (the slower worker's), and distaccum's own split."""
-        barrier(self._hvd)
+        self._slowest(0.0)  # a barrier
         if method == ALLREDUCE_EVERY_MICRO_BATCH:
             started = time.perf_counter()
             self._baseline.run(self._iterator, k, updates)
             timing = {"seconds": time.perf_counter() - started}
         else:
             timing = self._fit(self._trainers[k, method], updates)
-        seconds = tf.constant(timing["seconds"], tf.float64)
-        timing["seconds"] = float(self._hvd.allreduce(seconds, op=self._hvd.Max))
+        timing["seconds"] = self._slowest(timing["seconds"])
         return timing
+
+    def _slowest(self, seconds: float) -> float:
+        return float(self._backend.max_all(tf.constant([seconds], tf.float64))[0])
 
     def _fit(self, trainer, updates: int) -> dict:
         clock = UpdateClock()
@@ -127,17 +140,19 @@ def timed_updates(method: str, k: int, args) -> int:
 
 
 def slow_link(args) -> None:
-    """Repeats of: for each k, distaccum, then (a), then (b); timings interleaved, so each
-    repeat's ratios compare runs made moments apart under the same machine load."""
-    hvd = start_horovod()
-    bench = SlowLinkBench(hvd, args.accumulation_steps)
+    """Repeats of: for each k, distaccum, then (a), then (b) (those of `--methods`); timings
+    interleaved, so each repeat's ratios compare runs made moments apart under the same load."""
+    distaccum.init()
+    if distaccum.num_workers() < 2:
+        raise SystemExit("workers.py: error: this subcommand needs 2 workers")
+    bench = SlowLinkBench(args.accumulation_steps, args.methods)
     bench.warm_up()
     measurements = []
     for repeat in range(args.repeats):
         for k in args.accumulation_steps:
-            for method in (DISTACCUM, ALLREDUCE_EVERY_MICRO_BATCH, NO_COMMUNICATION):
+            for method in args.methods:
                 updates = timed_updates(method, k, args)
-                samples = hvd.size() * MICRO_BATCH_SIZE * k * updates
+                samples = distaccum.num_workers() * MICRO_BATCH_SIZE * k * updates
                 measurements.append({"repeat": repeat, "k": k, "method": method,
                                      "updates": updates, "samples": samples,
                                      **bench.measure(method, k, updates)})
@@ -282,6 +297,8 @@ def parse_arguments() -> argparse.Namespace:
     figures["slow-link"].add_argument("--accumulation-steps", type=positive_int, nargs="+")
     for option in ("--repeats", "--micro-batches", "--min-updates"):
         figures["slow-link"].add_argument(option, type=positive_int, required=True)
+    methods = (DISTACCUM, ALLREDUCE_EVERY_MICRO_BATCH, NO_COMMUNICATION)
+    figures["slow-link"].add_argument("--methods", nargs="+", choices=methods, default=methods)
     for option in ("--repeats", "--steps"):
         figures["overhead"].add_argument(option, type=positive_int, required=True)
     figures["memory"].add_argument("--mode", choices=("accumulate", "direct"), required=True)

@@ -40,6 +40,10 @@ def test_slow_link_smoke_times_distaccum_and_both_baselines_side_by_side(tmp_pat
         "distaccum", "(a) allreduce every micro-batch", "(b) no communication"]
     for series in panel["series"]:
         assert series["x"] == [2] and series["y"][0] > 0
+    # distaccum on the mpi4py backend, measured under mpirun beside (b): its own table.
+    [mpi4py_row] = [line for line in figure["table"].splitlines()
+                    if line.startswith("| host loopback") and line.count("|") == 8]
+    assert mpi4py_row.split("|")[2].strip() == "2"
 
 
 def test_overhead_smoke_times_keras_and_distaccum_steps(tmp_path):
