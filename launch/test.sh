@@ -5,5 +5,7 @@ repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # Tests cover both backends: Horovod too.
 bash "$repo_root/launch/setup.sh" --horovod
 cd "$repo_root"
-# The 15 slowest tests close the output, so a slow addition shows.
-exec "$repo_root/.venv/bin/python" -m pytest --durations=15 "$@"
+# Two test processes: multi-worker tests one after another in one (see tests/conftest.py),
+# single-process tests beside them. The 15 slowest tests close the output, so a slow addition
+# shows.
+exec "$repo_root/.venv/bin/python" -m pytest -n 2 --dist loadgroup --durations=15 "$@"
