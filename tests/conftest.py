@@ -13,6 +13,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 WORKERS_DIR = Path(__file__).resolve().parent / "workers"
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items) -> None:
     """Under pytest-xdist (`launch/test.sh` runs 2 test processes), every multi-worker test goes to
     one test process, one after another, while single-process tests run beside them: 2-worker
