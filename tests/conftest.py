@@ -13,16 +13,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 WORKERS_DIR = Path(__file__).resolve().parent / "workers"
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
-def pytest_collection_modifyitems(items) -> None:
-    """Under pytest-xdist (`launch/test.sh` runs 2 test processes), every multi-worker test goes to
-    one test process, one after another, while single-process tests run beside them: 2-worker
-    jobs never overlap on this 2-core machine, and timing bounds keep their meaning."""
-    for item in items:
-        if item.get_closest_marker("multiworker"):
-            item.add_marker(pytest.mark.xdist_group("multiworker"))
-
-
 # Open MPI refuses to run as root without these; harmless for other users.
 MPI_ROOT_VARIABLES = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
 
