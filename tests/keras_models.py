@@ -14,6 +14,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+import scenarios
+
 SAMPLES = 22  # micro-batches of 4: five full and a ragged tail of 2
 TIME_STEPS = 6
 VOCABULARY = 12
@@ -121,16 +123,9 @@ TWO_OUTPUT_LOSSES = {
 TWO_OUTPUT_LOSS_WEIGHTS = {"value": 0.5, "label": 2.0}
 
 
-def micro_batches(x, y, w, size: int = 4) -> list[tuple]:
-    def take(values, i):
-        return tf.nest.map_structure(lambda v: v[i:i + size], values)
-
-    return [(take(x, i), take(y, i), None if w is None else take(w, i))
-            for i in range(0, len(tf.nest.flatten(x)[0]), size)]
-
-
-def as_dataset(x, y, w, size: int = 4) -> tf.data.Dataset:
-    return tf.data.Dataset.from_tensor_slices((x, y) if w is None else (x, y, w)).batch(size)
+# Micro-batches of 4, as in the plain cases.
+micro_batches = scenarios.split_micro_batches
+as_dataset = scenarios.as_dataset
 
 
 def keras_reference(model: keras.Model, shards_micro_batches, k: int, epochs: int, **train_options

@@ -50,11 +50,12 @@ def make_shard(rank: int, size: int, weighted: bool = True, seed: int = 3):
 
 
 def split_micro_batches(x, y, w, micro_batch_size: int = MICRO_BATCH_SIZE) -> list[tuple]:
-    return [
-        (x[i : i + micro_batch_size], y[i : i + micro_batch_size],
-         None if w is None else w[i : i + micro_batch_size])
-        for i in range(0, len(x), micro_batch_size)
-    ]
+    """`(x, y, w)` cut into micro-batches; each may be an array or a dict of arrays by output."""
+    def take(values, i):
+        return tf.nest.map_structure(lambda v: v[i : i + micro_batch_size], values)
+
+    return [(take(x, i), take(y, i), None if w is None else take(w, i))
+            for i in range(0, len(tf.nest.flatten(x)[0]), micro_batch_size)]
 
 
 def as_dataset(x, y, w, micro_batch_size: int = MICRO_BATCH_SIZE) -> tf.data.Dataset:
