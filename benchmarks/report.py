@@ -37,8 +37,13 @@ def cpu_model() -> str:
 def machine() -> str:
     """What the numbers depend on: cores, CPU, memory and the versions of the moving parts."""
     memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    try:  # the cpu variant's distribution, else the gpu variant's
+        tensorflow = "tensorflow-cpu"
+        importlib.metadata.version(tensorflow)
+    except importlib.metadata.PackageNotFoundError:
+        tensorflow = "tensorflow"
     versions = ", ".join(f"{name} {importlib.metadata.version(package)}" for name, package in
-                         (("TensorFlow", "tensorflow-cpu"), ("Keras", "keras"),
+                         ((f"TensorFlow ({tensorflow})", tensorflow), ("Keras", "keras"),
                           ("Horovod", "horovod")))
     return (f"{len(os.sched_getaffinity(0))} cores (`nproc`), {cpu_model()}, "
             f"{memory_gib:.0f} GiB RAM, Linux {platform.release()}, "

@@ -94,6 +94,11 @@ class GradientAccumulator:
         for total, value in zip(self._statistics, [*numerators, *divisors, sample_count]):
             total.assign_add(tf.cast(value, tf.float32))
 
+    @property
+    def gradient_sum_count(self) -> int:
+        """How many of `totals()` come first as gradient sums (the rest are statistics)."""
+        return sum(len(sums) for sums in self._gradient_sums)
+
     def totals(self) -> list[tf.Tensor]:
         """Current values, flat: every normaliser's gradient sums, then the numerators, the
         divisors and the sample count."""

@@ -51,6 +51,7 @@ class Backend(Protocol):
     """What the trainer needs from the workers' communication layer."""
 
     name: str
+    summable_dtypes: tuple[str, ...]  # the dtypes `sum_all` can sum
 
     def num_workers(self) -> int: ...
 
@@ -72,6 +73,7 @@ class SingleProcessBackend:
     """One worker: every collective is the identity, and nothing imports Horovod."""
 
     name = "single"
+    summable_dtypes = ("float32", "bfloat16", "float16")
 
     def num_workers(self) -> int:
         return 1
@@ -100,6 +102,8 @@ class HorovodBackend:
     """
 
     name = "horovod"
+    # Horovod 0.28.1 has no bfloat16 collectives (its tensor types stop at float16).
+    summable_dtypes = ("float32", "float16")
 
     def __init__(self) -> None:
         import horovod.tensorflow as hvd  # imported here only: single-process mode must not need it
@@ -117,7 +121,16 @@ class HorovodBackend:
         return self._hvd.local_rank()
 
     def sum_all(self, tensors: Sequence[tf.Tensor]) -> list[tf.Tensor]:
-        return list(self._hvd.grouped_allreduce(list(tensors), op=self._hvd.Sum))
+        # Horovod groups only tensors of one dtype: one grouped allreduce per dtype (one in all
+        # unless gradient sums travel narrower than the float32 statistics).
+        tensors = [tf.convert_to_tensor(t) for t in tensors]
+        result: list[tf.Tensor | None] = [None] * len(tensors)
+        for dtype in dict.fromkeys(t.dtype for t in tensors):
+            indices = [i for i, t in enumerate(tensors) if t.dtype == dtype]
+            sums = self._hvd.grouped_allreduce([tensors[i] for i in indices], op=self._hvd.Sum)
+            for i, total in zip(indices, sums):
+                result[i] = total
+        return result
 
     def max_all(self, value: tf.Tensor) -> tf.Tensor:
         return self._hvd.allreduce(value, op=self._hvd.Max, name="distaccum.max")
@@ -141,12 +154,15 @@ class MPIBackend:
     """mpi4py collectives on `MPI.COMM_WORLD`, for jobs started by `mpirun` without Horovod.
 
     Inside `tf.function` each collective is one `tf.numpy_function` around one MPI call: a grouped
-    sum concatenates every tensor into one float32 buffer, so an update step is one
-    `Allreduce`, as with Horovod's grouped allreduce. `collective_counts` counts the calls made
-    by this process, by kind (Horovod's timeline plays that part for `HorovodBackend`).
+    sum concatenates every tensor into one float32 buffer (or, with 16-bit gradient sums, one
+    buffer of both kinds), so an update step is one `Allreduce`, as with Horovod's grouped
+    allreduce. `collective_counts` and `collective_bytes` count the calls made by this process
+    and the bytes each sent in, by kind (Horovod's timeline plays that part for
+    `HorovodBackend`).
     """
 
     name = "mpi"
+    summable_dtypes = ("float32", "bfloat16", "float16")
 
     def __init__(self) -> None:
         from mpi4py import MPI  # imported here only: the other backends must not need it
@@ -155,6 +171,8 @@ class MPIBackend:
         self._world = MPI.COMM_WORLD
         self._node = self._world.Split_type(MPI.COMM_TYPE_SHARED)
         self.collective_counts: collections.Counter = collections.Counter()
+        self.collective_bytes: collections.Counter = collections.Counter()
+        self._packed_operations: dict = {}
 
     def num_workers(self) -> int:
         return self._world.Get_size()
@@ -169,6 +187,7 @@ class MPIBackend:
         result = np.empty_like(buffer)
         self._world.Allreduce(buffer, result, op=operation)
         self.collective_counts["allreduce"] += 1
+        self.collective_bytes["allreduce"] += buffer.nbytes
         return result
 
     def _reduce(self, tensors: Sequence[tf.Tensor], operation, dtype) -> list[tf.Tensor]:
@@ -181,8 +200,63 @@ class MPIBackend:
         return [tf.reshape(tf.cast(p, t.dtype), t.shape) for p, t in zip(pieces, tensors)]
 
     def sum_all(self, tensors: Sequence[tf.Tensor]) -> list[tf.Tensor]:
-        # Everything summed is float32 (sums, statistics, metric states, votes): one buffer.
-        return self._reduce(tensors, self._mpi.SUM, tf.float32)
+        tensors = [tf.convert_to_tensor(t) for t in tensors]
+        narrow = {t.dtype for t in tensors} - {tf.float32}
+        if not narrow:  # sums, statistics, metric states, votes: one float32 buffer
+            return self._reduce(tensors, self._mpi.SUM, tf.float32)
+        if len(narrow) > 1 or not narrow <= {tf.float16, tf.bfloat16}:
+            raise ValueError("a grouped sum takes float32 and at most one of float16 or bfloat16. "
+                             f"Received: {sorted(d.name for d in narrow)}")
+        return self._sum_packed(tensors, narrow.pop())
+
+    def _sum_packed(self, tensors: list[tf.Tensor], narrow: tf.DType) -> list[tf.Tensor]:
+        """One `Allreduce` of 16-bit and float32 tensors together: every value's bits in one
+        uint16 buffer (narrow values first, padded to an even count, then float32 values as
+        pairs), summed by an MPI operation that knows where each part starts."""
+        parts = [[i for i, t in enumerate(tensors) if (t.dtype == narrow) == is_narrow]
+                 for is_narrow in (True, False)]
+        narrow_flat, wide_flat = (
+            tf.concat([tf.zeros([0], tensors[part[0]].dtype if part else tf.float32)]
+                      + [tf.reshape(tensors[i], [-1]) for i in part], axis=0)
+            for part in parts)
+        narrow_size = narrow_flat.shape.num_elements()
+        padding = narrow_size % 2
+        packed = tf.concat([tf.bitcast(narrow_flat, tf.uint16), tf.zeros([padding], tf.uint16),
+                            tf.reshape(tf.bitcast(wide_flat, tf.uint16), [-1])], axis=0)
+        layout = (narrow.as_numpy_dtype, narrow_size + padding)
+        reduced = tf.numpy_function(lambda b: self._allreduce_packed(b, *layout), [packed],
+                                    tf.uint16, stateful=True)
+        reduced.set_shape(packed.shape)
+        narrow_sums = tf.bitcast(reduced[:narrow_size], narrow)
+        wide_sums = tf.bitcast(tf.reshape(reduced[narrow_size + padding:], [-1, 2]), tf.float32)
+        result: list[tf.Tensor | None] = [None] * len(tensors)
+        for part, sums in zip(parts, (narrow_sums, wide_sums)):
+            pieces = tf.split(sums, [tensors[i].shape.num_elements() for i in part])
+            for i, piece in zip(part, pieces):
+                result[i] = tf.reshape(piece, tensors[i].shape)
+        return result
+
+    def _allreduce_packed(self, buffer: np.ndarray, narrow_dtype, narrow_size: int) -> np.ndarray:
+        key = (buffer.size, np.dtype(narrow_dtype).name, narrow_size)
+        if key not in self._packed_operations:
+            def add(incoming, accumulated, datatype):
+                # Each 16-bit sum is rounded once, as Horovod's float16 sum does.
+                a, b = np.frombuffer(incoming, np.uint16), np.frombuffer(accumulated, np.uint16)
+                left = b[:narrow_size].view(narrow_dtype)
+                right = a[:narrow_size].view(narrow_dtype)
+                left[...] = (left.astype(np.float32) + right.astype(np.float32)).astype(narrow_dtype)
+                b[narrow_size:].view(np.float32)[...] += a[narrow_size:].view(np.float32)
+
+            # The whole buffer is one element of its own type, so MPI never splits it where the
+            # operation could not tell which part a piece belongs to.
+            datatype = self._mpi.BYTE.Create_contiguous(buffer.nbytes).Commit()
+            self._packed_operations[key] = (datatype, self._mpi.Op.Create(add, commute=True))
+        datatype, operation = self._packed_operations[key]
+        result = np.empty_like(buffer)
+        self._world.Allreduce([buffer, 1, datatype], [result, 1, datatype], op=operation)
+        self.collective_counts["allreduce"] += 1
+        self.collective_bytes["allreduce"] += buffer.nbytes
+        return result
 
     def max_all(self, value: tf.Tensor) -> tf.Tensor:
         [result] = self._reduce([value], self._mpi.MAX, tf.convert_to_tensor(value).dtype)
@@ -196,6 +270,7 @@ class MPIBackend:
 
 
 _backend: Backend | None = None
+_device_code = devices.CPU  # this worker's device, set by init()
 
 
 def launched_by_launcher(environ: dict[str, str] | None = None) -> bool:
@@ -238,7 +313,7 @@ def init() -> Backend:
     Returns:
         The backend; later calls return the same one.
     """
-    global _backend
+    global _backend, _device_code
     if _backend is None:
         name = choose_backend_name()
         if name == "single":
@@ -251,7 +326,7 @@ def init() -> Backend:
                     f"the {name} backend was chosen but cannot be imported ({error}); run "
                     "launch/setup.sh (or set DISTACCUM_BACKEND)"
                 ) from error
-        devices.configure_gpus(backend.local_rank())
+        _device_code = devices.device_code(devices.configure_gpus(backend.local_rank()))
         _backend = backend
     return _backend
 
@@ -275,3 +350,14 @@ def num_workers() -> int:
 
 def is_chief() -> bool:
     return current().rank() == 0
+
+
+def gather_device_codes() -> list[int]:
+    """Every rank's `devices.device_code`, on every rank: one small sum over workers (each rank
+    fills its own slot, offset by one so that no slot's sum is ambiguous)."""
+    backend = current()
+    slots = np.zeros(backend.num_workers(), np.float32)
+    slots[backend.rank()] = _device_code - devices.CPU + 1
+    with collective("the start-up device report"):
+        [total] = backend.sum_all([tf.constant(slots)])
+    return [int(v) + devices.CPU - 1 for v in np.asarray(total)]

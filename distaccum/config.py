@@ -19,6 +19,8 @@ MODELS = ("digits_mlp", "synthetic_mlp")
 OPTIMIZERS = ("adam", "sgd")
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+# The types gradient sums can travel in between workers (float32 is exact; see `Trainer`).
+ALLREDUCE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 class ConfigError(ValueError):
@@ -45,6 +47,11 @@ class TrainConfig:
     warmup_steps: int = _help("linear warm-up, in update steps (cosine only)", default=0)
     precision: str = _help(
         f"Keras dtype policy: {', '.join(PRECISIONS)} (mixed_float16 adds loss scaling)",
+        default="float32",
+    )
+    allreduce_dtype: str = _help(
+        f"type the gradient sums travel in between workers: {', '.join(ALLREDUCE_DTYPES)} "
+        "(float32 is exact; the others halve the bytes, within their round-off)",
         default="float32",
     )
     epochs: int | None = _help("passes over the training data (or give update_steps)", default=None)
@@ -76,6 +83,7 @@ class TrainConfig:
             ("optimizer", OPTIMIZERS),
             ("lr_schedule", LR_SCHEDULES),
             ("precision", PRECISIONS),
+            ("allreduce_dtype", ALLREDUCE_DTYPES),
         ):
             if getattr(self, name) not in allowed:
                 _fail(name, getattr(self, name), f"must be one of {', '.join(allowed)}")

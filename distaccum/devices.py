@@ -1,7 +1,8 @@
 """Which GPU a worker uses: each process sees only its `local_rank`'s GPU, with memory growth on.
 
 The choice is a pure function (`choose_gpu`) so it can be tested without a GPU; `configure_gpus`
-applies it to TensorFlow and must run before TensorFlow touches a GPU.
+applies it to TensorFlow and must run before TensorFlow touches a GPU. `device_code` and
+`describe` say, in the job's start-up block, which device every rank trains on.
 """
 
 from __future__ import annotations
@@ -47,3 +48,20 @@ def configure_gpus(local_rank: int) -> object | None:
         # Without growth, the first worker's TensorFlow reserves nearly all of the GPU's memory.
         tf.config.experimental.set_memory_growth(gpu, True)
     return gpu
+
+
+CPU = -1  # the device code of a worker that trains on its CPU
+
+
+def device_code(gpu) -> int:
+    """A worker's device as one integer, to gather over workers: its GPU's index on its machine
+    (from TensorFlow's `/physical_device:GPU:<index>`), or `CPU`."""
+    return CPU if gpu is None else int(gpu.name.rsplit(":", 1)[1])
+
+
+def describe(codes: Sequence[int]) -> str:
+    """Every rank's device in one phrase: "rank 0 GPU 0, rank 1 GPU 1", or "CPU (2 ranks)"."""
+    if all(code == CPU for code in codes):
+        return f"CPU ({len(codes)} rank{'s' if len(codes) != 1 else ''})"
+    return ", ".join(f"rank {rank} " + ("CPU" if code == CPU else f"GPU {code}")
+                     for rank, code in enumerate(codes))

@@ -15,7 +15,7 @@ from typing import TextIO
 import keras
 import tensorflow as tf
 
-from distaccum import catalog, comm, data
+from distaccum import catalog, comm, data, devices
 from distaccum.checkpoint import CheckpointError, CheckpointManager
 from distaccum.config import ConfigError, TrainConfig
 from distaccum.controller import CadenceOptions, Controller
@@ -74,14 +74,18 @@ def build_trainer(config: TrainConfig, split: catalog.Split, total_update_steps:
     """The bundled model under the configured dtype policy and the configured optimizer, trained
     on class logits."""
     keras.mixed_precision.set_global_policy(config.precision)
-    return Trainer(
-        catalog.build_model(config.model, split.x_train.shape[1], config.seed),
-        build_optimizer(config, total_update_steps),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-        accumulation_steps=config.accumulation_steps,
-        clip_global_norm=config.clip_global_norm,
-    )
+    try:
+        return Trainer(
+            catalog.build_model(config.model, split.x_train.shape[1], config.seed),
+            build_optimizer(config, total_update_steps),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=["accuracy"],
+            accumulation_steps=config.accumulation_steps,
+            clip_global_norm=config.clip_global_norm,
+            allreduce_dtype=config.allreduce_dtype,
+        )
+    except ValueError as error:  # an allreduce_dtype this backend cannot sum
+        raise ConfigError(str(error)) from None
 
 
 def prepare_logdir(logdir: str) -> Path:
@@ -98,7 +102,7 @@ def prepare_logdir(logdir: str) -> Path:
 
 
 def describe_start(config: TrainConfig, updates_per_epoch, total: int, logdir: Path,
-                   start: Position) -> str:
+                   start: Position, device_codes: list[int]) -> str:
     workers = comm.num_workers()
     resumed = (f"distaccum: resuming after update step {start.update_step} (epoch {start.epoch})"
                if start.update_step else "distaccum: starting from scratch (no checkpoint)")
@@ -107,6 +111,8 @@ def describe_start(config: TrainConfig, updates_per_epoch, total: int, logdir: P
         f"accumulation_steps {config.accumulation_steps}, global_batch_size "
         f"{workers * config.accumulation_steps * config.micro_batch_size}",
         f"distaccum: {updates_per_epoch} updates per epoch, {total} update steps in all",
+        f"distaccum: training on {devices.describe(device_codes)} ({comm.current().name} "
+        f"collectives, gradient sums in {config.allreduce_dtype})",
         f"distaccum: TensorBoard logs in {logdir}, trained model to {logdir / 'model.keras'}",
         f"distaccum: checkpoints in {logdir / 'checkpoints'} every {config.checkpoint_interval} "
         f"update steps and on SIGTERM",
@@ -167,6 +173,7 @@ def run(config: TrainConfig, stream: TextIO | None = None) -> JobResult:
     trainer.prepare(train_for_epoch(1).element_spec)
     settings = _resume_settings(config)
     start = _resume(trainer, manager if chief else None, settings)
+    device_codes = comm.gather_device_codes()
 
     def save_checkpoint(position: Position) -> None:
         if chief:
@@ -174,8 +181,8 @@ def run(config: TrainConfig, stream: TextIO | None = None) -> JobResult:
 
     callbacks = []
     if chief:
-        print(describe_start(config, plan.updates_per_epoch, total, logdir, start), file=stream,
-              flush=True)
+        print(describe_start(config, plan.updates_per_epoch, total, logdir, start, device_codes),
+              file=stream, flush=True)
         writer = TensorBoardWriter(str(logdir), trainer.allreduce_per_update, start.update_step)
         writer.write_config(config.to_dict())
         callbacks = [ProgressReporter(total, stream), writer]

@@ -9,6 +9,7 @@ Public entry point:
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -16,10 +17,12 @@ import keras
 import tensorflow as tf
 
 from distaccum import comm, data, precision
+from distaccum.config import ALLREDUCE_DTYPES
 from distaccum.accumulate import GradientAccumulator, mean_gradients, objective_value
 from distaccum.controller import CadenceOptions, Controller
 from distaccum.metrics import GlobalMetrics
 from distaccum.objective import (
+    InexactWarning,
     Objective,
     output_names,
     resolve_losses,
@@ -73,6 +76,18 @@ def _check_accumulation_steps(accumulation_steps) -> int:
     return accumulation_steps
 
 
+def _check_allreduce_dtype(allreduce_dtype, backend) -> tf.DType:
+    if allreduce_dtype not in ALLREDUCE_DTYPES:
+        raise ValueError(f"allreduce_dtype must be one of {', '.join(ALLREDUCE_DTYPES)}. "
+                         f"Received: allreduce_dtype={allreduce_dtype!r}")
+    if allreduce_dtype not in backend.summable_dtypes:
+        raise ValueError(
+            f"allreduce_dtype={allreduce_dtype} is not available on the {backend.name} backend "
+            f"(it sums {', '.join(backend.summable_dtypes)}). Received: "
+            f"allreduce_dtype={allreduce_dtype!r}")
+    return tf.as_dtype(allreduce_dtype)
+
+
 def _check_optimizer(optimizer) -> None:
     if optimizer is None:
         raise ValueError("give an optimizer (or compile the model with one). Received: optimizer=None")
@@ -114,6 +129,11 @@ class Trainer:
             worker's samples (see `metrics`).
         accumulation_steps: micro-batches per worker per update (k).
         clip_global_norm: if set, clip the reduced, normalised gradient to this global norm.
+        allreduce_dtype: the type gradient sums travel in between workers: `"float32"` (exact,
+            the default), or `"bfloat16"` / `"float16"` (half the bytes; each sum is rounded to
+            that type, so updates are within its round-off of exact, and a float16 sum beyond
+            65504 overflows and skips the update). Window statistics, metric states and votes
+            stay float32; the division and the update run in float32.
     """
 
     def __init__(
@@ -127,6 +147,7 @@ class Trainer:
         weighted_metrics=None,
         accumulation_steps: int = 1,
         clip_global_norm: float | None = None,
+        allreduce_dtype: str = "float32",
     ) -> None:
         if not isinstance(model, keras.Model):
             raise TypeError(f"model must be a keras.Model. Received: model={model!r}")
@@ -143,6 +164,7 @@ class Trainer:
         self.accumulation_steps = _check_accumulation_steps(accumulation_steps)
         self.clip_global_norm = clip_global_norm
         self.backend = comm.current()
+        self.allreduce_dtype = _check_allreduce_dtype(allreduce_dtype, self.backend)
         self._accumulator: GradientAccumulator | None = None
         # No AutoGraph: the steps have no data-dependent Python control flow, and errors about the
         # user's data (a weight shape, say) then reach them as they were raised, in one line.
@@ -152,7 +174,8 @@ class Trainer:
 
     @classmethod
     def from_compiled(cls, model: keras.Model, *, accumulation_steps: int = 1,
-                      clip_global_norm: float | None = None) -> "Trainer":
+                      clip_global_norm: float | None = None,
+                      allreduce_dtype: str = "float32") -> "Trainer":
         """A trainer with the optimizer, loss, loss weights and metrics the model was compiled
         with."""
         if not getattr(model, "compiled", False):
@@ -163,7 +186,8 @@ class Trainer:
         return cls(model, model.optimizer, loss=model.loss,
                    loss_weights=arguments.get("loss_weights"), metrics=arguments.get("metrics"),
                    weighted_metrics=arguments.get("weighted_metrics"),
-                   accumulation_steps=accumulation_steps, clip_global_norm=clip_global_norm)
+                   accumulation_steps=accumulation_steps, clip_global_norm=clip_global_norm,
+                   allreduce_dtype=allreduce_dtype)
 
     @property
     def micro_step_traces(self) -> int:
@@ -178,14 +202,15 @@ class Trainer:
 
     @property
     def allreduce_per_update(self) -> tuple[int, int]:
-        """(tensors, bytes) one update step allreduces: the gradient sums and statistics per
-        normaliser, the sample count, the metrics' states and the votes, all float32.
+        """(tensors, bytes) one update step allreduces: the gradient sums (in `allreduce_dtype`),
+        and in float32 the statistics per normaliser, the sample count, the metrics' states and
+        the votes.
 
         (0, 0) with one worker, where the single-process backend communicates nothing.
         """
         if self._accumulator is None or self.backend.num_workers() == 1:
             return 0, 0
-        totals = self._accumulator.totals() + self._metric_states()
+        totals = self._sent_totals() + self._metric_states()
         vote_bytes = 8  # the stop and cancel votes, one tensor of two
         return len(totals) + 1, sum(int(tf.size(t)) * t.dtype.size for t in totals) + vote_bytes
 
@@ -211,6 +236,11 @@ class Trainer:
         # and creates the sums; every micro-batch size, the ragged tail's too, runs that graph.
         self._micro_step.get_concrete_function(*data.unpack(element_spec))
         warn_if_inexact(self.model)
+        if self.allreduce_dtype != tf.float32 and self.backend.num_workers() > 1:
+            warnings.warn(
+                f"allreduce_dtype={self.allreduce_dtype.name}: gradient sums travel rounded to "
+                f"{self.allreduce_dtype.name}, so updates are within its round-off of exact, not "
+                "exact (allreduce_dtype=float32 is exact)", InexactWarning, stacklevel=3)
         self.broadcast_from_chief()
 
     @property
@@ -282,9 +312,10 @@ class Trainer:
     def _update_step_body(self, votes):
         # The only sync point of a window: gradient, loss and weight sums, metric states (and the
         # votes) in one grouped allreduce.
-        sums = self._accumulator.totals()
+        sums = self._sent_totals()
         totals = self.backend.sum_all(sums + self._metric_states() + [votes])
         totals, metric_states, votes = totals[:len(sums)], totals[len(sums):-1], totals[-1]
+        totals = [tf.cast(t, tf.float32) for t in totals]
         cancelled = votes[1] > 0
         if self.metrics is not None:
             def add_metric_states():
@@ -321,6 +352,15 @@ class Trainer:
         self._accumulator.reset()
         return (window_loss, divisors[0], sample_count, gradient_norm, tf.logical_not(finite),
                 votes[0], votes[1])
+
+    def _sent_totals(self) -> list[tf.Tensor]:
+        """The window's sums as they travel: gradient sums in `allreduce_dtype` (unless nothing
+        travels, with one worker), statistics in float32."""
+        totals = self._accumulator.totals()
+        if self.backend.num_workers() == 1:
+            return totals
+        count = self._accumulator.gradient_sum_count
+        return [tf.cast(t, self.allreduce_dtype) for t in totals[:count]] + totals[count:]
 
     def _metric_states(self) -> list[tf.Tensor]:
         return self.metrics.window_states() if self.metrics is not None else []

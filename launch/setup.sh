@@ -4,14 +4,30 @@
 # Horovod wheel patched for TF 2.21, built once (minutes, progress every 30 s) and cached outside
 # the repo. A second run with nothing changed returns in seconds.
 #
-#   launch/setup.sh [--horovod]
+# Two variants of the same .venv/: `cpu` (tensorflow-cpu, the default) and `gpu`
+# (tensorflow[and-cuda] with NVIDIA's CUDA 12 wheels, and Horovod built with NCCL). --gpu, or
+# DISTACCUM_VARIANT=gpu (which launch/run.sh and launch/test.sh pass on), chooses `gpu`; switching
+# replaces the other variant's TensorFlow and Horovod. --dry-run prints what would be installed
+# and built, and changes nothing.
+#
+#   launch/setup.sh [--horovod] [--gpu] [--dry-run]
 set -euo pipefail
 
-with_horovod=0
-case "${1:-}" in
-  --horovod) with_horovod=1 ;;
-  "") ;;
-  *) echo "launch/setup.sh: error: the only option is --horovod. Received: ${1@Q}" >&2; exit 2 ;;
+with_horovod=0 dry_run=0
+variant=${DISTACCUM_VARIANT:-cpu}
+for option in "$@"; do
+  case "$option" in
+    --horovod) with_horovod=1 ;;
+    --gpu) variant=gpu ;;
+    --dry-run) dry_run=1 ;;
+    *) echo "launch/setup.sh: error: options are --horovod, --gpu and --dry-run. Received: ${option@Q}" >&2
+       exit 2 ;;
+  esac
+done
+case "$variant" in
+  cpu|gpu) ;;
+  *) echo "launch/setup.sh: error: DISTACCUM_VARIANT must be cpu or gpu. Received: DISTACCUM_VARIANT=${variant@Q}" >&2
+     exit 2 ;;
 esac
 
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -19,10 +35,25 @@ venv="$repo_root/.venv"
 cache_dir="${DISTACCUM_CACHE_DIR:-$HOME/.cache/distaccum}"
 python_bin="${PYTHON:-python3}"
 horovod_version=0.28.1
-# Bump when the patches applied to Horovod's sdist change, so the cached wheel is rebuilt.
+# Bump when the patches applied to Horovod's sources change, so the cached wheel is rebuilt.
 horovod_patch_level=2
+# The variant's TensorFlow distribution, and the extra of pyproject.toml that pins it.
+tensorflow_distribution=$([ "$variant" = gpu ] && echo tensorflow || echo tensorflow-cpu)
+other_distribution=$([ "$variant" = gpu ] && echo tensorflow-cpu || echo tensorflow)
+requirement="-e $repo_root[$variant,test,benchmarks]"
 
 log() { echo "[setup] $*" >&2; }
+
+if [ "$dry_run" = 1 ]; then
+  echo "venv: $venv"
+  echo "install: $requirement"
+  "$python_bin" -c "import sys, tomllib
+extras = tomllib.load(open(sys.argv[1], 'rb'))['project']['optional-dependencies']
+print('tensorflow:', ', '.join(extras[sys.argv[2]]))" "$repo_root/pyproject.toml" "$variant"
+  [ "$with_horovod" = 1 ] && bash "$repo_root/launch/horovod/build.sh" "$venv" - "$variant" --dry-run
+  exit 0
+fi
+
 # The checks below import TensorFlow: no C++ banners (errors still print).
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 
@@ -33,95 +64,66 @@ fi
 py="$venv/bin/python"
 
 # Stamps record what the last successful set-up installed from; same inputs -> nothing to do.
-inputs_hash=$(cat "$repo_root/pyproject.toml" "$repo_root/launch/setup.sh" | sha256sum | cut -d' ' -f1)
-ready() {  # ready STAMP MODULE: installed from these inputs, and importable
-  [ -f "$venv/$1" ] && [ "$(cat "$venv/$1")" = "$inputs_hash" ] \
+inputs_hash=$(cat "$repo_root/pyproject.toml" "$repo_root/launch/setup.sh" \
+  "$repo_root/launch/horovod/"* | sha256sum | cut -d' ' -f1)
+stamp="$inputs_hash $variant"
+ready() {  # ready STAMP MODULE: installed from these inputs for this variant, and importable
+  [ -f "$venv/$1" ] && [ "$(cat "$venv/$1")" = "$stamp" ] \
     && "$py" -c "import importlib.util as u, sys; sys.exit(not u.find_spec('$2'))"
 }
 if ready .distaccum-setup distaccum && { [ "$with_horovod" = 0 ] || ready .distaccum-horovod horovod; }; then
-  log "up to date ($venv)"
+  log "up to date ($venv, $variant)"
   exit 0
 fi
 
 uv=("$venv/bin/uv" pip install -q --python "$py")
 if ! ready .distaccum-setup distaccum; then
-  log "installing distaccum and its pinned dependencies"
+  log "installing distaccum and its pinned dependencies ($variant)"
   # uv installs in parallel: measured here into a fresh venv, 9 s with nothing cached against
-  # pip's 40 s with every wheel cached. pip stays for the Horovod build below.
+  # pip's 40 s with every wheel cached. pip stays for the Horovod build.
   "$py" -m pip install -qq "uv==0.13.9"
-  "${uv[@]}" "setuptools>=77" wheel -e "$repo_root[test,benchmarks]"
-  echo "$inputs_hash" > "$venv/.distaccum-setup"
+  if "$py" -c "import importlib.metadata as m; m.version('$other_distribution')" 2>/dev/null; then
+    # Both TensorFlow distributions write the same `tensorflow` package: one at a time. Horovod
+    # was built against the other one, so it goes too.
+    log "replacing the other variant's $other_distribution and Horovod"
+    "$venv/bin/uv" pip uninstall -q --python "$py" "$other_distribution" horovod
+    rm -f "$venv/.distaccum-horovod"
+  fi
+  # shellcheck disable=SC2086 # the requirement is "-e PATH[extras]", two words
+  "${uv[@]}" "setuptools>=77" wheel $requirement
+  echo "$stamp" > "$venv/.distaccum-setup"
 fi
 if [ "$with_horovod" = 0 ]; then
-  log "ready: $venv (without Horovod: mpirun jobs use mpi4py; launch/setup.sh --horovod adds it)"
+  log "ready: $venv ($variant; without Horovod: mpirun jobs use mpi4py; launch/setup.sh --horovod adds it)"
   exit 0
 fi
 
-# The wheel is tied to the TF ABI and the Python version: both go in the cache key.
-tf_version=$("$py" -c "import importlib.metadata as m; print(m.version('tensorflow-cpu'))")
-py_tag=$("$py" -c "import sys; print(f'cp{sys.version_info[0]}{sys.version_info[1]}')")
-wheel_dir="$cache_dir/horovod-$horovod_version-p$horovod_patch_level-tf$tf_version-$py_tag"
-
-build_progress() {  # build_progress LOG STARTED: elapsed time and CMake's compile progress
-  local elapsed=$((SECONDS - $2)) percent objects
-  percent=$(grep -o '\[ *[0-9]*%\]' "$1" | tail -n 1 | tr -dc '0-9' || true)
-  objects=$(grep -c 'Building CXX object' "$1" || true)
-  log "building Horovod: $((elapsed / 60)) min $((elapsed % 60)) s, ${percent:-0}% of compile steps done (${objects} objects compiled)"
-}
-
-build_horovod_wheel() {
-  local work
-  work=$(mktemp -d)
-  trap 'rm -rf "$work"' RETURN
-  log "building Horovod $horovod_version against TF $tf_version (minutes, once; progress every 30 s)"
-  "$py" -m pip download -qq --no-deps --no-binary :all: -d "$work" "horovod==$horovod_version"
-  tar -xzf "$work"/horovod-$horovod_version.tar.gz -C "$work"
-  local src="$work/horovod-$horovod_version"
-  # TF 2.21 no longer ships the XLA headers xla_mpi_ops.cc needs; XLA ops only matter for GPU XLA.
-  sed -i '/xla_mpi_ops\.cc/d' "$src/horovod/tensorflow/CMakeLists.txt"
-  # horovodrun's MPI mode passes single-dash long options (-bind-to, -map-by) that Open MPI 5's
-  # prterun no longer accepts; the double-dash spelling works with Open MPI 4 and 5.
-  sed -i "s/'-bind-to /'--bind-to /g; s/'-map-by /'--map-by /g; s/'-rank-by /'--rank-by /g" \
-    "$src/horovod/runner/mpi_run.py"
-  grep -q "'--bind-to none'" "$src/horovod/runner/mpi_run.py" \
-    || { log "Horovod's mpi_run.py changed: the Open MPI 5 patch no longer applies"; exit 1; }
-  (
-    cd "$src"
-    export PATH="$venv/bin:$PATH"
-    CMAKE_POLICY_VERSION_MINIMUM=3.5 HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITHOUT_PYTORCH=1 \
-      HOROVOD_WITHOUT_MXNET=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1 \
-      MAKEFLAGS="-j$(nproc)" \
-      exec "$py" -m pip wheel -v --no-build-isolation --no-deps -w "$work/dist" . >"$work/build.log" 2>&1
-  ) &
-  local builder=$! started=$SECONDS
-  while kill -0 "$builder" 2>/dev/null; do
-    for _ in $(seq 30); do kill -0 "$builder" 2>/dev/null && sleep 1; done
-    kill -0 "$builder" 2>/dev/null && build_progress "$work/build.log" "$started"
-  done
-  if ! wait "$builder"; then
-    tail -n 40 "$work/build.log" >&2
-    log "Horovod build failed"
-    exit 1
-  fi
-  mkdir -p "$wheel_dir"
-  # Copy then rename so an interrupted set-up never leaves a half-written wheel in the cache.
-  local built
-  built=$(ls "$work"/dist/horovod-*.whl)
-  cp "$built" "$wheel_dir/.partial" && mv "$wheel_dir/.partial" "$wheel_dir/$(basename "$built")"
-}
+# The wheel is tied to the TF ABI, the Python version and (GPU) the CUDA runtime and NCCL it was
+# built against: all go in the cache key.
+version_of() { "$py" -c "import importlib.metadata as m; print(m.version('$1'))"; }
+key="horovod-$horovod_version-p$horovod_patch_level-tf$(version_of "$tensorflow_distribution")"
+key+="-$("$py" -c "import sys; print(f'cp{sys.version_info[0]}{sys.version_info[1]}')")"
+if [ "$variant" = gpu ]; then
+  key+="-cuda$(version_of nvidia-cuda-runtime-cu12)-nccl$(version_of nvidia-nccl-cu12)"
+fi
+wheel_dir="$cache_dir/$key"
 
 if ! ls "$wheel_dir"/horovod-*.whl >/dev/null 2>&1; then
-  build_horovod_wheel
+  bash "$repo_root/launch/horovod/build.sh" "$venv" "$wheel_dir" "$variant"
 fi
 log "installing cached $(ls "$wheel_dir"/horovod-*.whl)"
 "${uv[@]}" --reinstall --no-deps "$wheel_dir"/horovod-*.whl
 "${uv[@]}" cloudpickle psutil packaging cffi
 # Quiet unless it fails (importing TensorFlow prints load-time banners).
-if ! check=$("$py" -c "import horovod.tensorflow as hvd; assert hvd.gloo_built() and hvd.mpi_built()" 2>&1); then
-  echo "$check" >&2
-  log "Horovod installed but not built with Gloo and MPI"
+check="import horovod.tensorflow as hvd; assert hvd.gloo_built() and hvd.mpi_built(), 'Gloo and MPI'"
+if [ "$variant" = gpu ]; then
+  check+="; import tensorflow as tf; assert hvd.nccl_built() and tf.test.is_built_with_cuda(), 'NCCL and CUDA'"
+fi
+if ! output=$("$py" -c "$check" 2>&1); then
+  echo "$output" >&2
+  log "Horovod installed but not built as the $variant variant needs"
   exit 1
 fi
 
-echo "$inputs_hash" > "$venv/.distaccum-horovod"
-log "ready: $venv (with Horovod)"
+echo "$stamp" > "$venv/.distaccum-horovod"
+log "ready: $venv ($variant, with Horovod)"

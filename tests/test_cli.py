@@ -52,9 +52,11 @@ def test_config_is_frozen():
         (["--set", "log_interval=true"], "log_interval=True"),
         (["--set", "noequals"], "'noequals'"),
         (["--set", "precision=float64"], "precision='float64'"),
+        (["--set", "allreduce_dtype=int8"], "allreduce_dtype='int8'"),
     ],
     ids=["k_zero", "negative_lr", "unknown_key", "unknown_model", "unknown_dataset",
-         "wrong_type", "both_durations", "bool_for_int", "override_syntax", "precision"],
+         "wrong_type", "both_durations", "bool_for_int", "override_syntax", "precision",
+         "allreduce_dtype"],
 )
 def test_train_exits_2_with_one_line_when_value_is_bad(capsys, arguments, expected):
     assert cli.main(["train", "--config", DIGITS, *arguments]) == cli.EXIT_BAD_INPUT

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from distaccum.devices import choose_gpu
+from types import SimpleNamespace
+
+from distaccum.devices import CPU, choose_gpu, describe, device_code
 
 FOUR_GPUS = [f"/physical_device:GPU:{i}" for i in range(4)]
 
@@ -31,3 +33,14 @@ def test_choose_gpu_refuses_sharing_when_more_workers_than_gpus():
 def test_choose_gpu_refuses_negative_local_rank():
     with pytest.raises(ValueError, match="local_rank=-1"):
         choose_gpu(FOUR_GPUS, -1)
+
+
+def test_device_code_is_gpu_index_or_cpu():
+    assert device_code(SimpleNamespace(name="/physical_device:GPU:3")) == 3
+    assert device_code(None) == CPU
+
+
+def test_describe_names_each_rank_device_when_any_trains_on_a_gpu():
+    assert describe([0, 1]) == "rank 0 GPU 0, rank 1 GPU 1"
+    assert describe([0, CPU]) == "rank 0 GPU 0, rank 1 CPU"
+    assert describe([CPU, CPU]) == "CPU (2 ranks)"

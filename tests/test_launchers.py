@@ -44,6 +44,9 @@ def test_launcher_trains_with_two_workers_when_run_from_readme(tmp_path, mode, c
     mode = [part.format(hostfile=hostfile) for part in mode]
     completed = _launch(*mode, "--config", DIGITS, *SHORT_RUN, "--set", f"logdir={tmp_path}/run")
     assert "num_workers 2," in completed.stdout
+    backend = "mpi" if mode[0] == "hostfile" else "horovod"
+    assert (f"distaccum: training on CPU (2 ranks) ({backend} collectives, gradient sums in "
+            "float32)") in completed.stdout
     # The chief alone reports: one start line, one summary.
     assert completed.stdout.count("distaccum: done: 4 update steps") == 1
     if chief_tag:
@@ -85,3 +88,4 @@ def test_main_command_reaches_95_percent_validation_accuracy_when_two_workers(tm
     predictions = np.argmax(model.predict(split.x_validation, verbose=0), axis=1)
     accuracy = float(np.mean(predictions == split.y_validation))
     assert accuracy == pytest.approx(float(summary.group(3)), abs=1e-4)
+

@@ -8,7 +8,7 @@ import pytest
 
 import scenarios
 from conftest import WORKERS_DIR, run_script
-from distaccum.timeline import collective_counts
+from distaccum.timeline import allreduce_bytes, collective_counts
 
 pytestmark = pytest.mark.multiworker
 
@@ -33,27 +33,32 @@ def _reference(accumulation_steps: int, optimizer: str):
 
 
 # Each backend under each launcher it runs under proves the property once: Horovod under
-# horovodrun (k=3, with Horovod's timeline) and under mpirun (k=1 and k=3 in one launch), mpi4py
-# under mpirun (k=1 and k=3).
+# horovodrun (k=3, a Horovod timeline per training, float32 and float16 gradient sums) and under
+# mpirun (k=1 and k=3 in one launch), mpi4py under mpirun (k=1 and k=3, float32 and bfloat16).
 LAUNCHES = {
-    "horovodrun": ("horovodrun", "3", {}),
-    "mpirun": ("mpirun", "1,3", {}),
-    "mpirun-mpi4py": ("mpirun", "1,3", {"DISTACCUM_BACKEND": "mpi"}),
+    "horovodrun": ("horovodrun", "3", ("float32", "float16"), {"HOROVOD_TIMELINE": "DYNAMIC"}),
+    "mpirun": ("mpirun", "1,3", ("float32",), {}),
+    "mpirun-mpi4py": ("mpirun", "1,3", ("float32", "bfloat16"), {"DISTACCUM_BACKEND": "mpi"}),
 }
+# Unit round-off of each type gradient sums can travel in.
+ROUND_OFF = {"float16": 2.0**-11, "bfloat16": 2.0**-8}
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """{(launch, k): directory of rank files}."""
+    """{(launch, k) or (launch, k, dtype): directory of rank files}."""
     found = {}
-    for launch, (launcher, steps, env) in LAUNCHES.items():
+    for launch, (launcher, steps, dtypes, env) in LAUNCHES.items():
         out = tmp_path_factory.mktemp(launch)
-        if launch == "horovodrun":
-            env = {**env, "HOROVOD_TIMELINE": str(out / "timeline.json")}
+        timelines = ["--timelines"] if "HOROVOD_TIMELINE" in env else []
         run_script(launcher, WORKERS_DIR / "train_shards.py", "--accumulation-steps", steps,
+                   "--allreduce-dtypes", ",".join(dtypes), *timelines,
                    "--epochs", str(EPOCHS), "--out", str(out), extra_env=env)
         for k in map(int, steps.split(",")):
-            found[launch, k] = out / f"k{k}" if "," in steps else out
+            for dtype in dtypes:
+                key = (launch, k) if dtype == "float32" else (launch, k, dtype)
+                name = f"k{k}" + ("" if dtype == "float32" else f"-{dtype}")
+                found[key] = out / name if len(dtypes) > 1 or "," in steps else out
     return found
 
 
@@ -108,3 +113,33 @@ def test_allreduce_count_equals_updates_not_micro_batches_when_k_is_3(runs):
     other = {name: c for name, c in counts.items() if name not in gradient_rows}
     # Start-up only: one broadcast per dtype of model + optimizer state, one max for the plan.
     assert sum(sum(c.values()) for c in other.values()) <= 3
+
+
+@pytest.mark.parametrize("launch, dtype", [("horovodrun", "float16"), ("mpirun-mpi4py", "bfloat16")])
+def test_narrow_allreduce_halves_gradient_bytes_and_stays_within_its_round_off(runs, launch, dtype):
+    accumulation_steps = 3
+    exact = runs[launch, accumulation_steps]
+    narrow = runs[launch, accumulation_steps, dtype]
+    ranks = [np.load(narrow / f"rank{r}.npz") for r in range(2)]
+    expected_weights, expected_updates = _reference(accumulation_steps, "sgd")
+    initial = scenarios.weights_of(scenarios.make_model(seed=7))
+    movement = max(np.max(np.abs(e - w)) for e, w in zip(expected_weights, initial))
+    error = max(np.max(np.abs(ranks[0][f"arr_{i}"] - e)) for i, e in enumerate(expected_weights))
+    # Within a few round-offs of the type, relative to how far training moved the weights; and
+    # not exact, so the narrow sums really travelled.
+    assert 0 < error <= 4 * ROUND_OFF[dtype] * movement
+    for index in range(len(expected_weights)):
+        np.testing.assert_array_equal(ranks[0][f"arr_{index}"], ranks[1][f"arr_{index}"])
+    assert int(ranks[0]["iterations"]) == expected_updates
+    gradient_values = sum(w.size for w in initial)
+    if launch == "horovodrun":  # bytes from Horovod's timeline
+        sent, sent_exact = allreduce_bytes(narrow / "timeline.json"), allreduce_bytes(
+            exact / "timeline.json")
+        assert sent[dtype] == expected_updates * gradient_values * 2
+        assert sent["float32"] == sent_exact["float32"] - expected_updates * gradient_values * 4
+    else:  # bytes from the mpi4py backend's own counter; one buffer, narrow part padded to even
+        padded = gradient_values + gradient_values % 2
+        saved_exact = np.load(exact / "rank0.npz")
+        assert int(ranks[0]["allreduce_bytes"]) == int(saved_exact["allreduce_bytes"]) - (
+            expected_updates * (gradient_values * 4 - padded * 2))
+        assert int(ranks[0]["allreduces"]) == int(saved_exact["allreduces"])

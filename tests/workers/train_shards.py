@@ -1,8 +1,10 @@
 """A user's script: trains the shared test problem on this worker's shard with the public API.
 
 Runs unchanged under `python`, `horovodrun --gloo -np N` and `mpirun -np N`; each rank saves its
-final weights, optimizer iterations and history to OUT/rank<r>.npz, or to OUT/k<k>/rank<r>.npz
-for each of several comma-separated accumulation steps (one launch, several trainings).
+final weights, optimizer iterations and history to OUT/rank<r>.npz, or, for several trainings in
+one launch (comma-separated accumulation steps and allreduce dtypes), to OUT/<run>/rank<r>.npz
+with <run> = k<k> for float32 and k<k>-<dtype> otherwise. With --timelines, each training under
+Horovod records its own timeline, OUT/<run>/timeline.json.
 """
 
 import argparse
@@ -27,6 +29,8 @@ parser.add_argument("--out", required=True)
 parser.add_argument("--nan-rank", type=int, default=-1, help="rank whose data gets a NaN")
 parser.add_argument("--nan-micro-batches", default="", help="comma-separated micro-batch indices")
 parser.add_argument("--max-consecutive-skips", type=int, default=5)
+parser.add_argument("--allreduce-dtypes", default="float32", help="dtype, or dtype1,dtype2,...")
+parser.add_argument("--timelines", action="store_true", help="a Horovod timeline per training")
 args = parser.parse_args()
 
 distaccum.init()
@@ -35,7 +39,8 @@ x, y, w = scenarios.make_shard(rank, scenarios.SHARD_SIZES[rank])
 if rank == args.nan_rank:
     for index in map(int, args.nan_micro_batches.split(",")):
         x[index * scenarios.MICRO_BATCH_SIZE, 0] = np.nan
-several = "," in args.accumulation_steps
+runs = [(int(k), dtype) for k in args.accumulation_steps.split(",")
+        for dtype in args.allreduce_dtypes.split(",")]
 
 
 class RecordSkips(distaccum.Callback):
@@ -50,8 +55,16 @@ class RecordSkips(distaccum.Callback):
 
 # The mpi4py backend counts its own collectives (Horovod's are counted in its timeline).
 counts = getattr(comm.current(), "collective_counts", {})
-for accumulation_steps in map(int, args.accumulation_steps.split(",")):
-    before = dict(counts)
+sent = getattr(comm.current(), "collective_bytes", {})
+for accumulation_steps, allreduce_dtype in runs:
+    name = f"k{accumulation_steps}" + ("" if allreduce_dtype == "float32" else f"-{allreduce_dtype}")
+    out = os.path.join(args.out, name) if len(runs) > 1 else args.out
+    os.makedirs(out, exist_ok=True)
+    if args.timelines:
+        import horovod.tensorflow as hvd
+
+        hvd.start_timeline(os.path.join(out, "timeline.json"))
+    before, bytes_before = dict(counts), dict(sent)
     # A different initialisation on every rank: training must start from rank 0's weights anyway.
     model = scenarios.make_model(seed=7 + rank)
     trainer = distaccum.Trainer(
@@ -59,6 +72,7 @@ for accumulation_steps in map(int, args.accumulation_steps.split(",")):
         scenarios.make_optimizer(args.optimizer),
         loss=keras.losses.MeanSquaredError(),
         accumulation_steps=accumulation_steps,
+        allreduce_dtype=allreduce_dtype,
     )
     skips = RecordSkips()
     try:
@@ -71,8 +85,8 @@ for accumulation_steps in map(int, args.accumulation_steps.split(",")):
     except distaccum.NonFiniteGradients as error:
         print(f"rank {rank}: {error}", file=sys.stderr)
         sys.exit(3)
-    out = os.path.join(args.out, f"k{accumulation_steps}") if several else args.out
-    os.makedirs(out, exist_ok=True)
+    if args.timelines:
+        hvd.stop_timeline()
     np.savez(
         os.path.join(out, f"rank{rank}.npz"),
         *scenarios.weights_of(model),
@@ -83,4 +97,5 @@ for accumulation_steps in map(int, args.accumulation_steps.split(",")):
         skipped_steps=np.array(skips.steps, dtype=int),
         backend=comm.current().name,
         **{f"{kind}s": counts[kind] - before.get(kind, 0) for kind in counts},
+        **{f"{kind}_bytes": sent[kind] - bytes_before.get(kind, 0) for kind in sent},
     )
