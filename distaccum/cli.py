@@ -59,7 +59,8 @@ def _add_k8s_commands(commands) -> None:
                          help="GPUs per worker pod; also its number of ranks (default 0)")
     options.add_argument("--cpu-slots-per-worker", type=int, default=1,
                          help="ranks per worker pod without GPUs (default 1)")
-    options.add_argument("--image", default="distaccum:0.1.0", help="container image")
+    options.add_argument("--image", help="container image (default distaccum:0.1.0, or "
+                         "distaccum:0.1.0-gpu with GPUs; a GPU image's tag ends in -gpu)")
     options.add_argument("--name", default="distaccum", help="MPIJob name (DNS label)")
     options.add_argument("--output-dir", help="write a Kustomize base here instead of printing")
 

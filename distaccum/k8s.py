@@ -4,6 +4,9 @@ The single source of truth: `k8s/base` and the overlays are checked against `ren
 tests. One value, `slots_per_worker` (the GPUs per worker when there are GPUs), sets the
 MPIJob's `slotsPerWorker`, and so the hostfile the operator writes; `mpirun` is given no `-np`,
 so it starts exactly one rank per hostfile slot, and the GPU limit is that same number.
+
+Workers with GPUs run the GPU image (`launch/setup.sh --gpu` inside: TensorFlow with CUDA, Horovod
+with NCCL), tagged `<version>-gpu`; the CPU image has no CUDA, so GPU manifests refuse it.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ CONFIG_DIR = "/etc/distaccum"
 DATA_DIR = "/data"
 HOSTFILE = "/etc/mpi/hostfile"  # where mpi-operator mounts the hostfile it generates
 TENSORBOARD_PORT = 6006
+IMAGE = "distaccum:0.1.0"  # the CPU image; the GPU image is the same tag plus GPU_TAG_SUFFIX
+GPU_TAG_SUFFIX = "-gpu"
 _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 
@@ -37,7 +42,7 @@ class ClusterOptions:
     workers: int = 2
     gpus_per_worker: int = 0
     cpu_slots_per_worker: int = 1
-    image: str = "distaccum:0.1.0"
+    image: str | None = None  # None: IMAGE, or its GPU variant when there are GPUs
     storage: str = "10Gi"
 
     def __post_init__(self) -> None:
@@ -54,8 +59,16 @@ class ClusterOptions:
                 raise ManifestError(f"{key} must be >= 1. Received: {key}={getattr(self, key)}")
         if self.gpus_per_worker < 0:
             raise ManifestError(f"gpus_per_worker must be >= 0. Received: {self.gpus_per_worker}")
+        if self.image is None:
+            object.__setattr__(self, "image", IMAGE + (GPU_TAG_SUFFIX if self.gpus_per_worker else ""))
         if not self.image:
             raise ManifestError("image must not be empty. Received: image=''")
+        if self.gpus_per_worker and not self.image.endswith(GPU_TAG_SUFFIX):
+            # A CPU image on a GPU node trains on its CPU and reduces through host memory.
+            raise ManifestError(
+                f"gpus_per_worker={self.gpus_per_worker} needs the GPU image, whose tag ends in "
+                f"{GPU_TAG_SUFFIX!r} (docker build --build-arg DISTACCUM_VARIANT=gpu -t "
+                f"REGISTRY/{IMAGE}{GPU_TAG_SUFFIX}). Received: image={self.image!r}")
 
     @property
     def slots_per_worker(self) -> int:

@@ -115,6 +115,57 @@ def test_committed_base_is_what_the_renderer_writes(tmp_path):
         assert rendered.read_text() == (base / rendered.name).read_text(), rendered.name
 
 
+def _images(documents: list[dict]) -> set[str]:
+    """Every container image the documents name (pod templates of every workload)."""
+    found = set()
+
+    def visit(node):
+        if isinstance(node, dict):
+            if "containers" in node:
+                found.update(c["image"] for c in node["containers"])
+            for value in node.values():
+                visit(value)
+        elif isinstance(node, list):
+            for value in node:
+                visit(value)
+
+    visit(documents)
+    return found
+
+
+def _rendered_by_cli(*arguments: str) -> list[dict]:
+    completed = subprocess.run(
+        [str(VENV_BIN / "distaccum"), "k8s", "render", "--config", str(DIGITS), *arguments],
+        capture_output=True, text=True, check=True)
+    return list(yaml.safe_load_all(completed.stdout))
+
+
+def test_gpu_manifests_name_only_the_gpu_image_and_forward_nccl_settings():
+    gpu_renders = {
+        "cli": _rendered_by_cli("--gpus-per-worker", "2"),
+        "cli_own_registry": _rendered_by_cli("--gpus-per-worker", "1",
+                                             "--image", "registry.example/distaccum:0.1.0-gpu"),
+        "overlay": _kustomize(REPO_ROOT / "k8s" / "overlays" / "gpu"),
+        **{name: k8s.render(options, _config_text())
+           for name, options in RENDERED.items() if options.gpus_per_worker},
+    }
+    for name, documents in gpu_renders.items():
+        images = _images(documents)
+        assert len(images) == 1 and images.pop().endswith(k8s.GPU_TAG_SUFFIX), name
+        assert "NCCL_SOCKET_IFNAME" in k8s.to_yaml(documents), name
+    cpu_render = _rendered_by_cli()
+    assert _images(cpu_render) == {k8s.IMAGE}
+    assert "NCCL" not in k8s.to_yaml(cpu_render)  # NCCL is built only into the GPU image
+
+
+def test_dockerfile_builds_either_variant_with_one_build_argument():
+    instructions = _dockerfile_instructions()
+    assert ("ARG", "DISTACCUM_VARIANT=cpu") in instructions
+    [setup] = [argument for keyword, argument in instructions
+               if keyword == "RUN" and "launch/setup.sh" in argument]
+    assert setup.startswith("DISTACCUM_VARIANT=$DISTACCUM_VARIANT bash launch/setup.sh --horovod")
+
+
 @pytest.mark.parametrize("gpus", [1, 2, 8])
 def test_slots_ranks_and_gpu_limits_agree_when_gpus_per_worker_varies(gpus):
     job = _by_kind(k8s.render(k8s.ClusterOptions(gpus_per_worker=gpus), _config_text()))["MPIJob"]
@@ -175,8 +226,10 @@ def test_validation_catches_misspelt_field_in_builtin_kind(mpijob_schema):
         ({"workers": 0}, "workers=0"),
         ({"gpus_per_worker": -1}, "-1"),
         ({"image": ""}, "image"),
+        ({"gpus_per_worker": 1, "image": "registry/distaccum:0.1.0"},
+         "needs the GPU image.*Received: image='registry/distaccum:0.1.0'"),
     ],
-    ids=["bad_name", "long_name", "no_workers", "negative_gpus", "no_image"],
+    ids=["bad_name", "long_name", "no_workers", "negative_gpus", "no_image", "cpu_image_on_gpus"],
 )
 def test_cluster_options_name_bad_value(options, message):
     with pytest.raises(k8s.ManifestError, match=message):
