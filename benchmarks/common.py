@@ -29,8 +29,9 @@ PYTHON = Path(sys.executable)
 MPI_ROOT_VARIABLES = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
 CHIEF_RESULT = "result.json"
 MICRO_BATCH_SIZE = 32
-# The three ways of training the slow-link figure compares (workers.py runs them).
+# The ways of training the slow-link figure compares (workers.py runs them).
 DISTACCUM = "distaccum"
+DISTACCUM_BFLOAT16 = "distaccum_bfloat16"  # gradient sums travel as bfloat16 (mpi4py backend)
 ALLREDUCE_EVERY_MICRO_BATCH = "allreduce_every_micro_batch"  # baseline (a)
 NO_COMMUNICATION = "no_communication"  # baseline (b), the compute limit
 # startup.py puts time.time() here just before it launches; the workers subtract it.

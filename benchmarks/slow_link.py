@@ -7,8 +7,9 @@ one `tbf` qdisc (MTU 9000, burst 4 Mbit; both directions share it, so the link i
 (a) a hand-written Horovod loop that allreduces every micro-batch's gradients; (b) distaccum with
 the allreduce replaced by the identity, the compute limit. Ratios are taken within each repeat.
 Then distaccum on the mpi4py backend (two processes under `mpirun`, TCP over the same loopback)
-at k = 1 and 16, with (b) again in the same processes. Needs root for `ip netns`; `--smoke` runs
-on the unlimited host loopback instead.
+at k = 1 and 16, exact (float32 gradient sums) and with `allreduce_dtype: bfloat16` (half the
+bytes), with (b) again in the same processes. Needs root for `ip netns`; `--smoke` runs on the
+unlimited host loopback instead.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import subprocess
 from collections import defaultdict
 
 import common
-from common import ALLREDUCE_EVERY_MICRO_BATCH, DISTACCUM, NO_COMMUNICATION
+from common import ALLREDUCE_EVERY_MICRO_BATCH, DISTACCUM, DISTACCUM_BFLOAT16, NO_COMMUNICATION
 
 LINKS = (("100 Mbit/s", "100mbit"), ("1 Gbit/s", "1gbit"))
 SMOKE_LINK = "host loopback, no limit (smoke)"
@@ -33,7 +34,8 @@ FULL_SETTINGS = {"accumulation_steps": (1, 2, 4, 8, 16), "micro_batches": 16, "m
 # One k is enough to prove the script runs; every k costs two more traced trainers.
 SMOKE_SETTINGS = {"accumulation_steps": (2,), "micro_batches": 2, "min_updates": 1}
 MPI4PY_ACCUMULATION_STEPS = (1, 16)
-MPI4PY_METHODS = (DISTACCUM, NO_COMMUNICATION)
+MPI4PY_METHODS = (DISTACCUM, DISTACCUM_BFLOAT16, NO_COMMUNICATION)
+BFLOAT16_LABEL = "distaccum, bfloat16 gradient sums"
 TARGET_SLOW_OVER_A = ("100 Mbit/s", 0.9)  # distaccum ÷ (a) ≥ 0.9 × k at every k
 TARGET_FAST_OVER_B = ("1 Gbit/s", 16, 0.75)  # distaccum ÷ (b) ≥ 0.75 at k = 16
 
@@ -95,7 +97,7 @@ def summarize_link(measurements: list[dict]) -> dict[int, dict]:
     for k, repeats in by_k.items():
         runs = list(repeats.values())
         rate = {method: [r[method]["samples"] / r[method]["seconds"] for r in runs]
-                for method in METHOD_LABELS if method in runs[0]}
+                for method in (*METHOD_LABELS, DISTACCUM_BFLOAT16) if method in runs[0]}
         distaccum_runs = [r[DISTACCUM] for r in runs]
         summary[k] = {
             "rates": {method: common.summarize(values) for method, values in rate.items()},
@@ -106,6 +108,12 @@ def summarize_link(measurements: list[dict]) -> dict[int, dict]:
             "update": common.summarize(r["update_seconds"] / r["updates"]
                                        for r in distaccum_runs),
         }
+        if DISTACCUM_BFLOAT16 in rate:  # the narrower allreduce runs on mpi4py only
+            summary[k]["bfloat16_over_b"] = common.summarize(
+                d / b for d, b in zip(rate[DISTACCUM_BFLOAT16], rate[NO_COMMUNICATION]))
+            summary[k]["bfloat16_update"] = common.summarize(
+                r[DISTACCUM_BFLOAT16]["update_seconds"] / r[DISTACCUM_BFLOAT16]["updates"]
+                for r in runs)
         if ALLREDUCE_EVERY_MICRO_BATCH in rate:  # baseline (a) runs on Horovod only
             summary[k]["over_a"] = common.summarize(
                 d / a for d, a in zip(rate[DISTACCUM], rate[ALLREDUCE_EVERY_MICRO_BATCH]))
@@ -128,16 +136,18 @@ def table(links: dict[str, dict]) -> str:
 def mpi4py_table(horovod: dict[str, dict], mpi4py: dict[str, dict]) -> str:
     """distaccum on mpi4py beside distaccum on Horovod (another pair of processes, same link)."""
     rows = [
-        [link, k, s["rates"][DISTACCUM].format(), s["rates"][NO_COMMUNICATION].format(),
-         s["over_b"].format(2),
+        [link, k, s["rates"][DISTACCUM].format(), s["rates"][DISTACCUM_BFLOAT16].format(),
+         s["rates"][NO_COMMUNICATION].format(), s["over_b"].format(2),
+         s["bfloat16_over_b"].format(2),
          horovod[link][k]["rates"][DISTACCUM].format() if k in horovod.get(link, {}) else "—",
-         s["update"].format(3)]
+         s["update"].format(3), s["bfloat16_update"].format(3)]
         for link, summary in mpi4py.items() for k, s in sorted(summary.items())
     ]
     return common.markdown_table(
-        ["link", "k", "distaccum on mpi4py, samples/s", "(b) no communication, samples/s",
-         "mpi4py ÷ (b)", "distaccum on Horovod, samples/s (its own run)",
-         "mpi4py: update step s/update"], rows)
+        ["link", "k", "distaccum on mpi4py, samples/s", f"{BFLOAT16_LABEL}, samples/s",
+         "(b) no communication, samples/s", "mpi4py ÷ (b)", "bfloat16 sums ÷ (b)",
+         "distaccum on Horovod, samples/s (its own run)", "mpi4py: update step s/update",
+         "bfloat16 sums: update step s/update"], rows)
 
 
 def expected_ratios(summary: dict, k: int) -> tuple[float, float]:

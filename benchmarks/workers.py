@@ -20,8 +20,8 @@ import distaccum
 from distaccum import comm
 import workload
 from common import (
-    ALLREDUCE_EVERY_MICRO_BATCH, CHIEF_RESULT, DISTACCUM, LAUNCHED_AT_VARIABLE, MICRO_BATCH_SIZE,
-    NO_COMMUNICATION, positive_int, timeline_path,
+    ALLREDUCE_EVERY_MICRO_BATCH, CHIEF_RESULT, DISTACCUM, DISTACCUM_BFLOAT16, LAUNCHED_AT_VARIABLE,
+    MICRO_BATCH_SIZE, NO_COMMUNICATION, positive_int, timeline_path,
 )
 
 
@@ -95,9 +95,11 @@ class SlowLinkBench:
                 workload.synthetic_model(), workload.make_optimizer(),
                 workload.classification_loss(), hvd)
         self._trainers = {
-            (k, method): workload.synthetic_trainer(k, communicate=method == DISTACCUM)
-            for k in accumulation_steps for method in (DISTACCUM, NO_COMMUNICATION)
-            if method in methods
+            (k, method): workload.synthetic_trainer(
+                k, communicate=method != NO_COMMUNICATION,
+                allreduce_dtype="bfloat16" if method == DISTACCUM_BFLOAT16 else "float32")
+            for k in accumulation_steps
+            for method in (DISTACCUM, DISTACCUM_BFLOAT16, NO_COMMUNICATION) if method in methods
         }
 
     def warm_up(self) -> None:
@@ -176,10 +178,12 @@ def keras_runners(x, y) -> dict:
 
 
 def distaccum_runners(x, y) -> dict:
-    """distaccum's micro-step alone, and whole windows (micro-steps plus update) at k=1 and 8."""
+    """distaccum's micro-step alone, and whole windows (micro-steps plus update) at k=1 and 8,
+    the k=8 window also under the mixed_bfloat16 policy."""
     spec = (tf.TensorSpec.from_tensor(x), tf.TensorSpec.from_tensor(y))
-    trainers = {name: workload.synthetic_trainer(k) for name, k in
-                (("micro_step", 1), ("window_k1", 1), ("window_k8", 8))}
+    trainers = {name: workload.synthetic_trainer(k, precision=precision) for name, k, precision in
+                (("micro_step", 1, "float32"), ("window_k1", 1, "float32"),
+                 ("window_k8", 8, "float32"), ("window_k8_mixed_bfloat16", 8, "mixed_bfloat16"))}
     for trainer in trainers.values():
         trainer.prepare(spec)
 
@@ -195,8 +199,9 @@ def distaccum_runners(x, y) -> dict:
                 trainer.update_step()
         return run
 
-    return {"micro_step": micro_steps, "window_k1": windows(trainers["window_k1"]),
-            "window_k8": windows(trainers["window_k8"])}
+    return {"micro_step": micro_steps,
+            **{name: windows(trainers[name])
+               for name in ("window_k1", "window_k8", "window_k8_mixed_bfloat16")}}
 
 
 def overhead(args) -> None:
@@ -298,7 +303,8 @@ def parse_arguments() -> argparse.Namespace:
     for option in ("--repeats", "--micro-batches", "--min-updates"):
         figures["slow-link"].add_argument(option, type=positive_int, required=True)
     methods = (DISTACCUM, ALLREDUCE_EVERY_MICRO_BATCH, NO_COMMUNICATION)
-    figures["slow-link"].add_argument("--methods", nargs="+", choices=methods, default=methods)
+    figures["slow-link"].add_argument("--methods", nargs="+", choices=(*methods, DISTACCUM_BFLOAT16),
+                                      default=methods)
     for option in ("--repeats", "--steps"):
         figures["overhead"].add_argument(option, type=positive_int, required=True)
     figures["memory"].add_argument("--mode", choices=("accumulate", "direct"), required=True)

@@ -72,7 +72,9 @@ def first_micro_batch(micro_batch_size: int = MICRO_BATCH_SIZE) -> tuple[tf.Tens
     return tf.constant(x), tf.constant(y)
 
 
-def synthetic_trainer(accumulation_steps: int, *, communicate: bool = True) -> distaccum.Trainer:
+def synthetic_trainer(accumulation_steps: int, *, communicate: bool = True,
+                      allreduce_dtype: str = "float32", precision: str = "float32"
+                      ) -> distaccum.Trainer:
     """A distaccum Trainer on a fresh synthetic model.
 
     Args:
@@ -80,9 +82,17 @@ def synthetic_trainer(accumulation_steps: int, *, communicate: bool = True) -> d
         communicate: False gives the compute limit, baseline (b): distaccum's own micro-step and
             update step with the single-process (identity) backend, so the run differs from the
             real one by the allreduce alone.
+        allreduce_dtype: the type gradient sums travel in.
+        precision: the Keras dtype policy the model is built under.
     """
-    trainer = distaccum.Trainer(synthetic_model(), make_optimizer(), loss=classification_loss(),
-                                accumulation_steps=accumulation_steps)
+    keras.mixed_precision.set_global_policy(precision)
+    try:
+        model = synthetic_model()
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    trainer = distaccum.Trainer(model, make_optimizer(), loss=classification_loss(),
+                                accumulation_steps=accumulation_steps,
+                                allreduce_dtype=allreduce_dtype)
     if not communicate:
         trainer.backend = comm.SingleProcessBackend()
     return trainer

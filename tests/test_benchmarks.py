@@ -40,16 +40,20 @@ def test_slow_link_smoke_times_distaccum_and_both_baselines_side_by_side(tmp_pat
         "distaccum", "(a) allreduce every micro-batch", "(b) no communication"]
     for series in panel["series"]:
         assert series["x"] == [2] and series["y"][0] > 0
-    # distaccum on the mpi4py backend, measured under mpirun beside (b): its own table.
+    # distaccum on the mpi4py backend, float32 and bfloat16 gradient sums, measured under mpirun
+    # beside (b): its own table.
     [mpi4py_row] = [line for line in figure["table"].splitlines()
-                    if line.startswith("| host loopback") and line.count("|") == 8]
-    assert mpi4py_row.split("|")[2].strip() == "2"
+                    if line.startswith("| host loopback") and line.count("|") == 11]
+    cells = [cell.strip() for cell in mpi4py_row.split("|")[1:-1]]
+    assert cells[1] == "2"
+    assert all(float(cells[i].split()[0].replace(",", "")) > 0 for i in (2, 3, 4))
 
 
 def test_overhead_smoke_times_keras_and_distaccum_steps(tmp_path):
     figure = run_benchmark(tmp_path, "overhead", "--repeats", "1")
     bars = figure["plots"][0]["bars"]
-    assert len(bars) == 5 and all(bar["median"] > 0 for bar in bars)
+    assert len(bars) == 6 and all(bar["median"] > 0 for bar in bars)
+    assert "mixed_bfloat16 ÷ float32, k=8 windows: " in figure["table"]
     (check,) = figure["checks"]
     assert check["passed"] is None  # smoke sizes are not judged against the target
 
