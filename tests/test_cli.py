@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -85,6 +86,20 @@ def test_train_exits_2_when_logdir_is_not_writable(capsys, tmp_path):
     code = cli.main(["train", "--config", DIGITS, "--set", f"logdir={blocker}/run"])
     assert code == cli.EXIT_BAD_INPUT
     assert "logdir: not writable" in capsys.readouterr().err
+
+
+def test_train_exits_2_with_one_line_when_backend_cannot_sum_the_allreduce_dtype(tmp_path):
+    completed = subprocess.run(
+        [str(VENV_BIN / "distaccum"), "train", "--config", DIGITS, "--set",
+         "allreduce_dtype=bfloat16", "--set", f"logdir={tmp_path}"],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "DISTACCUM_BACKEND": "horovod"},  # one process, Horovod's collectives
+    )
+    assert completed.returncode == 2, completed.stderr[-2000:]
+    assert completed.stderr.strip().splitlines() == [
+        "distaccum: error: allreduce_dtype=bfloat16 is not available on the horovod backend (it "
+        "sums float32, float16). Received: allreduce_dtype='bfloat16'"
+    ]
 
 
 def test_command_line_error_is_one_line_without_traceback_when_run_as_program():

@@ -202,9 +202,11 @@ def _trainer(**overrides):
         ({"loss": 3}, TypeError, "loss=3"),
         ({"clip_global_norm": 0.0}, ValueError, "0.0"),
         ({"model": "resnet"}, TypeError, "'resnet'"),
+        ({"allreduce_dtype": "float64"}, ValueError, "allreduce_dtype='float64'"),
     ],
     ids=["k_zero", "k_negative", "k_float", "k_string", "k_bool", "optimizer_name",
-         "keras_accumulation", "loss_name", "loss_number", "clip_zero", "model_name"],
+         "keras_accumulation", "loss_name", "loss_number", "clip_zero", "model_name",
+         "allreduce_dtype"],
 )
 def test_constructor_names_bad_value_when_argument_is_invalid(overrides, error, message):
     with pytest.raises(error, match=message) as raised:
