@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 
+from distaccum import console
 from distaccum.config import ConfigError, describe_keys, load_config
 
 EXIT_BAD_INPUT = 2
@@ -84,32 +84,6 @@ def _render_k8s(arguments) -> int:
     return 0
 
 
-# Printed by TensorFlow 2.21 through absl while it loads, before any log level applies.
-_BANNERS = ("All log messages before absl::InitializeLog() is called",
-            "oneDNN custom operations are on")
-
-
-def _import_tensorflow_quietly() -> None:
-    """Import TensorFlow without its load-time banners, on every rank; whatever else it prints
-    while loading (an error, say) still reaches stderr, in order."""
-    if "tensorflow" in sys.modules:
-        return
-    sys.stderr.flush()
-    with tempfile.TemporaryFile() as captured:
-        saved = os.dup(2)  # the C++ side writes to file descriptor 2, not to sys.stderr
-        os.dup2(captured.fileno(), 2)
-        try:
-            import tensorflow  # noqa: F401
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            captured.seek(0)
-            for line in captured.read().decode(errors="replace").splitlines(keepends=True):
-                if not any(banner in line for banner in _BANNERS):
-                    sys.stderr.write(line)
-            sys.stderr.flush()
-
-
 def main(argv: list[str] | None = None) -> int:
     arguments = _parser().parse_args(argv)
     if arguments.command == "k8s":
@@ -125,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     # Before TensorFlow is imported: its later C++ info and warning lines are noise here.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    _import_tensorflow_quietly()
+    console.import_tensorflow_quietly()
     from distaccum import comm, job
     from distaccum.records import TrainingInterrupted
 

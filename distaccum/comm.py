@@ -326,7 +326,8 @@ def init() -> Backend:
                     f"the {name} backend was chosen but cannot be imported ({error}); run "
                     "launch/setup.sh (or set DISTACCUM_BACKEND)"
                 ) from error
-        _device_code = devices.device_code(devices.configure_gpus(backend.local_rank()))
+        _device_code = devices.device_code(devices.configure_gpus(backend.local_rank()),
+                                           tf.test.is_built_with_cuda())
         _backend = backend
     return _backend
 
@@ -357,7 +358,7 @@ def gather_device_codes() -> list[int]:
     fills its own slot, offset by one so that no slot's sum is ambiguous)."""
     backend = current()
     slots = np.zeros(backend.num_workers(), np.float32)
-    slots[backend.rank()] = _device_code - devices.CPU + 1
+    slots[backend.rank()] = _device_code - devices.NO_GPU_FOUND + 1
     with collective("the start-up device report"):
         [total] = backend.sum_all([tf.constant(slots)])
-    return [int(v) + devices.CPU - 1 for v in np.asarray(total)]
+    return [int(v) + devices.NO_GPU_FOUND - 1 for v in np.asarray(total)]

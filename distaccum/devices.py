@@ -11,6 +11,8 @@ from typing import Sequence, TypeVar
 
 import tensorflow as tf
 
+from distaccum import console
+
 Device = TypeVar("Device")
 
 
@@ -42,7 +44,9 @@ def choose_gpu(gpus: Sequence[Device], local_rank: int) -> Device | None:
 
 def configure_gpus(local_rank: int) -> object | None:
     """Make only this worker's GPU visible to TensorFlow, with memory growth, and return it."""
-    gpu = choose_gpu(tf.config.list_physical_devices("GPU"), local_rank)
+    with console.dropping(console.NO_GPU):  # said instead by `describe`, see `NO_GPU_FOUND`
+        gpus = tf.config.list_physical_devices("GPU")
+    gpu = choose_gpu(gpus, local_rank)
     if gpu is not None:
         tf.config.set_visible_devices([gpu], "GPU")
         # Without growth, the first worker's TensorFlow reserves nearly all of the GPU's memory.
@@ -50,18 +54,25 @@ def configure_gpus(local_rank: int) -> object | None:
     return gpu
 
 
-CPU = -1  # the device code of a worker that trains on its CPU
+# Device codes of a worker that trains on its CPU: TensorFlow without CUDA, or with CUDA but no
+# usable GPU (the GPU build on a machine without one, or a GPU node whose driver failed).
+CPU = -1
+NO_GPU_FOUND = -2
 
 
-def device_code(gpu) -> int:
+def device_code(gpu, built_with_cuda: bool) -> int:
     """A worker's device as one integer, to gather over workers: its GPU's index on its machine
-    (from TensorFlow's `/physical_device:GPU:<index>`), or `CPU`."""
-    return CPU if gpu is None else int(gpu.name.rsplit(":", 1)[1])
+    (from TensorFlow's `/physical_device:GPU:<index>`), `NO_GPU_FOUND` or `CPU`."""
+    if gpu is None:
+        return NO_GPU_FOUND if built_with_cuda else CPU
+    return int(gpu.name.rsplit(":", 1)[1])
 
 
 def describe(codes: Sequence[int]) -> str:
     """Every rank's device in one phrase: "rank 0 GPU 0, rank 1 GPU 1", or "CPU (2 ranks)"."""
-    if all(code == CPU for code in codes):
-        return f"CPU ({len(codes)} rank{'s' if len(codes) != 1 else ''})"
-    return ", ".join(f"rank {rank} " + ("CPU" if code == CPU else f"GPU {code}")
-                     for rank, code in enumerate(codes))
+    on_cpu = {CPU, NO_GPU_FOUND}
+    why = ("; TensorFlow is built with CUDA but found no GPU" if NO_GPU_FOUND in codes else "")
+    if all(code in on_cpu for code in codes):
+        return f"CPU ({len(codes)} rank{'s' if len(codes) != 1 else ''}{why})"
+    return ", ".join(f"rank {rank} " + ("CPU" if code in on_cpu else f"GPU {code}")
+                     for rank, code in enumerate(codes)) + why

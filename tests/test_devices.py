@@ -6,7 +6,7 @@ import pytest
 
 from types import SimpleNamespace
 
-from distaccum.devices import CPU, choose_gpu, describe, device_code
+from distaccum.devices import CPU, NO_GPU_FOUND, choose_gpu, describe, device_code
 
 FOUR_GPUS = [f"/physical_device:GPU:{i}" for i in range(4)]
 
@@ -36,11 +36,19 @@ def test_choose_gpu_refuses_negative_local_rank():
 
 
 def test_device_code_is_gpu_index_or_cpu():
-    assert device_code(SimpleNamespace(name="/physical_device:GPU:3")) == 3
-    assert device_code(None) == CPU
+    assert device_code(SimpleNamespace(name="/physical_device:GPU:3"), True) == 3
+    assert device_code(None, built_with_cuda=False) == CPU
+    assert device_code(None, built_with_cuda=True) == NO_GPU_FOUND
 
 
 def test_describe_names_each_rank_device_when_any_trains_on_a_gpu():
     assert describe([0, 1]) == "rank 0 GPU 0, rank 1 GPU 1"
     assert describe([0, CPU]) == "rank 0 GPU 0, rank 1 CPU"
     assert describe([CPU, CPU]) == "CPU (2 ranks)"
+
+
+def test_describe_says_why_a_cuda_build_trains_on_the_cpu():
+    assert describe([NO_GPU_FOUND, NO_GPU_FOUND]) == (
+        "CPU (2 ranks; TensorFlow is built with CUDA but found no GPU)")
+    assert describe([0, NO_GPU_FOUND]) == (
+        "rank 0 GPU 0, rank 1 CPU; TensorFlow is built with CUDA but found no GPU")
