@@ -52,7 +52,7 @@ def _synthetic() -> Split:
 
 
 def load_dataset(name: str) -> Split:
-    """The bundled dataset called `name` (see `config.DATASETS`)."""
+    """The bundled dataset called `name` (see `config.BUNDLED_DATASETS`)."""
     loaders = {"digits": _digits, "synthetic": _synthetic}
     if name not in loaders:
         raise ValueError(f"unknown dataset. Received: dataset={name!r}")

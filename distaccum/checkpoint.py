@@ -25,8 +25,9 @@ from distaccum.records import Position
 FORMAT_VERSION = 1
 _PREFIX = "update-"
 # Changing these between a run and its resume would silently change what the windows are.
-RESUME_MUST_MATCH = ("dataset", "model", "optimizer", "micro_batch_size", "accumulation_steps",
-                     "seed", "num_workers", "precision")
+RESUME_MUST_MATCH = ("dataset", "dataset_args", "model", "model_args", "optimizer",
+                     "optimizer_args", "micro_batch_size", "accumulation_steps", "seed",
+                     "num_workers", "precision")
 
 
 class CheckpointError(RuntimeError):

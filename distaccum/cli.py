@@ -1,7 +1,8 @@
 """`distaccum train --config FILE [--set key=value ...]`: argparse → config → the main job.
 
-`distaccum k8s render --config FILE --workers N --gpus-per-worker G --image IMG` prints the
-Kubernetes manifests of that job (or writes a Kustomize base with `--output-dir`).
+`distaccum k8s render (--config FILE | --command CMD ...) --workers N --gpus-per-worker G
+--image IMG [--workdir DIR]` prints the Kubernetes manifests of that job (or writes a Kustomize
+base with `--output-dir`).
 
 Bad input of any kind prints one line on stderr naming the key and the value, and exits 2.
 Failures during training print one line and exit 1 (`DISTACCUM_DEBUG=1` shows the traceback).
@@ -41,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
         epilog="config keys (YAML file or --set key=value):\n" + describe_keys(),
     )
     train.add_argument("--config", help="YAML file of config keys (defaults apply otherwise)")
+    train.add_argument("--workdir", help="run from this directory: its packages import (model:, "
+                       "dataset:, loss: and metrics: import paths) and relative paths resolve "
+                       "there")
     train.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override one config key; repeatable",
@@ -53,7 +57,8 @@ def _add_k8s_commands(commands) -> None:
     k8s = commands.add_parser("k8s", help="Kubernetes (Kubeflow MPIJob) manifests")
     render = k8s.add_subparsers(dest="k8s_command", required=True, parser_class=_OneLineParser)
     options = render.add_parser("render", help="print manifests that `kubectl apply -f -` takes")
-    options.add_argument("--config", required=True, help="YAML training config (validated)")
+    options.add_argument("--config", help="YAML training config (validated), run by "
+                         "`distaccum train` on every slot")
     options.add_argument("--workers", type=int, default=2, help="worker pods (default 2)")
     options.add_argument("--gpus-per-worker", type=int, default=0,
                          help="GPUs per worker pod; also its number of ranks (default 0)")
@@ -61,27 +66,53 @@ def _add_k8s_commands(commands) -> None:
                          help="ranks per worker pod without GPUs (default 1)")
     options.add_argument("--image", help="container image (default distaccum:0.1.0, or "
                          "distaccum:0.1.0-gpu with GPUs; a GPU image's tag ends in -gpu)")
-    options.add_argument("--name", default="distaccum", help="MPIJob name (DNS label)")
+    options.add_argument("--api", choices=("mpijob", "trainjob"), default="mpijob",
+                         help="mpijob: Kubeflow MPI Operator's MPIJob (default); trainjob: "
+                         "Kubeflow Trainer v2's TrainJob and a ClusterTrainingRuntime")
+    options.add_argument("--name", default="distaccum", help="job name (DNS label)")
+    options.add_argument("--workdir", help="absolute directory of your project in the image: "
+                         "ranks start there and `distaccum train` imports its packages")
     options.add_argument("--output-dir", help="write a Kustomize base here instead of printing")
+    options.add_argument("--command", dest="user_command", nargs=argparse.REMAINDER,
+                         metavar="COMMAND ...",
+                         help="instead of --config: your own command line, run on every slot "
+                         "under mpirun (the rest of the line, e.g. --command python train.py)")
 
 
 def _render_k8s(arguments) -> int:
-    from distaccum import k8s
+    from distaccum import k8s, trainjob
 
-    load_config(arguments.config)  # a config that would fail in the cluster fails here
+    if bool(arguments.user_command) == bool(arguments.config):
+        raise ConfigError("k8s render takes --config FILE or --command COMMAND ... (one of them). "
+                          f"Received: --config={arguments.config!r}, "
+                          f"--command={arguments.user_command!r}")
+    if arguments.config:
+        load_config(arguments.config)  # a config that would fail in the cluster fails here
     options = k8s.ClusterOptions(
         name=arguments.name,
         workers=arguments.workers,
         gpus_per_worker=arguments.gpus_per_worker,
         cpu_slots_per_worker=arguments.cpu_slots_per_worker,
         image=arguments.image,
+        workdir=arguments.workdir,
+        command=tuple(arguments.user_command or ()),
     )
-    documents = k8s.render(options, Path(arguments.config).read_text())
+    renderer = trainjob.render if arguments.api == "trainjob" else k8s.render
+    documents = renderer(options, Path(arguments.config).read_text() if arguments.config else None)
     if arguments.output_dir:
         k8s.write_kustomize_base(documents, arguments.output_dir)
     else:
         print(k8s.to_yaml(documents), end="")
     return 0
+
+
+def _enter_workdir(workdir: str) -> None:
+    """Make `workdir` the current directory and the first place imports look."""
+    path = Path(workdir).resolve()
+    if not path.is_dir():
+        raise ConfigError(f"--workdir: not a directory. Received: --workdir={workdir!r}")
+    os.chdir(path)
+    sys.path.insert(0, str(path))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"distaccum: error: {error}", file=sys.stderr)
             return EXIT_BAD_INPUT
     try:
+        if arguments.workdir:
+            if arguments.config:  # named from where the command was typed
+                arguments.config = os.path.abspath(arguments.config)
+            _enter_workdir(arguments.workdir)
         config = load_config(arguments.config, arguments.overrides)
     except ConfigError as error:
         print(f"distaccum: error: {error}", file=sys.stderr)

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import yaml
 
-DATASETS = ("digits", "synthetic")
-MODELS = ("digits_mlp", "synthetic_mlp")
-OPTIMIZERS = ("adam", "sgd")
+BUNDLED_DATASETS = ("digits", "synthetic")
+BUNDLED_MODELS = ("digits_mlp", "synthetic_mlp")
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 # The types gradient sums can travel in between workers (float32 is exact; see `Trainer`).
@@ -35,11 +34,31 @@ def _help(text: str, **kwargs):
 class TrainConfig:
     """Everything `distaccum train` needs. Every `*_interval` counts update steps."""
 
-    dataset: str = _help(f"bundled dataset: {', '.join(DATASETS)}", default="digits")
-    model: str = _help(f"bundled model: {', '.join(MODELS)}", default="digits_mlp")
+    dataset: str = _help(
+        f"training data: a bundled dataset ({', '.join(BUNDLED_DATASETS)}), an import path "
+        "package.module:function returning a tf.data.Dataset of (x, y[, sample_weight]) samples "
+        "(or a (train, validation) pair of them), or an .npz file (x, y[, sample_weight, x_val, "
+        "y_val])", default="digits")
+    dataset_args: dict = _help("keyword arguments for a dataset function", default_factory=dict)
+    model: str = _help(
+        f"a bundled model ({', '.join(BUNDLED_MODELS)}), an import path package.module:factory "
+        "returning a keras.Model (compiled or not), or a .keras file", default="digits_mlp")
+    model_args: dict = _help("keyword arguments for a model factory", default_factory=dict)
+    loss: str | None = _help(
+        "a Keras loss name or package.module:name (default: the model's compiled loss; "
+        "cross-entropy on logits for bundled models)", default=None)
+    metrics: list | None = _help(
+        "Keras metric names or package.module:name entries (default: the model's compiled "
+        "metrics; accuracy for bundled models)", default=None)
     micro_batch_size: int = _help("samples per micro-batch on one worker", default=32)
     accumulation_steps: int = _help("micro-batches per worker per update (k)", default=1)
-    optimizer: str = _help(f"optimizer: {', '.join(OPTIMIZERS)}", default="adam")
+    optimizer: str | None = _help(
+        "a Keras optimizer name (adam, sgd, adamw, rmsprop, ...), built with learning_rate, "
+        "lr_schedule and optimizer_args (default: the model's compiled optimizer, as compiled; "
+        "else adam)", default=None)
+    optimizer_args: dict = _help(
+        "keyword arguments for the optimizer (sgd gets momentum 0.9 unless given)",
+        default_factory=dict)
     learning_rate: float = _help("peak learning rate (>= 0)", default=1e-3)
     lr_schedule: str = _help(
         f"learning-rate schedule over update steps: {', '.join(LR_SCHEDULES)}", default="constant"
@@ -77,10 +96,15 @@ class TrainConfig:
             _check_type(spec.name, value, hints[spec.name])
             if isinstance(value, int) and float in typing.get_args(hints[spec.name]) + (hints[spec.name],):
                 object.__setattr__(self, spec.name, float(value))  # YAML reads "0" as an int
+        for name, bundled, suffix in (("dataset", BUNDLED_DATASETS, ".npz"),
+                                      ("model", BUNDLED_MODELS, ".keras")):
+            value = getattr(self, name)
+            if value not in bundled and not value.endswith(suffix) and not is_import_path(value):
+                _fail(name, value, f"must be one of {', '.join(bundled)}, an import path "
+                      f"package.module:name or a {suffix} file")
+        if self.metrics is not None and not all(isinstance(m, str) for m in self.metrics):
+            _fail("metrics", self.metrics, "must be a list of names or import paths")
         for name, allowed in (
-            ("dataset", DATASETS),
-            ("model", MODELS),
-            ("optimizer", OPTIMIZERS),
             ("lr_schedule", LR_SCHEDULES),
             ("precision", PRECISIONS),
             ("allreduce_dtype", ALLREDUCE_DTYPES),
@@ -108,6 +132,12 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def is_import_path(value: str) -> bool:
+    """`package.module:name`, the form a config gives an import path in."""
+    module, separator, name = value.partition(":")
+    return bool(separator and module and name.isidentifier())
 
 
 def _fail(key: str, value, reason: str) -> typing.NoReturn:
@@ -168,6 +198,7 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
 def describe_keys() -> str:
     """One line per key, for `--help`."""
     return "\n".join(
-        f"  {spec.name:<20} {spec.metadata['help']} (default: {spec.default})"
+        f"  {spec.name:<20} {spec.metadata['help']} (default: "
+        f"{spec.default if spec.default_factory is dataclasses.MISSING else spec.default_factory()})"
         for spec in dataclasses.fields(TrainConfig)
     )

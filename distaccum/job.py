@@ -1,7 +1,8 @@
 """The main job: a `TrainConfig` turned into a training run through the public API.
 
-Builds the bundled data and model, shards the data across workers, trains with exact
-accumulation, writes TensorBoard logs and the trained model (chief only), and reports.
+Loads the data and model the config names (`sources`: bundled, import paths or files), shards
+the data across workers, trains with exact accumulation, writes TensorBoard logs and the trained
+model (chief only), and reports.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import TextIO
 import keras
 import tensorflow as tf
 
-from distaccum import catalog, comm, data, devices
+from distaccum import comm, data, devices, sources
 from distaccum.checkpoint import CheckpointError, CheckpointManager
 from distaccum.config import ConfigError, TrainConfig
 from distaccum.controller import CadenceOptions, Controller
@@ -36,8 +37,19 @@ class JobResult:
     logdir: Path
 
 
-def build_optimizer(config: TrainConfig, total_update_steps: int) -> keras.optimizers.Optimizer:
-    """The configured optimizer; a cosine schedule spans the whole run in update steps."""
+# Mini-batch SGD without momentum rarely trains well; `optimizer_args` can set another value.
+SGD_DEFAULTS = {"momentum": 0.9}
+# Samples held for shuffling: all of them up to this many (a seeded buffer either way).
+SHUFFLE_BUFFER = 65_536
+
+
+def build_optimizer(config: TrainConfig, model: keras.Model,
+                    total_update_steps: int) -> keras.optimizers.Optimizer:
+    """The configured optimizer, with its learning rate or schedule (a cosine schedule spans the
+    whole run in update steps); with no `optimizer` key, a compiled model's own optimizer as
+    compiled, else Adam."""
+    if config.optimizer is None and getattr(model, "compiled", False):
+        return model.optimizer
     learning_rate = config.learning_rate
     if config.lr_schedule == "cosine":
         learning_rate = keras.optimizers.schedules.CosineDecay(
@@ -46,46 +58,53 @@ def build_optimizer(config: TrainConfig, total_update_steps: int) -> keras.optim
             warmup_target=config.learning_rate if config.warmup_steps else None,
             warmup_steps=config.warmup_steps,
         )
-    if config.optimizer == "sgd":
-        return keras.optimizers.SGD(learning_rate=learning_rate, momentum=0.9)
-    return keras.optimizers.Adam(learning_rate=learning_rate)
+    name = config.optimizer or "adam"
+    arguments = {**(SGD_DEFAULTS if name.lower() == "sgd" else {}), **config.optimizer_args}
+    try:
+        return keras.optimizers.get({"class_name": name,
+                                     "config": {**arguments, "learning_rate": learning_rate}})
+    except (ValueError, TypeError) as error:
+        reason = str(error).splitlines()[0]
+        raise ConfigError(f"optimizer: cannot build it with optimizer_args {config.optimizer_args}"
+                          f" ({reason}). Received: optimizer={config.optimizer!r}") from None
 
 
-def worker_datasets(config: TrainConfig, split: catalog.Split):
+def worker_datasets(config: TrainConfig, samples: sources.Samples):
     """This worker's micro-batches of the training set, as a function of the epoch, and its share
-    of the validation set.
+    of the validation set (None without one).
 
     Each epoch's shuffle is seeded by (seed, epoch), not by how many epochs this process has
     iterated, so a resumed run sees exactly the order the interrupted one would have.
     """
-    samples = tf.data.Dataset.from_tensor_slices((split.x_train, split.y_train))
-
     def train_for_epoch(epoch: int) -> tf.data.Dataset:
         # Same seed on every worker: all shuffle identically, so `shard` splits disjointly.
-        shuffled = samples.shuffle(len(split.x_train), seed=config.seed * 100_003 + epoch,
-                                   reshuffle_each_iteration=False)
+        shuffled = samples.train.shuffle(min(samples.train_size, SHUFFLE_BUFFER),
+                                         seed=config.seed * 100_003 + epoch,
+                                         reshuffle_each_iteration=False)
         return data.shard(shuffled).batch(config.micro_batch_size).prefetch(2)
 
-    validation = tf.data.Dataset.from_tensor_slices((split.x_validation, split.y_validation))
-    return train_for_epoch, data.shard(validation).batch(config.micro_batch_size)
+    validation = samples.validation
+    if validation is not None:
+        validation = data.shard(validation).batch(config.micro_batch_size)
+    return train_for_epoch, validation
 
 
-def build_trainer(config: TrainConfig, split: catalog.Split, total_update_steps: int) -> Trainer:
-    """The bundled model under the configured dtype policy and the configured optimizer, trained
-    on class logits."""
+def build_trainer(config: TrainConfig, samples: sources.Samples,
+                  total_update_steps: int) -> Trainer:
+    """The configured model (built under the configured dtype policy), optimizer, loss and
+    metrics."""
     keras.mixed_precision.set_global_policy(config.precision)
+    model = sources.load_model(config, samples)
+    arguments = sources.compile_arguments(config, model)
+    optimizer = build_optimizer(config, model, total_update_steps)
     try:
-        return Trainer(
-            catalog.build_model(config.model, split.x_train.shape[1], config.seed),
-            build_optimizer(config, total_update_steps),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            metrics=["accuracy"],
-            accumulation_steps=config.accumulation_steps,
-            clip_global_norm=config.clip_global_norm,
-            allreduce_dtype=config.allreduce_dtype,
-        )
-    except ValueError as error:  # an allreduce_dtype this backend cannot sum
-        raise ConfigError(str(error)) from None
+        return Trainer(model, optimizer, **arguments,
+                       accumulation_steps=config.accumulation_steps,
+                       clip_global_norm=config.clip_global_norm,
+                       allreduce_dtype=config.allreduce_dtype)
+    except (ValueError, TypeError) as error:  # a loss or metric name Keras does not know, or an
+        # allreduce_dtype this backend cannot sum: the message names the value
+        raise ConfigError(str(error).splitlines()[0]) from None
 
 
 def prepare_logdir(logdir: str) -> Path:
@@ -121,10 +140,10 @@ def describe_start(config: TrainConfig, updates_per_epoch, total: int, logdir: P
 
 
 def describe_end(result: JobResult) -> str:
-    metrics = ", ".join(f"validation {k} {v:.4f}" for k, v in loss_first(result.validation))
+    figures = [f"{result.update_steps} update steps", f"{result.samples_per_second:,.0f} samples/s"]
+    figures += [f"validation {k} {v:.4f}" for k, v in loss_first(result.validation)]
     return "\n".join([
-        f"distaccum: done: {result.update_steps} update steps, "
-        f"{result.samples_per_second:,.0f} samples/s, {metrics}",
+        f"distaccum: done: {', '.join(figures)}",
         f"distaccum: model saved to {result.model_path}",
         f"distaccum: view the logs with: tensorboard --logdir {result.logdir}",
     ])
@@ -165,11 +184,11 @@ def run(config: TrainConfig, stream: TextIO | None = None) -> JobResult:
             manager.check_writable()
         except CheckpointError as error:
             raise ConfigError(f"logdir: {error}. Received: logdir={config.logdir!r}") from None
-    split = catalog.load_dataset(config.dataset)
-    train_for_epoch, validation = worker_datasets(config, split)
+    samples = sources.load_samples(config)
+    train_for_epoch, validation = worker_datasets(config, samples)
     plan = data.agree_on_epoch_plan(train_for_epoch(1), config.accumulation_steps)
     total = config.update_steps or config.epochs * plan.updates_per_epoch
-    trainer = build_trainer(config, split, total)
+    trainer = build_trainer(config, samples, total)
     trainer.prepare(train_for_epoch(1).element_spec)
     settings = _resume_settings(config)
     start = _resume(trainer, manager if chief else None, settings)
@@ -207,7 +226,8 @@ def run(config: TrainConfig, stream: TextIO | None = None) -> JobResult:
         update_steps=start.update_step + history.update_steps,
         samples_per_second=history.samples / history.seconds if history.update_steps else 0.0,
         # A run found already complete still reports its model's validation metrics.
-        validation=history.validation[-1] if history.validation else trainer.evaluate(validation),
+        validation=(history.validation[-1] if history.validation
+                    else trainer.evaluate(validation) if validation is not None else {}),
         model_path=logdir / "model.keras",
         logdir=logdir,
     )

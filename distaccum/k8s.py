@@ -44,6 +44,12 @@ class ClusterOptions:
     cpu_slots_per_worker: int = 1
     image: str | None = None  # None: IMAGE, or its GPU variant when there are GPUs
     storage: str = "10Gi"
+    # Where the user's project lives in their image: ranks start there, and `distaccum train`
+    # imports its packages (--workdir).
+    workdir: str | None = None
+    # The user's own command line, run on every slot instead of `distaccum train` with the
+    # ConfigMap's config (e.g. ("python", "train.py", "--epochs", "3")).
+    command: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not _DNS_LABEL.match(self.name):
@@ -63,6 +69,9 @@ class ClusterOptions:
             object.__setattr__(self, "image", IMAGE + (GPU_TAG_SUFFIX if self.gpus_per_worker else ""))
         if not self.image:
             raise ManifestError("image must not be empty. Received: image=''")
+        if self.workdir is not None and not self.workdir.startswith("/"):
+            raise ManifestError(f"workdir must be an absolute path in the image. Received: "
+                                f"workdir={self.workdir!r}")
         if self.gpus_per_worker and not self.image.endswith(GPU_TAG_SUFFIX):
             # A CPU image on a GPU node trains on its CPU and reduces through host memory.
             raise ManifestError(
@@ -77,15 +86,21 @@ class ClusterOptions:
 
 
 def launcher_command(options: ClusterOptions) -> list[str]:
-    """The launcher's `mpirun` line: every hostfile slot gets a rank (no `-np` to disagree)."""
+    """The launcher's `mpirun` line: every hostfile slot gets a rank (no `-np` to disagree),
+    running `distaccum train` on the ConfigMap's config, or the user's own command."""
     forwarded = ["PATH", "PYTHONUNBUFFERED"]
     if options.gpus_per_worker:
         forwarded += ["NCCL_DEBUG", "NCCL_SOCKET_IFNAME"]
     command = ["mpirun", "--hostfile", HOSTFILE, "--bind-to", "none", "--map-by", "slot"]
     for variable in forwarded:
         command += ["-x", variable]
+    if options.workdir:
+        command += ["--wdir", options.workdir]
+    if options.command:
+        return command + list(options.command)
+    workdir = ["--workdir", options.workdir] if options.workdir else []
     return command + [
-        "distaccum", "train", "--config", f"{CONFIG_DIR}/config.yaml",
+        "distaccum", "train", *workdir, "--config", f"{CONFIG_DIR}/config.yaml",
         "--set", f"logdir={DATA_DIR}/runs/{options.name}",
     ]
 
@@ -132,16 +147,14 @@ def _worker(options: ClusterOptions) -> dict:
         # The operator starts the launcher only once every worker's sshd answers.
         "readinessProbe": {"tcpSocket": {"port": SSH_PORT}, "initialDelaySeconds": 2,
                            "periodSeconds": 5},
-        "volumeMounts": [
-            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
-            {"name": "data", "mountPath": DATA_DIR},
-        ],
+        "volumeMounts": [{"name": "data", "mountPath": DATA_DIR}],
         "resources": {"requests": {"cpu": str(options.slots_per_worker), "memory": "2Gi"}},
     }
-    volumes = [
-        {"name": "config", "configMap": {"name": f"{options.name}-config"}},
-        {"name": "data", "persistentVolumeClaim": {"claimName": f"{options.name}-data"}},
-    ]
+    volumes = [{"name": "data", "persistentVolumeClaim": {"claimName": f"{options.name}-data"}}]
+    if not options.command:  # `distaccum train` reads the ConfigMap's config on every rank
+        container["volumeMounts"].insert(0, {"name": "config", "mountPath": CONFIG_DIR,
+                                             "readOnly": True})
+        volumes.insert(0, {"name": "config", "configMap": {"name": f"{options.name}-config"}})
     if options.gpus_per_worker:
         _add_gpu_settings(container, volumes, options.gpus_per_worker)
     return {
@@ -237,10 +250,14 @@ def tensorboard(options: ClusterOptions) -> list[dict]:
     return [deployment, service]
 
 
-def render(options: ClusterOptions, config_text: str) -> list[dict]:
-    """Every object of one submission, in apply order."""
-    return [config_map(options, config_text), volume_claim(options), mpijob(options),
-            *tensorboard(options)]
+def render(options: ClusterOptions, config_text: str | None) -> list[dict]:
+    """Every object of one submission, in apply order (no ConfigMap for the user's own command,
+    which reads no distaccum config)."""
+    if bool(options.command) == (config_text is not None):
+        raise ManifestError("give a distaccum config or a command to run, not both. Received: "
+                            f"command={list(options.command)!r} and a config")
+    config = [] if options.command else [config_map(options, config_text)]
+    return [*config, volume_claim(options), mpijob(options), *tensorboard(options)]
 
 
 def to_yaml(documents: list[dict]) -> str:

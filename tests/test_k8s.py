@@ -134,8 +134,11 @@ def _images(documents: list[dict]) -> set[str]:
 
 
 def _rendered_by_cli(*arguments: str) -> list[dict]:
+    """`distaccum k8s render ARGUMENTS` (with the bundled digits config unless given a config or
+    a command)."""
+    config = [] if {"--config", "--command"} & set(arguments) else ["--config", str(DIGITS)]
     completed = subprocess.run(
-        [str(VENV_BIN / "distaccum"), "k8s", "render", "--config", str(DIGITS), *arguments],
+        [str(VENV_BIN / "distaccum"), "k8s", "render", *config, *arguments],
         capture_output=True, text=True, check=True)
     return list(yaml.safe_load_all(completed.stdout))
 
@@ -156,6 +159,62 @@ def test_gpu_manifests_name_only_the_gpu_image_and_forward_nccl_settings():
     cpu_render = _rendered_by_cli()
     assert _images(cpu_render) == {k8s.IMAGE}
     assert "NCCL" not in k8s.to_yaml(cpu_render)  # NCCL is built only into the GPU image
+
+
+EXAMPLE = REPO_ROOT / "examples" / "my_project"
+
+
+def _launcher_container(documents: list[dict]) -> dict:
+    job = _by_kind(documents)["MPIJob"]
+    return job["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["containers"][0]
+
+
+def test_example_project_renders_valid_manifests_that_train_it_by_import_path(mpijob_schema):
+    documents = _rendered_by_cli("--config", str(EXAMPLE / "config.yaml"), "--workdir",
+                                 "/opt/my_project", "--image", "registry.example/my-project:1")
+    validate(documents, mpijob_schema)
+    command = _launcher_container(documents)["command"]
+    assert command[command.index("--wdir") + 1] == "/opt/my_project"
+    train = command[command.index("distaccum"):]
+    assert train[:4] == ["distaccum", "train", "--workdir", "/opt/my_project"]
+    config = _by_kind(documents)["ConfigMap"]["data"]["config.yaml"]
+    assert "model: my_project.models:build_model" in config
+    assert _images(documents) == {"registry.example/my-project:1"}
+
+
+def test_own_command_renders_valid_manifests_without_a_distaccum_config(mpijob_schema):
+    documents = _rendered_by_cli("--workdir", "/opt/my_project", "--gpus-per-worker", "2",
+                                 "--command", "python", "train.py", "--epochs", "3")
+    validate(documents, mpijob_schema)
+    assert "ConfigMap" not in _by_kind(documents)
+    command = _launcher_container(documents)["command"]
+    assert command[-4:] == ["python", "train.py", "--epochs", "3"]
+    assert command[command.index("--wdir") + 1] == "/opt/my_project"
+    worker = _by_kind(documents)["MPIJob"]["spec"]["mpiReplicaSpecs"]["Worker"]["template"]["spec"]
+    assert [v["name"] for v in worker["volumes"]] == ["data", "shm"]  # no config to mount
+
+
+def test_render_command_offers_trainer_v2_when_asked_for_trainjob():
+    # The TrainJob and its runtime are checked in depth in test_trainjob.py.
+    documents = _rendered_by_cli("--api", "trainjob", "--workers", "3")
+    kinds = [d["kind"] for d in documents]
+    assert kinds == ["ConfigMap", "PersistentVolumeClaim", "ClusterTrainingRuntime", "TrainJob",
+                     "Deployment", "Service"]
+    assert _by_kind(documents)["TrainJob"]["spec"]["trainer"]["numNodes"] == 3
+
+
+@pytest.mark.parametrize(
+    "arguments, expected",
+    [([], "takes --config FILE or --command"),
+     (["--config", str(DIGITS), "--command", "python", "train.py"], "one of them"),
+     (["--config", str(DIGITS), "--workdir", "relative/dir"], "workdir must be an absolute path")],
+    ids=["neither", "both", "relative_workdir"],
+)
+def test_render_exits_2_with_one_line_when_command_line_is_bad(arguments, expected):
+    completed = subprocess.run([str(VENV_BIN / "distaccum"), "k8s", "render", *arguments],
+                               capture_output=True, text=True)
+    assert completed.returncode == 2
+    assert completed.stderr.count("\n") == 1 and expected in completed.stderr
 
 
 def test_dockerfile_builds_either_variant_with_one_build_argument():

@@ -89,3 +89,23 @@ def test_main_command_reaches_95_percent_validation_accuracy_when_two_workers(tm
     accuracy = float(np.mean(predictions == split.y_validation))
     assert accuracy == pytest.approx(float(summary.group(3)), abs=1e-4)
 
+
+
+EXAMPLE = REPO_ROOT / "examples" / "my_project"
+
+
+def test_example_project_trains_by_import_path_with_two_workers(tmp_path):
+    # A user's own package (model factory, dataset function), named in its config by import path.
+    completed = _launch("mpi", "2", "--workdir", str(EXAMPLE), "--config",
+                        str(EXAMPLE / "config.yaml"), "--set", f"logdir={tmp_path}")
+    assert "num_workers 2," in completed.stdout
+    summary = re.search(r"distaccum: done: (\d+) update steps, .*validation accuracy ([\d.]+)",
+                        completed.stdout)
+    assert summary, completed.stdout[-2000:]
+    # 426 training samples: 213 per worker, ceil(ceil(213 / 16) / 2) = 7 updates per epoch.
+    assert int(summary.group(1)) == 10 * 7
+    assert float(summary.group(2)) >= 0.93
+    # Trained with the optimizer the factory compiled (Adam at 0.01), not distaccum's default.
+    model = keras.saving.load_model(tmp_path / "model.keras")
+    assert type(model.optimizer).__name__ == "Adam"
+    assert float(model.optimizer.learning_rate) == pytest.approx(0.01)
