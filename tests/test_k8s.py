@@ -182,6 +182,18 @@ def test_example_project_renders_valid_manifests_that_train_it_by_import_path(mp
     assert _images(documents) == {"registry.example/my-project:1"}
 
 
+def test_example_dockerfile_extends_distaccum_image_with_the_project_where_manifests_look():
+    lines = [line.split(None, 1) for line in (EXAMPLE / "Dockerfile").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    [base] = [argument for keyword, argument in lines if keyword == "FROM"]
+    assert base == k8s.IMAGE
+    for keyword, argument in lines:
+        if keyword == "COPY":
+            *sources, _ = [a for a in argument.split() if not a.startswith("--")]
+            assert all((EXAMPLE / source).exists() for source in sources), argument
+    assert ["WORKDIR", "/opt/my_project"] in lines  # the --workdir the README renders with
+
+
 def test_own_command_renders_valid_manifests_without_a_distaccum_config(mpijob_schema):
     documents = _rendered_by_cli("--workdir", "/opt/my_project", "--gpus-per-worker", "2",
                                  "--command", "python", "train.py", "--epochs", "3")
