@@ -33,6 +33,7 @@ _PUBLIC_NAMES = {
     "Position": "distaccum.records",
     "TrainingInterrupted": "distaccum.records",
     "NonFiniteGradients": "distaccum.records",
+    "BadMicroBatch": "distaccum.records",
 }
 
 __all__ = sorted(_PUBLIC_NAMES)

@@ -70,7 +70,10 @@ class CheckpointManager:
         self.keep = keep
 
     def check_writable(self) -> None:
-        """Fail before training, not at the first checkpoint an hour later."""
+        """Fail before training, not at the first checkpoint an hour later. Also clears what a
+        writer killed mid-save left (its staging directory): at start-up nobody is writing."""
+        for debris in self.directory.glob(".staging-*"):
+            shutil.rmtree(debris, ignore_errors=True)
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             probe = self.directory / f".write-test-{os.getpid()}"
@@ -86,9 +89,31 @@ class CheckpointManager:
         return sorted(p for p in self.directory.glob(f"{_PREFIX}*") if p.is_dir())
 
     def save(self, position: Position, variables: list, settings: dict) -> Path:
-        """Write `variables` (model, then optimizer) and where training stands; keep the last few."""
+        """Write `variables` (model, then optimizer) and where training stands; keep the last few.
+
+        Raises:
+            CheckpointError: the write failed (a full disk, say): nothing of it is left behind
+                and the earlier checkpoints are untouched.
+        """
         final = self.directory / f"{_PREFIX}{position.update_step:09d}"
         staging = self.directory / f".staging-{final.name}-{os.getpid()}"
+        try:
+            self._write(staging, position, variables, settings)
+        except OSError as error:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise CheckpointError(
+                f"checkpoint at update step {position.update_step} not saved "
+                f"({error.strerror or error}); the previous ones are intact. Received: "
+                f"{self.directory}") from None
+        shutil.rmtree(final, ignore_errors=True)  # a re-run reaching the same step replaces it
+        os.replace(staging, final)
+        _fsync(self.directory)
+        for old in self.checkpoints()[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    @staticmethod
+    def _write(staging: Path, position: Position, variables: list, settings: dict) -> None:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         state = staging / "state.npz"
@@ -99,12 +124,6 @@ class CheckpointManager:
         (staging / "meta.json").write_text(json.dumps(meta, indent=2))
         for path in (state, staging / "meta.json", staging):
             _fsync(path)
-        shutil.rmtree(final, ignore_errors=True)  # a re-run reaching the same step replaces it
-        os.replace(staging, final)
-        _fsync(self.directory)
-        for old in self.checkpoints()[: -self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
-        return final
 
     def restore_latest(self, variables: list, settings: dict) -> Restored | None:
         """Load the newest readable checkpoint into `variables`; None when there is none.

@@ -8,8 +8,8 @@ with an update on its last, possibly partial, window: windows never straddle epo
 
 from __future__ import annotations
 
-import itertools
 import math
+import re
 import signal
 import threading
 import time
@@ -21,6 +21,7 @@ import tensorflow as tf
 from distaccum import callbacks as keras_callbacks
 from distaccum import data
 from distaccum.records import (
+    BadMicroBatch,
     History,
     IntervalRecord,
     NonFiniteGradients,
@@ -109,6 +110,21 @@ def _advance(position: Position, windows: int, updates_per_epoch) -> Position:
     if done >= updates_per_epoch:
         return Position(position.update_step + windows, position.epoch + 1, 0)
     return Position(position.update_step + windows, position.epoch, done)
+
+
+def _raise_if_bad(record: UpdateRecord, own) -> None:
+    """`BadMicroBatch` on every worker when any reported one in this update (none applied it);
+    `own` is this worker's (micro-batch, error), if it was one of them."""
+    reports = [int(n) for n in record.result.bad_micro_batches.numpy()]
+    if not any(reports):
+        return
+    where = ", ".join(f"rank {rank}: micro-batch {n} of epoch {record.epoch}"
+                      for rank, n in enumerate(reports) if n)
+    # TensorFlow prefixes an input pipeline's error with the op that raised it: `{{...}}`.
+    reason = re.sub(r"\{\{[^}]*\}\}\s*", "", str(own[1])).strip().splitlines()[0] if own else ""
+    why = f" (here: {type(own[1]).__name__}: {reason})" if own else ""
+    raise BadMicroBatch(f"{where} (counted from 1) cannot be trained on; every rank stopped at "
+                        f"update step {record.update_step} without applying it{why}")
 
 
 def _check_duration(epochs, update_steps) -> None:
@@ -228,7 +244,8 @@ class Controller:
         records = []
         for done in range(1, windows + 1):
             callbacks.on_train_batch_begin(done - 1)
-            record = self._run_window(iterator, start, done, stop.requested)
+            first = (start.windows_done + done - 1) * k  # this window's first micro-batch, 0-based
+            record = self._run_window(iterator, start, done, stop.requested, first)
             if float(record.result.cancel_votes) > 0:
                 return records, True  # nothing was applied: the state is the last update's
             records.append(record)
@@ -246,19 +263,32 @@ class Controller:
             )
         return records, False
 
-    def _run_window(self, iterator, start: Position, done: int, stop_vote: bool) -> UpdateRecord:
+    def _run_window(self, iterator, start: Position, done: int, stop_vote: bool,
+                    first: int) -> UpdateRecord:
         started = time.perf_counter()
-        micro_steps = 0
-        for micro_batch in itertools.islice(iterator, self._trainer.accumulation_steps):
-            self._trainer.micro_step(*data.unpack(micro_batch))
+        micro_steps, bad = 0, None
+        while micro_steps < self._trainer.accumulation_steps:
+            try:  # the input pipeline's error (a wrong dtype or shape) surfaces in `next`
+                micro_batch = next(iterator, None)
+                if micro_batch is None:
+                    break
+                self._trainer.micro_step(*data.unpack(micro_batch))
+            except (tf.errors.InvalidArgumentError, ValueError, TypeError) as error:
+                # Not raised here alone, which would leave the others waiting in the update:
+                # reported in the update, so that every worker stops there.
+                bad = (first + micro_steps + 1, error)
+                break
             micro_steps += 1
         computed = time.perf_counter()
         # A callback's stop request (model.stop_training) travels in this update's allreduce.
-        result = self._trainer.update_step(stop_vote, bool(self._trainer.model.stop_training))
-        return UpdateRecord(
+        result = self._trainer.update_step(stop_vote, bool(self._trainer.model.stop_training),
+                                           bad[0] if bad else 0)
+        record = UpdateRecord(
             start.update_step + done, start.epoch, micro_steps, result,
             computed - started, time.perf_counter() - computed,
         )
+        _raise_if_bad(record, bad)
+        return record
 
     def _after_update(self, record: UpdateRecord, total: int, history: History, callbacks,
                       window: int) -> None:

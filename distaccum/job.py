@@ -195,8 +195,12 @@ def run(config: TrainConfig, stream: TextIO | None = None) -> JobResult:
     device_codes = comm.gather_device_codes()
 
     def save_checkpoint(position: Position) -> None:
-        if chief:
+        if not chief:
+            return
+        try:
             manager.save(position, trainer.state_variables, settings)
+        except CheckpointError as error:  # a full disk: train on, try again at the next one
+            print(f"distaccum: warning: {error}", file=sys.stderr, flush=True)
 
     callbacks = []
     if chief:

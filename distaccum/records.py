@@ -42,6 +42,12 @@ class NonFiniteGradients(RuntimeError):
     """Too many consecutive updates had NaN or Inf gradients to go on."""
 
 
+class BadMicroBatch(RuntimeError):
+    """A worker could not train on one of its micro-batches (wrong shape or dtype, say). It told
+    the others in the update's allreduce, so every worker stops at the same update, applying
+    none of that window, and names the rank, the epoch and the micro-batch."""
+
+
 @dataclass(frozen=True)
 class UpdateRecord:
     """Handed to `callback.on_update` after every update.

@@ -48,6 +48,8 @@ class UpdateResult:
         stop_votes: how many workers asked to stop after this update (e.g. on SIGTERM).
         cancel_votes: how many workers' callbacks asked to stop before it: then no worker
             applied this update, and training ends with the previous update's state.
+        bad_micro_batches: per rank, 0, or the 1-based index in its epoch of a micro-batch it
+            could not train on (wrong shape or dtype): then no worker applied this update.
     """
 
     window_loss: tf.Tensor
@@ -57,6 +59,7 @@ class UpdateResult:
     skipped: tf.Tensor
     stop_votes: tf.Tensor
     cancel_votes: tf.Tensor
+    bad_micro_batches: tf.Tensor
 
     @property
     def loss(self) -> float:
@@ -211,7 +214,8 @@ class Trainer:
         if self._accumulator is None or self.backend.num_workers() == 1:
             return 0, 0
         totals = self._sent_totals() + self._metric_states()
-        vote_bytes = 8  # the stop and cancel votes, one tensor of two
+        # The stop and cancel votes and each rank's bad micro-batch: one float32 tensor.
+        vote_bytes = 4 * (2 + self.backend.num_workers())
         return len(totals) + 1, sum(int(tf.size(t)) * t.dtype.size for t in totals) + vote_bytes
 
     def learning_rate_at(self, update_step: int) -> float:
@@ -261,7 +265,8 @@ class Trainer:
         """Forward, backward and accumulate one micro-batch on this worker. No communication."""
         self._micro_step(x, y, sample_weight)
 
-    def update_step(self, stop_vote: bool = False, cancel_vote: bool = False) -> UpdateResult:
+    def update_step(self, stop_vote: bool = False, cancel_vote: bool = False,
+                    bad_micro_batch: int = 0) -> UpdateResult:
         """Reduce the window over workers, normalise, clip, apply; every worker calls it.
 
         Args:
@@ -269,8 +274,12 @@ class Trainer:
                 travels in the same grouped allreduce, so all workers learn of it at once.
             cancel_vote: this worker wants training to stop before this update (a callback set
                 `model.stop_training`): if any worker votes so, no worker applies it.
+            bad_micro_batch: the 1-based index in this epoch of a micro-batch this worker could
+                not train on (0: none); if any worker reports one, no worker applies the update.
         """
-        votes = tf.constant([float(stop_vote), float(cancel_vote)])
+        bad = [0.0] * self.backend.num_workers()
+        bad[self.backend.rank()] = float(bad_micro_batch)
+        votes = tf.constant([float(stop_vote), float(cancel_vote), *bad])
         with comm.collective("the update step's allreduce"):
             return UpdateResult(*self._update_step(votes))
 
@@ -316,7 +325,7 @@ class Trainer:
         totals = self.backend.sum_all(sums + self._metric_states() + [votes])
         totals, metric_states, votes = totals[:len(sums)], totals[len(sums):-1], totals[-1]
         totals = [tf.cast(t, tf.float32) for t in totals]
-        cancelled = votes[1] > 0
+        cancelled = (votes[1] > 0) | tf.reduce_any(votes[2:] > 0)
         if self.metrics is not None:
             def add_metric_states():
                 self.metrics.add_reduced(metric_states)
@@ -351,7 +360,7 @@ class Trainer:
             self.optimizer, gradients, self.model.trainable_variables, finite, scale))
         self._accumulator.reset()
         return (window_loss, divisors[0], sample_count, gradient_norm, tf.logical_not(finite),
-                votes[0], votes[1])
+                votes[0], votes[1], votes[2:])
 
     def _sent_totals(self) -> list[tf.Tensor]:
         """The window's sums as they travel: gradient sums in `allreduce_dtype` (unless nothing

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import time
@@ -99,12 +100,44 @@ def _final_state(logdir: Path) -> tuple[dict, list[np.ndarray]]:
         return meta, [arrays[f"arr_{i}"] for i in range(meta["variables"])]
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The schedule run without interruption, once per backend: {(launcher, backend): logdir}."""
+    runs = {}
+
+    def run(launcher: str, backend: str) -> Path:
+        if (launcher, backend) not in runs:
+            logdir = tmp_path_factory.mktemp("uninterrupted") / backend
+            process, output = _start(launcher, logdir, *_SCHEDULE, backend=backend)
+            code, text = _finish(process, output)
+            assert code == 0, text[-3000:]
+            runs[launcher, backend] = logdir
+        return runs[launcher, backend]
+
+    return run
+
+
+def _assert_equals_uninterrupted(resumed: Path, reference: Path) -> None:
+    """Same final model and optimizer state, bitwise, and TensorBoard steps unique and complete."""
+    reference_meta, reference_state = _final_state(reference)
+    resumed_meta, resumed_state = _final_state(resumed)
+    assert resumed_meta["position"] == reference_meta["position"]
+    assert resumed_meta["position"]["update_step"] == TOTAL_UPDATES
+    # Bitwise: same data order (shuffles seeded per epoch), same reduction order, same kernels.
+    for got, expected in zip(resumed_state, reference_state):
+        np.testing.assert_array_equal(got, expected)
+    events = plugin_event_accumulator.EventAccumulator(
+        str(resumed), size_guidance={plugin_event_accumulator.TENSORS: 0})
+    events.Reload()
+    steps = [e.step for e in events.Tensors("train/loss")]
+    assert len(steps) == len(set(steps)), f"duplicate steps: {steps}"
+    assert set(range(LOG_INTERVAL, TOTAL_UPDATES + 1, LOG_INTERVAL)) <= set(steps)
+    assert max(steps) == TOTAL_UPDATES
+
+
 @pytest.mark.parametrize("launcher, backend", BACKENDS)
-def test_resumed_run_equals_uninterrupted_run_when_sigterm_twice(tmp_path, launcher, backend):
-    reference = tmp_path / "uninterrupted"
-    process, output = _start(launcher, reference, *_SCHEDULE, backend=backend)
-    code, text = _finish(process, output)
-    assert code == 0, text[-3000:]
+def test_resumed_run_equals_uninterrupted_run_when_sigterm_twice(tmp_path, launcher, backend,
+                                                                 uninterrupted):
 
     resumed = tmp_path / "resumed"
     _run_interrupted_at(launcher, backend, resumed, after_checkpoint=10)
@@ -114,22 +147,47 @@ def test_resumed_run_equals_uninterrupted_run_when_sigterm_twice(tmp_path, launc
     code, text = _finish(process, output)
     assert code == 0, text[-3000:]
     assert f"distaccum: done: {TOTAL_UPDATES} update steps" in text
+    _assert_equals_uninterrupted(resumed, uninterrupted(launcher, backend))
 
-    reference_meta, reference_state = _final_state(reference)
-    resumed_meta, resumed_state = _final_state(resumed)
-    assert resumed_meta["position"] == reference_meta["position"]
-    assert resumed_meta["position"]["update_step"] == TOTAL_UPDATES
-    # Bitwise: same data order (shuffles seeded per epoch), same reduction order, same kernels.
-    for got, expected in zip(resumed_state, reference_state):
-        np.testing.assert_array_equal(got, expected)
 
-    events = plugin_event_accumulator.EventAccumulator(
-        str(resumed), size_guidance={plugin_event_accumulator.TENSORS: 0})
-    events.Reload()
-    steps = [e.step for e in events.Tensors("train/loss")]
-    assert len(steps) == len(set(steps)), f"duplicate steps: {steps}"
-    assert set(range(LOG_INTERVAL, TOTAL_UPDATES + 1, LOG_INTERVAL)) <= set(steps)
-    assert max(steps) == TOTAL_UPDATES
+def test_crash_loop_of_sigkills_ends_bitwise_equal_to_uninterrupted_run(tmp_path, uninterrupted):
+    """A supervisor restarts the 2-worker job after each SIGKILL of a random rank at a random
+    moment after that run's first new checkpoint (so every run makes progress), the second one
+    while rank 0 writes a checkpoint, as `restartPolicy: OnFailure` would; the sixth start runs
+    to the end."""
+    launcher, backend = "mpirun", "mpi"
+    rng = random.Random(20261125)
+    logdir = tmp_path / "crashing"
+    checkpoints = logdir / "checkpoints"
+    kills = []
+    while True:
+        process, output = _start(launcher, logdir, *_SCHEDULE, backend=backend)
+        if len(kills) == 5:
+            break
+        _wait_for(lambda: sorted(_workers(process)) == [0, 1], process)
+        if len(kills) == 1:  # mid-save: the staging directory exists only while rank 0 writes
+            while not any(checkpoints.glob(".staging-*")):
+                assert process.poll() is None, "the job ended before a checkpoint save"
+                time.sleep(0.001)
+            rank, moment = 0, "during a checkpoint save"
+        else:
+            known = set(checkpoints.glob("update-*"))
+            _wait_for(lambda: set(checkpoints.glob("update-*")) - known, process)
+            rank, delay = rng.choice([0, 1]), rng.uniform(0.0, 1.0)
+            moment = f"{delay:.2f} s after a new checkpoint"
+            deadline = time.monotonic() + delay
+            _wait_for(lambda: time.monotonic() > deadline, process)
+        _workers(process)[rank].send_signal(signal.SIGKILL)
+        code, text = _finish(process, output, timeout=120)
+        assert code != 0, text[-3000:]
+        if moment == "during a checkpoint save":  # the half-written checkpoint is still there
+            assert any(checkpoints.glob(".staging-*"))
+        kills.append((rank, moment))
+    code, text = _finish(process, output)
+    assert code == 0, f"{kills}\n{text[-3000:]}"
+    assert f"distaccum: done: {TOTAL_UPDATES} update steps" in text
+    assert not any(checkpoints.glob(".staging-*"))  # the killed writer's debris was cleared
+    _assert_equals_uninterrupted(logdir, uninterrupted(launcher, backend))
 
 
 @pytest.mark.parametrize(
@@ -188,6 +246,30 @@ def test_training_stops_with_clear_error_when_too_many_consecutive_skips(tmp_pat
                 "step 3)") in completed.stdout + completed.stderr
 
 
+@pytest.mark.parametrize("launcher, backend, kind", [("horovodrun", "horovod", "dtype"),
+                                                     ("mpirun", "mpi", "shape")])
+def test_every_rank_stops_naming_rank_epoch_and_micro_batch_when_one_rank_meets_bad_data(
+        tmp_path, launcher, backend, kind):
+    # Rank 1's input pipeline fails on its 3rd micro-batch of epoch 2 (a wrong dtype or shape).
+    command = [*launcher_command(launcher, 2), str(VENV_BIN / "python"),
+               str(WORKERS_DIR / "train_shards.py"), "--accumulation-steps", "2", "--epochs", "3",
+               "--bad-rank", "1", "--bad-epoch", "2", "--bad-micro-batch", "3",
+               "--bad-kind", kind, "--out", str(tmp_path)]
+    started = time.monotonic()
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                               env={**_environment(), "DISTACCUM_BACKEND": backend})
+    seconds = time.monotonic() - started
+    output = completed.stdout + completed.stderr
+    assert completed.returncode != 0
+    # Epoch 1: 3 windows of rank 0's 6 micro-batches; epoch 2's 2nd window holds micro-batch 3.
+    expected = ("rank 1: micro-batch 3 of epoch 2 (counted from 1) cannot be trained on; every "
+                "rank stopped at update step 5 without applying it")
+    for rank in (0, 1):
+        assert f"rank {rank} stopped: {expected}" in output, output[-3000:]
+    assert "(here: " in output.split("rank 1 stopped: ", 1)[1].splitlines()[0]
+    assert seconds < 60, f"took {seconds:.0f} s"  # start-up included; a hang would hit 120 s
+
+
 def _local(capsys, logdir: Path, *overrides: str) -> tuple[int, str, str]:
     """The CLI in this process (no launcher: one worker), as (exit code, stdout, stderr)."""
     code = cli.main(["train", "--config", DIGITS, "--set", f"logdir={logdir}", "--set",
@@ -206,6 +288,48 @@ def test_truncated_checkpoint_falls_back_to_previous_with_warning(tmp_path, caps
     assert "warning: checkpoint" in err and "update-000000020" in err
     assert "resuming after update step 15" in out
     assert "distaccum: done: 30 update steps" in out
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 200 KiB tmpfs: room for the logs and one checkpoint of the digits model (≈ 120 KiB),
+    not for a second one."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a size-limited tmpfs needs root")
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _weights(path: Path) -> list[np.ndarray]:
+    import keras
+
+    return [np.asarray(w) for w in keras.saving.load_model(path).get_weights()]
+
+
+def test_full_disk_fails_saves_with_one_line_keeps_good_checkpoints_and_resumes_exactly(
+        tmp_path, capsys, tiny_disk):
+    run = tiny_disk / "run"
+    code, out, err = _local(capsys, run, "--set", "update_steps=30")
+    # Update 5's checkpoint fits; from update 10 on the disk is full: each save fails with one
+    # warning and training goes on to the end, where saving the model fails too.
+    assert code == cli.EXIT_FAILED
+    for step in (10, 15, 20, 25, 30):
+        assert (f"distaccum: warning: checkpoint at update step {step} not saved (No space left "
+                f"on device); the previous ones are intact") in err, err[-3000:]
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["update-000000005"]  # no debris
+    # The disk grows; the same command resumes from the last good checkpoint, exactly.
+    subprocess.run(["mount", "-o", "remount,size=16m", str(tiny_disk)], check=True)
+    code, out, err = _local(capsys, run, "--set", "update_steps=30")
+    assert code == 0, err[-2000:]
+    assert "resuming after update step 5" in out and "distaccum: done: 30 update steps" in out
+    code, _, err = _local(capsys, tmp_path / "uninterrupted", "--set", "update_steps=30")
+    assert code == 0, err[-2000:]
+    for resumed, uninterrupted in zip(_weights(run / "model.keras"),
+                                      _weights(tmp_path / "uninterrupted" / "model.keras")):
+        np.testing.assert_array_equal(resumed, uninterrupted)
 
 
 def test_every_checkpoint_damaged_is_a_clear_error(tmp_path, capsys):

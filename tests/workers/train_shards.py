@@ -16,6 +16,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
 import distaccum  # noqa: E402
 from distaccum import comm  # noqa: E402
@@ -31,6 +32,10 @@ parser.add_argument("--nan-micro-batches", default="", help="comma-separated mic
 parser.add_argument("--max-consecutive-skips", type=int, default=5)
 parser.add_argument("--allreduce-dtypes", default="float32", help="dtype, or dtype1,dtype2,...")
 parser.add_argument("--timelines", action="store_true", help="a Horovod timeline per training")
+parser.add_argument("--bad-rank", type=int, default=-1, help="rank that meets a bad micro-batch")
+parser.add_argument("--bad-epoch", type=int, default=2)
+parser.add_argument("--bad-micro-batch", type=int, default=1, help="1-based, in that epoch")
+parser.add_argument("--bad-kind", choices=("shape", "dtype"), default="shape")
 args = parser.parse_args()
 
 distaccum.init()
@@ -41,6 +46,26 @@ if rank == args.nan_rank:
         x[index * scenarios.MICRO_BATCH_SIZE, 0] = np.nan
 runs = [(int(k), dtype) for k in args.accumulation_steps.split(",")
         for dtype in args.allreduce_dtypes.split(",")]
+
+
+def training_data():
+    """This rank's micro-batches; a function of the epoch when a bad micro-batch is injected
+    (the input pipeline itself then fails on it, as a corrupt record would)."""
+    good = scenarios.as_dataset(x, y, w)
+    if rank != args.bad_rank:
+        return good
+    batches = scenarios.split_micro_batches(x, y, w)
+
+    def epoch_data(epoch):
+        def generate():
+            for index, (bx, by, bw) in enumerate(batches, start=1):
+                if epoch == args.bad_epoch and index == args.bad_micro_batch:
+                    bx = bx[:, :-1] if args.bad_kind == "shape" else np.full(bx.shape, "corrupt")
+                yield bx, by, bw
+
+        return tf.data.Dataset.from_generator(generate, output_signature=good.element_spec)
+
+    return epoch_data
 
 
 class RecordSkips(distaccum.Callback):
@@ -77,7 +102,7 @@ for accumulation_steps, allreduce_dtype in runs:
     skips = RecordSkips()
     try:
         history = trainer.fit(
-            scenarios.as_dataset(x, y, w),
+            training_data(),
             epochs=args.epochs,
             callbacks=[skips],
             max_consecutive_skips=args.max_consecutive_skips,
@@ -85,6 +110,9 @@ for accumulation_steps, allreduce_dtype in runs:
     except distaccum.NonFiniteGradients as error:
         print(f"rank {rank}: {error}", file=sys.stderr)
         sys.exit(3)
+    except distaccum.BadMicroBatch as error:
+        print(f"rank {rank} stopped: {error}", file=sys.stderr, flush=True)
+        sys.exit(4)
     if args.timelines:
         hvd.stop_timeline()
     np.savez(
