@@ -16,6 +16,9 @@ import collections
 import contextlib
 import importlib.util
 import os
+import sys
+import threading
+import time
 from typing import Iterator, Protocol, Sequence
 
 import numpy as np
@@ -33,11 +36,80 @@ class WorkerLost(RuntimeError):
     failed). Raised on the surviving workers so they stop instead of waiting forever."""
 
 
+# Seconds a collective may take before this worker gives up on it (`set_collective_timeout`).
+DEFAULT_COLLECTIVE_TIMEOUT = 300.0
+EXIT_COLLECTIVE_TIMEOUT = 1
+
+
+class _Watchdog:
+    """Ends this process when a collective outlasts its timeout.
+
+    A worker whose peer's node vanished (its network gone, the process alive) waits in the
+    allreduce until TCP gives up, which can take many minutes or, with keep-alives off, forever;
+    neither Horovod nor MPI has a timeout of its own for that. One daemon thread, started with the
+    first collective, sleeps until the current collective's deadline; entering and leaving a
+    collective only sets or clears that deadline under a lock (microseconds, against an update
+    step's milliseconds). On expiry it prints one line and exits the process, since the collective
+    itself cannot be interrupted.
+    """
+
+    def __init__(self) -> None:
+        self.timeout = DEFAULT_COLLECTIVE_TIMEOUT
+        self._changed = threading.Condition()
+        self._deadline: float | None = None
+        self._what = ""
+        self._thread: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def watching(self, what: str) -> Iterator[None]:
+        with self._changed:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="distaccum-watchdog",
+                                                daemon=True)
+                self._thread.start()
+            self._deadline, self._what = time.monotonic() + self.timeout, what
+            self._changed.notify()
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._deadline = None
+
+    def _run(self) -> None:
+        with self._changed:
+            while True:
+                if self._deadline is None:
+                    self._changed.wait()
+                    continue
+                remaining = self._deadline - time.monotonic()
+                if remaining > 0:
+                    self._changed.wait(remaining)
+                    continue
+                print(f"distaccum: error: rank {rank()}: {self._what} did not complete within "
+                      f"collective_timeout={self.timeout:g} s (another worker, its node or the "
+                      "network between them is gone); stopping", file=sys.stderr, flush=True)
+                os._exit(EXIT_COLLECTIVE_TIMEOUT)
+
+
+_watchdog = _Watchdog()
+
+
+def set_collective_timeout(seconds: float) -> None:
+    """How long any collective may take before this worker stops (`collective_timeout`)."""
+    if not seconds > 0:
+        raise ValueError(f"collective_timeout must be > 0 seconds. Received: "
+                         f"collective_timeout={seconds!r}")
+    _watchdog.timeout = float(seconds)
+
+
 @contextlib.contextmanager
 def collective(what: str) -> Iterator[None]:
-    """Turn a failed Horovod or MPI collective inside `what` into one clear `WorkerLost`."""
+    """Run the collective(s) of `what` under the watchdog (`collective_timeout`), and turn a
+    failed Horovod or MPI collective into one clear `WorkerLost`."""
+    watched = _watchdog.watching(what) if num_workers() > 1 else contextlib.nullcontext()
     try:
-        yield
+        with watched:
+            yield
     except tf.errors.OpError as error:
         if not any(name in str(error).lower() for name in ("horovod", "mpi")):
             raise
@@ -169,7 +241,11 @@ class MPIBackend:
 
         self._mpi = MPI
         self._world = MPI.COMM_WORLD
-        self._node = self._world.Split_type(MPI.COMM_TYPE_SHARED)
+        # Open MPI says where this rank stands on its node; asking MPI instead (a shared-memory
+        # split) is one more collective at start-up, and fails between hosts that share a name.
+        local = os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK")
+        self._local_rank = (int(local) if local is not None
+                            else self._world.Split_type(MPI.COMM_TYPE_SHARED).Get_rank())
         self.collective_counts: collections.Counter = collections.Counter()
         self.collective_bytes: collections.Counter = collections.Counter()
         self._packed_operations: dict = {}
@@ -181,7 +257,7 @@ class MPIBackend:
         return self._world.Get_rank()
 
     def local_rank(self) -> int:
-        return self._node.Get_rank()
+        return self._local_rank
 
     def _allreduce(self, buffer: np.ndarray, operation) -> np.ndarray:
         result = np.empty_like(buffer)

@@ -79,6 +79,9 @@ class TrainConfig:
     log_interval: int = _help("update steps between TensorBoard/progress lines", default=10)
     checkpoint_interval: int = _help("update steps between checkpoints", default=100)
     keep_checkpoints: int = _help("how many recent checkpoints to keep", default=3)
+    collective_timeout: float = _help(
+        "seconds a collective (an update's allreduce, say) may take before every worker stops "
+        "with an error: a vanished node ends the job instead of hanging it", default=300.0)
     max_consecutive_skips: int = _help(
         "updates in a row with NaN/Inf gradients (skipped) before training fails", default=5
     )
@@ -125,6 +128,8 @@ class TrainConfig:
             _fail("learning_rate", self.learning_rate, "must be >= 0")
         if self.warmup_steps < 0:
             _fail("warmup_steps", self.warmup_steps, "must be >= 0")
+        if self.collective_timeout <= 0:
+            _fail("collective_timeout", self.collective_timeout, "must be > 0 seconds")
         if self.clip_global_norm is not None and self.clip_global_norm <= 0:
             _fail("clip_global_norm", self.clip_global_norm, "must be > 0")
         if not self.logdir:

@@ -47,7 +47,8 @@ class StepRunner(Protocol):
 
     def micro_step(self, x, y, sample_weight=None) -> None: ...
 
-    def update_step(self, stop_vote: bool = False, cancel_vote: bool = False): ...
+    def update_step(self, stop_vote: bool = False, cancel_vote: bool = False,
+                    bad_micro_batch: int = 0, step: int | None = None): ...
 
     def metric_results(self) -> dict[str, float]: ...
 
@@ -282,7 +283,7 @@ class Controller:
         computed = time.perf_counter()
         # A callback's stop request (model.stop_training) travels in this update's allreduce.
         result = self._trainer.update_step(stop_vote, bool(self._trainer.model.stop_training),
-                                           bad[0] if bad else 0)
+                                           bad[0] if bad else 0, start.update_step + done)
         record = UpdateRecord(
             start.update_step + done, start.epoch, micro_steps, result,
             computed - started, time.perf_counter() - computed,

@@ -176,6 +176,7 @@ def run(config: TrainConfig, stream: TextIO | None = None) -> JobResult:
     """
     stream = stream or sys.stdout
     comm.init()
+    comm.set_collective_timeout(config.collective_timeout)
     chief = comm.is_chief()
     logdir = prepare_logdir(config.logdir) if chief else Path(config.logdir).resolve()
     manager = CheckpointManager(logdir / "checkpoints", keep=config.keep_checkpoints)

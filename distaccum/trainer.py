@@ -266,7 +266,7 @@ class Trainer:
         self._micro_step(x, y, sample_weight)
 
     def update_step(self, stop_vote: bool = False, cancel_vote: bool = False,
-                    bad_micro_batch: int = 0) -> UpdateResult:
+                    bad_micro_batch: int = 0, step: int | None = None) -> UpdateResult:
         """Reduce the window over workers, normalise, clip, apply; every worker calls it.
 
         Args:
@@ -276,11 +276,13 @@ class Trainer:
                 `model.stop_training`): if any worker votes so, no worker applies it.
             bad_micro_batch: the 1-based index in this epoch of a micro-batch this worker could
                 not train on (0: none); if any worker reports one, no worker applies the update.
+            step: this update's number, for messages (a timeout names it).
         """
         bad = [0.0] * self.backend.num_workers()
         bad[self.backend.rank()] = float(bad_micro_batch)
         votes = tf.constant([float(stop_vote), float(cancel_vote), *bad])
-        with comm.collective("the update step's allreduce"):
+        with comm.collective(f"update step {step}'s allreduce" if step else
+                             "the update step's allreduce"):
             return UpdateResult(*self._update_step(votes))
 
     def _micro_step_body(self, x, y, sample_weight):
@@ -420,6 +422,7 @@ class Trainer:
         class_weight: dict | None = None,
         log_interval: int = 10,
         max_consecutive_skips: int = 5,
+        collective_timeout: float = comm.DEFAULT_COLLECTIVE_TIMEOUT,
     ):
         """Train on this worker's dataset of micro-batches.
 
@@ -435,6 +438,10 @@ class Trainer:
             log_interval: update steps between `on_log` calls.
             max_consecutive_skips: updates in a row whose reduced gradient is NaN or Inf (each is
                 skipped by every worker) before training fails with `NonFiniteGradients`.
+            collective_timeout: seconds any collective (an update's allreduce, the start-up
+                broadcast, validation's sum) may take before this worker stops with one line,
+                exit code 1: a vanished node then ends the job instead of hanging it. It must
+                exceed the longest wait for a slower worker.
 
         Returns:
             A `History` (a `keras.callbacks.History`: per-epoch loss, metrics and `val_` values
@@ -443,6 +450,7 @@ class Trainer:
         options = CadenceOptions(
             log_interval=log_interval, max_consecutive_skips=max_consecutive_skips
         )
+        comm.set_collective_timeout(collective_timeout)
         if class_weight is not None:
             data.check_micro_batch_spec(dataset)
             dataset = data.apply_class_weight(dataset, class_weight)

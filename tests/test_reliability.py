@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import time
@@ -215,6 +216,28 @@ def test_others_exit_within_60s_when_one_worker_is_killed(tmp_path, launcher, ba
         assert message in text, text[-3000:]
     if launcher == "horovodrun":  # the survivor says why it stops, in one line
         assert "rank 0 lost contact with another worker during" in text
+
+
+@pytest.mark.parametrize("backend", ["mpi", "horovod"])
+def test_survivor_exits_within_collective_timeout_when_a_worker_stops_answering(tmp_path, backend):
+    # SIGSTOP: the process lives on and its connections stay open, as when a node's network
+    # vanishes, so the survivor's allreduce would wait until TCP gives up (or forever).
+    timeout = 10
+    logdir = tmp_path / "run"
+    process, output = _start("mpirun", logdir, "epochs=null", "update_steps=100000",
+                             "checkpoint_interval=5", f"collective_timeout={timeout}",
+                             backend=backend)
+    _wait_for((logdir / "checkpoints" / "update-000000005").exists, process)
+    workers = _workers(process)
+    workers[1].send_signal(signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    workers[0].wait(timeout=timeout + 30)
+    seconds = time.monotonic() - stopped_at
+    code, text = _finish(process, output, timeout=60)  # mpirun then ends the stopped rank
+    assert code != 0
+    assert timeout <= seconds < timeout + 15, f"rank 0 exited {seconds:.1f} s after the stop"
+    assert re.search(rf"distaccum: error: rank 0: update step \d+'s allreduce did not complete "
+                     rf"within collective_timeout={timeout} s", text), text[-3000:]
 
 
 @pytest.mark.parametrize("launcher, backend", BACKENDS)
