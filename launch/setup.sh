@@ -36,7 +36,7 @@ cache_dir="${DISTACCUM_CACHE_DIR:-$HOME/.cache/distaccum}"
 python_bin="${PYTHON:-python3}"
 horovod_version=0.28.1
 # Bump when the patches applied to Horovod's sources change, so the cached wheel is rebuilt.
-horovod_patch_level=2
+horovod_patch_level=3
 # The variant's TensorFlow distribution, and the extra of pyproject.toml that pins it.
 tensorflow_distribution=$([ "$variant" = gpu ] && echo tensorflow || echo tensorflow-cpu)
 other_distribution=$([ "$variant" = gpu ] && echo tensorflow-cpu || echo tensorflow)

@@ -37,6 +37,7 @@ patches() {  # the edits made to Horovod's sources, as `sed`/`perl` programs by 
   # horovodrun's MPI mode passes single-dash long options (-bind-to, -map-by) that Open MPI 5's
   # prterun no longer accepts; the double-dash spelling works with Open MPI 4 and 5.
   echo "horovod/runner/mpi_run.py: --bind-to, --map-by, --rank-by"
+  echo "horovod/common/gloo/gloo_context.cc: process-set contexts use the global context's interface"
   if [ "$variant" = gpu ]; then
     echo "CMakeLists.txt: no CUDA language (no nvcc)"
     echo "horovod/common/ops/cuda: cuda_kernels_host.cc instead of cuda_kernels.cu"
@@ -58,6 +59,15 @@ apply_patches() {
     "$src/horovod/runner/mpi_run.py"
   grep -q "'--bind-to none'" "$src/horovod/runner/mpi_run.py" \
     || { log "Horovod's mpi_run.py changed: the Open MPI 5 patch no longer applies"; exit 1; }
+  # A process set's Gloo context (the global process set's included) builds its device from its
+  # own, never-set interface name, so Gloo falls back to the hostname's address: loopback
+  # wherever the hostname resolves to 127.0.0.1, and ranks on other hosts cannot connect. It
+  # takes the global context's interface (HOROVOD_GLOO_IFACE, e.g. horovodrun's
+  # --network-interface) instead.
+  perl -0pi -e 's/(void GlooContext::InitializeForProcessSet\(.*?\n)(  attr device_attr;\n  device_attr.iface = gloo_iface_;)/$1  gloo_iface_ = global_context.gloo_iface_;\n$2/s' \
+    "$src/horovod/common/gloo/gloo_context.cc"
+  grep -q "gloo_iface_ = global_context.gloo_iface_;" "$src/horovod/common/gloo/gloo_context.cc" \
+    || { log "Horovod's gloo_context.cc changed: the process-set interface patch no longer applies"; exit 1; }
   [ "$variant" = gpu ] || return 0
   perl -0pi -e 's/if\(DEFINED ENV\{HOROVOD_CUDA_HOME\}\).*?enable_language\(CUDA\)\nendif\(\)\n/# distaccum: no nvcc, so no CUDA language\n/s' \
     "$src/CMakeLists.txt"
