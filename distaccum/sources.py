@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from distaccum import catalog
+from distaccum.trainer import compiled_arguments
 from distaccum.config import (BUNDLED_DATASETS, BUNDLED_MODELS, ConfigError, TrainConfig,
                               is_import_path)
 
@@ -163,12 +164,12 @@ def compile_arguments(config: TrainConfig, model: keras.Model) -> dict:
     """What `Trainer` takes as `compile` would: the config's `loss` and `metrics` (Keras names or
     import paths) where given, else what the model was compiled with (its loss weights and
     weighted metrics too), else the bundled models' cross-entropy on logits and accuracy."""
-    compiled = model._compile_config.config if getattr(model, "compiled", False) else {}
+    compiled = compiled_arguments(model)
     if config.loss is not None:
         loss = import_object("loss", config.loss) if is_import_path(config.loss) else config.loss
         loss_weights = None
     elif compiled.get("loss") is not None:
-        loss, loss_weights = model.loss, compiled.get("loss_weights")
+        loss, loss_weights = compiled["loss"], compiled["loss_weights"]
     elif config.model in BUNDLED_MODELS:
         loss, loss_weights = keras.losses.SparseCategoricalCrossentropy(from_logits=True), None
     else:
@@ -179,7 +180,7 @@ def compile_arguments(config: TrainConfig, model: keras.Model) -> dict:
         metrics = [import_object("metrics", m) if is_import_path(m) else m for m in config.metrics]
         weighted_metrics = None
     elif compiled:
-        metrics, weighted_metrics = compiled.get("metrics"), compiled.get("weighted_metrics")
+        metrics, weighted_metrics = compiled["metrics"], compiled["weighted_metrics"]
     else:
         metrics = list(BUNDLED_METRICS) if config.model in BUNDLED_MODELS else None
         weighted_metrics = None

@@ -79,6 +79,18 @@ def _check_accumulation_steps(accumulation_steps) -> int:
     return accumulation_steps
 
 
+def compiled_arguments(model: keras.Model) -> dict:
+    """The loss, loss weights, metrics and weighted metrics a model was compiled with, as
+    `Trainer` takes them ({} for a model never compiled)."""
+    if not getattr(model, "compiled", False):
+        return {}
+    # The arguments as given to compile (Keras keeps them for get_compile_config).
+    arguments = model._compile_config.config
+    return {"loss": model.loss, "loss_weights": arguments.get("loss_weights"),
+            "metrics": arguments.get("metrics"),
+            "weighted_metrics": arguments.get("weighted_metrics")}
+
+
 def _check_allreduce_dtype(allreduce_dtype, backend) -> tf.DType:
     if allreduce_dtype not in ALLREDUCE_DTYPES:
         raise ValueError(f"allreduce_dtype must be one of {', '.join(ALLREDUCE_DTYPES)}. "
@@ -184,11 +196,7 @@ class Trainer:
         if not getattr(model, "compiled", False):
             raise ValueError(f"the model is not compiled: call model.compile(optimizer=..., "
                              f"loss=...) first. Received: model {model.name!r}")
-        # The arguments as given to compile (Keras keeps them for get_compile_config).
-        arguments = model._compile_config.config
-        return cls(model, model.optimizer, loss=model.loss,
-                   loss_weights=arguments.get("loss_weights"), metrics=arguments.get("metrics"),
-                   weighted_metrics=arguments.get("weighted_metrics"),
+        return cls(model, model.optimizer, **compiled_arguments(model),
                    accumulation_steps=accumulation_steps, clip_global_norm=clip_global_norm,
                    allreduce_dtype=allreduce_dtype)
 
