@@ -193,10 +193,10 @@ def distaccum_runners(x, y) -> dict:
 
     def windows(trainer):
         def run(steps: int) -> None:
-            for _ in range(steps // trainer.accumulation_steps):
-                for _ in range(trainer.accumulation_steps):
+            for _ in range(steps // trainer.accumulation_steps):  # as `fit` runs a window
+                for _ in range(trainer.accumulation_steps - 1):
                     trainer.micro_step(x, y)
-                trainer.update_step()
+                trainer.update_step(last_micro_batch=(x, y, None))
         return run
 
     return {"micro_step": micro_steps,

@@ -17,6 +17,7 @@ added losses beside weighted data losses) keeps one gradient sum per distinct de
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import tensorflow as tf
@@ -41,6 +42,18 @@ def objective_value(numerators: Sequence[tf.Tensor], divisors: Sequence[tf.Tenso
     return tf.add_n([tf.math.divide_no_nan(n, d) for n, d in zip(numerators, divisors)])
 
 
+@dataclass(frozen=True)
+class MicroBatchSums:
+    """What one micro-batch contributes to its window: per normaliser, the gradients of its
+    numerator (dense, `tf.IndexedSlices` or None), the numerators and the divisors; and the
+    micro-batch's size."""
+
+    gradients: Sequence[Sequence]
+    numerators: Sequence
+    divisors: Sequence
+    sample_count: object
+
+
 class GradientAccumulator:
     """Owns one worker's running sums over the current window.
 
@@ -48,6 +61,11 @@ class GradientAccumulator:
     variable, a loss numerator and a divisor; and the window's sample count. Does not communicate,
     normalise or apply anything: the trainer reduces `totals()` across workers and calls
     `mean_gradients`.
+
+    The sums are touched as little as a window needs: its first micro-batch overwrites them (no
+    pass zeroes them between windows), and its last micro-batch is not stored at all but added to
+    them on the way to the reduction (`totals(last=...)`), so a window of one micro-batch never
+    reads or writes them.
 
     Sparse gradients (`tf.IndexedSlices`, e.g. from `keras.layers.Embedding`) are scattered into a
     dense sum (`scatter_add`, which costs only the rows touched); the sum is reduced and applied
@@ -78,32 +96,53 @@ class GradientAccumulator:
             for name in ["loss_sum"] * count + ["divisor"] * count + ["sample_count"]
         ]
 
-    def add(self, gradients: Sequence[Sequence], numerators: Sequence, divisors: Sequence,
-            sample_count) -> None:
-        """Add one micro-batch: per normaliser, the gradient of its numerator, the numerator and
-        the divisor; and the micro-batch's size."""
-        for totals, normaliser_gradients in zip(self._gradient_sums, gradients):
-            for total, gradient in zip(totals, normaliser_gradients):
+    def add(self, sums: MicroBatchSums, *, first: bool) -> None:
+        """Store one micro-batch's sums: added to the window's, or, for the window's `first`
+        micro-batch, in place of the previous window's."""
+        for totals, gradients in zip(self._gradient_sums, sums.gradients):
+            for total, gradient in zip(totals, gradients):
                 if gradient is None:
-                    continue
-                if isinstance(gradient, tf.IndexedSlices):
+                    if first:
+                        total.assign(tf.zeros_like(total))
+                elif isinstance(gradient, tf.IndexedSlices):
+                    if first:
+                        total.assign(tf.zeros_like(total))
                     total.scatter_add(tf.IndexedSlices(tf.cast(gradient.values, tf.float32),
                                                        gradient.indices, gradient.dense_shape))
+                elif first:
+                    total.assign(tf.cast(gradient, tf.float32))
                 else:
                     total.assign_add(tf.cast(gradient, tf.float32))
-        for total, value in zip(self._statistics, [*numerators, *divisors, sample_count]):
-            total.assign_add(tf.cast(value, tf.float32))
+        for total, value in zip(self._statistics, _statistics_of(sums)):
+            if first:
+                total.assign(tf.cast(value, tf.float32))
+            else:
+                total.assign_add(tf.cast(value, tf.float32))
 
     @property
     def gradient_sum_count(self) -> int:
         """How many of `totals()` come first as gradient sums (the rest are statistics)."""
         return sum(len(sums) for sums in self._gradient_sums)
 
-    def totals(self) -> list[tf.Tensor]:
-        """Current values, flat: every normaliser's gradient sums, then the numerators, the
-        divisors and the sample count."""
-        return [t.read_value() for sums in self._gradient_sums for t in sums] + [
-            t.read_value() for t in self._statistics]
+    def totals(self, last: MicroBatchSums | None = None, *, stored: bool = True
+               ) -> list[tf.Tensor]:
+        """The window's sums, flat: every normaliser's gradient sums, then the numerators, the
+        divisors and the sample count.
+
+        Args:
+            last: the window's last micro-batch, added to the stored sums without storing it.
+            stored: whether the window has stored micro-batches; if not, the stored sums (the
+                previous window's) are not read: the totals are `last`'s alone, or zeros.
+        """
+        variables = [t for sums in self._gradient_sums for t in sums] + self._statistics
+        values = ([t.read_value() for t in variables] if stored else
+                  [tf.zeros(t.shape, tf.float32) for t in variables])
+        if last is None:
+            return values
+        gradients = [g for per_normaliser in last.gradients for g in per_normaliser]
+        return [_plus(total, gradient) for total, gradient in zip(values, gradients)] + [
+            total + tf.cast(value, tf.float32)
+            for total, value in zip(values[len(gradients):], _statistics_of(last))]
 
     def split(self, totals: Sequence[tf.Tensor]):
         """`totals()` (or their reduction) as (gradient sums per normaliser, numerators, divisors,
@@ -114,7 +153,16 @@ class GradientAccumulator:
         statistics = list(totals[count * variables:])
         return gradients, statistics[:count], statistics[count:2 * count], statistics[-1]
 
-    def reset(self) -> None:
-        """Start a new window."""
-        for total in [t for sums in self._gradient_sums for t in sums] + self._statistics:
-            total.assign(tf.zeros_like(total))
+
+def _statistics_of(sums: MicroBatchSums) -> list:
+    return [*sums.numerators, *sums.divisors, sums.sample_count]
+
+
+def _plus(total: tf.Tensor, gradient) -> tf.Tensor:
+    """`total` plus one gradient as the stored sums would add it (a sparse one scattered)."""
+    if gradient is None:
+        return total
+    if isinstance(gradient, tf.IndexedSlices):
+        return tf.tensor_scatter_nd_add(total, tf.expand_dims(gradient.indices, -1),
+                                        tf.cast(gradient.values, tf.float32))
+    return total + tf.cast(gradient, tf.float32)

@@ -48,7 +48,8 @@ class StepRunner(Protocol):
     def micro_step(self, x, y, sample_weight=None) -> None: ...
 
     def update_step(self, stop_vote: bool = False, cancel_vote: bool = False,
-                    bad_micro_batch: int = 0, step: int | None = None): ...
+                    bad_micro_batch: int = 0, step: int | None = None,
+                    last_micro_batch: tuple | None = None): ...
 
     def metric_results(self) -> dict[str, float]: ...
 
@@ -57,6 +58,10 @@ class StepRunner(Protocol):
     def evaluate(self, dataset: tf.data.Dataset) -> dict[str, float]: ...
 
     def learning_rate_at(self, update_step: int) -> float: ...
+
+
+# What a micro-batch the model cannot train on raises (a wrong dtype or shape).
+_DATA_ERRORS = (tf.errors.InvalidArgumentError, ValueError, TypeError)
 
 
 def _positive_int(name: str, value) -> None:
@@ -266,28 +271,43 @@ class Controller:
 
     def _run_window(self, iterator, start: Position, done: int, stop_vote: bool,
                     first: int) -> UpdateRecord:
+        """Micro-steps, then the update; the window's k-th micro-batch goes to the update step
+        itself (one compiled call: its gradient feeds the reduction directly)."""
+        k = self._trainer.accumulation_steps
         started = time.perf_counter()
-        micro_steps, bad = 0, None
-        while micro_steps < self._trainer.accumulation_steps:
+        micro_steps, bad, last = 0, None, None
+        while micro_steps < k:
             try:  # the input pipeline's error (a wrong dtype or shape) surfaces in `next`
                 micro_batch = next(iterator, None)
                 if micro_batch is None:
                     break
+                if micro_steps == k - 1:
+                    last = data.unpack(micro_batch)
+                    break
                 self._trainer.micro_step(*data.unpack(micro_batch))
-            except (tf.errors.InvalidArgumentError, ValueError, TypeError) as error:
+            except _DATA_ERRORS as error:
                 # Not raised here alone, which would leave the others waiting in the update:
                 # reported in the update, so that every worker stops there.
                 bad = (first + micro_steps + 1, error)
                 break
             micro_steps += 1
         computed = time.perf_counter()
+        step = start.update_step + done
         # A callback's stop request (model.stop_training) travels in this update's allreduce.
-        result = self._trainer.update_step(stop_vote, bool(self._trainer.model.stop_training),
-                                           bad[0] if bad else 0, start.update_step + done)
-        record = UpdateRecord(
-            start.update_step + done, start.epoch, micro_steps, result,
-            computed - started, time.perf_counter() - computed,
-        )
+        votes = (stop_vote, bool(self._trainer.model.stop_training))
+        result = None
+        if last is not None:
+            try:
+                result = self._trainer.update_step(*votes, 0, step, last_micro_batch=last)
+                micro_steps += 1
+            except _DATA_ERRORS as error:
+                # Raised before the collective (the reduction needs this micro-batch's
+                # gradient): nothing was reduced or applied, so report it like the others.
+                bad = (first + micro_steps + 1, error)
+        if result is None:
+            result = self._trainer.update_step(*votes, bad[0] if bad else 0, step)
+        record = UpdateRecord(step, start.epoch, micro_steps, result,
+                              computed - started, time.perf_counter() - computed)
         _raise_if_bad(record, bad)
         return record
 

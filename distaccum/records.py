@@ -57,8 +57,9 @@ class UpdateRecord:
         epoch: 1-based epoch of this update.
         micro_steps: micro-batches this worker ran in the window (0 when its data ran out).
         result: the trainer's `UpdateResult` (global sums, as tensors).
-        compute_seconds: wall time of this worker's micro-steps in the window.
-        communication_seconds: wall time of the update step (allreduce, then apply).
+        compute_seconds: wall time of this worker's micro-steps in the window but the last.
+        communication_seconds: wall time of the update step (the window's last micro-step,
+            which it trains in the same call, the allreduce, then the apply).
     """
 
     update_step: int

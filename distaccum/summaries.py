@@ -8,8 +8,9 @@ Tags (one glossary with the code and the docs):
     train/skipped_updates           cumulative updates skipped for NaN/Inf gradients
     communication/allreduce_tensors cumulative tensors allreduced by this worker
     communication/allreduce_bytes   cumulative bytes allreduced by this worker
-    time/compute_seconds            micro-steps' wall time over the log interval
-    time/communication_seconds      update steps' wall time (allreduce, then apply) over it
+    time/compute_seconds            micro-steps' wall time over the log interval (but each
+                                    window's last, which the update step trains)
+    time/communication_seconds      update steps' wall time (last micro-step, allreduce, apply)
     train/<metric>                  the epoch's running value over all workers (compiled metrics)
     validation/loss, validation/<metric>   every epoch, over every worker's validation share
     config                          the configuration as YAML text, once per (resumed) session

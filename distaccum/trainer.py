@@ -18,7 +18,12 @@ import tensorflow as tf
 
 from distaccum import comm, data, precision
 from distaccum.config import ALLREDUCE_DTYPES
-from distaccum.accumulate import GradientAccumulator, mean_gradients, objective_value
+from distaccum.accumulate import (
+    GradientAccumulator,
+    MicroBatchSums,
+    mean_gradients,
+    objective_value,
+)
 from distaccum.controller import CadenceOptions, Controller
 from distaccum.metrics import GlobalMetrics
 from distaccum.objective import (
@@ -181,6 +186,7 @@ class Trainer:
         self.backend = comm.current()
         self.allreduce_dtype = _check_allreduce_dtype(allreduce_dtype, self.backend)
         self._accumulator: GradientAccumulator | None = None
+        self._stored_micro_steps = 0  # micro-batches of the current window in the sums
         # No AutoGraph: the steps have no data-dependent Python control flow, and errors about the
         # user's data (a weight shape, say) then reach them as they were raised, in one line.
         self._micro_step = tf.function(self._micro_step_body, autograph=False)
@@ -202,13 +208,16 @@ class Trainer:
 
     @property
     def micro_step_traces(self) -> int:
-        """How often the micro-step was traced: twice at `prepare` (the first trace creates the
-        sums), then never, whatever the micro-batch sizes."""
+        """How often the micro-step was traced: three times at `prepare` (the first trace creates
+        the sums; a window's first micro-step and the others differ), then never, whatever the
+        micro-batch sizes."""
         return self._micro_step.experimental_get_tracing_count()
 
     @property
     def update_step_traces(self) -> int:
-        """How often the update step was traced (once)."""
+        """How often the update step was traced: once at `prepare` with a last micro-batch on
+        the dataset's spec, and once more for each other form a run meets (a window that ends
+        before its k-th micro-batch: with or without stored micro-batches)."""
         return self._update_step.experimental_get_tracing_count()
 
     @property
@@ -221,7 +230,7 @@ class Trainer:
         """
         if self._accumulator is None or self.backend.num_workers() == 1:
             return 0, 0
-        totals = self._sent_totals() + self._metric_states()
+        totals = self._as_sent(self._accumulator.totals()) + self._metric_states()
         # The stop and cancel votes and each rank's bad micro-batch: one float32 tensor.
         vote_bytes = 4 * (2 + self.backend.num_workers())
         return len(totals) + 1, sum(int(tf.size(t)) * t.dtype.size for t in totals) + vote_bytes
@@ -245,8 +254,13 @@ class Trainer:
         if self.metrics is not None:
             self.metrics.build(self.model, element_spec)
         # Tracing on the dataset's spec (batch axis unknown) finds the objective's normalisers
-        # and creates the sums; every micro-batch size, the ragged tail's too, runs that graph.
-        self._micro_step.get_concrete_function(*data.unpack(element_spec))
+        # and creates the sums; every micro-batch size, the ragged tail's too, runs these graphs.
+        micro_batch = data.unpack(element_spec)
+        for first in (True, False):
+            self._micro_step.get_concrete_function(*micro_batch, first)
+        votes = tf.TensorSpec([2 + self.backend.num_workers()], tf.float32)
+        self._update_step.get_concrete_function(votes, micro_batch,
+                                                self.accumulation_steps > 1)
         warn_if_inexact(self.model)
         if self.allreduce_dtype != tf.float32 and self.backend.num_workers() > 1:
             warnings.warn(
@@ -271,13 +285,21 @@ class Trainer:
 
     def micro_step(self, x, y, sample_weight=None) -> None:
         """Forward, backward and accumulate one micro-batch on this worker. No communication."""
-        self._micro_step(x, y, sample_weight)
+        self._micro_step(x, y, sample_weight, self._stored_micro_steps == 0)
+        self._stored_micro_steps += 1
 
     def update_step(self, stop_vote: bool = False, cancel_vote: bool = False,
-                    bad_micro_batch: int = 0, step: int | None = None) -> UpdateResult:
+                    bad_micro_batch: int = 0, step: int | None = None,
+                    last_micro_batch: tuple | None = None) -> UpdateResult:
         """Reduce the window over workers, normalise, clip, apply; every worker calls it.
 
         Args:
+            last_micro_batch: the window's last micro-batch `(x, y, sample_weight or None)`, if
+                not given to `micro_step`: trained in the same compiled call, its sums go
+                straight into the reduction instead of through the stored sums (so a window of
+                one micro-batch never touches them). If it cannot be trained on (its error is
+                raised), nothing was reduced or applied: call `update_step` again without it,
+                reporting it as `bad_micro_batch`.
             stop_vote: this worker wants training to stop after this update (SIGTERM). The vote
                 travels in the same grouped allreduce, so all workers learn of it at once.
             cancel_vote: this worker wants training to stop before this update (a callback set
@@ -291,9 +313,18 @@ class Trainer:
         votes = tf.constant([float(stop_vote), float(cancel_vote), *bad])
         with comm.collective(f"update step {step}'s allreduce" if step else
                              "the update step's allreduce"):
-            return UpdateResult(*self._update_step(votes))
+            result = UpdateResult(*self._update_step(votes, last_micro_batch,
+                                                     self._stored_micro_steps > 0))
+        self._stored_micro_steps = 0
+        return result
 
-    def _micro_step_body(self, x, y, sample_weight):
+    def _micro_step_body(self, x, y, sample_weight, first):
+        sums = self._micro_batch_sums(x, y, sample_weight)  # the first trace creates the sums
+        self._accumulator.add(sums, first=first)
+
+    def _micro_batch_sums(self, x, y, sample_weight) -> MicroBatchSums:
+        """Forward and backward on one micro-batch (metrics updated): its sums. Creates the
+        stored sums on the first trace."""
         variables = self.model.trainable_variables
         with tf.GradientTape(persistent=True) as tape:
             y_pred = self.model(x, training=True)
@@ -313,9 +344,9 @@ class Trainer:
         if shrink is not None:
             gradients = [[precision.times(g, shrink) for g in normaliser]
                          for normaliser in gradients]
-        accumulator = self._accumulator_for([term.normaliser for term in terms])
-        accumulator.add(gradients, [t.numerator for t in terms], [t.divisor for t in terms],
-                        batch_size)
+        self._accumulator_for([term.normaliser for term in terms])
+        return MicroBatchSums(gradients, [t.numerator for t in terms],
+                              [t.divisor for t in terms], batch_size)
 
     def _accumulator_for(self, normalisers: list[str]) -> GradientAccumulator:
         if self._accumulator is None:
@@ -328,10 +359,12 @@ class Trainer:
             )
         return self._accumulator
 
-    def _update_step_body(self, votes):
+    def _update_step_body(self, votes, last_micro_batch, stored):
         # The only sync point of a window: gradient, loss and weight sums, metric states (and the
         # votes) in one grouped allreduce.
-        sums = self._sent_totals()
+        last = (self._micro_batch_sums(*last_micro_batch)
+                if last_micro_batch is not None else None)
+        sums = self._as_sent(self._accumulator.totals(last, stored=stored))
         totals = self.backend.sum_all(sums + self._metric_states() + [votes])
         totals, metric_states, votes = totals[:len(sums)], totals[len(sums):-1], totals[-1]
         totals = [tf.cast(t, tf.float32) for t in totals]
@@ -368,14 +401,12 @@ class Trainer:
             )
         tf.cond(cancelled, lambda: tf.constant(False), lambda: precision.apply(
             self.optimizer, gradients, self.model.trainable_variables, finite, scale))
-        self._accumulator.reset()
         return (window_loss, divisors[0], sample_count, gradient_norm, tf.logical_not(finite),
                 votes[0], votes[1], votes[2:])
 
-    def _sent_totals(self) -> list[tf.Tensor]:
+    def _as_sent(self, totals: list[tf.Tensor]) -> list[tf.Tensor]:
         """The window's sums as they travel: gradient sums in `allreduce_dtype` (unless nothing
         travels, with one worker), statistics in float32."""
-        totals = self._accumulator.totals()
         if self.backend.num_workers() == 1:
             return totals
         count = self._accumulator.gradient_sum_count

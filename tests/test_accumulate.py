@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from distaccum.accumulate import GradientAccumulator, mean_gradients
+from distaccum.accumulate import GradientAccumulator, MicroBatchSums, mean_gradients
 from distaccum.objective import OutputLoss, data_term, unreduced_loss
 
 Y_TRUE = np.array([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0]], "float32")
@@ -65,19 +65,34 @@ def test_mean_gradients_divides_each_normaliser_by_its_own_sum():
     np.testing.assert_allclose(result[0].numpy(), [0.5 + 3.0])
 
 
-def test_accumulator_sums_dense_and_sparse_gradients_when_added_twice():
+def test_accumulator_sums_a_window_and_its_unstored_last_micro_batch():
     dense = keras.Variable(np.zeros((2,), "float32"))
     table = keras.Variable(np.zeros((4, 2), "float32"))
     accumulator = GradientAccumulator([dense, table])
     sparse = tf.IndexedSlices(tf.constant([[1.0, 1.0], [2.0, 2.0]]), tf.constant([1, 1]), [4, 2])
-    accumulator.add([[tf.constant([1.0, 2.0]), sparse]], [3.0], [2.0], 5)
-    accumulator.add([[tf.constant([1.0, 0.0]), None]], [1.0], [0.5], 1)
-    [gradient_sums], numerators, divisors, count = accumulator.split(accumulator.totals())
-    np.testing.assert_array_equal(gradient_sums[0].numpy(), [2.0, 2.0])
+    accumulator.add(MicroBatchSums([[tf.constant([1.0, 2.0]), sparse]], [3.0], [2.0], 5),
+                    first=True)
+    accumulator.add(MicroBatchSums([[tf.constant([1.0, 0.0]), None]], [1.0], [0.5], 1),
+                    first=False)
+    last = MicroBatchSums([[tf.constant([0.5, 0.5]), sparse]], [1.0], [1.0], 2)
+    [gradient_sums], numerators, divisors, count = accumulator.split(accumulator.totals(last))
+    np.testing.assert_array_equal(gradient_sums[0].numpy(), [2.5, 2.5])
+    np.testing.assert_array_equal(gradient_sums[1].numpy(), [[0, 0], [6, 6], [0, 0], [0, 0]])
+    assert [float(s) for s in (*numerators, *divisors, count)] == [5.0, 3.5, 8.0]
+    # The last micro-batch was not stored; the next window's first overwrites the stored sums.
+    [gradient_sums], *_ = accumulator.split(accumulator.totals())
     np.testing.assert_array_equal(gradient_sums[1].numpy(), [[0, 0], [3, 3], [0, 0], [0, 0]])
-    assert [float(s) for s in (*numerators, *divisors, count)] == [4.0, 2.5, 6.0]
-    accumulator.reset()
-    assert all(float(tf.reduce_sum(tf.abs(t))) == 0 for t in accumulator.totals())
+    accumulator.add(MicroBatchSums([[tf.constant([4.0, 4.0]), None]], [1.0], [1.0], 1),
+                    first=True)
+    [gradient_sums], numerators, divisors, count = accumulator.split(accumulator.totals())
+    np.testing.assert_array_equal(gradient_sums[0].numpy(), [4.0, 4.0])
+    assert float(tf.reduce_sum(tf.abs(gradient_sums[1]))) == 0
+    assert [float(s) for s in (*numerators, *divisors, count)] == [1.0, 1.0, 1.0]
+    # A window with nothing stored (its worker ran out, or k = 1) never reads the stored sums.
+    assert all(float(tf.reduce_sum(tf.abs(t))) == 0
+               for t in accumulator.totals(stored=False))
+    [gradient_sums], *_ = accumulator.split(accumulator.totals(last, stored=False))
+    np.testing.assert_array_equal(gradient_sums[1].numpy(), [[0, 0], [3, 3], [0, 0], [0, 0]])
 
 
 def test_accumulator_refuses_no_variables():

@@ -98,7 +98,9 @@ def test_history_loss_is_global_weighted_mean_when_weights_differ():
 def test_micro_step_is_not_traced_again_when_last_batch_is_ragged():
     shard = scenarios.make_shard(0, 22, weighted=True)
     _, trainer, _ = _train("sgd", shard, accumulation_steps=2, epochs=3)
-    assert trainer.micro_step_traces == 2  # both at prepare: the first one creates the sums
+    # All at prepare: the first creates the sums; a window's first micro-step overwrites them.
+    assert trainer.micro_step_traces == 3
+    # Once, at prepare, with the window's last micro-batch: the ragged one is a window's last.
     assert trainer.update_step_traces == 1
 
 
