@@ -193,9 +193,9 @@ def distaccum_runners(x, y) -> dict:
 
     def windows(trainer):
         def run(steps: int) -> None:
+            stored = [(x, y, None)] * (trainer.accumulation_steps - 1)
             for _ in range(steps // trainer.accumulation_steps):  # as `fit` runs a window
-                for _ in range(trainer.accumulation_steps - 1):
-                    trainer.micro_step(x, y)
+                trainer.micro_steps(stored)
                 trainer.update_step(last_micro_batch=(x, y, None))
         return run
 

@@ -47,6 +47,8 @@ class StepRunner(Protocol):
 
     def micro_step(self, x, y, sample_weight=None) -> None: ...
 
+    def micro_steps(self, micro_batches: Sequence[tuple]) -> None: ...
+
     def update_step(self, stop_vote: bool = False, cancel_vote: bool = False,
                     bad_micro_batch: int = 0, step: int | None = None,
                     last_micro_batch: tuple | None = None): ...
@@ -126,11 +128,21 @@ def _raise_if_bad(record: UpdateRecord, own) -> None:
         return
     where = ", ".join(f"rank {rank}: micro-batch {n} of epoch {record.epoch}"
                       for rank, n in enumerate(reports) if n)
-    # TensorFlow prefixes an input pipeline's error with the op that raised it: `{{...}}`.
-    reason = re.sub(r"\{\{[^}]*\}\}\s*", "", str(own[1])).strip().splitlines()[0] if own else ""
-    why = f" (here: {type(own[1]).__name__}: {reason})" if own else ""
+    why = f" (here: {type(own[1]).__name__}: {_own_words(own[1])})" if own else ""
     raise BadMicroBatch(f"{where} (counted from 1) cannot be trained on; every rank stopped at "
                         f"update step {record.update_step} without applying it{why}")
+
+
+def _own_words(error: Exception) -> str:
+    """An error's message in one line, without what TensorFlow wraps around it: the op that
+    raised it (`{{node ...}}`, `[Op:...]`) and, for an error inside a compiled step, the
+    "Graph execution error:" header and the traceback of where it was detected (the message
+    itself comes last)."""
+    text = re.sub(r"\[\[\{\{[^}]*\}\}\]\]|\{\{[^}]*\}\}|\[Op:[^\]]*\]", "", str(error))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if lines and lines[0] == "Graph execution error:":
+        return lines[-1]
+    return lines[0] if lines else ""
 
 
 def _check_duration(epochs, update_steps) -> None:
@@ -271,45 +283,59 @@ class Controller:
 
     def _run_window(self, iterator, start: Position, done: int, stop_vote: bool,
                     first: int) -> UpdateRecord:
-        """Micro-steps, then the update; the window's k-th micro-batch goes to the update step
-        itself (one compiled call: its gradient feeds the reduction directly)."""
-        k = self._trainer.accumulation_steps
+        """The window's micro-batches but the last in one call, then the update step, which
+        trains the last itself (its gradient feeds the reduction directly): two compiled calls
+        per window whatever k. A micro-batch that cannot be trained on is not raised here alone,
+        which would leave the others waiting in the update: it is reported in the update, so
+        that every worker stops there."""
         started = time.perf_counter()
-        micro_steps, bad, last = 0, None, None
-        while micro_steps < k:
-            try:  # the input pipeline's error (a wrong dtype or shape) surfaces in `next`
+        micro_batches, bad = [], None
+        try:  # the input pipeline's error (a wrong dtype or shape) surfaces in `next`
+            for _ in range(self._trainer.accumulation_steps):
                 micro_batch = next(iterator, None)
                 if micro_batch is None:
                     break
-                if micro_steps == k - 1:
-                    last = data.unpack(micro_batch)
-                    break
-                self._trainer.micro_step(*data.unpack(micro_batch))
-            except _DATA_ERRORS as error:
-                # Not raised here alone, which would leave the others waiting in the update:
-                # reported in the update, so that every worker stops there.
-                bad = (first + micro_steps + 1, error)
-                break
-            micro_steps += 1
+                micro_batches.append(data.unpack(micro_batch))
+        except _DATA_ERRORS as error:
+            bad = (first + len(micro_batches) + 1, error)
+        last = micro_batches.pop() if micro_batches and bad is None else None
+        if micro_batches and bad is None:
+            bad = self._stored_micro_steps(micro_batches, first)
         computed = time.perf_counter()
         step = start.update_step + done
         # A callback's stop request (model.stop_training) travels in this update's allreduce.
         votes = (stop_vote, bool(self._trainer.model.stop_training))
         result = None
-        if last is not None:
+        if last is not None and bad is None:
             try:
                 result = self._trainer.update_step(*votes, 0, step, last_micro_batch=last)
-                micro_steps += 1
             except _DATA_ERRORS as error:
                 # Raised before the collective (the reduction needs this micro-batch's
                 # gradient): nothing was reduced or applied, so report it like the others.
-                bad = (first + micro_steps + 1, error)
+                bad = (first + len(micro_batches) + 1, error)
         if result is None:
             result = self._trainer.update_step(*votes, bad[0] if bad else 0, step)
+        micro_steps = 0 if bad else len(micro_batches) + (last is not None)
         record = UpdateRecord(step, start.epoch, micro_steps, result,
                               computed - started, time.perf_counter() - computed)
         _raise_if_bad(record, bad)
         return record
+
+    def _stored_micro_steps(self, micro_batches: list, first: int):
+        """Train the window's micro-batches but the last; `(1-based index in the epoch, error)`
+        of one that cannot be trained on, else None."""
+        try:
+            self._trainer.micro_steps(micro_batches)
+            return None
+        except _DATA_ERRORS as error:
+            together = error  # one of them: find which, one call each
+        for index, micro_batch in enumerate(micro_batches):
+            try:
+                self._trainer.micro_step(*micro_batch)
+            except _DATA_ERRORS as error:
+                return first + index + 1, error
+        # Not expected: then the window is still reported, not trained on half-counted metrics.
+        return first + 1, together
 
     def _after_update(self, record: UpdateRecord, total: int, history: History, callbacks,
                       window: int) -> None:

@@ -72,6 +72,20 @@ class UpdateResult:
         return float(self.window_loss)
 
 
+def _stacked_spec(micro_batch):
+    """The spec of micro-batches stacked on a new leading axis."""
+    return tuple(None if part is None else tf.nest.map_structure(
+        lambda spec: tf.TensorSpec([None, *spec.shape], spec.dtype), part) for part in micro_batch)
+
+
+def _same_shapes(micro_batches: Sequence[tuple]) -> bool:
+    """Whether the micro-batches stack: every tensor of each shaped as the first's (the ragged
+    tail of an epoch is not)."""
+    shapes = [[(tuple(t.shape), t.dtype) for t in tf.nest.flatten(batch) if t is not None]
+              for batch in micro_batches]
+    return all(s == shapes[0] for s in shapes[1:])
+
+
 def _check_accumulation_steps(accumulation_steps) -> int:
     if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int):
         raise TypeError(
@@ -190,6 +204,7 @@ class Trainer:
         # No AutoGraph: the steps have no data-dependent Python control flow, and errors about the
         # user's data (a weight shape, say) then reach them as they were raised, in one line.
         self._micro_step = tf.function(self._micro_step_body, autograph=False)
+        self._micro_steps = tf.function(self._micro_steps_body, autograph=False)
         self._update_step = tf.function(self._update_step_body, autograph=False)
         self._evaluation_step = tf.function(self._evaluation_step_body, autograph=False)
 
@@ -258,6 +273,8 @@ class Trainer:
         micro_batch = data.unpack(element_spec)
         for first in (True, False):
             self._micro_step.get_concrete_function(*micro_batch, first)
+        if self.accumulation_steps > 2:  # fit's windows: k - 1 micro-batches in one call
+            self._micro_steps.get_concrete_function(_stacked_spec(micro_batch), True)
         votes = tf.TensorSpec([2 + self.backend.num_workers()], tf.float32)
         self._update_step.get_concrete_function(votes, micro_batch,
                                                 self.accumulation_steps > 1)
@@ -287,6 +304,25 @@ class Trainer:
         """Forward, backward and accumulate one micro-batch on this worker. No communication."""
         self._micro_step(x, y, sample_weight, self._stored_micro_steps == 0)
         self._stored_micro_steps += 1
+
+    def micro_steps(self, micro_batches: Sequence[tuple]) -> None:
+        """`micro_step` on each of `micro_batches` (`(x, y, sample_weight or None)`), in order,
+        in one compiled call when they have the same shapes (a loop in the graph: one Python
+        round trip instead of one per micro-batch, the `steps_per_execution` idea). If one
+        cannot be trained on, its error is raised and the stored sums are left undefined for
+        this window: call `micro_step` on them one by one to find it, or report the window bad.
+        """
+        if len(micro_batches) <= 1 or not _same_shapes(micro_batches):
+            for micro_batch in micro_batches:
+                self.micro_step(*micro_batch)
+            return
+        x, y, sample_weight = micro_batches[0]
+        stacked = tuple(
+            None if part is None else tf.nest.map_structure(
+                lambda *tensors: tf.stack(tensors), *[batch[i] for batch in micro_batches])
+            for i, part in enumerate((x, y, sample_weight)))
+        self._micro_steps(stacked, self._stored_micro_steps == 0)
+        self._stored_micro_steps += len(micro_batches)
 
     def update_step(self, stop_vote: bool = False, cancel_vote: bool = False,
                     bad_micro_batch: int = 0, step: int | None = None,
@@ -321,6 +357,24 @@ class Trainer:
     def _micro_step_body(self, x, y, sample_weight, first):
         sums = self._micro_batch_sums(x, y, sample_weight)  # the first trace creates the sums
         self._accumulator.add(sums, first=first)
+
+    def _micro_steps_body(self, stacked, first):
+        def micro_batch(i):
+            return [None if part is None else tf.nest.map_structure(lambda t: t[i], part)
+                    for part in stacked]
+
+        start = 0
+        if first:
+            self._micro_step_body(*micro_batch(0), True)
+            start = 1
+
+        def micro_step(i):
+            self._micro_step_body(*micro_batch(i), False)
+            return i + 1
+
+        count = tf.shape(tf.nest.flatten(stacked[0])[0])[0]
+        # One iteration at a time: the sums are then added in the order separate calls add them.
+        tf.while_loop(lambda i: i < count, micro_step, [tf.constant(start)], parallel_iterations=1)
 
     def _micro_batch_sums(self, x, y, sample_weight) -> MicroBatchSums:
         """Forward and backward on one micro-batch (metrics updated): its sums. Creates the
@@ -392,9 +446,10 @@ class Trainer:
             window_loss += penalty
         gradients = [tf.cast(g, v.dtype) for g, v in zip(gradients, variables)]
         gradient_norm = tf.linalg.global_norm(gradients)
-        # Decided on reduced values, hence identically on every worker: no extra collective.
-        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in gradients])
-        finite &= tf.math.is_finite(window_loss)
+        # Decided on reduced values, hence identically on every worker: no extra collective. The
+        # norm is NaN or Inf when any element is (or when it overflows float32, a gradient no
+        # update should apply): one pass over the gradient serves the log, clipping and this.
+        finite = tf.math.is_finite(gradient_norm) & tf.math.is_finite(window_loss)
         if self.clip_global_norm is not None:
             gradients, _ = tf.clip_by_global_norm(
                 gradients, self.clip_global_norm, use_norm=gradient_norm

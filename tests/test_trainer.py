@@ -104,6 +104,54 @@ def test_micro_step_is_not_traced_again_when_last_batch_is_ragged():
     assert trainer.update_step_traces == 1
 
 
+def test_micro_batches_in_one_call_add_up_as_one_call_each():
+    # fit trains a window's first k-1 micro-batches in one compiled call (a loop in the graph):
+    # the same sums, in the same order, as calling micro_step on each, hence the same weights.
+    x, y, w = scenarios.make_shard(0, 24, weighted=True)
+    micro_batches = scenarios.split_micro_batches(x, y, w)
+    trainers = [distaccum.Trainer(scenarios.make_model(), scenarios.make_optimizer("sgd"),
+                                  loss=MSE, accumulation_steps=3) for _ in range(2)]
+    for trainer in trainers:
+        trainer.prepare(scenarios.as_dataset(x, y, w).element_spec)
+    together, one_by_one = trainers
+    for window in (micro_batches[:3], micro_batches[3:]):
+        together.micro_steps(window[:-1])
+        together.update_step(last_micro_batch=window[-1])
+        for micro_batch in window[:-1]:
+            one_by_one.micro_step(*micro_batch)
+        one_by_one.update_step(last_micro_batch=window[-1])
+    for got, expected in zip(scenarios.weights_of(together.model),
+                             scenarios.weights_of(one_by_one.model)):
+        np.testing.assert_array_equal(got, expected)
+    assert together._micro_steps.experimental_get_tracing_count() == 1  # at prepare
+
+
+class _RefuseInfinity(keras.layers.Layer):
+    """Fails at run time on a non-finite input, as a model refusing a bad micro-batch would."""
+
+    def call(self, inputs):
+        return tf.debugging.assert_all_finite(inputs, "not finite")
+
+
+def test_bad_micro_batch_inside_a_window_trained_in_one_call_is_named_and_not_applied():
+    x, y, _ = scenarios.make_shard(0, 24, weighted=False)
+    x[9, 0] = np.inf  # micro-batch 3 (of 4 samples), trained with 1 and 2 in one call
+    model = keras.Sequential([keras.Input((scenarios.FEATURES,)), _RefuseInfinity(),
+                              keras.layers.Dense(1)])
+    initial = scenarios.weights_of(model)
+    trainer = distaccum.Trainer(model, keras.optimizers.SGD(0.1), loss=MSE, accumulation_steps=4)
+    with pytest.raises(distaccum.BadMicroBatch) as raised:
+        trainer.fit(scenarios.as_dataset(x, y, None), epochs=1)
+    message = str(raised.value)
+    assert message.startswith("rank 0: micro-batch 3 of epoch 1 (counted from 1) cannot be "
+                              "trained on; every rank stopped at update step 1 without applying it")
+    assert "not finite" in message
+    assert trainer._micro_steps.experimental_get_tracing_count() == 1  # the one call was tried
+    assert int(trainer.optimizer.iterations) == 0
+    for got, expected in zip(scenarios.weights_of(model), initial):
+        np.testing.assert_array_equal(got, expected)
+
+
 @pytest.mark.parametrize(
     "make_optimizer, densify",
     [(lambda: keras.optimizers.Adam(0.1), True), (lambda: keras.optimizers.SGD(0.5), False)],
