@@ -179,7 +179,7 @@ def keras_runners(x, y) -> dict:
 
 def distaccum_runners(x, y) -> dict:
     """distaccum's micro-step alone, and whole windows (micro-steps plus update) at k=1 and 8,
-    the k=8 window also under the mixed_bfloat16 policy."""
+    the k=8 window also with one call per micro-batch and under the mixed_bfloat16 policy."""
     spec = (tf.TensorSpec.from_tensor(x), tf.TensorSpec.from_tensor(y))
     trainers = {name: workload.synthetic_trainer(k, precision=precision) for name, k, precision in
                 (("micro_step", 1, "float32"), ("window_k1", 1, "float32"),
@@ -191,17 +191,23 @@ def distaccum_runners(x, y) -> dict:
         for _ in range(steps):
             trainers["micro_step"].micro_step(x, y)
 
-    def windows(trainer):
+    def windows(trainer, one_call: bool = True):
+        """Windows as `fit` runs them (or with one call per micro-batch)."""
         def run(steps: int) -> None:
             stored = [(x, y, None)] * (trainer.accumulation_steps - 1)
-            for _ in range(steps // trainer.accumulation_steps):  # as `fit` runs a window
-                trainer.micro_steps(stored)
+            for _ in range(steps // trainer.accumulation_steps):
+                if one_call:
+                    trainer.micro_steps(stored)
+                else:
+                    for micro_batch in stored:
+                        trainer.micro_step(*micro_batch)
                 trainer.update_step(last_micro_batch=(x, y, None))
         return run
 
     return {"micro_step": micro_steps,
-            **{name: windows(trainers[name])
-               for name in ("window_k1", "window_k8", "window_k8_mixed_bfloat16")}}
+            **{name: windows(trainers[name]) for name in ("window_k1", "window_k8")},
+            "window_k8_call_each": windows(trainers["window_k8"], one_call=False),
+            "window_k8_mixed_bfloat16": windows(trainers["window_k8_mixed_bfloat16"])}
 
 
 def overhead(args) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import hashlib
 import importlib.util
 import os
 import sys
@@ -131,8 +132,13 @@ class Backend(Protocol):
 
     def local_rank(self) -> int: ...
 
-    def sum_all(self, tensors: Sequence[tf.Tensor]) -> list[tf.Tensor]:
-        """Element-wise sums over workers, as one grouped collective."""
+    def sum_all(self, tensors: Sequence[tf.Tensor], name: str) -> list[tf.Tensor]:
+        """Element-wise sums over workers, as one grouped collective.
+
+        `name` says what the sum is for (`update`, `validation`, ...): every worker gives the
+        same at the same point, whichever compiled step the sum is in (a window's update step
+        comes in forms that differ between workers), since Horovod matches collectives by name.
+        """
 
     def max_all(self, value: tf.Tensor) -> tf.Tensor:
         """Element-wise maximum over workers."""
@@ -156,7 +162,7 @@ class SingleProcessBackend:
     def local_rank(self) -> int:
         return 0
 
-    def sum_all(self, tensors: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+    def sum_all(self, tensors: Sequence[tf.Tensor], name: str) -> list[tf.Tensor]:
         return list(tensors)
 
     def max_all(self, value: tf.Tensor) -> tf.Tensor:
@@ -164,6 +170,30 @@ class SingleProcessBackend:
 
     def broadcast_from_chief(self, tensors: Sequence[tf.Tensor]) -> list[tf.Tensor]:
         return list(tensors)
+
+
+def _signature(tensors: Sequence[tf.Tensor]) -> str:
+    """A short name for a group's dtypes and shapes. Horovod caches what it negotiated under a
+    collective's name, so one name must always mean one group (a float16 run's float32 group,
+    statistics only, differs from a float32 run's)."""
+    shapes = ";".join(f"{t.dtype.name}{t.shape}" for t in tensors)
+    return f"{tensors[0].dtype.name}_{hashlib.sha1(shapes.encode()).hexdigest()[:10]}"
+
+
+def _never_constant(group: list[tf.Tensor]) -> list[tf.Tensor]:
+    """The group, with a run-time zero added to its smallest tensor when in a graph.
+
+    Horovod's collectives are not marked stateful (horovod#3229), so TensorFlow's constant
+    folding runs one whose inputs are all constants (the zeros of a worker's empty window) once,
+    while it optimises the graph, and bakes in that result: later calls skip the collective and
+    the workers' collectives stop pairing up. A zero made from `tf.timestamp` (stateful, finite)
+    keeps it a run-time op, for a few bytes of work.
+    """
+    if tf.executing_eagerly():
+        return group
+    smallest = min(range(len(group)), key=lambda i: group[i].shape.num_elements() or 0)
+    zero = tf.cast(tf.timestamp() * 0.0, group[smallest].dtype)
+    return [t + zero if i == smallest else t for i, t in enumerate(group)]
 
 
 class HorovodBackend:
@@ -192,14 +222,18 @@ class HorovodBackend:
     def local_rank(self) -> int:
         return self._hvd.local_rank()
 
-    def sum_all(self, tensors: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+    def sum_all(self, tensors: Sequence[tf.Tensor], name: str) -> list[tf.Tensor]:
         # Horovod groups only tensors of one dtype: one grouped allreduce per dtype (one in all
-        # unless gradient sums travel narrower than the float32 statistics).
+        # unless gradient sums travel narrower than the float32 statistics). Named, not named
+        # after the tensors (Horovod's default), which differ between forms of a step.
         tensors = [tf.convert_to_tensor(t) for t in tensors]
         result: list[tf.Tensor | None] = [None] * len(tensors)
         for dtype in dict.fromkeys(t.dtype for t in tensors):
             indices = [i for i, t in enumerate(tensors) if t.dtype == dtype]
-            sums = self._hvd.grouped_allreduce([tensors[i] for i in indices], op=self._hvd.Sum)
+            group = _never_constant([tensors[i] for i in indices])
+            sums = self._hvd.grouped_allreduce(
+                group, op=self._hvd.Sum, ignore_name_scope=True,
+                name=f"HorovodGroupedAllreduce_distaccum_{name}_{_signature(group)}")
             for i, total in zip(indices, sums):
                 result[i] = total
         return result
@@ -275,7 +309,7 @@ class MPIBackend:
         pieces = tf.split(reduced, [t.shape.num_elements() for t in tensors])
         return [tf.reshape(tf.cast(p, t.dtype), t.shape) for p, t in zip(pieces, tensors)]
 
-    def sum_all(self, tensors: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+    def sum_all(self, tensors: Sequence[tf.Tensor], name: str) -> list[tf.Tensor]:
         tensors = [tf.convert_to_tensor(t) for t in tensors]
         narrow = {t.dtype for t in tensors} - {tf.float32}
         if not narrow:  # sums, statistics, metric states, votes: one float32 buffer
@@ -436,5 +470,5 @@ def gather_device_codes() -> list[int]:
     slots = np.zeros(backend.num_workers(), np.float32)
     slots[backend.rank()] = _device_code - devices.NO_GPU_FOUND + 1
     with collective("the start-up device report"):
-        [total] = backend.sum_all([tf.constant(slots)])
+        [total] = backend.sum_all([tf.constant(slots)], "device_codes")
     return [int(v) + devices.NO_GPU_FOUND - 1 for v in np.asarray(total)]

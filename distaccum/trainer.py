@@ -419,7 +419,7 @@ class Trainer:
         last = (self._micro_batch_sums(*last_micro_batch)
                 if last_micro_batch is not None else None)
         sums = self._as_sent(self._accumulator.totals(last, stored=stored))
-        totals = self.backend.sum_all(sums + self._metric_states() + [votes])
+        totals = self.backend.sum_all(sums + self._metric_states() + [votes], "update")
         totals, metric_states, votes = totals[:len(sums)], totals[len(sums):-1], totals[-1]
         totals = [tf.cast(t, tf.float32) for t in totals]
         cancelled = (votes[1] > 0) | tf.reduce_any(votes[2:] > 0)
@@ -489,7 +489,8 @@ class Trainer:
         for micro_batch in dataset:
             totals += self._evaluation_step(*data.unpack(micro_batch))
         with comm.collective("validation"):
-            [totals, *metric_states] = self.backend.sum_all([totals] + self._metric_states())
+            [totals, *metric_states] = self.backend.sum_all(
+                [totals] + self._metric_states(), "validation")
         numerators, divisors = tf.split(totals, 2)
         loss = objective_value(tf.unstack(numerators), tf.unstack(divisors))
         results = {"loss": float(loss + self.objective.regularization())}

@@ -41,12 +41,17 @@ horovod_patch_level=3
 tensorflow_distribution=$([ "$variant" = gpu ] && echo tensorflow || echo tensorflow-cpu)
 other_distribution=$([ "$variant" = gpu ] && echo tensorflow-cpu || echo tensorflow)
 requirement="-e $repo_root[$variant,test,benchmarks]"
+# Keras 2, for the peers benchmark only (Horovod's Keras API runs on nothing newer). tf-keras
+# requires the `tensorflow` distribution, which would put a second TensorFlow over tensorflow-cpu;
+# the variant's TensorFlow is the one it needs, so it is installed without its dependencies.
+keras2_requirement="tf-keras==2.21.0"
 
 log() { echo "[setup] $*" >&2; }
 
 if [ "$dry_run" = 1 ]; then
   echo "venv: $venv"
   echo "install: $requirement"
+  echo "install without dependencies: $keras2_requirement"
   "$python_bin" -c "import sys, tomllib
 extras = tomllib.load(open(sys.argv[1], 'rb'))['project']['optional-dependencies']
 print('tensorflow:', ', '.join(extras[sys.argv[2]]))" "$repo_root/pyproject.toml" "$variant"
@@ -91,6 +96,7 @@ if ! ready .distaccum-setup distaccum; then
   fi
   # shellcheck disable=SC2086 # the requirement is "-e PATH[extras]", two words
   "${uv[@]}" "setuptools>=77" wheel $requirement
+  "${uv[@]}" --no-deps "$keras2_requirement"
   echo "$stamp" > "$venv/.distaccum-setup"
 fi
 if [ "$with_horovod" = 0 ]; then

@@ -52,10 +52,11 @@ def test_slow_link_smoke_times_distaccum_and_both_baselines_side_by_side(tmp_pat
 def test_overhead_smoke_times_keras_and_distaccum_steps(tmp_path):
     figure = run_benchmark(tmp_path, "overhead", "--repeats", "1")
     bars = figure["plots"][0]["bars"]
-    assert len(bars) == 6 and all(bar["median"] > 0 for bar in bars)
+    assert len(bars) == 7 and all(bar["median"] > 0 for bar in bars)
     assert "mixed_bfloat16 ÷ float32, k=8 windows: " in figure["table"]
-    (check,) = figure["checks"]
-    assert check["passed"] is None  # smoke sizes are not judged against the target
+    assert "7 micro-steps in one call ÷ one call each, k=8 windows: " in figure["table"]
+    # The micro-step and the k=1 window; smoke sizes are not judged against the target.
+    assert [check["passed"] for check in figure["checks"]] == [None, None]
 
 
 def test_memory_smoke_measures_the_peak_of_both_kinds_of_update(tmp_path):
@@ -69,6 +70,32 @@ def test_startup_smoke_times_launch_to_first_update(tmp_path):
     figure = run_benchmark(tmp_path, "startup", "--repeats", "1")
     (bar,) = figure["plots"][0]["bars"]
     assert bar["label"] == "1 worker" and 0 < bar["median"] < 120
+
+
+def _table_rows(table: str) -> dict[str, list[str]]:
+    """A markdown table's body rows by their first cell."""
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in table.splitlines()
+            if line.startswith("| ") and not line.startswith("| system") and
+            not line.startswith("| link")]
+    return {row[0]: row[1:] for row in rows}
+
+
+@pytest.mark.multiworker
+def test_peer_systems_smoke_runs_the_case_on_distaccum_and_peers_and_times_each_peer(tmp_path):
+    figure = run_benchmark(tmp_path, "peer_systems", "--repeats", "1")
+    exactness, throughput = figure["table"].split("\n\n")
+    rows = _table_rows(exactness)
+    ran, error, iterations, _ = rows["distaccum (mpi4py)"]
+    assert (ran, iterations) == ("ok", "8") and float(error) < 1e-5  # float32 round-off
+    # Horovod's accumulation trains, but neither exactly nor counting updates in `iterations`.
+    ran, error, iterations, _ = rows["Horovod bpps, average_aggregated_gradients=True"]
+    assert ran == "ok" and float(error) > 1e-2 and int(iterations) > 8
+    ran, error, iterations, happened = rows["tf.distribute MWMS, Keras 3 `fit`"]
+    assert (ran, error, iterations) == ("error", "—", "—") and "PerReplica" in happened
+    [[link, k, *cells]] = [row for row in (line.split("|")[1:-1]
+                                           for line in throughput.splitlines()[2:])]
+    assert k.strip() == "2"
+    assert all(float(cell.split()[0].replace(",", "")) > 0 for cell in cells)
 
 
 def test_report_writes_markdown_with_date_machine_targets_and_a_png(tmp_path):

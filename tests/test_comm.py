@@ -35,7 +35,7 @@ def test_choose_backend_name_refuses_unknown_override():
 
 def test_single_process_backend_is_identity():
     backend = comm.SingleProcessBackend()
-    assert backend.sum_all([1, 2]) == [1, 2]
+    assert backend.sum_all([1, 2], "update") == [1, 2]
     assert (backend.num_workers(), backend.rank(), backend.local_rank()) == (1, 0, 0)
 
 

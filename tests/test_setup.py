@@ -42,6 +42,8 @@ def test_cpu_setup_installs_cpu_tensorflow_and_builds_horovod_without_cuda_by_de
     assert completed.returncode == 0, completed.stderr
     assert f"install: -e {REPO_ROOT}[cpu,test,benchmarks]" in completed.stdout
     assert "tensorflow: tensorflow-cpu==2.21.0" in completed.stdout
+    # Keras 2 for the peers benchmark, without its `tensorflow` requirement (a second TensorFlow).
+    assert "install without dependencies: tf-keras==2.21.0" in completed.stdout
     assert "NCCL" not in completed.stdout and "CUDA" not in completed.stdout
 
 
