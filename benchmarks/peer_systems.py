@@ -62,6 +62,11 @@ THROUGHPUT_LABELS = {
     NO_COMMUNICATION: "(b) no communication",
 }
 SAME_MEMORY_PEERS = (HOROVOD_BPPS, MWMS_B)
+HOROVOD_TARGET = 0.95
+# Why Horovod can lead at k = 1, where both allreduce every micro-batch (not measured apart).
+OVERLAP_NOTE = ("at k = 1 Horovod's optimizer allreduces each gradient tensor on its own, so the "
+                "first can travel while backpropagation still produces the rest; distaccum's one "
+                "grouped allreduce per update starts when the whole gradient is ready")
 FULL_SETTINGS = {"accumulation_steps": (1, 4, 16), "micro_batches": 16, "min_updates": 3}
 SMOKE_SETTINGS = {"accumulation_steps": (2,), "micro_batches": 2, "min_updates": 1}
 
@@ -159,16 +164,21 @@ def throughput_table(links: dict[str, dict]) -> str:
 
 
 def checks(links: dict[str, dict]) -> list[dict]:
-    """distaccum ≥ every same-memory peer at every k; ≥ 0.95 × Horovod bpps."""
+    """distaccum ≥ every same-memory peer at every k, and ≥ 0.95 × Horovod bpps."""
     items = []
     for link, by_k in links.items():
         for k, rates in sorted(by_k.items()):
             ours = rates[DISTACCUM].median
             for peer in SAME_MEMORY_PEERS:
                 ratio = ours / rates[peer].median
+                note = OVERLAP_NOTE if peer == HOROVOD_BPPS and k == 1 and ratio < 1 else ""
                 items.append(common.check(
                     f"{link}, k={k}: distaccum ÷ {THROUGHPUT_LABELS[peer]} (same memory)",
-                    "≥ 1", f"{ratio:.2f}", ratio >= 1))
+                    "≥ 1", f"{ratio:.2f}", ratio >= 1, note))
+            ratio = ours / rates[HOROVOD_BPPS].median
+            items.append(common.check(f"{link}, k={k}: distaccum ÷ Horovod bpps",
+                                      f"≥ {HOROVOD_TARGET}", f"{ratio:.2f}",
+                                      ratio >= HOROVOD_TARGET))
     return items
 
 

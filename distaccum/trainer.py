@@ -142,7 +142,10 @@ class Trainer:
     A micro-step runs forward and backward on one micro-batch and adds to this worker's sums; it
     never communicates. An update step reduces the sums over workers in one grouped allreduce,
     divides once by the total sample weight, optionally clips by global norm, and applies. So
-    `optimizer.iterations` counts updates and LR schedules see large-batch steps.
+    `optimizer.iterations` counts updates and LR schedules see large-batch steps. `fit` runs a
+    window as two compiled calls: its first k-1 micro-batches (`micro_steps`), then the update
+    step, which trains the last micro-batch itself and adds its gradient on the way into the
+    allreduce.
 
     Does not own the loop (epochs, windows, when to log or stop): that is the `Controller`, which
     `fit` uses.
@@ -330,12 +333,6 @@ class Trainer:
         """Reduce the window over workers, normalise, clip, apply; every worker calls it.
 
         Args:
-            last_micro_batch: the window's last micro-batch `(x, y, sample_weight or None)`, if
-                not given to `micro_step`: trained in the same compiled call, its sums go
-                straight into the reduction instead of through the stored sums (so a window of
-                one micro-batch never touches them). If it cannot be trained on (its error is
-                raised), nothing was reduced or applied: call `update_step` again without it,
-                reporting it as `bad_micro_batch`.
             stop_vote: this worker wants training to stop after this update (SIGTERM). The vote
                 travels in the same grouped allreduce, so all workers learn of it at once.
             cancel_vote: this worker wants training to stop before this update (a callback set
@@ -343,6 +340,12 @@ class Trainer:
             bad_micro_batch: the 1-based index in this epoch of a micro-batch this worker could
                 not train on (0: none); if any worker reports one, no worker applies the update.
             step: this update's number, for messages (a timeout names it).
+            last_micro_batch: the window's last micro-batch `(x, y, sample_weight or None)`, if
+                not given to `micro_step`: trained in the same compiled call, its sums go
+                straight into the reduction instead of through the stored sums (so a window of
+                one micro-batch never touches them). If it cannot be trained on (its error is
+                raised), nothing was reduced or applied: call `update_step` again without it,
+                reporting it as `bad_micro_batch`.
         """
         bad = [0.0] * self.backend.num_workers()
         bad[self.backend.rank()] = float(bad_micro_batch)
