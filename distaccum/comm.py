@@ -172,6 +172,19 @@ class SingleProcessBackend:
         return list(tensors)
 
 
+def _per_dtype(tensors: Sequence, collective) -> list[tf.Tensor]:
+    """`collective` (group → results in its order) on each dtype's tensors, in the order the
+    dtypes first appear (the same on every worker), with the results put back in `tensors`'
+    order: Horovod takes one dtype per collective."""
+    tensors = [tf.convert_to_tensor(t) for t in tensors]
+    result: list[tf.Tensor | None] = [None] * len(tensors)
+    for dtype in dict.fromkeys(t.dtype for t in tensors):
+        indices = [i for i, t in enumerate(tensors) if t.dtype == dtype]
+        for i, value in zip(indices, collective([tensors[i] for i in indices])):
+            result[i] = value
+    return result
+
+
 def _signature(tensors: Sequence[tf.Tensor]) -> str:
     """A short name for a group's dtypes and shapes. Horovod caches what it negotiated under a
     collective's name, so one name must always mean one group (a float16 run's float32 group,
@@ -226,17 +239,13 @@ class HorovodBackend:
         # Horovod groups only tensors of one dtype: one grouped allreduce per dtype (one in all
         # unless gradient sums travel narrower than the float32 statistics). Named, not named
         # after the tensors (Horovod's default), which differ between forms of a step.
-        tensors = [tf.convert_to_tensor(t) for t in tensors]
-        result: list[tf.Tensor | None] = [None] * len(tensors)
-        for dtype in dict.fromkeys(t.dtype for t in tensors):
-            indices = [i for i, t in enumerate(tensors) if t.dtype == dtype]
-            group = _never_constant([tensors[i] for i in indices])
-            sums = self._hvd.grouped_allreduce(
+        def grouped_sum(group: list[tf.Tensor]) -> list[tf.Tensor]:
+            group = _never_constant(group)
+            return self._hvd.grouped_allreduce(
                 group, op=self._hvd.Sum, ignore_name_scope=True,
                 name=f"HorovodGroupedAllreduce_distaccum_{name}_{_signature(group)}")
-            for i, total in zip(indices, sums):
-                result[i] = total
-        return result
+
+        return _per_dtype(tensors, grouped_sum)
 
     def max_all(self, value: tf.Tensor) -> tf.Tensor:
         return self._hvd.allreduce(value, op=self._hvd.Max, name="distaccum.max")
@@ -244,16 +253,14 @@ class HorovodBackend:
     def broadcast_from_chief(self, tensors: Sequence[tf.Tensor]) -> list[tf.Tensor]:
         # One broadcast per dtype of all values flattened together: start-up pays one collective,
         # not one per variable.
-        tensors = [tf.convert_to_tensor(t) for t in tensors]
-        result: list[tf.Tensor | None] = [None] * len(tensors)
-        for dtype in sorted({t.dtype for t in tensors}, key=lambda d: d.name):
-            indices = [i for i, t in enumerate(tensors) if t.dtype == dtype]
-            flat = tf.concat([tf.reshape(tensors[i], [-1]) for i in indices], axis=0)
-            flat = self._hvd.broadcast(flat, root_rank=0, name=f"distaccum.broadcast.{dtype.name}")
-            sizes = [int(tf.size(tensors[i])) for i in indices]
-            for i, piece in zip(indices, tf.split(flat, sizes)):
-                result[i] = tf.reshape(piece, tensors[i].shape)
-        return result
+        def broadcast(group: list[tf.Tensor]) -> list[tf.Tensor]:
+            flat = tf.concat([tf.reshape(t, [-1]) for t in group], axis=0)
+            flat = self._hvd.broadcast(flat, root_rank=0,
+                                       name=f"distaccum.broadcast.{group[0].dtype.name}")
+            pieces = tf.split(flat, [int(tf.size(t)) for t in group])
+            return [tf.reshape(piece, t.shape) for piece, t in zip(pieces, group)]
+
+        return _per_dtype(tensors, broadcast)
 
 
 class MPIBackend:
