@@ -204,6 +204,7 @@ class Trainer:
         self.allreduce_dtype = _check_allreduce_dtype(allreduce_dtype, self.backend)
         self._accumulator: GradientAccumulator | None = None
         self._stored_micro_steps = 0  # micro-batches of the current window in the sums
+        self._largest_micro_batch = tf.Variable(0, trainable=False)  # for loss scaling only
         # No AutoGraph: the steps have no data-dependent Python control flow, and errors about the
         # user's data (a weight shape, say) then reach them as they were raised, in one line.
         self._micro_step = tf.function(self._micro_step_body, autograph=False)
@@ -389,21 +390,31 @@ class Trainer:
             terms = self.objective.terms(y, y_pred, sample_weight, batch_size)
             # Unnormalised sums: dividing by their own divisors would make a mean of micro-batch
             # means. Under loss scaling, float16 gradients of a sum overflow where those of
-            # Keras's batch mean do not: differentiate sum / batch_size, multiply back in float32.
-            shrink = (tf.cast(tf.maximum(batch_size, 1), tf.float32)
-                      if precision.loss_scale(self.optimizer) is not None else None)
-            scaled = [self.optimizer.scale_loss(
-                term.numerator if shrink is None else term.numerator / shrink) for term in terms]
+            # Keras's batch mean do not: differentiate sum / (Keras's divisor, estimated) and
+            # multiply back in float32.
+            shrinks = [None] * len(terms)
+            if precision.loss_scale(self.optimizer) is not None:
+                shrinks = precision.large_batch_divisors(terms, batch_size,
+                                                         self._window_samples(batch_size))
+            scaled = [self.optimizer.scale_loss(term.numerator if shrink is None
+                                                else term.numerator / shrink)
+                      for term, shrink in zip(terms, shrinks)]
         if self.metrics is not None:
             self.metrics.update(y, y_pred, sample_weight)
-        gradients = [tape.gradient(value, variables) for value in scaled]
+        gradients = [[g if shrink is None else precision.times(g, shrink)
+                      for g in tape.gradient(value, variables)]
+                     for value, shrink in zip(scaled, shrinks)]
         del tape
-        if shrink is not None:
-            gradients = [[precision.times(g, shrink) for g in normaliser]
-                         for normaliser in gradients]
         self._accumulator_for([term.normaliser for term in terms])
         return MicroBatchSums(gradients, [t.numerator for t in terms],
                               [t.divisor for t in terms], batch_size)
+
+    def _window_samples(self, batch_size) -> tf.Tensor:
+        """Samples in a full window on every worker: k x num_workers x the largest micro-batch
+        this worker has trained on (the first of an epoch is full; a ragged tail is smaller)."""
+        largest = self._largest_micro_batch.assign(
+            tf.maximum(self._largest_micro_batch, tf.cast(batch_size, tf.int32)))
+        return largest * self.accumulation_steps * self.backend.num_workers()
 
     def _accumulator_for(self, normalisers: list[str]) -> GradientAccumulator:
         if self._accumulator is None:

@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 import distaccum
+import keras_models as cases
 import scenarios
 
 MSE = keras.losses.MeanSquaredError()
@@ -309,12 +310,6 @@ def test_fit_refuses_loss_that_reduces_to_one_number():
         _trainer(loss=lambda y, p: tf.reduce_mean((y - p) ** 2)).fit(dataset, epochs=1)
 
 
-# Unit round-off of the compute dtype. Keras's step and ours round the same values in another
-# order (micro-batch sums added in float32 vs one batch in the low-precision dtype): the
-# difference stays within a couple of round-off units of each weight's total update.
-ROUND_OFF = {"mixed_bfloat16": 2.0 ** -8, "mixed_float16": 2.0 ** -11}
-
-
 @pytest.fixture
 def mixed_policy(request):
     keras.mixed_precision.set_global_policy(request.param)
@@ -322,23 +317,36 @@ def mixed_policy(request):
     keras.mixed_precision.set_global_policy("float32")
 
 
-@pytest.mark.parametrize("mixed_policy", list(ROUND_OFF), indirect=True)
-def test_mixed_precision_matches_keras_step_within_dtype_round_off(mixed_policy):
-    import keras_models as cases
-
-    _, data, compile_options = cases.setup("regularized")
-    # No activity regularizer: Keras's own step fails on one under mixed_bfloat16.
-    model, reference = cases.regularized_model(activity=False), cases.regularized_model(activity=False)
-    before = [v.numpy() for v in model.trainable_variables]
-    trainer = distaccum.Trainer(model, cases.sgd(), accumulation_steps=cases.K, **compile_options)
+def _mixed_precision_runs(case: str, optimizer=None):
+    """distaccum and Keras's own step on a case under the global policy, and the float64
+    training they approximate; no update skipped by either."""
+    model, data, compile_options = cases.setup(case)
+    start = [v.numpy() for v in model.trainable_variables]
+    trainer = distaccum.Trainer(model, optimizer or cases.optimizer(case),
+                                accumulation_steps=cases.K, **compile_options)
     trainer.fit(cases.as_dataset(*data), epochs=cases.EPOCHS)
-    reference.compile(optimizer=cases.sgd(), **compile_options)
-    steps = cases.keras_reference(reference, [cases.micro_batches(*data)], cases.K, cases.EPOCHS)
-    if mixed_policy == "mixed_float16":
-        assert isinstance(trainer.optimizer, keras.optimizers.LossScaleOptimizer)
-        assert float(trainer.optimizer.dynamic_scale) == 2.0 ** 15  # no overflow, no skip
-    assert int(trainer.optimizer.iterations) == steps
-    for got, expected, start in zip(model.trainable_variables, reference.trainable_variables, before):
-        assert got.dtype == "float32"
-        update = np.max(np.abs(expected.numpy() - start))
-        assert np.max(np.abs(got.numpy() - expected.numpy())) <= 4 * ROUND_OFF[mixed_policy] * update
+    keras_step = cases.compiled(case)
+    micro_batches = [cases.micro_batches(*data)]
+    steps = cases.keras_reference(keras_step, micro_batches, cases.K, cases.EPOCHS)
+    assert int(trainer.optimizer.iterations) == int(keras_step.optimizer.iterations) == steps
+    return (model.trainable_variables, keras_step.trainable_variables,
+            cases.float64_training(case, start, micro_batches))
+
+
+@pytest.mark.parametrize("mixed_policy", ["mixed_float16", "mixed_bfloat16"], indirect=True)
+def test_mixed_precision_stays_within_round_off_of_float64_training(mixed_policy):
+    ours, keras_step, training = _mixed_precision_runs("mixed_precision")
+    assert all(v.dtype == "float32" for v in ours)
+    cases.assert_within_round_off(mixed_policy, ours, keras_step, training)
+
+
+@pytest.mark.parametrize("mixed_policy", ["mixed_float16"], indirect=True)
+def test_round_off_check_fails_when_mixed_float16_leaves_out_loss_scaling(mixed_policy):
+    ours, keras_step, training = _mixed_precision_runs("small_gradients")
+    cases.assert_within_round_off(mixed_policy, ours, keras_step, training)
+    # A scale of 1 is no loss scaling: float16 gradients of 2^-20 of the loss underflow.
+    unscaled = keras.optimizers.LossScaleOptimizer(cases.optimizer("small_gradients"),
+                                                   initial_scale=1.0)
+    ours, _, _ = _mixed_precision_runs("small_gradients", unscaled)
+    with pytest.raises(AssertionError, match="of the path from float64"):
+        cases.assert_within_round_off(mixed_policy, ours, keras_step, training)
