@@ -193,11 +193,13 @@ UNIT_ROUND_OFF = {"mixed_float16": 2.0 ** -11, "mixed_bfloat16": 2.0 ** -8}
 # - SGD with momentum β is linear in the gradients: step t is β·step(t-1) - lr·g(t), so
 #   Σ lr·‖g(t)‖ <= (1 + β)·path, and each gradient's error reaches the final weights with total
 #   weight at most 1 / (1 - β);
-# so ‖W - W64‖ <= R·u·(1 + β)/(1 - β)·path = 48·u·path for β = 0.5. Measured: at most 1.9·u on
-# 16 seeds (distaccum and Keras's own step alike), on AVX2 and with XLA kernels (docs/rounding.md).
+# so ‖W - W64‖ <= R·u·(1 + β)/(1 - β)·path = 48·u·path for β = 0.5. Measured: at most 6.1·u
+# (distaccum and Keras's own step alike; 16 seeds, TensorFlow's and XLA's kernels, docs/rounding.md).
 ROUND_OFF_BOUND = 16 * (1 + 0.5) / (1 - 0.5)
-# And no worse than this many times Keras's own step's distance under the same policy: the same
-# roundings in another order (micro-batch sums added in float32). Measured ratio: at most 1.3.
+# And no further than this many times Keras's own step under the same policy (or than one round-off
+# unit per unit of path, if Keras's step happens to land closer): the same roundings in another
+# order (micro-batch sums added in float32). Measured: Keras's step 0.45-1.8 units, the ratio at
+# most 1.43, over 16 seeds and under XLA's kernels (docs/rounding.md).
 KERAS_ERROR_MULTIPLE = 2.0
 
 
@@ -246,37 +248,13 @@ def float64_training(case: str, start, shards_micro_batches, skip=lambda x: Fals
 
 
 def assert_within_round_off(policy: str, ours, keras_step, training: Float64Training) -> None:
-    """distaccum's weights within the dtype's bound of the float64 training, and no worse than
-    `KERAS_ERROR_MULTIPLE` times Keras's own step under the same policy."""
+    """distaccum's weights within the dtype's bound of the float64 training, and no further from
+    it than `KERAS_ERROR_MULTIPLE` times Keras's own step under the same policy."""
+    unit = UNIT_ROUND_OFF[policy]
     distance, keras_distance = training.distance(ours), training.distance(keras_step)
-    bound = ROUND_OFF_BOUND * UNIT_ROUND_OFF[policy]
-    assert distance <= bound, f"{policy}: {distance:.3g} of the path from float64 > {bound:.3g}"
-    assert distance <= KERAS_ERROR_MULTIPLE * keras_distance, (
-        f"{policy}: {distance:.3g} of the path from float64, Keras's step {keras_distance:.3g}")
-
-
-def assert_same_weights(got: keras.Model, expected: keras.Model, rtol: float, atol: float) -> None:
-    for a, b in zip(got.trainable_variables, expected.trainable_variables):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=rtol, atol=atol, err_msg=a.path)
-
-
-VALIDATION_SHARD_SIZES = (10, 5)
-
-
-def binary_model(seed: int = 3) -> keras.Model:
-    """Logistic regression on 5 features (one logit)."""
-    keras.utils.set_random_seed(seed)
-    return keras.Sequential([keras.Input((5,)), keras.layers.Dense(1)])
-
-
-def binary_data(rank: int = 0, size: int = SAMPLES, split: str = "train"):
-    """Noisy labels of a linear rule, so that accuracy and AUC are neither 0 nor 1."""
-    rng = np.random.default_rng((41 if split == "train" else 51) + rank)
-    x = rng.normal(size=(size, 5)).astype("float32")
-    y = ((x @ np.array([1.0, -1.0, 0.5, 0.0, 0.2]) + rng.normal(scale=0.8, size=size)) > 0)
-    return x, y.astype("int32")[:, None], None
-
-
-def binary_compile_options() -> dict:
-    return {"loss": keras.losses.BinaryCrossentropy(from_logits=True),
-            "metrics": ["accuracy", keras.metrics.AUC(from_logits=True, name="auc")]}
+    assert distance <= ROUND_OFF_BOUND * unit, (
+        f"{policy}: {distance / unit:.3g} round-off units per unit of path from float64 "
+        f"> {ROUND_OFF_BOUND:.3g}")
+    assert distance <= KERAS_ERROR_MULTIPLE * max(keras_distance, unit), (
+        f"{policy}: {distance / unit:.3g} round-off units per unit of path from float64, Keras's "
+        f"step {keras_distance / unit:.3g}")

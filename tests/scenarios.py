@@ -95,3 +95,23 @@ def reference_training(
 
 def weights_of(model) -> list[np.ndarray]:
     return [v.numpy() for v in model.trainable_variables]
+
+
+def assert_weights_close(got, expected, rtol: float = 1e-5) -> None:
+    """Every weight of `got` (arrays or variables, tensor by tensor) within `rtol` of `expected`,
+    relative to the largest |weight| of the model.
+
+    Why not each element relative to itself: two float32 trainings that add the same terms in
+    another order (micro-batch sums, another CPU's kernels) differ by a few units of float32's
+    round-off of the terms, whose size is that of the model's weights and gradients, not of the
+    element, which may end near 0 (measured: a bias that moved to 6e-4 as a sum of residuals of
+    size 1 differed by 4e-8 under XLA's kernels). rtol=1e-5 is 168 round-off units of float32
+    (2^-24 each), above what any order adds in a test's few updates and far below what a wrong
+    sum, divisor or weight makes.
+    """
+    assert len(got) == len(expected), (len(got), len(expected))
+    expected = [np.asarray(b) for b in expected]
+    scale = max(float(np.max(np.abs(b))) for b in expected)
+    for a, b in zip(got, expected):
+        np.testing.assert_allclose(np.asarray(a), b, rtol=0, atol=rtol * scale,
+                                   err_msg=getattr(a, "path", ""))

@@ -14,6 +14,7 @@ Y_TRUE = np.array([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0]], "float32")
 Y_PRED = np.array([[0.2, 0.8], [0.6, 0.4], [0.3, 0.7]], "float32")
 
 
+@pytest.mark.rounding
 @pytest.mark.parametrize("reduction", ["sum_over_batch_size", "sum", "mean", None])
 @pytest.mark.parametrize(
     "loss_class",
@@ -26,6 +27,7 @@ def test_unreduced_loss_ignores_reduction_when_loss_object_reduces(loss_class, r
     np.testing.assert_allclose(got, expected, rtol=1e-6)
 
 
+@pytest.mark.rounding
 def test_unreduced_loss_casts_integer_labels_when_sparse_crossentropy():
     labels = np.array([1, 0, 0], "int64")
     loss = keras.losses.SparseCategoricalCrossentropy()
@@ -33,6 +35,7 @@ def test_unreduced_loss_casts_integer_labels_when_sparse_crossentropy():
     np.testing.assert_allclose(unreduced_loss(loss, labels, Y_PRED).numpy(), expected, rtol=1e-5)
 
 
+@pytest.mark.rounding
 def test_data_term_averages_extra_axes_when_weights_are_per_sample():
     y_true = np.ones((2, 3, 1), "float32")
     y_pred = np.arange(6, dtype="float32").reshape(2, 3, 1)
@@ -59,6 +62,7 @@ def test_mean_gradients_gives_zero_not_nan_when_weights_sum_to_zero():
     np.testing.assert_array_equal(result[0].numpy(), [0.0, 0.0])
 
 
+@pytest.mark.rounding
 def test_mean_gradients_divides_each_normaliser_by_its_own_sum():
     result = mean_gradients([[tf.constant([2.0])], [tf.constant([9.0])]],
                             [tf.constant(4.0), tf.constant(3.0)])

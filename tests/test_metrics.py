@@ -33,6 +33,7 @@ def expected():
     return {**train, **{f"val_{k}": v for k, v in validation.items()}}
 
 
+@pytest.mark.rounding
 @pytest.mark.parametrize("name", ["loss", "accuracy", "auc", "val_loss", "val_accuracy", "val_auc"])
 def test_logged_metric_counts_every_workers_samples_when_shards_are_uneven(
         keras_models_run, expected, name):

@@ -15,6 +15,7 @@ import tensorflow as tf
 
 import distaccum
 import keras_models as cases
+import scenarios
 from distaccum import objective
 
 K = 3
@@ -31,11 +32,17 @@ def _train(model, dataset, loss, **fit_options):
     return trainer
 
 
+def _assert_same_weights(model, reference) -> None:
+    scenarios.assert_weights_close(model.trainable_variables, reference.trainable_variables,
+                                   rtol=2e-5)
+
+
 def _oracle(model, data, loss, **train_options) -> int:
     model.compile(optimizer=_sgd(), loss=loss)
     return cases.keras_reference(model, [cases.micro_batches(*data)], K, EPOCHS, **train_options)
 
 
+@pytest.mark.rounding
 @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
 def test_regularizers_match_keras_step_when_accumulated(weighted):
     x, y, w = cases.regularized_data()
@@ -47,9 +54,10 @@ def test_regularizers_match_keras_step_when_accumulated(weighted):
     reference = cases.regularized_model()
     steps = _oracle(reference, (x, y, w), loss)
     assert int(trainer.optimizer.iterations) == steps == 4
-    cases.assert_same_weights(model, reference, rtol=2e-5, atol=1e-6)
+    _assert_same_weights(model, reference)
 
 
+@pytest.mark.rounding
 @pytest.mark.parametrize("accumulation_steps", [1, 6], ids=["k1", "k6"])
 def test_weight_regularizers_count_once_per_update_when_k_varies(accumulation_steps):
     # Sample weights 0 silence the data loss: the one update is -lr times R's gradient, once.
@@ -62,11 +70,12 @@ def test_weight_regularizers_count_once_per_update_when_k_varies(accumulation_st
     trainer = distaccum.Trainer(model, keras.optimizers.SGD(0.1), loss="mse",
                                 accumulation_steps=accumulation_steps)
     trainer.fit(cases.as_dataset(x[:12], y[:12], np.zeros(12, "float32")), update_steps=1)
-    for v, b, g in zip(model.trainable_variables, before, gradient):
-        step = 0.0 if g is None else 0.1 * g.numpy()
-        np.testing.assert_allclose(v.numpy(), b - step, rtol=1e-6, atol=1e-7)
+    scenarios.assert_weights_close(
+        model.trainable_variables,
+        [b if g is None else b - 0.1 * g.numpy() for b, g in zip(before, gradient)], rtol=1e-6)
 
 
+@pytest.mark.rounding
 def test_per_token_weights_match_keras_step_when_sequences_are_padded():
     data = cases.sequence_data()
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True,
@@ -75,9 +84,10 @@ def test_per_token_weights_match_keras_step_when_sequences_are_padded():
     _train(model, cases.as_dataset(*data), loss)
     reference = cases.sequence_model()
     _oracle(reference, data, loss)
-    cases.assert_same_weights(model, reference, rtol=2e-5, atol=1e-6)
+    _assert_same_weights(model, reference)
 
 
+@pytest.mark.rounding
 def test_keras_mask_matches_keras_step_when_embedding_masks_padding():
     x, y, _ = cases.sequence_data()
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -85,9 +95,10 @@ def test_keras_mask_matches_keras_step_when_embedding_masks_padding():
     _train(model, cases.as_dataset(x, y, None), loss)
     reference = cases.sequence_model(mask_zero=True)
     _oracle(reference, (x, y, None), loss)
-    cases.assert_same_weights(model, reference, rtol=2e-5, atol=1e-6)
+    _assert_same_weights(model, reference)
 
 
+@pytest.mark.rounding
 def test_per_token_loss_is_sum_over_window_tokens_not_mean_of_micro_batch_means():
     # One window: the reported loss equals sum(w * l) / sum(w) over every token of the window.
     x, y, mask = cases.sequence_data(size=10)
@@ -117,6 +128,7 @@ def test_weight_shape_that_cannot_broadcast_is_one_error_naming_both_shapes():
     assert "\n" not in str(raised.value)
 
 
+@pytest.mark.rounding
 def test_compiled_two_output_model_matches_keras_step_when_losses_are_a_dict():
     data = cases.two_output_data()
     model = cases.two_output_model()
@@ -129,9 +141,10 @@ def test_compiled_two_output_model_matches_keras_step_when_losses_are_a_dict():
     reference.compile(optimizer=_sgd(), loss=cases.TWO_OUTPUT_LOSSES,
                       loss_weights=cases.TWO_OUTPUT_LOSS_WEIGHTS)
     cases.keras_reference(reference, [cases.micro_batches(*data)], K, EPOCHS)
-    cases.assert_same_weights(model, reference, rtol=2e-5, atol=1e-6)
+    _assert_same_weights(model, reference)
 
 
+@pytest.mark.rounding
 def test_class_weight_matches_keras_step_when_given_to_fit():
     x, y, _ = cases.two_output_data()
     labels = y["label"]
@@ -147,7 +160,7 @@ def test_class_weight_matches_keras_step_when_given_to_fit():
     _train(model, cases.as_dataset(x, labels, None), loss, class_weight=class_weight)
     reference = make()
     _oracle(reference, (x, labels, None), loss, class_weight=class_weight)
-    cases.assert_same_weights(model, reference, rtol=2e-5, atol=1e-6)
+    _assert_same_weights(model, reference)
 
 
 @pytest.mark.parametrize(
@@ -196,6 +209,7 @@ def test_batch_normalization_is_named_in_a_warning_when_it_trains():
         frozen.fit(cases.as_dataset(x, y, None), epochs=1)
 
 
+@pytest.mark.rounding
 @pytest.mark.multiworker
 @pytest.mark.parametrize("case", cases.MULTIWORKER_CASES)
 def test_two_workers_match_keras_large_batch_step_when_shards_are_uneven(keras_models_run, case):
@@ -217,8 +231,7 @@ def test_two_workers_match_keras_large_batch_step_when_shards_are_uneven(keras_m
         np.testing.assert_array_equal(ranks[0][f"arr_{index}"], ranks[1][f"arr_{index}"])
     ours = [ranks[0][f"arr_{index}"] for index in range(len(expected))]
     if case != "mixed_float16_overflow":
-        for got, value in zip(ours, expected):  # round-off of float32 sums in another order
-            np.testing.assert_allclose(got, value, rtol=2e-5, atol=2e-6)
+        scenarios.assert_weights_close(ours, expected, rtol=2e-5)
         return
     # Window 1 of both epochs overflows on rank 1 only: skipped everywhere, scale halved twice.
     assert applied == steps - 2

@@ -38,6 +38,7 @@ def _scalars(events, tag: str) -> dict[int, float]:
     return {e.step: tensor_util.make_ndarray(e.tensor_proto).item() for e in events.Tensors(tag)}
 
 
+@pytest.mark.rounding
 def test_logged_loss_is_global_mean_over_all_workers_when_interval_is_one_epoch(frozen_run):
     logdir, events = frozen_run
     split = catalog.load_dataset("digits")
