@@ -204,7 +204,7 @@ class Trainer:
         self.allreduce_dtype = _check_allreduce_dtype(allreduce_dtype, self.backend)
         self._accumulator: GradientAccumulator | None = None
         self._stored_micro_steps = 0  # micro-batches of the current window in the sums
-        self._largest_micro_batch = tf.Variable(0, trainable=False)  # for loss scaling only
+        self._largest_micro_batch = tf.Variable(0.0, trainable=False)  # for loss scaling only
         # No AutoGraph: the steps have no data-dependent Python control flow, and errors about the
         # user's data (a weight shape, say) then reach them as they were raised, in one line.
         self._micro_step = tf.function(self._micro_step_body, autograph=False)
@@ -413,7 +413,7 @@ class Trainer:
         """Samples in a full window on every worker: k x num_workers x the largest micro-batch
         this worker has trained on (the first of an epoch is full; a ragged tail is smaller)."""
         largest = self._largest_micro_batch.assign(
-            tf.maximum(self._largest_micro_batch, tf.cast(batch_size, tf.int32)))
+            tf.maximum(self._largest_micro_batch, tf.cast(batch_size, tf.float32)))
         return largest * self.accumulation_steps * self.backend.num_workers()
 
     def _accumulator_for(self, normalisers: list[str]) -> GradientAccumulator:

@@ -258,3 +258,25 @@ def assert_within_round_off(policy: str, ours, keras_step, training: Float64Trai
     assert distance <= KERAS_ERROR_MULTIPLE * max(keras_distance, unit), (
         f"{policy}: {distance / unit:.3g} round-off units per unit of path from float64, Keras's "
         f"step {keras_distance / unit:.3g}")
+
+
+VALIDATION_SHARD_SIZES = (10, 5)
+
+
+def binary_model(seed: int = 3) -> keras.Model:
+    """Logistic regression on 5 features (one logit)."""
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([keras.Input((5,)), keras.layers.Dense(1)])
+
+
+def binary_data(rank: int = 0, size: int = SAMPLES, split: str = "train"):
+    """Noisy labels of a linear rule, so that accuracy and AUC are neither 0 nor 1."""
+    rng = np.random.default_rng((41 if split == "train" else 51) + rank)
+    x = rng.normal(size=(size, 5)).astype("float32")
+    y = ((x @ np.array([1.0, -1.0, 0.5, 0.0, 0.2]) + rng.normal(scale=0.8, size=size)) > 0)
+    return x, y.astype("int32")[:, None], None
+
+
+def binary_compile_options() -> dict:
+    return {"loss": keras.losses.BinaryCrossentropy(from_logits=True),
+            "metrics": ["accuracy", keras.metrics.AUC(from_logits=True, name="auc")]}

@@ -8,7 +8,6 @@ import csv
 import json
 
 import keras
-import numpy as np
 import pytest
 
 import distaccum
