@@ -21,6 +21,8 @@ _PUBLIC_NAMES = {
     "num_workers": "distaccum.comm",
     "is_chief": "distaccum.comm",
     "shard": "distaccum.data",
+    "micro_batches": "distaccum.data",
+    "MicroBatches": "distaccum.data",
     "Trainer": "distaccum.trainer",
     "UpdateResult": "distaccum.trainer",
     "InexactWarning": "distaccum.objective",

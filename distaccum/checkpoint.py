@@ -25,9 +25,9 @@ from distaccum.records import Position
 FORMAT_VERSION = 1
 _PREFIX = "update-"
 # Changing these between a run and its resume would silently change what the windows are.
-RESUME_MUST_MATCH = ("dataset", "dataset_args", "model", "model_args", "optimizer",
+RESUME_MUST_MATCH = ("dataset", "dataset_args", "parse", "model", "model_args", "optimizer",
                      "optimizer_args", "micro_batch_size", "accumulation_steps", "seed",
-                     "num_workers", "precision")
+                     "partitions", "shuffle_buffer", "num_workers", "precision")
 
 
 class CheckpointError(RuntimeError):

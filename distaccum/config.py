@@ -40,6 +40,18 @@ class TrainConfig:
         "(or a (train, validation) pair of them), or an .npz file (x, y[, sample_weight, x_val, "
         "y_val])", default="digits")
     dataset_args: dict = _help("keyword arguments for a dataset function", default_factory=dict)
+    parse: str | None = _help(
+        "with it, dataset (and validation_dataset) is a glob of TFRecord files (any path "
+        "tf.io.gfile reads) and this an import path package.module:function turning one "
+        "serialized record into (x, y[, sample_weight])", default=None)
+    validation_dataset: str | None = _help(
+        "validation data, as dataset takes it (default: what dataset comes with)", default=None)
+    shuffle_buffer: int = _help(
+        "samples shuffled at once, over all partitions (a worker holds at most "
+        "shuffle_buffer / num_workers)", default=8192)
+    partitions: int = _help(
+        "the data's fixed logical partitions: the sample order is the same for every "
+        "num_workers dividing it (and only those run)", default=48)
     model: str = _help(
         f"a bundled model ({', '.join(BUNDLED_MODELS)}), an import path package.module:factory "
         "returning a keras.Model (compiled or not), or a .keras file", default="digits_mlp")
@@ -99,12 +111,16 @@ class TrainConfig:
             _check_type(spec.name, value, hints[spec.name])
             if isinstance(value, int) and float in typing.get_args(hints[spec.name]) + (hints[spec.name],):
                 object.__setattr__(self, spec.name, float(value))  # YAML reads "0" as an int
-        for name, bundled, suffix in (("dataset", BUNDLED_DATASETS, ".npz"),
-                                      ("model", BUNDLED_MODELS, ".keras")):
-            value = getattr(self, name)
-            if value not in bundled and not value.endswith(suffix) and not is_import_path(value):
-                _fail(name, value, f"must be one of {', '.join(bundled)}, an import path "
-                      f"package.module:name or a {suffix} file")
+        if self.parse is None:
+            self._check_named("dataset", BUNDLED_DATASETS, ".npz")
+            if self.validation_dataset is not None:
+                self._check_named("validation_dataset", (), ".npz")
+        elif not is_import_path(self.parse):
+            _fail("parse", self.parse, "must be an import path package.module:function")
+        elif self.dataset in BUNDLED_DATASETS:
+            _fail("dataset", self.dataset, f"must be a glob of TFRecord files when parse is set "
+                  f"(parse={self.parse!r})")
+        self._check_named("model", BUNDLED_MODELS, ".keras")
         if self.metrics is not None and not all(isinstance(m, str) for m in self.metrics):
             _fail("metrics", self.metrics, "must be a list of names or import paths")
         for name, allowed in (
@@ -115,7 +131,7 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 _fail(name, getattr(self, name), f"must be one of {', '.join(allowed)}")
         for name in ("micro_batch_size", "accumulation_steps", "log_interval", "checkpoint_interval",
-                     "keep_checkpoints", "max_consecutive_skips"):
+                     "keep_checkpoints", "max_consecutive_skips", "shuffle_buffer", "partitions"):
             if getattr(self, name) < 1:
                 _fail(name, getattr(self, name), "must be >= 1")
         for name in ("epochs", "update_steps"):
@@ -134,6 +150,14 @@ class TrainConfig:
             _fail("clip_global_norm", self.clip_global_norm, "must be > 0")
         if not self.logdir:
             _fail("logdir", self.logdir, "must not be empty")
+
+    def _check_named(self, name: str, bundled: tuple, suffix: str) -> None:
+        value = getattr(self, name)
+        if value not in bundled and not value.endswith(suffix) and not is_import_path(value):
+            names = f"one of {', '.join(bundled)}, " if bundled else ""
+            _fail(name, value, f"must be {names}an import path package.module:name or a "
+                  f"{suffix} file" + (" (or, with parse, a glob of TFRecord files)"
+                                       if suffix == ".npz" else ""))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

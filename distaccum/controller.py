@@ -1,8 +1,8 @@
 """The Controller: cadence of training (epochs, windows, logging, checkpoints, stopping).
 
 Window `u` of an epoch is micro-batches `u*k … u*k+k-1` of every worker. Every worker runs the same
-number of windows per epoch (agreed once, see `data.agree_on_epoch_plan`); a worker that has run
-out contributes an empty window but still takes part in the update's collective. Each epoch ends
+number of windows per epoch (`data`'s `EpochSource.plan`); a worker that has run out contributes an
+empty window but still takes part in the update's collective. Each epoch ends
 with an update on its last, possibly partial, window: windows never straddle epochs.
 """
 
@@ -32,9 +32,9 @@ from distaccum.records import (
     weighted_totals,
 )
 
-# A dataset, or a function of the 1-based epoch returning that epoch's dataset (for shuffles
-# that must be reproducible on resume).
-EpochData = Union[tf.data.Dataset, Callable[[int], tf.data.Dataset]]
+# A dataset, a function of the 1-based epoch returning that epoch's dataset (for shuffles that
+# must be reproducible on resume), or `data.MicroBatches`.
+EpochData = Union[data.EpochData, data.MicroBatches]
 
 
 class StepRunner(Protocol):
@@ -120,15 +120,17 @@ def _advance(position: Position, windows: int, updates_per_epoch) -> Position:
     return Position(position.update_step + windows, position.epoch, done)
 
 
-def _raise_if_bad(record: UpdateRecord, own) -> None:
+def _raise_if_bad(record: UpdateRecord, own, origin: str = "") -> None:
     """`BadMicroBatch` on every worker when any reported one in this update (none applied it);
-    `own` is this worker's (micro-batch, error), if it was one of them."""
+    `own` is this worker's (micro-batch, error), if it was one of them, and `origin` where that
+    micro-batch was read from (a record file, say), if known."""
     reports = [int(n) for n in record.result.bad_micro_batches.numpy()]
     if not any(reports):
         return
     where = ", ".join(f"rank {rank}: micro-batch {n} of epoch {record.epoch}"
                       for rank, n in enumerate(reports) if n)
     why = f" (here: {type(own[1]).__name__}: {_own_words(own[1])})" if own else ""
+    why += f"; it holds {origin}" if own and origin else ""
     raise BadMicroBatch(f"{where} (counted from 1) cannot be trained on; every rank stopped at "
                         f"update step {record.update_step} without applying it{why}")
 
@@ -186,6 +188,7 @@ class Controller:
         self._interval_started = 0.0
         self._consecutive_skips = 0
         self._checkpointed_step: int | None = None
+        self._source: data.MicroBatches | data.DatasetEpochs | None = None  # what run reads
 
     def run(
         self,
@@ -203,10 +206,9 @@ class Controller:
             NonFiniteGradients: `max_consecutive_skips` updates in a row were not finite.
         """
         _check_duration(epochs, update_steps)
-        first = self._epoch_dataset(dataset, start.epoch)
-        data.check_micro_batch_spec(first)
-        self._trainer.prepare(first.element_spec)
-        plan = data.agree_on_epoch_plan(first, self._trainer.accumulation_steps)
+        source = self._source = data.as_epoch_source(dataset)
+        self._trainer.prepare(source.element_spec)
+        plan = source.plan(self._trainer.accumulation_steps)
         if epochs is not None and plan.updates_per_epoch == data.INFINITE:
             raise ValueError(
                 "the dataset repeats forever, so an epoch never ends: pass update_steps instead "
@@ -226,10 +228,8 @@ class Controller:
                 self._trainer.reset_metrics()
                 self._epoch_loss = [0.0, 0.0]
                 callbacks.on_epoch_begin(position.epoch - 1)
-                records, cancelled = self._run_epoch(
-                    self._epoch_dataset(dataset, position.epoch), plan, position, total, stop,
-                    history, callbacks,
-                )
+                records, cancelled = self._run_epoch(source, plan, position, total, stop,
+                                                     history, callbacks)
                 if records:  # as Keras's fit, an epoch stopped midway still ends (validation too)
                     self._end_epoch(position.epoch, records, validation_dataset, history, callbacks)
                 position = _advance(position, len(records), plan.updates_per_epoch)
@@ -246,17 +246,11 @@ class Controller:
             self._save_checkpoint(position)
             self._checkpointed_step = position.update_step
 
-    @staticmethod
-    def _epoch_dataset(dataset: EpochData, epoch: int) -> tf.data.Dataset:
-        if isinstance(dataset, tf.data.Dataset) or not callable(dataset):
-            return dataset  # anything but a Dataset or a function is refused by the spec check
-        return dataset(epoch)
-
-    def _run_epoch(self, dataset, plan, start: Position, total, stop, history, callbacks):
+    def _run_epoch(self, source, plan, start: Position, total, stop, history, callbacks):
         """The epoch's windows; `(records, cancelled)`, cancelled when a callback stopped it."""
         k = self._trainer.accumulation_steps
-        # Resuming mid-epoch: the same epoch's data, minus the windows already applied.
-        iterator = iter(dataset.skip(start.windows_done * k) if start.windows_done else dataset)
+        # Resuming mid-epoch: the same epoch's data, from the first window not yet applied.
+        iterator = iter(source.epoch(start.epoch, k, start.windows_done))
         # Finite even for a repeating dataset: then update_steps bounds the run.
         windows = int(min(plan.updates_per_epoch - start.windows_done, total - start.update_step))
         records = []
@@ -318,7 +312,9 @@ class Controller:
         micro_steps = 0 if bad else len(micro_batches) + (last is not None)
         record = UpdateRecord(step, start.epoch, micro_steps, result,
                               computed - started, time.perf_counter() - computed)
-        _raise_if_bad(record, bad)
+        origin = self._source.describe(start.epoch, self._trainer.accumulation_steps,
+                                       bad[0]) if bad else ""
+        _raise_if_bad(record, bad, origin)
         return record
 
     def _stored_micro_steps(self, micro_batches: list, first: int):
@@ -393,7 +389,8 @@ class Controller:
         loss_sum, weight_sum, samples = weighted_totals([r.result for r in records])
         logs = {"loss": weighted_mean(loss_sum, weight_sum), **self._trainer.metric_results()}
         if validation_dataset is not None:
-            logs.update({f"val_{k}": v for k, v in self._trainer.evaluate(validation_dataset).items()})
+            validation = data.evaluation_dataset(validation_dataset)
+            logs.update({f"val_{k}": v for k, v in self._trainer.evaluate(validation).items()})
         history.update_steps += len(records)
         history.samples += samples
         callbacks.on_epoch_end(epoch - 1, logs)

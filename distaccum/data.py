@@ -1,19 +1,28 @@
-"""Data: what a micro-batch is, sharding, and how workers agree on the number of updates.
+"""Data: what a micro-batch is, where a worker's micro-batches come from, and how the workers
+agree on the number of updates per epoch.
 
-Every worker brings its own `tf.data.Dataset` of micro-batches. Shards may differ in size, so the
-workers agree, once per `fit`, on the largest number of micro-batches any of them has; that fixes
-the number of update windows per epoch on every worker, and a worker that runs out early joins the
-remaining updates with an empty window instead of leaving the others waiting in a collective.
+Two kinds of data reach the training loop, both as `EpochSource`s:
+
+- `MicroBatches`: arrays or TFRecord files, in the order `order` defines. Each worker reads only
+  the samples it trains on, the updates per epoch follow by arithmetic, and a resumed epoch
+  starts at its next update without reading what came before.
+- `DatasetEpochs`: a `tf.data.Dataset` of micro-batches (or a function of the epoch returning
+  one) that the user shards. Shards may differ in size, so the workers agree, once, on the
+  largest number of micro-batches any of them has (one pass to count them when tf.data cannot
+  tell); a worker that runs out early joins the remaining updates with an empty window.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
+from typing import Callable, Union
 
+import numpy as np
 import tensorflow as tf
 
-from distaccum import comm
+from distaccum import comm, order, recordfiles
 
 INFINITE = math.inf
 
@@ -106,10 +115,235 @@ def agree_on_epoch_plan(dataset: tf.data.Dataset, accumulation_steps: int) -> Ep
     return EpochPlan(math.ceil(largest / accumulation_steps), local)
 
 
+# A dataset, or a function of the 1-based epoch returning that epoch's dataset (for shuffles
+# that must be reproducible on resume).
+EpochData = Union[tf.data.Dataset, Callable[[int], tf.data.Dataset]]
+# Samples read per step of an unshuffled (validation) pass.
+EVALUATION_WINDOW = 1024
+
+
+class DatasetEpochs:
+    """A user's own `tf.data.Dataset` of this worker's micro-batches, or a function of the epoch
+    returning one, as the training loop takes it."""
+
+    def __init__(self, dataset: EpochData) -> None:
+        self._dataset = dataset
+        self._plans: dict[int, EpochPlan] = {}
+        check_micro_batch_spec(self.epoch(1, 1))
+
+    @property
+    def element_spec(self):
+        return self.epoch(1, 1).element_spec
+
+    def plan(self, accumulation_steps: int) -> EpochPlan:
+        """The agreed plan (counted once, then kept)."""
+        if accumulation_steps not in self._plans:
+            self._plans[accumulation_steps] = agree_on_epoch_plan(self.epoch(1, 1),
+                                                                  accumulation_steps)
+        return self._plans[accumulation_steps]
+
+    def epoch(self, epoch: int, accumulation_steps: int, first_update: int = 0) -> tf.data.Dataset:
+        """The epoch's micro-batches from window `first_update` on (those before are skipped:
+        read, not trained on)."""
+        dataset = self._dataset
+        if callable(dataset) and not isinstance(dataset, tf.data.Dataset):
+            dataset = dataset(epoch)
+        return dataset.skip(first_update * accumulation_steps) if first_update else dataset
+
+    def describe(self, epoch: int, accumulation_steps: int, micro_batch: int) -> str:
+        return ""
+
+
+class MicroBatches:
+    """This worker's micro-batches of arrays or record files, in `order`'s order: each worker
+    reads only its share, and update u of an epoch trains on the same samples whatever the
+    number of workers, as long as `global_batch_size` is the same.
+
+    Build one with `distaccum.micro_batches`. Owns batching and reading windows of samples; not
+    the order (`order`) nor what a record is (`sources.ArraySamples`, `recordfiles`).
+    """
+
+    def __init__(self, samples, micro_batch_size: int, *, seed: int = 0,
+                 partitions: int = order.DEFAULT_PARTITIONS,
+                 shuffle_buffer: int = order.DEFAULT_SHUFFLE_BUFFER) -> None:
+        if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) \
+                or micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be an int >= 1. Received: "
+                             f"micro_batch_size={micro_batch_size!r}")
+        self.samples = samples
+        self.micro_batch_size = micro_batch_size
+        self.seed = seed
+        self.layout = order.Layout(tuple(samples.sizes), partitions, shuffle_buffer)
+        order.check_num_workers(comm.num_workers(), partitions)
+        self._orders: dict[tuple[int, int], order.EpochOrder] = {}
+        self._transforms: tuple = ()
+
+    def map(self, transform) -> "MicroBatches":
+        """A copy whose datasets of micro-batches go through `transform` (a function of one)."""
+        mapped = copy.copy(self)
+        mapped._transforms = self._transforms + (transform,)
+        return mapped
+
+    @property
+    def element_spec(self):
+        return self._batched(tf.data.Dataset.range(0), lambda index: np.empty(0, np.int64)
+                             ).element_spec
+
+    def global_batch_size(self, accumulation_steps: int) -> int:
+        return comm.num_workers() * accumulation_steps * self.micro_batch_size
+
+    def _order(self, epoch: int, accumulation_steps: int) -> order.EpochOrder:
+        key = (epoch, accumulation_steps)
+        if key not in self._orders:
+            self._orders = {key: order.EpochOrder(self.layout, self.seed, epoch,
+                                                  self.global_batch_size(accumulation_steps))}
+        return self._orders[key]
+
+    def plan(self, accumulation_steps: int) -> EpochPlan:
+        """By arithmetic: no pass over the data, no collective."""
+        epoch = self._order(1, accumulation_steps)
+        last = len(epoch.worker_update(epoch.updates - 1, comm.num_workers(), comm.rank()))
+        return EpochPlan(epoch.updates, (epoch.updates - 1) * accumulation_steps
+                         + math.ceil(last / self.micro_batch_size))
+
+    def epoch(self, epoch: int, accumulation_steps: int, first_update: int = 0) -> tf.data.Dataset:
+        """The epoch's micro-batches from update `first_update` on: the updates before it are
+        neither read nor parsed (at most one shuffle block per partition is read again)."""
+        epoch_order = order.EpochOrder(self.layout, self.seed, epoch,
+                                       self.global_batch_size(accumulation_steps))
+        workers, rank = comm.num_workers(), comm.rank()
+        updates = tf.data.Dataset.range(first_update, epoch_order.updates)
+        return self._batched(updates, lambda u: epoch_order.worker_update(u, workers, rank))
+
+    def evaluation(self) -> tf.data.Dataset:
+        """This worker's contiguous share, in order, in micro-batches (a validation pass)."""
+        share = order.contiguous_share(self.layout.num_samples, comm.num_workers(), comm.rank())
+        windows = tf.data.Dataset.range(math.ceil(len(share) / EVALUATION_WINDOW))
+        return self._batched(windows, lambda w: np.arange(
+            share.start + w * EVALUATION_WINDOW,
+            min(share.start + (w + 1) * EVALUATION_WINDOW, share.stop), dtype=np.int64))
+
+    def describe(self, epoch: int, accumulation_steps: int, micro_batch: int) -> str:
+        """Where micro-batch `micro_batch` (1-based) of this worker's epoch comes from."""
+        update, within = divmod(micro_batch - 1, accumulation_steps)
+        samples = self._order(epoch, accumulation_steps).worker_update(
+            update, comm.num_workers(), comm.rank())
+        m = self.micro_batch_size
+        return self.samples.describe(samples[within * m:(within + 1) * m])
+
+    def _batched(self, windows: tf.data.Dataset, samples_of) -> tf.data.Dataset:
+        """Windows (indices into `samples_of`) read in order, one Python call each (the reader
+        keeps a cache: calls are sequential), then parsed in parallel and cut into micro-batches
+        (a window holds whole micro-batches, but the epoch's last)."""
+        read = self.samples.reader()
+        signature = self.samples.window_signature
+
+        def read_window(index):
+            values = tf.numpy_function(lambda i: read(samples_of(int(i))), [index],
+                                       [spec.dtype for spec in signature], stateful=True)
+            return tuple(tf.ensure_shape(v, spec.shape) for v, spec in zip(values, signature))
+
+        samples = windows.map(read_window).prefetch(2).unbatch()
+        if self.samples.parse is not None:
+            samples = samples.map(self.samples.parse, num_parallel_calls=tf.data.AUTOTUNE)
+        batched = samples.batch(self.micro_batch_size)
+        for transform in self._transforms:
+            batched = transform(batched)
+        return batched.prefetch(tf.data.AUTOTUNE)
+
+
+class ArraySamples:
+    """Samples in arrays (rows), as `MicroBatches` reads them: a window of sample numbers is a
+    gather of rows, so no worker copies another's samples into its pipeline."""
+
+    parse = None
+
+    def __init__(self, arrays: tuple) -> None:
+        arrays = tuple(np.asarray(a) for a in arrays)
+        if len(arrays) not in (2, 3) or any(len(a) != len(arrays[0]) for a in arrays):
+            raise ValueError("arrays must be (x, y) or (x, y, sample_weight), with as many rows "
+                             f"each. Received: {[a.shape for a in arrays]}")
+        self.arrays = arrays
+        self.sizes = (len(arrays[0]),)
+        self.window_signature = tuple(tf.TensorSpec([None, *a.shape[1:]], tf.as_dtype(a.dtype))
+                                      for a in arrays)
+
+    def reader(self):
+        return lambda samples: tuple(a[samples] for a in self.arrays)
+
+    def describe(self, samples: np.ndarray) -> str:
+        return f"rows {', '.join(map(str, samples[:3].tolist()))}" + (
+            f" and {len(samples) - 3} more" if len(samples) > 3 else "")
+
+
+def micro_batches(data, micro_batch_size: int, *, parse=None, seed: int = 0,
+                  partitions: int = order.DEFAULT_PARTITIONS,
+                  shuffle_buffer: int = order.DEFAULT_SHUFFLE_BUFFER,
+                  index_file=None) -> MicroBatches:
+    """This worker's micro-batches of `data`, for `Trainer.fit` (training or validation data).
+
+    Args:
+        data: arrays `(x, y)` or `(x, y, sample_weight)`, or TFRecord files: a glob (any path
+            `tf.io.gfile` reads) whose records `parse` turns into samples.
+        micro_batch_size: samples per micro-batch on one worker.
+        parse: a function of one serialized record returning `(x, y)` or `(x, y, sample_weight)`
+            (record files only), as for `tf.data.Dataset.map`.
+        seed: with the epoch, seeds the order (`distaccum.order`): update u of an epoch trains on
+            the same samples for any number of workers with the same global batch size.
+        partitions: the order's fixed logical partitions; the number of workers must divide it.
+        shuffle_buffer: samples shuffled at once, over all partitions.
+        index_file: where to keep the record files' index (None: build it every time). Called on
+            every worker: the workers split the indexing.
+    """
+    if isinstance(data, str):
+        files = recordfiles.index(data, index_file)
+        samples = recordfiles.RecordSamples(files, parse)
+    else:
+        if parse is not None:
+            raise ValueError("parse is for record files; arrays are samples already. Received: "
+                             f"parse={parse!r}")
+        samples = ArraySamples(tuple(data))
+    return MicroBatches(samples, micro_batch_size, seed=seed, partitions=partitions,
+                        shuffle_buffer=shuffle_buffer)
+
+
+def as_epoch_source(data) -> "MicroBatches | DatasetEpochs":
+    """What the training loop reads: `MicroBatches` as they are, any other data as a
+    `DatasetEpochs` (its micro-batch spec checked)."""
+    return data if isinstance(data, (MicroBatches, DatasetEpochs)) else DatasetEpochs(data)
+
+
+def evaluation_dataset(data) -> tf.data.Dataset:
+    """A validation set as `Trainer.evaluate` reads it: this worker's micro-batches."""
+    return data.evaluation() if isinstance(data, MicroBatches) else data
+
+
+def shuffled_shards(samples: tf.data.Dataset, micro_batch_size: int, seed: int,
+                    shuffle_buffer: int) -> Callable[[int], tf.data.Dataset]:
+    """For a dataset of samples the user's function builds: per epoch, shuffled with a buffer
+    seeded by (seed, epoch), then this worker's share, batched. Every worker reads all of it
+    (a dataset cannot be split before it is read): record files avoid that."""
+    def for_epoch(epoch: int) -> tf.data.Dataset:
+        # Same seed on every worker: all shuffle identically, so `shard` splits disjointly.
+        shuffled = samples.shuffle(shuffle_buffer, seed=seed * 100_003 + epoch,
+                                   reshuffle_each_iteration=False)
+        return shard(shuffled).batch(micro_batch_size).prefetch(2)
+    return for_epoch
+
+
 def shard(dataset: tf.data.Dataset) -> tf.data.Dataset:
     """This worker's share: every `num_workers`-th element starting at `rank` (call before
     `.batch()` so shards split samples, not micro-batches)."""
     return dataset.shard(comm.num_workers(), comm.rank())
+
+
+def with_class_weight(data, class_weight):
+    """`data` (a dataset of micro-batches or `MicroBatches`) with Keras's `class_weight` applied
+    to every micro-batch."""
+    if isinstance(data, MicroBatches):
+        return data.map(lambda dataset: apply_class_weight(dataset, class_weight))
+    check_micro_batch_spec(data)
+    return apply_class_weight(data, class_weight)
 
 
 def apply_class_weight(dataset: tf.data.Dataset, class_weight) -> tf.data.Dataset:

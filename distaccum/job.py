@@ -1,8 +1,8 @@
 """The main job: a `TrainConfig` turned into a training run through the public API.
 
-Loads the data and model the config names (`sources`: bundled, import paths or files), shards
-the data across workers, trains with exact accumulation, writes TensorBoard logs and the trained
-model (chief only), and reports.
+Loads the data and model the config names (`sources`: bundled, import paths or files: each
+worker's micro-batches), trains with exact accumulation through `Trainer.fit`, writes TensorBoard
+logs, checkpoints and the trained model (chief only), and reports.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import tensorflow as tf
 from distaccum import comm, data, devices, sources
 from distaccum.checkpoint import CheckpointError, CheckpointManager
 from distaccum.config import ConfigError, TrainConfig
-from distaccum.controller import CadenceOptions, Controller
 from distaccum.progress import ProgressReporter, loss_first
 from distaccum.records import Position
 from distaccum.summaries import TensorBoardWriter
@@ -39,8 +38,8 @@ class JobResult:
 
 # Mini-batch SGD without momentum rarely trains well; `optimizer_args` can set another value.
 SGD_DEFAULTS = {"momentum": 0.9}
-# Samples held for shuffling: all of them up to this many (a seeded buffer either way).
-SHUFFLE_BUFFER = 65_536
+# Beside the checkpoints: the record files' index, so that a restart does not scan them again.
+RECORD_INDEX = "record-index.json"
 
 
 def build_optimizer(config: TrainConfig, model: keras.Model,
@@ -69,32 +68,12 @@ def build_optimizer(config: TrainConfig, model: keras.Model,
                           f" ({reason}). Received: optimizer={config.optimizer!r}") from None
 
 
-def worker_datasets(config: TrainConfig, samples: sources.Samples):
-    """This worker's micro-batches of the training set, as a function of the epoch, and its share
-    of the validation set (None without one).
-
-    Each epoch's shuffle is seeded by (seed, epoch), not by how many epochs this process has
-    iterated, so a resumed run sees exactly the order the interrupted one would have.
-    """
-    def train_for_epoch(epoch: int) -> tf.data.Dataset:
-        # Same seed on every worker: all shuffle identically, so `shard` splits disjointly.
-        shuffled = samples.train.shuffle(min(samples.train_size, SHUFFLE_BUFFER),
-                                         seed=config.seed * 100_003 + epoch,
-                                         reshuffle_each_iteration=False)
-        return data.shard(shuffled).batch(config.micro_batch_size).prefetch(2)
-
-    validation = samples.validation
-    if validation is not None:
-        validation = data.shard(validation).batch(config.micro_batch_size)
-    return train_for_epoch, validation
-
-
-def build_trainer(config: TrainConfig, samples: sources.Samples,
+def build_trainer(config: TrainConfig, job_data: sources.JobData,
                   total_update_steps: int) -> Trainer:
     """The configured model (built under the configured dtype policy), optimizer, loss and
     metrics."""
     keras.mixed_precision.set_global_policy(config.precision)
-    model = sources.load_model(config, samples)
+    model = sources.load_model(config, job_data)
     arguments = sources.compile_arguments(config, model)
     optimizer = build_optimizer(config, model, total_update_steps)
     try:
@@ -121,7 +100,7 @@ def prepare_logdir(logdir: str) -> Path:
 
 
 def describe_start(config: TrainConfig, updates_per_epoch, total: int, logdir: Path,
-                   start: Position, device_codes: list[int]) -> str:
+                   start: Position, device_codes: list[int], notes: tuple[str, ...]) -> str:
     workers = comm.num_workers()
     resumed = (f"distaccum: resuming after update step {start.update_step} (epoch {start.epoch})"
                if start.update_step else "distaccum: starting from scratch (no checkpoint)")
@@ -130,6 +109,7 @@ def describe_start(config: TrainConfig, updates_per_epoch, total: int, logdir: P
         f"accumulation_steps {config.accumulation_steps}, global_batch_size "
         f"{workers * config.accumulation_steps * config.micro_batch_size}",
         f"distaccum: {updates_per_epoch} updates per epoch, {total} update steps in all",
+        *notes,
         f"distaccum: training on {devices.describe(device_codes)} ({comm.current().name} "
         f"collectives, gradient sums in {config.allreduce_dtype})",
         f"distaccum: TensorBoard logs in {logdir}, trained model to {logdir / 'model.keras'}",
@@ -185,12 +165,14 @@ def run(config: TrainConfig, stream: TextIO | None = None) -> JobResult:
             manager.check_writable()
         except CheckpointError as error:
             raise ConfigError(f"logdir: {error}. Received: logdir={config.logdir!r}") from None
-    samples = sources.load_samples(config)
-    train_for_epoch, validation = worker_datasets(config, samples)
-    plan = data.agree_on_epoch_plan(train_for_epoch(1), config.accumulation_steps)
+    job_data = sources.load_data(config, logdir / RECORD_INDEX)
+    try:
+        plan = job_data.train.plan(config.accumulation_steps)
+    except ValueError as error:  # an empty dataset
+        raise ConfigError(f"dataset: {error}. Received: dataset={config.dataset!r}") from None
     total = config.update_steps or config.epochs * plan.updates_per_epoch
-    trainer = build_trainer(config, samples, total)
-    trainer.prepare(train_for_epoch(1).element_spec)
+    trainer = build_trainer(config, job_data, total)
+    trainer.prepare(job_data.train.element_spec)
     settings = _resume_settings(config)
     start = _resume(trainer, manager if chief else None, settings)
     device_codes = comm.gather_device_codes()
@@ -205,26 +187,22 @@ def run(config: TrainConfig, stream: TextIO | None = None) -> JobResult:
 
     callbacks = []
     if chief:
-        print(describe_start(config, plan.updates_per_epoch, total, logdir, start, device_codes),
-              file=stream, flush=True)
+        print(describe_start(config, plan.updates_per_epoch, total, logdir, start, device_codes,
+                             job_data.notes), file=stream, flush=True)
         writer = TensorBoardWriter(str(logdir), trainer.allreduce_per_update, start.update_step)
         writer.write_config(config.to_dict())
         callbacks = [ProgressReporter(total, stream), writer]
-    controller = Controller(
-        trainer,
-        callbacks=callbacks,
-        options=CadenceOptions(
-            log_interval=config.log_interval,
-            checkpoint_interval=config.checkpoint_interval,
-            max_consecutive_skips=config.max_consecutive_skips,
-        ),
-        save_checkpoint=save_checkpoint,
-    )
-    history = controller.run(
-        train_for_epoch,
+    history = trainer.fit(
+        job_data.train,
         epochs=config.epochs,
         update_steps=config.update_steps,
-        validation_dataset=validation,
+        validation_data=job_data.validation,
+        callbacks=callbacks,
+        log_interval=config.log_interval,
+        max_consecutive_skips=config.max_consecutive_skips,
+        collective_timeout=config.collective_timeout,
+        checkpoint_interval=config.checkpoint_interval,
+        save_checkpoint=save_checkpoint,
         start=start,
     )
     result = JobResult(
@@ -232,7 +210,8 @@ def run(config: TrainConfig, stream: TextIO | None = None) -> JobResult:
         samples_per_second=history.samples / history.seconds if history.update_steps else 0.0,
         # A run found already complete still reports its model's validation metrics.
         validation=(history.validation[-1] if history.validation
-                    else trainer.evaluate(validation) if validation is not None else {}),
+                    else trainer.evaluate(data.evaluation_dataset(job_data.validation))
+                    if job_data.validation is not None else {}),
         model_path=logdir / "model.keras",
         logdir=logdir,
     )

@@ -1,8 +1,8 @@
 """Where the job's model, data, loss, metrics and optimizer come from: what a config names.
 
 A config names each by what a user has: a bundled name (`catalog`), an import path
-`package.module:name` (found on `PYTHONPATH`, or under `--workdir`), or a file (`.keras` for a
-model, `.npz` for data). Every value is resolved here, on every worker, before any training, and
+`package.module:name` (found on `PYTHONPATH`, or under `--workdir`), or files (`.keras` for a
+model, `.npz` for data, a glob of TFRecord files with a `parse` function). Every value is resolved here, on every worker, before any training, and
 every bad one is a `ConfigError`: one line naming the key and the value.
 """
 
@@ -16,7 +16,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from distaccum import catalog
+from distaccum import catalog, comm, data, recordfiles
 from distaccum.trainer import compiled_arguments
 from distaccum.config import (BUNDLED_DATASETS, BUNDLED_MODELS, ConfigError, TrainConfig,
                               is_import_path)
@@ -29,13 +29,14 @@ NPZ_OPTIONAL = ("sample_weight", "x_val", "y_val")
 
 
 @dataclass(frozen=True)
-class Samples:
-    """A job's data, sample by sample (not yet shuffled, sharded or batched): elements are
-    `(x, y)` or `(x, y, sample_weight)`. `validation` may be None."""
+class JobData:
+    """A job's data as the training loop reads it: this worker's micro-batches of the training
+    set, its share of the validation set (None without one), and what the start-up block says
+    about them."""
 
-    train: tf.data.Dataset
-    validation: tf.data.Dataset | None
-    train_size: int
+    train: data.MicroBatches | data.DatasetEpochs
+    validation: data.MicroBatches | tf.data.Dataset | None
+    notes: tuple[str, ...] = ()
 
 
 def import_object(key: str, value: str):
@@ -66,80 +67,124 @@ def _call(key: str, value: str, function, arguments: dict):
                           f"Received: {key}={value!r}") from None
 
 
-def load_samples(config: TrainConfig) -> Samples:
-    """The training (and validation) samples the config's `dataset` names."""
-    value = config.dataset
-    if value in BUNDLED_DATASETS:
+def load_data(config: TrainConfig, index_file: Path | None = None) -> JobData:
+    """The training and validation data the config's `dataset` (and `validation_dataset`,
+    `parse`) name, as this worker's micro-batches. Record files are indexed (kept in
+    `index_file`); every other worker must call this too."""
+    train, validation, notes = _load("dataset", config.dataset, config, index_file)
+    if config.validation_dataset is not None:
+        validation, _, more = _load("validation_dataset", config.validation_dataset, config,
+                                    index_file, shuffled=False)
+        notes += more
+    return JobData(train, validation, tuple(notes))
+
+
+def _load(key: str, value: str, config: TrainConfig, index_file: Path | None,
+          shuffled: bool = True):
+    """(data, the validation data it came with or None, notes) for one config key: the
+    training data when `shuffled`, else a validation set."""
+    if config.parse is not None:
+        return _from_record_files(key, value, config, index_file)
+    if value in BUNDLED_DATASETS and key == "dataset":
         split = catalog.load_dataset(value)
-        return _from_arrays((split.x_train, split.y_train), (split.x_validation, split.y_validation))
-    if value.endswith(".npz"):
-        return _from_npz(value)
-    if is_import_path(value):
-        returned = _call("dataset", value, import_object("dataset", value), config.dataset_args)
-        train, validation = returned if isinstance(returned, tuple) else (returned, None)
-        for which, dataset in (("training", train), ("validation", validation)):
-            if dataset is not None:
-                _check_samples(value, which, dataset)
-        return Samples(train, validation, _count(train))
-    raise ConfigError(f"dataset: not a bundled dataset ({', '.join(BUNDLED_DATASETS)}), an "
-                      f"import path (package.module:function) or an .npz file. Received: "
-                      f"dataset={value!r}")
+        arrays = [(split.x_train, split.y_train), (split.x_validation, split.y_validation)]
+    elif value.endswith(".npz"):
+        arrays = _read_npz(key, value)
+    elif is_import_path(value):
+        return _from_function(key, value, config, shuffled)
+    else:
+        raise ConfigError(f"{key}: not a bundled dataset ({', '.join(BUNDLED_DATASETS)}), an "
+                          f"import path (package.module:function), an .npz file, or (with "
+                          f"parse:) a glob of TFRecord files. Received: {key}={value!r}")
+    batches = [None if a is None else _micro_batches(key, value, a, config) for a in arrays]
+    return batches[0], batches[1], []
 
 
-def _from_arrays(train: tuple, validation: tuple | None) -> Samples:
-    return Samples(tf.data.Dataset.from_tensor_slices(train),
-                   None if validation is None else tf.data.Dataset.from_tensor_slices(validation),
-                   len(train[0]))
+def _micro_batches(key: str, value: str, source, config: TrainConfig,
+                   index_file: Path | None = None, parse=None) -> data.MicroBatches:
+    """`data.micro_batches`, its errors as one line naming the config key at fault."""
+    try:
+        return data.micro_batches(source, config.micro_batch_size, parse=parse, seed=config.seed,
+                                  partitions=config.partitions,
+                                  shuffle_buffer=config.shuffle_buffer, index_file=index_file)
+    except recordfiles.RecordFileError as error:
+        raise ConfigError(f"{key}: {error}. Received: {key}={value!r}") from None
+    except ValueError as error:
+        message = str(error).splitlines()[0]
+        at_fault = ("parse" if message.startswith("parse") else
+                    "partitions" if message.startswith("num_workers") else key)
+        received = {"parse": config.parse, "partitions": config.partitions}.get(at_fault, value)
+        raise ConfigError(f"{at_fault}: {message}. Received: {at_fault}={received!r}") from None
 
 
-def _from_npz(value: str) -> Samples:
+def _from_record_files(key: str, value: str, config: TrainConfig, index_file: Path | None):
+    parse = import_object("parse", config.parse)
+    batches = _micro_batches(key, value, value, config, index_file, parse)
+    files = batches.samples.files
+    how = (f"indexed in {files.seconds:.1f} s ({files.scanned} scanned, the rest from the kept "
+           f"index)" if files.scanned else f"index kept from an earlier run ({files.seconds:.1f} s)")
+    note = (f"distaccum: {key}: {len(files.paths)} record files, {sum(files.sizes):,} records, "
+            f"{how}")
+    return batches, None, [note]
+
+
+def _from_function(key: str, value: str, config: TrainConfig, shuffled: bool):
+    returned = _call(key, value, import_object(key, value), config.dataset_args)
+    samples, validation = returned if isinstance(returned, tuple) else (returned, None)
+    for which, dataset in (("training", samples), ("validation", validation)):
+        if dataset is not None:
+            _check_samples(key, value, which, dataset)
+    if validation is not None:
+        validation = data.shard(validation).batch(config.micro_batch_size)
+    if not shuffled:
+        return data.shard(samples).batch(config.micro_batch_size), None, []
+    if int(samples.cardinality()) == tf.data.INFINITE_CARDINALITY:
+        raise ConfigError(f"{key}: the training data repeats forever; return one pass over it "
+                          f"(distaccum repeats it per epoch). Received: {key}={value!r}")
+    train = data.DatasetEpochs(data.shuffled_shards(samples, config.micro_batch_size,
+                                                    config.seed, config.shuffle_buffer))
+    note = (f"distaccum: {key}: a dataset function: every worker reads all of its data and keeps "
+            f"1/{comm.num_workers()}; TFRecord files (dataset: a glob, parse: a function) are "
+            "read 1/N per worker")
+    return train, validation, [note] if comm.num_workers() > 1 else []
+
+
+def _read_npz(key: str, value: str) -> list:
+    """[(x, y[, sample_weight]), (x_val, y_val) or None] from an .npz file."""
     try:
         with np.load(value) as arrays:
-            found = {key: arrays[key] for key in arrays.files}
+            found = {name: arrays[name] for name in arrays.files}
     except (OSError, ValueError) as error:
-        raise ConfigError(f"dataset: cannot read the .npz file ({error}). Received: "
-                          f"dataset={value!r}") from None
-    missing = [key for key in NPZ_REQUIRED if key not in found]
+        raise ConfigError(f"{key}: cannot read the .npz file ({error}). Received: "
+                          f"{key}={value!r}") from None
+    missing = [name for name in NPZ_REQUIRED if name not in found]
     if missing or ("x_val" in found) != ("y_val" in found):
-        raise ConfigError(f"dataset: an .npz dataset holds x and y (and optionally sample_weight, "
+        raise ConfigError(f"{key}: an .npz dataset holds x and y (and optionally sample_weight, "
                           f"x_val with y_val); missing {missing or ['x_val or y_val']}. "
-                          f"Received: dataset={value!r}")
+                          f"Received: {key}={value!r}")
     train = (found["x"], found["y"]) + ((found["sample_weight"],) if "sample_weight" in found
                                         else ())
     if any(len(array) != len(found["x"]) for array in train):
-        raise ConfigError(f"dataset: x, y and sample_weight must have as many rows. Received: "
-                          f"dataset={value!r} with {[len(a) for a in train]}")
-    validation = (found["x_val"], found["y_val"]) if "x_val" in found else None
-    return _from_arrays(train, validation)
+        raise ConfigError(f"{key}: x, y and sample_weight must have as many rows. Received: "
+                          f"{key}={value!r} with {[len(a) for a in train]}")
+    return [train, (found["x_val"], found["y_val"]) if "x_val" in found else None]
 
 
-def _check_samples(value: str, which: str, dataset) -> None:
+def _check_samples(key: str, value: str, which: str, dataset) -> None:
     spec = getattr(dataset, "element_spec", None)
     if not isinstance(dataset, tf.data.Dataset) or not isinstance(spec, tuple) or len(spec) not in (2, 3):
         received = spec if isinstance(dataset, tf.data.Dataset) else type(dataset).__name__
-        raise ConfigError(f"dataset: the {which} data must be a tf.data.Dataset of (x, y) or "
+        raise ConfigError(f"{key}: the {which} data must be a tf.data.Dataset of (x, y) or "
                           f"(x, y, sample_weight) samples, got {received}. Received: "
-                          f"dataset={value!r}")
+                          f"{key}={value!r}")
 
 
-def _count(dataset: tf.data.Dataset) -> int:
-    size = int(dataset.cardinality())
-    if size == tf.data.INFINITE_CARDINALITY:
-        raise ConfigError("dataset: the training data repeats forever; return one pass over it "
-                          "(distaccum repeats it per epoch). Received: an infinite dataset")
-    if size < 0:  # unknown: count once
-        size = int(dataset.reduce(np.int64(0), lambda count, _: count + 1))
-    if size == 0:
-        raise ConfigError("dataset: the training data is empty. Received: 0 samples")
-    return size
-
-
-def load_model(config: TrainConfig, samples: Samples) -> keras.Model:
+def load_model(config: TrainConfig, job_data: JobData) -> keras.Model:
     """The model the config's `model` names, built; compiled settings kept (.keras files and
     factories that compile)."""
     value = config.model
     if value in BUNDLED_MODELS:
-        features = tf.nest.flatten(samples.train.element_spec[0])[0].shape[-1]
+        features = tf.nest.flatten(job_data.train.element_spec[0])[0].shape[-1]
         return catalog.build_model(value, features, config.seed)
     if value.endswith(".keras"):
         if not Path(value).is_file():

@@ -26,6 +26,7 @@ from distaccum.accumulate import (
 )
 from distaccum.controller import CadenceOptions, Controller
 from distaccum.metrics import GlobalMetrics
+from distaccum.records import Position
 from distaccum.objective import (
     InexactWarning,
     Objective,
@@ -522,25 +523,32 @@ class Trainer:
 
     def fit(
         self,
-        dataset: tf.data.Dataset,
+        dataset,
         *,
         epochs: int | None = None,
         update_steps: int | None = None,
-        validation_data: tf.data.Dataset | None = None,
+        validation_data=None,
         callbacks: Sequence = (),
         class_weight: dict | None = None,
         log_interval: int = 10,
         max_consecutive_skips: int = 5,
         collective_timeout: float = comm.DEFAULT_COLLECTIVE_TIMEOUT,
+        checkpoint_interval: int | None = None,
+        save_checkpoint=None,
+        start: Position = Position(),
     ):
-        """Train on this worker's dataset of micro-batches.
+        """Train on this worker's micro-batches.
 
         Args:
-            dataset: this worker's micro-batches, `(x, y)` or `(x, y, sample_weight)`.
+            dataset: `distaccum.micro_batches(...)` (arrays or record files: each worker reads
+                its share, in an order no worker count changes), or this worker's own
+                `tf.data.Dataset` of micro-batches, `(x, y)` or `(x, y, sample_weight)` (or a
+                function of the 1-based epoch returning one).
             epochs: passes over the data; each ends with an update on its last, possibly partial,
                 window. Exactly one of `epochs` and `update_steps` is given.
             update_steps: total updates, for a dataset that repeats (or to stop mid-epoch).
-            validation_data: this worker's share of the validation set, evaluated every epoch.
+            validation_data: this worker's share of the validation set (a dataset of
+                micro-batches, or `distaccum.micro_batches(...)`), evaluated every epoch.
             callbacks: `keras.callbacks.Callback`s (EarlyStopping, ModelCheckpoint, ...; see
                 `distaccum.callbacks` for what they see and where they run).
             class_weight: `{class id: weight}`, as in Keras: multiplies each sample's weight.
@@ -551,18 +559,23 @@ class Trainer:
                 broadcast, validation's sum) may take before this worker stops with one line,
                 exit code 1: a vanished node then ends the job instead of hanging it. It must
                 exceed the longest wait for a slower worker.
+            checkpoint_interval: update steps between calls of `save_checkpoint`.
+            save_checkpoint: called with the `Position` on every worker at those steps, before
+                stopping on SIGTERM and at the end (see `Controller`).
+            start: where to resume (a checkpoint's `Position`): the epoch's updates before it are
+                not read again.
 
         Returns:
             A `History` (a `keras.callbacks.History`: per-epoch loss, metrics and `val_` values
             over all workers) with distaccum's counters.
         """
-        options = CadenceOptions(
-            log_interval=log_interval, max_consecutive_skips=max_consecutive_skips
-        )
+        options = CadenceOptions(log_interval=log_interval,
+                                 checkpoint_interval=checkpoint_interval,
+                                 max_consecutive_skips=max_consecutive_skips)
         comm.set_collective_timeout(collective_timeout)
         if class_weight is not None:
-            data.check_micro_batch_spec(dataset)
-            dataset = data.apply_class_weight(dataset, class_weight)
-        return Controller(self, callbacks=callbacks, options=options).run(
-            dataset, epochs=epochs, update_steps=update_steps, validation_dataset=validation_data
-        )
+            dataset = data.with_class_weight(dataset, class_weight)
+        controller = Controller(self, callbacks=callbacks, options=options,
+                                save_checkpoint=save_checkpoint)
+        return controller.run(dataset, epochs=epochs, update_steps=update_steps,
+                              validation_dataset=validation_data, start=start)
