@@ -22,7 +22,9 @@ def launcher_command(launcher: str, num_workers: int) -> list[str]:
     if launcher == "horovodrun":
         return [str(VENV_BIN / "horovodrun"), "--gloo", "-np", str(num_workers)]
     if launcher == "mpirun":
-        return [str(VENV_BIN / "mpirun"), "-np", str(num_workers)]
+        # More ranks than cores (4 on a 2-core machine) need Open MPI's leave to oversubscribe.
+        spare = [] if num_workers <= (os.cpu_count() or 1) else ["--map-by", ":OVERSUBSCRIBE"]
+        return [str(VENV_BIN / "mpirun"), *spare, "-np", str(num_workers)]
     if launcher == "python":
         return []
     raise ValueError(launcher)

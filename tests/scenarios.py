@@ -9,6 +9,7 @@ the weight sum), and apply it with the optimizer's own `apply_gradients`.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -47,6 +48,35 @@ def make_shard(rank: int, size: int, weighted: bool = True, seed: int = 3):
     y = (x @ np.arange(1, FEATURES + 1, dtype="float32")[:, None] / 5 + 0.1).astype("float32")
     w = rng.uniform(0.2, 2.0, size=(size,)).astype("float32") if weighted else None
     return x, y, w
+
+
+# A sample of the shared problem as a TFRecord `tf.train.Example`, with its number in file order.
+RECORD_FEATURES = {
+    "x": tf.io.FixedLenFeature([FEATURES], tf.float32),
+    "y": tf.io.FixedLenFeature([1], tf.float32),
+    "w": tf.io.FixedLenFeature([], tf.float32),
+    "id": tf.io.FixedLenFeature([], tf.int64),
+}
+
+
+def write_record_files(directory, sizes, seed: int = 3) -> tuple[str, tuple]:
+    """TFRecord files `part-<i>.tfrecord` of `sizes[i]` samples each; returns their glob and the
+    `(x, y, w)` arrays of all samples in file order (sample `id` = row)."""
+    x, y, w = make_shard(0, sum(sizes), seed=seed)
+    start = 0
+    for index, size in enumerate(sizes):
+        with tf.io.TFRecordWriter(str(Path(directory) / f"part-{index:03d}.tfrecord")) as writer:
+            for row in range(start, start + size):
+                feature = {
+                    "x": tf.train.Feature(float_list=tf.train.FloatList(value=x[row])),
+                    "y": tf.train.Feature(float_list=tf.train.FloatList(value=y[row])),
+                    "w": tf.train.Feature(float_list=tf.train.FloatList(value=[w[row]])),
+                    "id": tf.train.Feature(int64_list=tf.train.Int64List(value=[row])),
+                }
+                writer.write(tf.train.Example(features=tf.train.Features(feature=feature))
+                             .SerializeToString())
+        start += size
+    return str(Path(directory) / "part-*.tfrecord"), (x, y, w)
 
 
 def split_micro_batches(x, y, w, micro_batch_size: int = MICRO_BATCH_SIZE) -> list[tuple]:
