@@ -88,8 +88,11 @@ def worker_command(subcommand: str, *arguments, num_workers: int = 1,
     if num_workers == 1:
         return command
     if launcher == "mpirun":
-        return [str(PYTHON.parent / "mpirun"), "-np", str(num_workers), *MPIRUN_OVER_LOOPBACK,
-                *command]
+        # More workers than cores (4 on a 2-core machine) only when asked for: Open MPI refuses
+        # to oversubscribe by default.
+        oversubscribe = ["--oversubscribe"] if num_workers > len(os.sched_getaffinity(0)) else []
+        return [str(PYTHON.parent / "mpirun"), "-np", str(num_workers), *oversubscribe,
+                *MPIRUN_OVER_LOOPBACK, *command]
     return [str(PYTHON.parent / "horovodrun"), "--gloo", "-np", str(num_workers), *command]
 
 

@@ -11,7 +11,7 @@ results=$(mktemp -d)
 trap 'rm -rf "$results"' EXIT
 started=$(date +%s)
 figures=()
-for figure in communication slow_link overhead memory startup peer_systems; do
+for figure in communication slow_link overhead memory startup peer_systems data; do
   echo "[benchmarks] $figure ($(date +%H:%M:%S))" >&2
   "$py" "$repo_root/benchmarks/$figure.py" --json "$results/$figure.json"
   figures+=("$results/$figure.json")

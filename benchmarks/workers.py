@@ -14,10 +14,12 @@ import resource
 import time
 from pathlib import Path
 
+import keras
+import numpy as np
 import tensorflow as tf
 
 import distaccum
-from distaccum import comm
+from distaccum import comm, order, recordfiles
 import workload
 from common import (
     ALLREDUCE_EVERY_MICRO_BATCH, CHIEF_RESULT, DISTACCUM, DISTACCUM_BFLOAT16, LAUNCHED_AT_VARIABLE,
@@ -294,12 +296,129 @@ def startup(args) -> None:
     (args.out / f"rank{distaccum.rank()}.json").write_text(json.dumps({"seconds": seconds}))
 
 
+def record_files(args) -> None:
+    """Write the data figure's TFRecord files, `OUT/records-N` for each size N (one process,
+    before any measured run)."""
+    for samples in args.samples:
+        workload.write_record_files(args.out / f"records-{samples}", samples, args.files,
+                                    args.seed)
+
+
+class ParseProbe:
+    """Counts, inside `parse`, the records this worker parses, in all and per sample number.
+
+    Two `tf.Variable` updates per record, made in tf.data's parallel map: cheap, but the figure
+    times throughput in runs without the probe all the same.
+    """
+
+    def __init__(self, num_samples: int) -> None:
+        self.parsed = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.per_sample = tf.Variable(tf.zeros([num_samples], tf.int32), trainable=False)
+
+    def parse(self, record):
+        image, label, sample_id = workload.parse_example(record)
+        counted = [self.parsed.assign_add(1),
+                   self.per_sample.scatter_nd_add([[sample_id]], [1])]
+        with tf.control_dependencies(counted):
+            return tf.identity(image), tf.identity(label)
+
+    def snapshot(self) -> tuple[int, np.ndarray]:
+        return int(self.parsed.numpy()), self.per_sample.numpy()
+
+
+class RecordsRead:
+    """Counts the records this worker's distaccum reader takes from the files (whole chunks of
+    `order.CHUNK_RECORDS`: a sample read is not yet a sample parsed), by wrapping the module's
+    chunk splitter; distaccum's own files are not touched."""
+
+    def __init__(self) -> None:
+        self.records = 0
+        split = recordfiles._split_records
+
+        def counting_split(*arguments):
+            records = split(*arguments)
+            self.records += len(records)
+            return records
+
+        recordfiles._split_records = counting_split
+
+
+class EpochClock(keras.callbacks.Callback):
+    """Per epoch: seconds from its start to its last update (so the input pipeline's start-up
+    counts, but not deleting its iterator after the epoch), and what the probes counted."""
+
+    def __init__(self, probe: ParseProbe | None, reads: RecordsRead | None) -> None:
+        super().__init__()
+        self.probe, self.reads = probe, reads
+        self.epochs: list[dict] = []
+        self._started = self._last_update = 0.0
+        self._at_start = None
+
+    def _counts(self):
+        return (self.probe.snapshot() if self.probe else (0, None),
+                self.reads.records if self.reads else 0)
+
+    def on_epoch_begin(self, epoch, logs=None) -> None:
+        self._at_start = self._counts()
+        self._started = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None) -> None:
+        self._last_update = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None) -> None:
+        (parsed, per_sample), read = self._counts()
+        (parsed_before, per_sample_before), read_before = self._at_start
+        entry = {"seconds": self._last_update - self._started, "loss": float(logs["loss"])}
+        if self.probe:
+            times = per_sample - per_sample_before
+            entry.update(parsed=parsed - parsed_before,
+                         samples=np.repeat(np.arange(len(times)), times).tolist())
+        if self.reads:
+            entry["read"] = read - read_before
+        self.epochs.append(entry)
+
+
+def data(args) -> None:
+    """Train the small conv net on the record files for `--epochs` epochs, through distaccum's
+    `micro_batches` or the hand-written tf.data pipeline; time, count and weigh this worker."""
+    distaccum.init()
+    workers, rank = distaccum.num_workers(), distaccum.rank()
+    manifest = json.loads((args.records / workload.RECORDS_MANIFEST).read_text())
+    probe = ParseProbe(manifest["samples"]) if args.count else None
+    parse = probe.parse if probe else workload.parse_record
+    reads = RecordsRead() if args.count and args.pipeline == "distaccum" else None
+    started = time.perf_counter()
+    if args.pipeline == "distaccum":
+        micro_batches = distaccum.micro_batches(
+            str(args.records / "*.tfrecord"), MICRO_BATCH_SIZE, parse=parse,
+            index_file=args.records / "index.json")
+    else:
+        micro_batches = workload.expert_micro_batches(
+            args.records, manifest, workers, rank, parse,
+            shuffle_buffer=order.DEFAULT_SHUFFLE_BUFFER // workers)
+    data_seconds = time.perf_counter() - started
+    trainer = distaccum.Trainer(workload.small_conv_model(), workload.make_optimizer(),
+                                loss=workload.classification_loss(),
+                                accumulation_steps=args.accumulation_steps)
+    clock = EpochClock(probe, reads)
+    before_training = peak_rss_mb()
+    history = trainer.fit(micro_batches, epochs=args.epochs, callbacks=[clock],
+                          log_interval=10**9)
+    (args.out / f"rank{rank}.json").write_text(json.dumps({
+        "rank": rank, "num_workers": workers, "pipeline": args.pipeline,
+        "num_samples": manifest["samples"], "data_seconds": data_seconds,
+        "history_samples": history.samples, "history_seconds": history.seconds,
+        "epochs": clock.epochs, "peak_mb": peak_rss_mb(), "before_training_mb": before_training,
+    }))
+
+
 def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     figures = {}
     for name, run in (("communication", communication), ("slow-link", slow_link),
-                      ("overhead", overhead), ("memory", memory), ("startup", startup)):
+                      ("overhead", overhead), ("memory", memory), ("startup", startup),
+                      ("record-files", record_files), ("data", data)):
         figures[name] = commands.add_parser(name, help=run.__doc__.splitlines()[0])
         figures[name].add_argument("--out", type=Path, required=True, help="output directory")
         figures[name].set_defaults(run=run)
@@ -317,6 +436,17 @@ def parse_arguments() -> argparse.Namespace:
     for option in ("--micro-batch", "--accumulation-steps", "--conv-layers", "--conv-filters"):
         figures["memory"].add_argument(option, type=positive_int, required=True)
     figures["startup"].add_argument("--accumulation-steps", type=positive_int, required=True)
+    figures["record-files"].add_argument("--samples", type=positive_int, nargs="+",
+                                         required=True, help="one set of files per size")
+    figures["record-files"].add_argument("--files", type=positive_int, required=True)
+    figures["record-files"].add_argument("--seed", type=int, default=0)
+    figures["data"].add_argument("--pipeline", choices=("distaccum", "expert"), required=True)
+    figures["data"].add_argument("--records", type=Path, required=True,
+                                 help="the directory record-files wrote")
+    for option in ("--epochs", "--accumulation-steps"):
+        figures["data"].add_argument(option, type=positive_int, required=True)
+    figures["data"].add_argument("--count", action="store_true",
+                                 help="count records parsed and read (slows parsing a little)")
     return parser.parse_args()
 
 

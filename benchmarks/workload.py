@@ -5,6 +5,10 @@ Imports TensorFlow, so only the measured processes (`workers.py`) use it.
 
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -15,6 +19,14 @@ from distaccum import catalog, comm
 from common import MICRO_BATCH_SIZE
 
 IMAGE_SHAPE = (64, 64, 3)
+# The data figure's record files: 32×32×3 uint8 images, 10 classes.
+RECORD_IMAGE_SHAPE = (32, 32, 3)
+RECORDS_MANIFEST = "records.json"  # beside the files: their names and records each
+RECORD_FEATURES = {
+    "image": tf.io.FixedLenFeature([], tf.string),
+    "label": tf.io.FixedLenFeature([], tf.int64),
+    "id": tf.io.FixedLenFeature([], tf.int64),
+}
 
 
 def configure_threads() -> None:
@@ -163,3 +175,88 @@ class AllreduceEveryMicroBatch:
         self._optimizer.apply([total / accumulation_steps for total in self._sums], self._variables)
         for total in self._sums:
             total.assign(tf.zeros_like(total))
+
+
+def record_file_sizes(samples: int, files: int, seed: int) -> list[int]:
+    """Records per file: `samples` in all, each file within about ±10 % of the mean, so that
+    sharding whole files leaves the workers slightly uneven shares, as real files do."""
+    weights = np.random.default_rng(seed).uniform(0.9, 1.1, files)
+    bounds = np.round(np.cumsum(weights) / weights.sum() * samples).astype(np.int64)
+    return np.diff(np.concatenate([[0], bounds])).tolist()
+
+
+def write_record_files(directory: Path, samples: int, files: int, seed: int) -> dict:
+    """TFRecord files of `tf.train.Example`s (an image's raw bytes, a label, the sample's number
+    0…samples−1 in file order), and a manifest naming them with their record counts."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    names, sizes, sample_id = [], record_file_sizes(samples, files, seed), 0
+    for number, size in enumerate(sizes):
+        names.append(f"part-{number:05d}-of-{files:05d}.tfrecord")
+        images = rng.integers(0, 256, size=(size, *RECORD_IMAGE_SHAPE), dtype=np.uint8)
+        labels = rng.integers(0, catalog.NUM_CLASSES, size=size)
+        with tf.io.TFRecordWriter(str(directory / names[-1])) as writer:
+            for image, label in zip(images, labels):
+                writer.write(tf.train.Example(features=tf.train.Features(feature={
+                    "image": tf.train.Feature(bytes_list=tf.train.BytesList(
+                        value=[image.tobytes()])),
+                    "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
+                    "id": tf.train.Feature(int64_list=tf.train.Int64List(value=[sample_id])),
+                })).SerializeToString())
+                sample_id += 1
+    manifest = {"files": names, "records": sizes, "samples": samples, "seed": seed}
+    (directory / RECORDS_MANIFEST).write_text(json.dumps(manifest))
+    return manifest
+
+
+def parse_example(record: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """(image as float32 in [0, 1], label, sample number) of one serialized record."""
+    example = tf.io.parse_single_example(record, RECORD_FEATURES)
+    image = tf.reshape(tf.io.decode_raw(example["image"], tf.uint8), RECORD_IMAGE_SHAPE)
+    return (tf.cast(image, tf.float32) / 255.0, tf.cast(example["label"], tf.int32),
+            example["id"])
+
+
+def parse_record(record: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """The `parse` both pipelines run: a serialized record to (image, label)."""
+    image, label, _ = parse_example(record)
+    return image, label
+
+
+def small_conv_model(seed: int = 0) -> keras.Model:
+    """The data figure's model, the same for every pipeline: two 3×3 convolutions with max
+    pooling and a dense layer on 32×32×3 images (≈ 16 k parameters)."""
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([
+        keras.Input(RECORD_IMAGE_SHAPE),
+        keras.layers.Conv2D(16, 3, activation="relu"), keras.layers.MaxPooling2D(),
+        keras.layers.Conv2D(32, 3, activation="relu"), keras.layers.MaxPooling2D(),
+        keras.layers.Flatten(), keras.layers.Dense(catalog.NUM_CLASSES),
+    ])
+
+
+# The hand-written pipeline's parallel reads: files read at once by `interleave`.
+EXPERT_CYCLE_LENGTH = 8
+
+
+def expert_micro_batches(directory: Path, manifest: dict, num_workers: int, rank: int,
+                         parse, shuffle_buffer: int, seed: int = 0) -> tf.data.Dataset:
+    """This worker's micro-batches the way an expert writes the pipeline by hand: the files
+    sharded per worker before any shuffle, then the shard's files in a fresh order each epoch,
+    `interleave` of `TFRecordDataset`s, a shuffle buffer of serialized records, a parallel
+    `map(parse)`, `batch`, `prefetch`.
+
+    The shard's size is known from the manifest (`assert_cardinality`), as an expert who wrote
+    the files knows it, so `fit` need not count it by a pass over the data.
+    """
+    files = tf.data.Dataset.list_files(str(directory / "*.tfrecord"), shuffle=False)
+    shard = files.shard(num_workers, rank)
+    shard_records = sum(manifest["records"][rank::num_workers])
+    records = shard.shuffle(len(manifest["files"]), seed=seed).interleave(
+        tf.data.TFRecordDataset, cycle_length=EXPERT_CYCLE_LENGTH,
+        num_parallel_calls=tf.data.AUTOTUNE)
+    samples = records.shuffle(shuffle_buffer, seed=seed + rank).map(
+        parse, num_parallel_calls=tf.data.AUTOTUNE)
+    micro_batches = samples.batch(MICRO_BATCH_SIZE).prefetch(tf.data.AUTOTUNE)
+    return micro_batches.apply(tf.data.experimental.assert_cardinality(
+        math.ceil(shard_records / MICRO_BATCH_SIZE)))

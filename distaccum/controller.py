@@ -389,8 +389,7 @@ class Controller:
         loss_sum, weight_sum, samples = weighted_totals([r.result for r in records])
         logs = {"loss": weighted_mean(loss_sum, weight_sum), **self._trainer.metric_results()}
         if validation_dataset is not None:
-            validation = data.evaluation_dataset(validation_dataset)
-            logs.update({f"val_{k}": v for k, v in self._trainer.evaluate(validation).items()})
+            logs.update({f"val_{k}": v for k, v in self._trainer.evaluate(validation_dataset).items()})
         history.update_steps += len(records)
         history.samples += samples
         callbacks.on_epoch_end(epoch - 1, logs)

@@ -16,7 +16,7 @@ from typing import TextIO
 import keras
 import tensorflow as tf
 
-from distaccum import comm, data, devices, sources
+from distaccum import comm, devices, sources
 from distaccum.checkpoint import CheckpointError, CheckpointManager
 from distaccum.config import ConfigError, TrainConfig
 from distaccum.progress import ProgressReporter, loss_first
@@ -210,7 +210,7 @@ def run(config: TrainConfig, stream: TextIO | None = None) -> JobResult:
         samples_per_second=history.samples / history.seconds if history.update_steps else 0.0,
         # A run found already complete still reports its model's validation metrics.
         validation=(history.validation[-1] if history.validation
-                    else trainer.evaluate(data.evaluation_dataset(job_data.validation))
+                    else trainer.evaluate(job_data.validation)
                     if job_data.validation is not None else {}),
         model_path=logdir / "model.keras",
         logdir=logdir,

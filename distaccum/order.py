@@ -95,7 +95,7 @@ def check_num_workers(num_workers: int, partitions: int) -> None:
             f"num_workers {num_workers} does not divide partitions {partitions} (the data's fixed "
             f"logical partitions, which keep the order the same for any worker count): run on a "
             f"divisor of {partitions}, or set partitions to a multiple of {num_workers} for the "
-            f"whole run. Received: num_workers={num_workers}")
+            f"whole run. Received: num_workers={num_workers}, partitions={partitions}")
 
 
 class EpochOrder:

@@ -113,8 +113,10 @@ def _micro_batches(key: str, value: str, source, config: TrainConfig,
         message = str(error).splitlines()[0]
         at_fault = ("parse" if message.startswith("parse") else
                     "partitions" if message.startswith("num_workers") else key)
-        received = {"parse": config.parse, "partitions": config.partitions}.get(at_fault, value)
-        raise ConfigError(f"{at_fault}: {message}. Received: {at_fault}={received!r}") from None
+        if "Received:" not in message:
+            received = {"parse": config.parse}.get(at_fault, value)
+            message += f". Received: {at_fault}={received!r}"
+        raise ConfigError(f"{at_fault}: {message}") from None
 
 
 def _from_record_files(key: str, value: str, config: TrainConfig, index_file: Path | None):

@@ -493,11 +493,14 @@ class Trainer:
         if self.metrics is not None:
             self.metrics.reset()
 
-    def evaluate(self, dataset: tf.data.Dataset) -> dict[str, float]:
+    def evaluate(self, dataset) -> dict[str, float]:
         """The loss over every worker's `dataset` (as Keras's on all of it), and the metrics.
 
-        Every worker must call it (the totals are summed across workers in one collective).
+        `dataset` is this worker's micro-batches: a `tf.data.Dataset`, or `micro_batches(...)`
+        (each worker its contiguous share, in order). Every worker must call it (the totals are
+        summed across workers in one collective).
         """
+        dataset = data.evaluation_dataset(dataset)
         data.check_micro_batch_spec(dataset)
         step = self._evaluation_step.get_concrete_function(*data.unpack(dataset.element_spec))
         totals = tf.zeros(step.structured_outputs.shape)

@@ -72,6 +72,23 @@ def test_startup_smoke_times_launch_to_first_update(tmp_path):
     assert bar["label"] == "1 worker" and 0 < bar["median"] < 120
 
 
+@pytest.mark.multiworker
+def test_data_smoke_counts_each_workers_share_and_times_both_pipelines(tmp_path):
+    figure = run_benchmark(tmp_path, "data", "--repeats", "1")
+    # Smoke: 256 samples on 2 workers, 2 epochs; parse counts are exact at any size.
+    for epoch in figure["counts"]["2"]:
+        assert epoch["parsed"] == [1.0, 1.0]
+        assert epoch["exactly_once"] == epoch["num_samples"] == 256
+        assert all(read >= 1.0 for read in epoch["read"])  # whole chunks, at least the share
+    throughput, memory = figure["plots"]
+    assert [bar["label"] for bar in throughput["bars"]] == ["distaccum micro_batches",
+                                                            "hand-written tf.data"]
+    assert all(bar["median"] > 0 for bar in throughput["bars"])
+    # TensorFlow alone holds hundreds of MB: a smaller peak would mean a wrong unit.
+    assert len(memory["bars"]) == 3 and all(bar["median"] > 100 for bar in memory["bars"])
+    assert [check["passed"] for check in figure["checks"]] == [None] * 4
+
+
 def _table_rows(table: str) -> dict[str, list[str]]:
     """A markdown table's body rows by their first cell."""
     rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in table.splitlines()

@@ -3,14 +3,17 @@ example project in examples/my_project), .keras and .npz files; every bad value 
 
 from __future__ import annotations
 
+import re
 import sys
 
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from conftest import REPO_ROOT
 from distaccum import cli
+from test_recordfiles import RECORD_FEATURES, write_records
 
 EXAMPLE = REPO_ROOT / "examples" / "my_project"
 SHORT_RUN = ["--set", "epochs=null", "--set", "update_steps=3", "--set", "log_interval=1"]
@@ -109,3 +112,109 @@ def test_workdir_that_is_not_a_directory_exits_2(train, tmp_path):
     code, _, err = train("--workdir", str(tmp_path / "absent"))
     assert code == cli.EXIT_BAD_INPUT
     assert err.strip() == f"distaccum: error: --workdir: not a directory. Received: --workdir={str(tmp_path / 'absent')!r}"
+
+
+# --- TFRecord files: `dataset:` a glob, `parse:` an import path ----------------------------------
+
+# 101 training samples: 7 updates of 16 per epoch at micro_batch_size 8, accumulation_steps 2.
+RECORD_RUN = ["--set", "parse=test_recordfiles:parse", "--set", "micro_batch_size=8",
+              "--set", "accumulation_steps=2", "--set", "log_interval=3"]
+
+
+@pytest.fixture
+def record_files(tmp_path) -> dict[str, str]:
+    """Globs of TFRecord training and validation files (test_recordfiles.write_records)."""
+    return {"train": write_records(tmp_path / "train", sizes=(70, 0, 30, 1)).pattern,
+            "validation": write_records(tmp_path / "validation", sizes=(20, 5), seed=1).pattern}
+
+
+def parse_raising(record):
+    raise ValueError("this parse always fails")
+
+
+def parse_missing_feature(record):
+    """Fails on the record, not when traced: the files hold no feature `z`."""
+    features = tf.io.parse_single_example(record, {"z": tf.io.FixedLenFeature([], tf.float32)})
+    return features["z"], features["z"]
+
+
+def parse_single_tensor(record):
+    return tf.io.parse_single_example(record, RECORD_FEATURES)["x"]
+
+
+def test_record_files_train_then_resume_with_the_kept_index_when_run_again(train, record_files):
+    arguments = ["--set", f"dataset={record_files['train']}",
+                 "--set", f"validation_dataset={record_files['validation']}", *RECORD_RUN]
+    code, out, err = train(*arguments, "--set", "epochs=1")
+    assert code == 0, err
+    assert re.search(r"^distaccum: dataset: 4 record files, 101 records, indexed in [\d.]+ s "
+                     r"\(4 scanned", out, re.M), out
+    assert "distaccum: validation_dataset: 2 record files, 25 records, indexed in" in out, out
+    assert "distaccum: done: 7 update steps" in out and "validation accuracy" in out, out
+    code, out, err = train(*arguments, "--set", "epochs=2")
+    assert code == 0, err
+    assert "distaccum: dataset: 4 record files, 101 records, index kept from an earlier run" in out
+    assert ("distaccum: validation_dataset: 2 record files, 25 records, index kept from an "
+            "earlier run") in out, out
+    assert "resuming after update step 7 (epoch 2)" in out and "done: 14 update steps" in out, out
+
+
+def _write(path, content: bytes) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    return str(path)
+
+
+# Bugs in distaccum/ (reported; a fixed one makes its xfail fail, so the mark goes):
+CHECK_PARSE_LAST_LINE = pytest.mark.xfail(strict=True, reason=(
+    "recordfiles.check_parse keeps the last line of TensorFlow's message: the failing node, "
+    "not the reason"))
+RECEIVED_TWICE = pytest.mark.xfail(strict=True, reason=(
+    "check_parse's message ends in 'Received: 5', then sources adds 'Received: parse=...'"))
+NO_RECORDS = pytest.mark.xfail(strict=True, reason=(
+    "check_parse raises StopIteration when every file is empty: exit 1, 'StopIteration: '"))
+
+
+@pytest.mark.parametrize(
+    "key, value, fragments",
+    [
+        ("dataset", "{tmp}/absent/*.tfrecord", ["dataset: the pattern matches no file."]),
+        ("validation_dataset", "{tmp}/absent/*",
+         ["validation_dataset: the pattern matches no file."]),
+        ("dataset", "{text}", ["dataset: not a TFRecord file (a record at byte 0 runs past the "
+                               "end): {text}."]),
+        ("dataset", "{zeros}", ["dataset: not a TFRecord file (", "): {zeros}."]),
+        pytest.param("dataset", "{empty}", ["dataset: ", "no "], marks=NO_RECORDS),
+        ("parse", "nosuchpackage.records:parse",
+         ["parse: module 'nosuchpackage.records' does not import"]),
+        ("parse", "test_recordfiles:missing", ["parse: module 'test_recordfiles' has no 'missing'"]),
+        pytest.param("parse", "test_recordfiles:FEATURES", ["parse: ", "function"],
+                     marks=RECEIVED_TWICE),
+        ("parse", "test_sources:parse_raising",
+         ["parse: parse fails on the first record of {first} (", "this parse always fails)."]),
+        pytest.param("parse", "test_sources:parse_missing_feature",
+                     ["parse: parse fails on the first record of {first} (", "Feature: z"],
+                     marks=CHECK_PARSE_LAST_LINE),
+        ("parse", "test_sources:parse_single_tensor",
+         ["parse: parse fails on the first record of {first} (it returned TensorSpec(shape=(5,)",
+          "not (x, y) or (x, y, sample_weight))."]),
+    ],
+    ids=["no_match", "validation_no_match", "text_file", "zero_bytes", "only_empty_files",
+         "parse_does_not_import", "parse_name_missing", "parse_not_callable", "parse_raises",
+         "parse_fails_on_the_record", "parse_single_tensor"],
+)
+def test_bad_record_files_or_parse_exit_2_with_one_line_before_training(
+        train, record_files, tmp_path, key, value, fragments):
+    first = tmp_path / "train" / "part-0.tfrecord"
+    places = {"tmp": tmp_path, "first": first,
+              "text": _write(tmp_path / "text" / "notes.txt", b"not a record file\n"),
+              "zeros": _write(tmp_path / "zeros" / "part-0.tfrecord", bytes(32)),
+              "empty": _write(tmp_path / "empty" / "part-0.tfrecord", b"")}
+    value = value.format(**places)
+    code, out, err = train("--set", f"dataset={record_files['train']}", *RECORD_RUN,
+                           "--set", "epochs=1", "--set", f"{key}={value}")
+    assert code == cli.EXIT_BAD_INPUT, err
+    assert err.count("\n") == 1 and err.startswith("distaccum: error: "), err
+    assert all(fragment.format(**places) in err for fragment in fragments), err
+    assert err.count("Received:") == 1 and err.endswith(f". Received: {key}={value!r}\n"), err
+    assert out == ""  # not started: the start-up block comes after the data is checked
