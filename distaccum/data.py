@@ -231,11 +231,18 @@ class MicroBatches:
         m = self.micro_batch_size
         return self.samples.describe(samples[within * m:(within + 1) * m])
 
+    def _cached_chunks(self) -> int:
+        """Chunks a reader keeps: the current shuffle block of every partition this worker reads
+        spans at most ceil(block / chunk) + 1 chunks; one more each for a block's turn. Bounded
+        by the shuffle buffer, not by the data."""
+        partitions = self.layout.partitions // comm.num_workers()
+        return partitions * (math.ceil(self.layout.block_size / order.CHUNK_RECORDS) + 2)
+
     def _batched(self, windows: tf.data.Dataset, samples_of) -> tf.data.Dataset:
         """Windows (indices into `samples_of`) read in order, one Python call each (the reader
         keeps a cache: calls are sequential), then parsed in parallel and cut into micro-batches
         (a window holds whole micro-batches, but the epoch's last)."""
-        read = self.samples.reader()
+        read = self.samples.reader(self._cached_chunks())
         signature = self.samples.window_signature
 
         def read_window(index):
@@ -268,7 +275,7 @@ class ArraySamples:
         self.window_signature = tuple(tf.TensorSpec([None, *a.shape[1:]], tf.as_dtype(a.dtype))
                                       for a in arrays)
 
-    def reader(self):
+    def reader(self, cached_chunks: int = 0):
         return lambda samples: tuple(a[samples] for a in self.arrays)
 
     def describe(self, samples: np.ndarray) -> str:

@@ -30,8 +30,8 @@ from distaccum.order import CHUNK_RECORDS
 
 _HEADER = 12  # length (8) + its checksum (4)
 _FOOTER = 4  # the data's checksum
-# Chunks kept in memory by a reader: enough for a few blocks of every partition a worker reads.
-CHUNK_CACHE = 512
+# Chunks a reader keeps when not told: a pass in order (validation) needs one at a time.
+CHUNK_CACHE = 4
 
 
 class RecordFileError(ValueError):
@@ -180,13 +180,14 @@ def index(pattern: str, index_file: Path | None = None) -> RecordFiles:
 class RecordReader:
     """Reads records by sample number (samples numbered in file order), a chunk at a time.
 
-    Owns open files and a cache of the last `CHUNK_CACHE` chunks read, so that the samples of a
-    shuffle block, scattered over a few chunks, cost one read per chunk. One reader per input
-    pipeline: not thread-safe.
+    Owns open files and a cache of the last `cached_chunks` chunks read, so that the samples of
+    the shuffle blocks being read, scattered over a few chunks each, cost one read per chunk. One
+    reader per input pipeline: not thread-safe.
     """
 
-    def __init__(self, files: RecordFiles) -> None:
+    def __init__(self, files: RecordFiles, cached_chunks: int = CHUNK_CACHE) -> None:
         self._files = files
+        self._capacity = cached_chunks
         self._file_start = np.concatenate([[0], np.cumsum(files.sizes)])
         self._chunks: OrderedDict[tuple[int, int], list[bytes]] = OrderedDict()
         self._handles: OrderedDict[int, object] = OrderedDict()
@@ -223,7 +224,7 @@ class RecordReader:
                              f"indexed ({len(records)} in chunk {chunk}, {expected} indexed)")
         self.chunks_read += 1
         self._chunks[key] = records
-        if len(self._chunks) > CHUNK_CACHE:
+        if len(self._chunks) > self._capacity:
             self._chunks.popitem(last=False)
         return records
 
@@ -265,8 +266,8 @@ class RecordSamples:
         self.sizes = files.sizes
         check_parse(files, parse)
 
-    def reader(self):
-        reader = RecordReader(self.files)
+    def reader(self, cached_chunks: int = CHUNK_CACHE):
+        reader = RecordReader(self.files, cached_chunks)
         return lambda samples: (reader.read(samples),)
 
     def describe(self, samples: np.ndarray) -> str:
