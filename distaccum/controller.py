@@ -33,8 +33,8 @@ from distaccum.records import (
 )
 
 # A dataset, a function of the 1-based epoch returning that epoch's dataset (for shuffles that
-# must be reproducible on resume), or `data.MicroBatches`.
-EpochData = Union[data.EpochData, data.MicroBatches]
+# must be reproducible on resume), or `micro_batches(...)` (any `data.EpochSource`).
+EpochData = Union[data.EpochData, data.EpochSource]
 
 
 class StepRunner(Protocol):
@@ -188,7 +188,7 @@ class Controller:
         self._interval_started = 0.0
         self._consecutive_skips = 0
         self._checkpointed_step: int | None = None
-        self._source: data.MicroBatches | data.DatasetEpochs | None = None  # what run reads
+        self._source: data.EpochSource | None = None  # what run reads
 
     def run(
         self,

@@ -254,7 +254,7 @@ def _split_records(data: bytes, path: str, start: int) -> list[bytes]:
 
 
 class RecordSamples:
-    """Samples from record files, as `data.MicroBatches` reads them: a window of sample numbers
+    """Samples from record files, as `microbatches.MicroBatches` reads them: a window of sample numbers
     becomes serialized records here, and samples in `parse` (the user's function, run by tf.data
     in parallel)."""
 

@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from distaccum import catalog, comm, data, recordfiles
+from distaccum.microbatches import MicroBatches, micro_batches
 from distaccum.trainer import compiled_arguments
 from distaccum.config import (BUNDLED_DATASETS, BUNDLED_MODELS, ConfigError, TrainConfig,
                               is_import_path)
@@ -34,8 +35,8 @@ class JobData:
     set, its share of the validation set (None without one), and what the start-up block says
     about them."""
 
-    train: data.MicroBatches | data.DatasetEpochs
-    validation: data.MicroBatches | tf.data.Dataset | None
+    train: MicroBatches | data.DatasetEpochs
+    validation: MicroBatches | tf.data.Dataset | None
     notes: tuple[str, ...] = ()
 
 
@@ -101,12 +102,12 @@ def _load(key: str, value: str, config: TrainConfig, index_file: Path | None,
 
 
 def _micro_batches(key: str, value: str, source, config: TrainConfig,
-                   index_file: Path | None = None, parse=None) -> data.MicroBatches:
-    """`data.micro_batches`, its errors as one line naming the config key at fault."""
+                   index_file: Path | None = None, parse=None) -> MicroBatches:
+    """`micro_batches`, its errors as one line naming the config key at fault."""
     try:
-        return data.micro_batches(source, config.micro_batch_size, parse=parse, seed=config.seed,
-                                  partitions=config.partitions,
-                                  shuffle_buffer=config.shuffle_buffer, index_file=index_file)
+        return micro_batches(source, config.micro_batch_size, parse=parse, seed=config.seed,
+                             partitions=config.partitions, shuffle_buffer=config.shuffle_buffer,
+                             index_file=index_file)
     except recordfiles.RecordFileError as error:
         raise ConfigError(f"{key}: {error}. Received: {key}={value!r}") from None
     except ValueError as error:
@@ -123,8 +124,10 @@ def _from_record_files(key: str, value: str, config: TrainConfig, index_file: Pa
     parse = import_object("parse", config.parse)
     batches = _micro_batches(key, value, value, config, index_file, parse)
     files = batches.samples.files
-    how = (f"indexed in {files.seconds:.1f} s ({files.scanned} scanned, the rest from the kept "
-           f"index)" if files.scanned else f"index kept from an earlier run ({files.seconds:.1f} s)")
+    kept = len(files.paths) - files.scanned
+    how = (f"index kept from an earlier run ({files.seconds:.1f} s)" if not files.scanned else
+           f"indexed in {files.seconds:.1f} s" + (f" ({kept} files from the kept index)" if kept
+                                                  else ""))
     note = (f"distaccum: {key}: {len(files.paths)} record files, {sum(files.sizes):,} records, "
             f"{how}")
     return batches, None, [note]
