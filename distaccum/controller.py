@@ -9,7 +9,6 @@ with an update on its last, possibly partial, window: windows never straddle epo
 from __future__ import annotations
 
 import math
-import re
 import signal
 import threading
 import time
@@ -29,6 +28,7 @@ from distaccum.records import (
     TrainingInterrupted,
     UpdateRecord,
     weighted_mean,
+    one_line,
     weighted_totals,
 )
 
@@ -129,22 +129,10 @@ def _raise_if_bad(record: UpdateRecord, own, origin: str = "") -> None:
         return
     where = ", ".join(f"rank {rank}: micro-batch {n} of epoch {record.epoch}"
                       for rank, n in enumerate(reports) if n)
-    why = f" (here: {type(own[1]).__name__}: {_own_words(own[1])})" if own else ""
+    why = f" (here: {type(own[1]).__name__}: {one_line(own[1])})" if own else ""
     why += f"; it holds {origin}" if own and origin else ""
     raise BadMicroBatch(f"{where} (counted from 1) cannot be trained on; every rank stopped at "
                         f"update step {record.update_step} without applying it{why}")
-
-
-def _own_words(error: Exception) -> str:
-    """An error's message in one line, without what TensorFlow wraps around it: the op that
-    raised it (`{{node ...}}`, `[Op:...]`) and, for an error inside a compiled step, the
-    "Graph execution error:" header and the traceback of where it was detected (the message
-    itself comes last)."""
-    text = re.sub(r"\[\[\{\{[^}]*\}\}\]\]|\{\{[^}]*\}\}|\[Op:[^\]]*\]", "", str(error))
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if lines and lines[0] == "Graph execution error:":
-        return lines[-1]
-    return lines[0] if lines else ""
 
 
 def _check_duration(epochs, update_steps) -> None:

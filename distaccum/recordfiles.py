@@ -27,6 +27,7 @@ import tensorflow as tf
 
 from distaccum import comm
 from distaccum.order import CHUNK_RECORDS
+from distaccum.records import one_line
 
 _HEADER = 12  # length (8) + its checksum (4)
 _FOOTER = 4  # the data's checksum
@@ -36,6 +37,10 @@ CHUNK_CACHE = 4
 
 class RecordFileError(ValueError):
     """A path that matches no file, or a file that is not TFRecord (one line naming it)."""
+
+
+class ParseError(ValueError):
+    """The `parse` function is not one, raises, or returns something else than a sample."""
 
 
 @dataclass(frozen=True)
@@ -261,6 +266,8 @@ class RecordSamples:
     window_signature = (tf.TensorSpec([None], tf.string),)
 
     def __init__(self, files: RecordFiles, parse) -> None:
+        if not any(files.sizes):
+            raise RecordFileError("the files hold no records")
         self.files = files
         self.parse = parse
         self.sizes = files.sizes
@@ -271,10 +278,25 @@ class RecordSamples:
         return lambda samples: (reader.read(samples),)
 
     def describe(self, samples: np.ndarray) -> str:
+        """The records of a micro-batch that failed: those `parse` fails on alone (each parsed
+        again, on this error path only), else the micro-batch's first few."""
         reader = RecordReader(self.files)
-        places = [reader.where(int(s)) for s in samples[:3]]
+        failing = [s for s, record in zip(samples.tolist(), reader.read(samples))
+                   if _parse_fails(self.parse, record)]
+        shown = failing or samples[:3].tolist()
+        places = ", ".join("{}#{}".format(*reader.where(int(s))) for s in shown)
+        if failing:
+            return f"record{'s' if len(failing) > 1 else ''} {places}, which parse fails on"
         more = f" and {len(samples) - 3} more" if len(samples) > 3 else ""
-        return "records " + ", ".join(f"{path}#{record}" for path, record in places) + more
+        return f"records {places}{more}"
+
+
+def _parse_fails(parse, record: bytes) -> bool:
+    try:
+        next(iter(tf.data.Dataset.from_tensors(record).map(parse)))
+        return False
+    except Exception:  # noqa: BLE001 - whatever the user's function raises on this record
+        return True
 
 
 def check_parse(files: RecordFiles, parse) -> None:
@@ -282,10 +304,10 @@ def check_parse(files: RecordFiles, parse) -> None:
     than `(x, y)` or `(x, y, sample_weight)` stops the job before training.
 
     Raises:
-        ValueError: naming what `parse` did (one line).
+        ParseError: naming what `parse` did (one line).
     """
     if not callable(parse):
-        raise ValueError(f"parse must be a function of one serialized record. Received: {parse!r}")
+        raise ParseError(f"not a function of one serialized record: a {type(parse).__name__}")
     first = next(i for i, size in enumerate(files.sizes) if size)
     record = RecordReader(RecordFiles(files.paths[first:first + 1], files.sizes[first:first + 1],
                                       files.offsets[first:first + 1], 0.0, 0)).read(np.zeros(1, np.int64))
@@ -296,7 +318,7 @@ def check_parse(files: RecordFiles, parse) -> None:
             raise ValueError(f"it returned {spec}, not (x, y) or (x, y, sample_weight)")
         next(iter(parsed))
     except Exception as error:  # noqa: BLE001 - whatever the user's function raises, one line
-        message = error.message if isinstance(error, tf.errors.OpError) else str(error)
-        reason = message.strip().splitlines()[-1] if message.strip() else type(error).__name__
-        raise ValueError(f"parse fails on the first record of {files.paths[first]} ({reason})"
-                         ) from None
+        reason = one_line(error)
+        if not reason.startswith(f"{type(error).__name__}:"):  # a traced error's last line has it
+            reason = f"{type(error).__name__}: {reason}"
+        raise ParseError(f"fails on the first record of {files.paths[first]} ({reason})") from None

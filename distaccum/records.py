@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -138,3 +139,20 @@ def weighted_totals(results: Sequence) -> tuple[float, float, int]:
 
 def weighted_mean(loss_sum: float, weight_sum: float) -> float:
     return loss_sum / weight_sum if weight_sum else 0.0
+
+
+def one_line(error: Exception) -> str:
+    """An error's message in one line, without what TensorFlow wraps around it: the op that
+    raised it (`{{node ...}}`, `[Op:...]`) and, for an error inside a compiled step or raised
+    while tracing one, the "Graph execution error:" or "in user code:" header and the traceback
+    of where it was detected (the message itself comes last). TensorFlow quotes a record's raw bytes in some messages and then fails
+    to decode its own text (`UnicodeDecodeError`): the text is read with the bytes replaced."""
+    if isinstance(error, UnicodeDecodeError) and isinstance(error.object, bytes):
+        text = error.object.decode("utf-8", "replace")
+    else:
+        text = str(error)
+    text = re.sub(r"\[\[\{\{[^}]*\}\}\]\]|\{\{[^}]*\}\}|\[Op:[^\]]*\]", "", text)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if lines and lines[0] in ("Graph execution error:", "in user code:"):  # then a traceback
+        return lines[-1][:300]
+    return lines[0][:300] if lines else type(error).__name__

@@ -110,13 +110,11 @@ def _micro_batches(key: str, value: str, source, config: TrainConfig,
                              index_file=index_file)
     except recordfiles.RecordFileError as error:
         raise ConfigError(f"{key}: {error}. Received: {key}={value!r}") from None
-    except ValueError as error:
+    except recordfiles.ParseError as error:
+        raise ConfigError(f"parse: {error}. Received: parse={config.parse!r}") from None
+    except ValueError as error:  # the worker count does not divide partitions, say
         message = str(error).splitlines()[0]
-        at_fault = ("parse" if message.startswith("parse") else
-                    "partitions" if message.startswith("num_workers") else key)
-        if "Received:" not in message:
-            received = {"parse": config.parse}.get(at_fault, value)
-            message += f". Received: {at_fault}={received!r}"
+        at_fault = "partitions" if message.startswith("num_workers") else key
         raise ConfigError(f"{at_fault}: {message}") from None
 
 

@@ -9,6 +9,7 @@ the weight sum), and apply it with the optimizer's own `apply_gradients`.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
@@ -50,33 +51,59 @@ def make_shard(rank: int, size: int, weighted: bool = True, seed: int = 3):
     return x, y, w
 
 
-# A sample of the shared problem as a TFRecord `tf.train.Example`, with its number in file order.
-RECORD_FEATURES = {
-    "x": tf.io.FixedLenFeature([FEATURES], tf.float32),
-    "y": tf.io.FixedLenFeature([1], tf.float32),
-    "w": tf.io.FixedLenFeature([], tf.float32),
-    "id": tf.io.FixedLenFeature([], tf.int64),
-}
+@dataclass(frozen=True)
+class RecordSet:
+    """TFRecord files written by `write_record_files` and what they hold, by sample number (file
+    order): `tf.train.Example`s with features `x`, `y`, `w` and the sample's number `id`."""
+
+    pattern: str
+    paths: tuple[Path, ...]
+    records: np.ndarray  # serialized examples (an object array: bytes kept whole)
+    x: np.ndarray
+    y: np.ndarray
+    w: np.ndarray
 
 
-def write_record_files(directory, sizes, seed: int = 3) -> tuple[str, tuple]:
-    """TFRecord files `part-<i>.tfrecord` of `sizes[i]` samples each; returns their glob and the
-    `(x, y, w)` arrays of all samples in file order (sample `id` = row)."""
-    x, y, w = make_shard(0, sum(sizes), seed=seed)
-    start = 0
+def record_features(x, y) -> dict:
+    """The `parse_single_example` spec of `write_record_files`'s examples."""
+    label = tf.int64 if np.issubdtype(y.dtype, np.integer) else tf.float32
+    return {"x": tf.io.FixedLenFeature([x.shape[1]], tf.float32),
+            "y": tf.io.FixedLenFeature(list(y.shape[1:]), label),
+            "w": tf.io.FixedLenFeature([], tf.float32),
+            "id": tf.io.FixedLenFeature([], tf.int64)}
+
+
+def serialize_examples(x, y, w, ids) -> list[bytes]:
+    def values(array):
+        flat = np.ravel(array)
+        if np.issubdtype(flat.dtype, np.integer):
+            return tf.train.Feature(int64_list=tf.train.Int64List(value=flat.tolist()))
+        return tf.train.Feature(float_list=tf.train.FloatList(value=flat.tolist()))
+
+    return [tf.train.Example(features=tf.train.Features(feature={
+        "x": values(row_x), "y": values(row_y), "w": values(row_w),
+        "id": values(np.int64(sample_id))})).SerializeToString()
+            for row_x, row_y, row_w, sample_id in zip(x, y, w, ids)]
+
+
+def write_record_files(directory, sizes, x, y, w) -> RecordSet:
+    """TFRecord files `part-<i>.tfrecord` of `sizes[i]` samples each, the rows of `x`, `y`, `w`
+    in file order (sample `id` = row)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths, records, start = [], [], 0
     for index, size in enumerate(sizes):
-        with tf.io.TFRecordWriter(str(Path(directory) / f"part-{index:03d}.tfrecord")) as writer:
-            for row in range(start, start + size):
-                feature = {
-                    "x": tf.train.Feature(float_list=tf.train.FloatList(value=x[row])),
-                    "y": tf.train.Feature(float_list=tf.train.FloatList(value=y[row])),
-                    "w": tf.train.Feature(float_list=tf.train.FloatList(value=[w[row]])),
-                    "id": tf.train.Feature(int64_list=tf.train.Int64List(value=[row])),
-                }
-                writer.write(tf.train.Example(features=tf.train.Features(feature=feature))
-                             .SerializeToString())
+        paths.append(directory / f"part-{index}.tfrecord")
+        rows = slice(start, start + size)
+        examples = serialize_examples(x[rows], y[rows], w[rows], range(start, start + size))
+        with tf.io.TFRecordWriter(str(paths[-1])) as writer:
+            for example in examples:
+                writer.write(example)
+        records += examples
         start += size
-    return str(Path(directory) / "part-*.tfrecord"), (x, y, w)
+    as_objects = np.empty(len(records), dtype=object)
+    as_objects[:] = records
+    return RecordSet(str(directory / "part-*.tfrecord"), tuple(paths), as_objects, x, y, w)
 
 
 def split_micro_batches(x, y, w, micro_batch_size: int = MICRO_BATCH_SIZE) -> list[tuple]:

@@ -6,7 +6,6 @@ them equal to Keras's large-batch computations on the same arrays."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import keras
@@ -27,64 +26,20 @@ MICRO_BATCH_SIZE, K = 4, 3
 # 630 = 52 updates of 12 + a ragged last update of 6 samples (micro-batches of 4 and 2).
 GLOBAL_BATCH_SIZE = MICRO_BATCH_SIZE * K
 ORDER = {"partitions": 4, "shuffle_buffer": 64, "seed": 7}
-RECORD_FEATURES = {
-    "x": tf.io.FixedLenFeature([FEATURES], tf.float32),
-    "y": tf.io.FixedLenFeature([], tf.int64),
-    "w": tf.io.FixedLenFeature([], tf.float32),
-    "id": tf.io.FixedLenFeature([], tf.int64),
-}
 SCCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
-@dataclass(frozen=True)
-class RecordSet:
-    """Files written by `write_records` and what they hold, by sample number (file order)."""
-
-    pattern: str
-    paths: tuple[Path, ...]
-    records: np.ndarray  # serialized examples (object array of bytes)
-    x: np.ndarray
-    y: np.ndarray
-    w: np.ndarray
-
-
-def _example(x, y, w, sample_id) -> bytes:
-    feature = {
-        "x": tf.train.Feature(float_list=tf.train.FloatList(value=x)),
-        "y": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(y)])),
-        "w": tf.train.Feature(float_list=tf.train.FloatList(value=[w])),
-        "id": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(sample_id)])),
-    }
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
-
-
-def write_file(path: Path, x, y, w, ids) -> list[bytes]:
-    """One TFRecord file of examples; returns the serialized examples written."""
-    records = [_example(*row) for row in zip(x, y, w, ids)]
-    with tf.io.TFRecordWriter(str(path)) as writer:
-        for record in records:
-            writer.write(record)
-    return records
-
-
-def write_records(directory: Path, sizes=FILE_SIZES, seed: int = 0) -> RecordSet:
-    """TFRecord files `part-<i>.tfrecord` of `sizes[i]` examples: features `x` (float32
-    [FEATURES]), a class `y` (int64), a weight `w` and the sample's number in file order `id`."""
-    directory.mkdir(parents=True, exist_ok=True)
+def write_records(directory: Path, sizes=FILE_SIZES, seed: int = 0) -> scenarios.RecordSet:
+    """TFRecord files of a classification problem: features `x` (float32 [FEATURES]), a class
+    `y` (int64), a weight `w` and the sample's number in file order `id`."""
     n = sum(sizes)
     rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, FEATURES)).astype("float32")
-    y = rng.integers(0, CLASSES, n)
-    w = rng.uniform(0.2, 2.0, n).astype("float32")
-    paths, records, start = [], [], 0
-    for index, size in enumerate(sizes):
-        paths.append(directory / f"part-{index}.tfrecord")
-        rows = slice(start, start + size)
-        records += write_file(paths[-1], x[rows], y[rows], w[rows], range(start, start + size))
-        start += size
-    as_objects = np.empty(n, dtype=object)  # bytes kept whole (a bytes array would pad them)
-    as_objects[:] = records
-    return RecordSet(str(directory / "part-*.tfrecord"), tuple(paths), as_objects, x, y, w)
+    return scenarios.write_record_files(
+        directory, sizes, rng.normal(size=(n, FEATURES)).astype("float32"),
+        rng.integers(0, CLASSES, n), rng.uniform(0.2, 2.0, n).astype("float32"))
+
+
+RECORD_FEATURES = scenarios.record_features(np.zeros((1, FEATURES)), np.zeros(1, np.int64))
 
 
 def parse(record):
@@ -147,11 +102,15 @@ def test_index_counts_records_and_chunk_offsets_when_files_are_uneven(tmp_path):
 
 def test_reader_returns_the_records_written_when_asked_by_sample_number_in_any_order(tmp_path):
     written = write_records(tmp_path)
-    reader = recordfiles.RecordReader(recordfiles.index(written.pattern))
-    samples = np.random.default_rng(1).permutation(sum(FILE_SIZES))
-    assert reader.read(samples).tolist() == written.records[samples].tolist()
-    # Each chunk read once (5 + 1 + 4 + 1 + 2), however scattered the samples asked for.
-    assert reader.chunks_read == len(order.Layout(FILE_SIZES).chunks[0]) == 13
+    files = recordfiles.index(written.pattern)
+    chunks = len(order.Layout(FILE_SIZES).chunks[0])  # 5 + 1 + 4 + 1 + 2
+    scattered = np.random.default_rng(1).permutation(sum(FILE_SIZES))
+    reader = recordfiles.RecordReader(files, cached_chunks=chunks)
+    assert reader.read(scattered).tolist() == written.records[scattered].tolist()
+    assert reader.chunks_read == chunks == 13  # each chunk read once, however scattered
+    in_order = recordfiles.RecordReader(files)  # the default cache: a pass in order
+    assert in_order.read(np.arange(sum(FILE_SIZES))).tolist() == written.records.tolist()
+    assert in_order.chunks_read == chunks
 
 
 def test_kept_index_is_used_without_scanning_when_files_are_unchanged(tmp_path, monkeypatch):
@@ -179,8 +138,11 @@ def test_changed_file_is_scanned_again_and_read_right_when_index_was_kept(tmp_pa
     size = 260 if change == "more_records" else 200
     rows = slice(first, first + size)
     # Other features; the same serialized lengths when the count is the same (fixed-width floats).
-    records = write_file(changed, -written.x[rows], written.y[rows], written.w[rows],
-                         range(first, first + size))
+    records = scenarios.serialize_examples(-written.x[rows], written.y[rows], written.w[rows],
+                                           range(first, first + size))
+    with tf.io.TFRecordWriter(str(changed)) as writer:
+        for record in records:
+            writer.write(record)
     os.utime(changed, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
     assert (os.stat(changed).st_size == before.st_size) == (change != "more_records")
     files = recordfiles.index(written.pattern, index_file)
@@ -222,8 +184,8 @@ def test_resumed_epoch_reads_and_parses_only_its_remaining_updates_when_first_up
     readers = []
 
     class CountedReader(recordfiles.RecordReader):
-        def __init__(self, files):
-            super().__init__(files)
+        def __init__(self, *arguments, **options):
+            super().__init__(*arguments, **options)
             readers.append(self)
 
     monkeypatch.setattr(recordfiles, "RecordReader", CountedReader)
@@ -236,7 +198,8 @@ def test_resumed_epoch_reads_and_parses_only_its_remaining_updates_when_first_up
     # Chunks read: those holding the remaining updates' samples, each once.
     starts = np.concatenate([[0], np.cumsum(FILE_SIZES)])
     file_of = np.searchsorted(starts, remaining, side="right") - 1
-    chunks = set(zip(file_of.tolist(), ((remaining - starts[file_of]) // order.CHUNK_RECORDS).tolist()))
+    chunk_of = (remaining - starts[file_of]) // order.CHUNK_RECORDS
+    chunks = set(zip(file_of.tolist(), chunk_of.tolist()))
     assert sum(reader.chunks_read for reader in readers) == len(chunks) < 13
 
 
@@ -295,10 +258,8 @@ def _corrupt(path: Path, record: int) -> None:
     path.write_bytes(bytes(content))
 
 
-@pytest.mark.parametrize("position", [
-    0, pytest.param(MICRO_BATCH_SIZE - 1, marks=pytest.mark.xfail(strict=True, reason=(
-        "RecordSamples.describe names the micro-batch's first 3 records only ('and 1 more'), "
-        "not the one parse fails on")))], ids=["first_in_micro_batch", "last_in_micro_batch"])
+@pytest.mark.parametrize("position", [0, MICRO_BATCH_SIZE - 1],
+                         ids=["first_in_micro_batch", "last_in_micro_batch"])
 def test_record_corrupted_after_indexing_stops_fit_naming_it_when_parse_fails(tmp_path, position):
     written = write_records(tmp_path)
     batches = file_micro_batches(written.pattern)
@@ -314,4 +275,5 @@ def test_record_corrupted_after_indexing_stops_fit_naming_it_when_parse_fails(tm
     message = str(caught.value)
     assert f"rank 0: micro-batch {micro_batch} of epoch 1 " in message, message
     assert "stopped at update step 17 without applying it" in message, message
-    assert f"{written.paths[file]}#{record}" in message.partition("; it holds records ")[2], message
+    assert f"; it holds record {written.paths[file]}#{record}, which parse fails on" in message, \
+        message

@@ -23,7 +23,9 @@ RUNS = (("python", 1, 4), ("mpirun", 2, 2), ("mpirun", 4, 1), ("mpirun", 3, 1))
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """{(num_workers, k): [rank npz]}, one launch each on the same files."""
-    files, _ = scenarios.write_record_files(tmp_path_factory.mktemp("records"), FILE_SIZES)
+    x, y, w = scenarios.make_shard(0, sum(FILE_SIZES))
+    files = scenarios.write_record_files(tmp_path_factory.mktemp("records"), FILE_SIZES,
+                                         x, y, w).pattern
     found = {}
     for launcher, workers, k in RUNS:
         out = tmp_path_factory.mktemp(f"n{workers}k{k}")

@@ -20,7 +20,7 @@ import distaccum  # noqa: E402
 import scenarios  # noqa: E402
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--files", required=True, help="a glob of TFRecord files (record_files.write)")
+parser.add_argument("--files", required=True, help="a glob of scenarios.write_record_files")
 parser.add_argument("--accumulation-steps", type=int, required=True)
 parser.add_argument("--micro-batch-size", type=int, default=scenarios.MICRO_BATCH_SIZE)
 parser.add_argument("--epochs", type=int, default=2)
@@ -30,17 +30,18 @@ args = parser.parse_args()
 
 distaccum.init()
 parsed = tf.Variable(0, dtype=tf.int64)
+FEATURES = scenarios.record_features(*scenarios.make_shard(0, 1)[:2])
 
 
 def parse(record):
     """`(x, y, sample_weight)`, counting the records parsed."""
     parsed.assign_add(1)
-    features = tf.io.parse_single_example(record, scenarios.RECORD_FEATURES)
+    features = tf.io.parse_single_example(record, FEATURES)
     return features["x"], features["y"], features["w"]
 
 
 def ids_of(record):
-    return tf.io.parse_single_example(record, scenarios.RECORD_FEATURES)["id"]
+    return tf.io.parse_single_example(record, FEATURES)["id"]
 
 
 batches = distaccum.micro_batches(args.files, args.micro_batch_size, parse=parse, seed=11,
