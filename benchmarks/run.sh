@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run every benchmark and write benchmarks/results.md (date, machine, targets, tables) and
-# benchmarks/results.png. About 35-45 minutes on 2 cores. The slow-link figure needs root for its
+# benchmarks/results.png. About 45-55 minutes on 2 cores. The slow-link figure needs root for its
 # network namespaces; without root it is reported as skipped.
 set -euo pipefail
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

@@ -307,8 +307,8 @@ def record_files(args) -> None:
 class ParseProbe:
     """Counts, inside `parse`, the records this worker parses, in all and per sample number.
 
-    Two `tf.Variable` updates per record, made in tf.data's parallel map: cheap, but the figure
-    times throughput in runs without the probe all the same.
+    Two `tf.Variable` updates per record, made in tf.data's parallel map: cheap, but the
+    throughput runs go without it all the same.
     """
 
     def __init__(self, num_samples: int) -> None:
@@ -345,7 +345,8 @@ class RecordsRead:
 
 class EpochClock(keras.callbacks.Callback):
     """Per epoch: seconds from its start to its last update (so the input pipeline's start-up
-    counts, but not deleting its iterator after the epoch), and what the probes counted."""
+    counts, but not deleting its iterator after the epoch), seconds from that update to the
+    epoch's end (`ending_seconds`: the iterator's deletion), and what the probes counted."""
 
     def __init__(self, probe: ParseProbe | None, reads: RecordsRead | None) -> None:
         super().__init__()
@@ -368,7 +369,8 @@ class EpochClock(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None) -> None:
         (parsed, per_sample), read = self._counts()
         (parsed_before, per_sample_before), read_before = self._at_start
-        entry = {"seconds": self._last_update - self._started, "loss": float(logs["loss"])}
+        entry = {"seconds": self._last_update - self._started, "loss": float(logs["loss"]),
+                 "ending_seconds": time.perf_counter() - self._last_update}
         if self.probe:
             times = per_sample - per_sample_before
             entry.update(parsed=parsed - parsed_before,
@@ -378,38 +380,65 @@ class EpochClock(keras.callbacks.Callback):
         self.epochs.append(entry)
 
 
-def data(args) -> None:
-    """Train the small conv net on the record files for `--epochs` epochs, through distaccum's
-    `micro_batches` or the hand-written tf.data pipeline; time, count and weigh this worker."""
+def data_pipeline(pipeline: str, records: Path, parse):
+    """This worker's micro-batches of the record files in `records`: distaccum's
+    `micro_batches`, or the hand-written tf.data pipeline (`workload.expert_micro_batches`)."""
+    if pipeline == "distaccum":
+        return distaccum.micro_batches(str(records / "*.tfrecord"), MICRO_BATCH_SIZE,
+                                       parse=parse, index_file=records / "index.json")
+    manifest = json.loads((records / workload.RECORDS_MANIFEST).read_text())
+    return workload.expert_micro_batches(
+        records, manifest, distaccum.num_workers(), distaccum.rank(), parse,
+        shuffle_buffer=order.DEFAULT_SHUFFLE_BUFFER // distaccum.num_workers())
+
+
+def data_trainer(accumulation_steps: int) -> distaccum.Trainer:
+    """The data figure's trainer: the small conv net, always from the same seed."""
+    return distaccum.Trainer(workload.small_conv_model(), workload.make_optimizer(),
+                             loss=workload.classification_loss(),
+                             accumulation_steps=accumulation_steps)
+
+
+def data_share(args) -> None:
+    """distaccum's pipeline for `--epochs` epochs in a fresh process: per epoch, the records this
+    worker parsed (and which) and read from the files; then its peak memory."""
     distaccum.init()
-    workers, rank = distaccum.num_workers(), distaccum.rank()
-    manifest = json.loads((args.records / workload.RECORDS_MANIFEST).read_text())
-    probe = ParseProbe(manifest["samples"]) if args.count else None
-    parse = probe.parse if probe else workload.parse_record
-    reads = RecordsRead() if args.count and args.pipeline == "distaccum" else None
-    started = time.perf_counter()
-    if args.pipeline == "distaccum":
-        micro_batches = distaccum.micro_batches(
-            str(args.records / "*.tfrecord"), MICRO_BATCH_SIZE, parse=parse,
-            index_file=args.records / "index.json")
-    else:
-        micro_batches = workload.expert_micro_batches(
-            args.records, manifest, workers, rank, parse,
-            shuffle_buffer=order.DEFAULT_SHUFFLE_BUFFER // workers)
-    data_seconds = time.perf_counter() - started
-    trainer = distaccum.Trainer(workload.small_conv_model(), workload.make_optimizer(),
-                                loss=workload.classification_loss(),
-                                accumulation_steps=args.accumulation_steps)
+    num_samples = json.loads((args.records / workload.RECORDS_MANIFEST).read_text())["samples"]
+    probe, reads = ParseProbe(num_samples), RecordsRead()
+    micro_batches = data_pipeline("distaccum", args.records, probe.parse)
+    trainer = data_trainer(args.accumulation_steps)
     clock = EpochClock(probe, reads)
     before_training = peak_rss_mb()
-    history = trainer.fit(micro_batches, epochs=args.epochs, callbacks=[clock],
-                          log_interval=10**9)
-    (args.out / f"rank{rank}.json").write_text(json.dumps({
-        "rank": rank, "num_workers": workers, "pipeline": args.pipeline,
-        "num_samples": manifest["samples"], "data_seconds": data_seconds,
-        "history_samples": history.samples, "history_seconds": history.seconds,
+    trainer.fit(micro_batches, epochs=args.epochs, callbacks=[clock], log_interval=10**9)
+    (args.out / f"rank{distaccum.rank()}.json").write_text(json.dumps({
+        "num_workers": distaccum.num_workers(), "num_samples": num_samples,
         "epochs": clock.epochs, "peak_mb": peak_rss_mb(), "before_training_mb": before_training,
     }))
+
+
+def data_throughput(args) -> None:
+    """Both pipelines in one pair of workers, each with its own trainer: a warm-up of
+    `--warm-up-updates` updates each (tracing), then `--repeats` rounds of one epoch each, the
+    order swapped every round; per epoch, the seconds from its start to its last update and
+    `History.seconds`. Nothing is counted."""
+    distaccum.init()
+    runners = {pipeline: (data_pipeline(pipeline, args.records, workload.parse_record),
+                          data_trainer(args.accumulation_steps))
+               for pipeline in ("distaccum", "expert")}
+    for source, trainer in runners.values():
+        trainer.fit(source, update_steps=args.warm_up_updates, log_interval=10**9)
+    measurements = []
+    for repeat in range(args.repeats):
+        for pipeline in list(runners)[::1 if repeat % 2 == 0 else -1]:
+            source, trainer = runners[pipeline]
+            clock = EpochClock(None, None)
+            history = trainer.fit(source, epochs=1, callbacks=[clock], log_interval=10**9)
+            measurements.append({"repeat": repeat, "pipeline": pipeline,
+                                 "samples": history.samples,
+                                 "epoch_seconds": clock.epochs[0]["seconds"],
+                                 "ending_seconds": clock.epochs[0]["ending_seconds"],
+                                 "fit_seconds": history.seconds})
+    (args.out / f"rank{distaccum.rank()}.json").write_text(json.dumps(measurements))
 
 
 def parse_arguments() -> argparse.Namespace:
@@ -418,7 +447,8 @@ def parse_arguments() -> argparse.Namespace:
     figures = {}
     for name, run in (("communication", communication), ("slow-link", slow_link),
                       ("overhead", overhead), ("memory", memory), ("startup", startup),
-                      ("record-files", record_files), ("data", data)):
+                      ("record-files", record_files), ("data-share", data_share),
+                      ("data-throughput", data_throughput)):
         figures[name] = commands.add_parser(name, help=run.__doc__.splitlines()[0])
         figures[name].add_argument("--out", type=Path, required=True, help="output directory")
         figures[name].set_defaults(run=run)
@@ -440,13 +470,13 @@ def parse_arguments() -> argparse.Namespace:
                                          required=True, help="one set of files per size")
     figures["record-files"].add_argument("--files", type=positive_int, required=True)
     figures["record-files"].add_argument("--seed", type=int, default=0)
-    figures["data"].add_argument("--pipeline", choices=("distaccum", "expert"), required=True)
-    figures["data"].add_argument("--records", type=Path, required=True,
-                                 help="the directory record-files wrote")
-    for option in ("--epochs", "--accumulation-steps"):
-        figures["data"].add_argument(option, type=positive_int, required=True)
-    figures["data"].add_argument("--count", action="store_true",
-                                 help="count records parsed and read (slows parsing a little)")
+    for name in ("data-share", "data-throughput"):
+        figures[name].add_argument("--records", type=Path, required=True,
+                                   help="a directory record-files wrote")
+        figures[name].add_argument("--accumulation-steps", type=positive_int, required=True)
+    figures["data-share"].add_argument("--epochs", type=positive_int, required=True)
+    for option in ("--repeats", "--warm-up-updates"):
+        figures["data-throughput"].add_argument(option, type=positive_int, required=True)
     return parser.parse_args()
 
 
