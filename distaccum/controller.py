@@ -27,8 +27,8 @@ from distaccum.records import (
     Position,
     TrainingInterrupted,
     UpdateRecord,
-    weighted_mean,
     one_line,
+    weighted_mean,
     weighted_totals,
 )
 

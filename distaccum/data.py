@@ -125,17 +125,14 @@ class DatasetEpochs:
     def __init__(self, dataset: EpochData) -> None:
         self._dataset = dataset
         self._plans: dict[int, EpochPlan] = {}
-        check_micro_batch_spec(self.epoch(1, 1))
-
-    @property
-    def element_spec(self):
-        return self.epoch(1, 1).element_spec
+        self._first = self.epoch(1, 1)  # the user's function called once for spec and count
+        check_micro_batch_spec(self._first)
+        self.element_spec = self._first.element_spec
 
     def plan(self, accumulation_steps: int) -> EpochPlan:
         """The agreed plan (counted once, then kept)."""
         if accumulation_steps not in self._plans:
-            self._plans[accumulation_steps] = agree_on_epoch_plan(self.epoch(1, 1),
-                                                                  accumulation_steps)
+            self._plans[accumulation_steps] = agree_on_epoch_plan(self._first, accumulation_steps)
         return self._plans[accumulation_steps]
 
     def epoch(self, epoch: int, accumulation_steps: int, first_update: int = 0) -> tf.data.Dataset:
@@ -172,7 +169,7 @@ def as_epoch_source(data) -> EpochSource:
 
 def evaluation_dataset(data) -> tf.data.Dataset:
     """A validation set as `Trainer.evaluate` reads it: this worker's micro-batches."""
-    return data if isinstance(data, tf.data.Dataset) else data.evaluation()
+    return data.evaluation() if hasattr(data, "evaluation") else data  # else checked as a dataset
 
 
 def shuffled_shards(samples: tf.data.Dataset, micro_batch_size: int, seed: int,

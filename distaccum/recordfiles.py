@@ -309,8 +309,7 @@ def check_parse(files: RecordFiles, parse) -> None:
     if not callable(parse):
         raise ParseError(f"not a function of one serialized record: a {type(parse).__name__}")
     first = next(i for i, size in enumerate(files.sizes) if size)
-    record = RecordReader(RecordFiles(files.paths[first:first + 1], files.sizes[first:first + 1],
-                                      files.offsets[first:first + 1], 0.0, 0)).read(np.zeros(1, np.int64))
+    record = RecordReader(files).read(np.array([sum(files.sizes[:first])], np.int64))
     try:
         parsed = tf.data.Dataset.from_tensor_slices(tf.constant(record.tolist())).map(parse)
         spec = parsed.element_spec
