@@ -2,8 +2,8 @@
 
     import distaccum
     distaccum.init()
-    trainer = distaccum.Trainer(model, optimizer, loss=loss, accumulation_steps=4)
-    history = trainer.fit(dataset, epochs=2)
+    trainer = distaccum.Trainer(model, optimizer, loss=loss, global_batch_size=256)
+    history = trainer.fit(distaccum.micro_batches((x, y), 32), epochs=2)
 
 The same script runs as `python script.py` (one process, no Horovod needed), under
 `horovodrun --gloo -np N` and under `mpirun -np N`.

@@ -20,14 +20,17 @@ from pathlib import Path
 
 import numpy as np
 
+from distaccum.config import ConfigError
 from distaccum.records import Position
 
 FORMAT_VERSION = 1
 _PREFIX = "update-"
-# Changing these between a run and its resume would silently change what the windows are.
+# Changing these between a run and its resume would silently change what an update is. Not the
+# worker count, micro-batch size or k: with the same global batch, update u of an epoch takes the
+# same samples on any of them (`order`), so a run may resume on more or fewer workers.
 RESUME_MUST_MATCH = ("dataset", "dataset_args", "parse", "model", "model_args", "optimizer",
-                     "optimizer_args", "micro_batch_size", "accumulation_steps", "seed",
-                     "partitions", "shuffle_buffer", "num_workers", "precision")
+                     "optimizer_args", "global_batch_size", "seed", "partitions",
+                     "shuffle_buffer", "precision")
 
 
 class CheckpointError(RuntimeError):
@@ -129,8 +132,9 @@ class CheckpointManager:
         """Load the newest readable checkpoint into `variables`; None when there is none.
 
         Raises:
-            CheckpointError: checkpoints exist but none is readable, or the newest readable one
-                was written with settings this run does not share.
+            CheckpointError: checkpoints exist but none is readable.
+            ConfigError: the newest readable one was written with settings this run does not
+                share (one line naming the key, both values and how to match).
         """
         candidates = self.checkpoints()
         problems = []
@@ -168,11 +172,28 @@ class CheckpointManager:
         return Restored(path, Position(**meta["position"]), meta["settings"])
 
 
+def global_batch_size(settings: dict) -> int | None:
+    """The samples per update a run's settings give (checkpoints of the first format kept only
+    num_workers, accumulation_steps and micro_batch_size)."""
+    if settings.get("global_batch_size") is not None:
+        return settings["global_batch_size"]
+    parts = [settings.get(key) for key in ("num_workers", "accumulation_steps", "micro_batch_size")]
+    return None if None in parts else parts[0] * parts[1] * parts[2]
+
+
 def _check_settings(restored: Restored, settings: dict) -> None:
+    saved = {**restored.settings, "global_batch_size": global_batch_size(restored.settings)}
     for key in RESUME_MUST_MATCH:
-        if key in settings and restored.settings.get(key) != settings[key]:
-            raise CheckpointError(
+        if key in settings and saved.get(key) != settings[key]:
+            raise ConfigError(
                 f"{key}: the checkpoint in {restored.path.parent} was written with "
-                f"{key}={restored.settings.get(key)!r}; resuming needs the same. Received: "
-                f"{key}={settings[key]!r} (use another logdir to start afresh)"
+                f"{key}={saved.get(key)!r}; resuming needs the same{_how_to_match(key, saved)}. "
+                f"Received: {key}={settings[key]!r} (use another logdir to start afresh)"
             )
+
+
+def _how_to_match(key: str, saved: dict) -> str:
+    if key != "global_batch_size" or saved.get(key) is None:
+        return ""
+    return (f" (set global_batch_size={saved[key]} to resume on any num_workers and "
+            "micro_batch_size that divide it)")

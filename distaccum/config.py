@@ -20,6 +20,9 @@ LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 # The types gradient sums can travel in between workers (float32 is exact; see `Trainer`).
 ALLREDUCE_DTYPES = ("float32", "bfloat16", "float16")
+# Keys of which a config gives one: a `--set` of either replaces the other's value from the file.
+ALTERNATIVES = {"accumulation_steps": "global_batch_size", "global_batch_size": "accumulation_steps",
+                "epochs": "update_steps", "update_steps": "epochs"}
 
 
 class ConfigError(ValueError):
@@ -63,7 +66,13 @@ class TrainConfig:
         "Keras metric names or package.module:name entries (default: the model's compiled "
         "metrics; accuracy for bundled models)", default=None)
     micro_batch_size: int = _help("samples per micro-batch on one worker", default=32)
-    accumulation_steps: int = _help("micro-batches per worker per update (k)", default=1)
+    global_batch_size: int | None = _help(
+        "samples per update over all workers: then accumulation_steps = global_batch_size / "
+        "(num_workers x micro_batch_size), and a checkpoint resumes on any num_workers and "
+        "micro_batch_size that divide it (give this or accumulation_steps)", default=None)
+    accumulation_steps: int | None = _help(
+        "micro-batches per worker per update, k (give this or global_batch_size; neither: 1)",
+        default=None)
     optimizer: str | None = _help(
         "a Keras optimizer name (adam, sgd, adamw, rmsprop, ...), built with learning_rate, "
         "lr_schedule and optimizer_args (default: the model's compiled optimizer, as compiled; "
@@ -130,16 +139,19 @@ class TrainConfig:
         ):
             if getattr(self, name) not in allowed:
                 _fail(name, getattr(self, name), f"must be one of {', '.join(allowed)}")
-        for name in ("micro_batch_size", "accumulation_steps", "log_interval", "checkpoint_interval",
+        for name in ("micro_batch_size", "log_interval", "checkpoint_interval",
                      "keep_checkpoints", "max_consecutive_skips", "shuffle_buffer", "partitions"):
             if getattr(self, name) < 1:
                 _fail(name, getattr(self, name), "must be >= 1")
-        for name in ("epochs", "update_steps"):
+        for name in ("epochs", "update_steps", "global_batch_size", "accumulation_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 _fail(name, getattr(self, name), "must be >= 1")
         if (self.epochs is None) == (self.update_steps is None):
             _fail("epochs", self.epochs, f"give exactly one of epochs and update_steps "
                   f"(update_steps={self.update_steps})")
+        if self.global_batch_size is not None and self.accumulation_steps is not None:
+            _fail("accumulation_steps", self.accumulation_steps, "give global_batch_size or "
+                  f"accumulation_steps, not both (global_batch_size={self.global_batch_size})")
         if self.learning_rate < 0:
             _fail("learning_rate", self.learning_rate, "must be >= 0")
         if self.warmup_steps < 0:
@@ -159,8 +171,35 @@ class TrainConfig:
                   f"{suffix} file" + (" (or, with parse, a glob of TFRecord files)"
                                        if suffix == ".npz" else ""))
 
+    def accumulation_steps_on(self, num_workers: int) -> int:
+        """k on `num_workers` workers: as given, or what makes `global_batch_size`.
+
+        Raises:
+            ConfigError: `global_batch_size` is not a whole number of micro-batches per worker.
+        """
+        if self.global_batch_size is None:
+            return self.accumulation_steps or 1
+        return accumulation_steps_for(self.global_batch_size, num_workers, self.micro_batch_size)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def accumulation_steps_for(global_batch_size: int, num_workers: int,
+                           micro_batch_size: int) -> int:
+    """The k with `global_batch_size = num_workers × k × micro_batch_size`.
+
+    Raises:
+        ConfigError: there is none (one line naming all three).
+    """
+    per_update = num_workers * micro_batch_size
+    if global_batch_size % per_update:
+        raise ConfigError(
+            f"global_batch_size: {global_batch_size} is not a whole number of micro-batches per "
+            f"worker (num_workers x micro_batch_size = {num_workers} x {micro_batch_size} = "
+            f"{per_update}). Received: global_batch_size={global_batch_size}, "
+            f"num_workers={num_workers}, micro_batch_size={micro_batch_size}")
+    return global_batch_size // per_update
 
 
 def is_import_path(value: str) -> bool:
@@ -216,7 +255,11 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
             raise ConfigError(f"config: YAML syntax error{where}. Received: {str(path)!r}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"config: must be a mapping of key: value. Received: {str(path)!r}")
-    values.update(_parse_override(text) for text in overrides)
+    overridden = dict(_parse_override(text) for text in overrides)
+    for key, alternative in ALTERNATIVES.items():
+        if key in overridden and alternative not in overridden:
+            values.pop(alternative, None)  # the command line's choice replaces the file's
+    values.update(overridden)
     known = {spec.name for spec in dataclasses.fields(TrainConfig)}
     for key in values:
         if key not in known:

@@ -43,7 +43,7 @@ class StepRunner(Protocol):
     accumulation_steps: int
     model: object  # the Keras model callbacks see
 
-    def prepare(self, element_spec) -> None: ...
+    def prepare(self, element_spec, micro_batch_size: int | None = None) -> None: ...
 
     def micro_step(self, x, y, sample_weight=None) -> None: ...
 
@@ -195,7 +195,7 @@ class Controller:
         """
         _check_duration(epochs, update_steps)
         source = self._source = data.as_epoch_source(dataset)
-        self._trainer.prepare(source.element_spec)
+        self._trainer.prepare(source.element_spec, source.micro_batch_size)
         plan = source.plan(self._trainer.accumulation_steps)
         if epochs is not None and plan.updates_per_epoch == data.INFINITE:
             raise ValueError(

@@ -122,6 +122,8 @@ class DatasetEpochs:
     """A user's own `tf.data.Dataset` of this worker's micro-batches, or a function of the epoch
     returning one, as the training loop takes it."""
 
+    micro_batch_size = None  # the user's batching: not known before reading it
+
     def __init__(self, dataset: EpochData) -> None:
         self._dataset = dataset
         self._plans: dict[int, EpochPlan] = {}
@@ -152,6 +154,7 @@ class EpochSource(Protocol):
     `microbatches.MicroBatches` (which also has `evaluation()`, for validation)."""
 
     element_spec: object
+    micro_batch_size: int | None  # None when the source cannot tell (a user's dataset)
 
     def plan(self, accumulation_steps: int) -> EpochPlan: ...
 

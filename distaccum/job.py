@@ -16,7 +16,7 @@ from typing import TextIO
 import keras
 import tensorflow as tf
 
-from distaccum import comm, devices, sources
+from distaccum import comm, data, devices, sources
 from distaccum.checkpoint import CheckpointError, CheckpointManager
 from distaccum.config import ConfigError, TrainConfig
 from distaccum.progress import ProgressReporter, loss_first
@@ -68,17 +68,17 @@ def build_optimizer(config: TrainConfig, model: keras.Model,
                           f" ({reason}). Received: optimizer={config.optimizer!r}") from None
 
 
-def build_trainer(config: TrainConfig, job_data: sources.JobData,
-                  total_update_steps: int) -> Trainer:
+def build_trainer(config: TrainConfig, job_data: sources.JobData, total_update_steps: int,
+                  accumulation_steps: int) -> Trainer:
     """The configured model (built under the configured dtype policy), optimizer, loss and
-    metrics."""
+    metrics, accumulating `accumulation_steps` micro-batches per update."""
     keras.mixed_precision.set_global_policy(config.precision)
     model = sources.load_model(config, job_data)
     arguments = sources.compile_arguments(config, model)
     optimizer = build_optimizer(config, model, total_update_steps)
     try:
         return Trainer(model, optimizer, **arguments,
-                       accumulation_steps=config.accumulation_steps,
+                       accumulation_steps=accumulation_steps,
                        clip_global_norm=config.clip_global_norm,
                        allreduce_dtype=config.allreduce_dtype)
     except (ValueError, TypeError) as error:  # a loss or metric name Keras does not know, or an
@@ -99,15 +99,50 @@ def prepare_logdir(logdir: str) -> Path:
     return path
 
 
-def describe_start(config: TrainConfig, updates_per_epoch, total: int, logdir: Path,
-                   start: Position, device_codes: list[int], notes: tuple[str, ...]) -> str:
-    workers = comm.num_workers()
-    resumed = (f"distaccum: resuming after update step {start.update_step} (epoch {start.epoch})"
-               if start.update_step else "distaccum: starting from scratch (no checkpoint)")
+@dataclass(frozen=True)
+class BatchShape:
+    """How a run splits its global batch: workers × k × micro-batch."""
+
+    num_workers: int
+    accumulation_steps: int
+    micro_batch_size: int
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.num_workers * self.accumulation_steps * self.micro_batch_size
+
+    @classmethod
+    def of(cls, settings: dict) -> "BatchShape":
+        return cls(settings["num_workers"], settings["accumulation_steps"],
+                   settings["micro_batch_size"])
+
+    def split(self, other: "BatchShape") -> str:
+        """`k=2`, with the micro-batch size when it differs from `other`'s."""
+        micro_batch = (f" × micro-batch {self.micro_batch_size}"
+                       if self.micro_batch_size != other.micro_batch_size else "")
+        return f"k={self.accumulation_steps}{micro_batch}"
+
+
+def describe_resume(start: Position, shape: BatchShape, previous: BatchShape | None) -> str:
+    """Where training resumes, and on what, when the checkpoint was written on another shape."""
+    if not start.update_step:
+        return "distaccum: starting from scratch (no checkpoint)"
+    line = f"distaccum: resuming after update step {start.update_step} (epoch {start.epoch})"
+    if previous is None or previous == shape:
+        return line
+    workers = f"{shape.num_workers} worker{'s' if shape.num_workers > 1 else ''}"
+    return (f"{line} on {workers} × {shape.split(previous)} (was "
+            f"{previous.num_workers} × {previous.split(shape)}); global batch "
+            f"{shape.global_batch_size} unchanged")
+
+
+def describe_start(config: TrainConfig, shape: BatchShape, updates_per_epoch, total: int,
+                   logdir: Path, resumed: str, device_codes: list[int],
+                   notes: tuple[str, ...]) -> str:
     return "\n".join([
-        f"distaccum: num_workers {workers}, micro_batch_size {config.micro_batch_size}, "
-        f"accumulation_steps {config.accumulation_steps}, global_batch_size "
-        f"{workers * config.accumulation_steps * config.micro_batch_size}",
+        f"distaccum: num_workers {shape.num_workers}, micro_batch_size {shape.micro_batch_size}, "
+        f"accumulation_steps {shape.accumulation_steps}, global_batch_size "
+        f"{shape.global_batch_size}",
         f"distaccum: {updates_per_epoch} updates per epoch, {total} update steps in all",
         *notes,
         f"distaccum: training on {devices.describe(device_codes)} ({comm.current().name} "
@@ -129,9 +164,11 @@ def describe_end(result: JobResult) -> str:
     ])
 
 
-def _resume(trainer: Trainer, manager: CheckpointManager | None, settings: dict) -> Position:
-    """The chief loads the latest checkpoint; every worker then gets its state and position."""
-    position = Position()
+def _resume(trainer: Trainer, manager: CheckpointManager | None,
+            settings: dict) -> tuple[Position, dict | None]:
+    """The chief loads the latest checkpoint; every worker then gets its state and position.
+    Also the checkpoint's settings (the chief's; None elsewhere and on a fresh start)."""
+    position, restored = Position(), None
     if manager is not None:
         restored = manager.restore_latest(trainer.state_variables, settings)
         if restored is not None:
@@ -140,11 +177,27 @@ def _resume(trainer: Trainer, manager: CheckpointManager | None, settings: dict)
     with comm.collective("the start-up broadcast"):
         [encoded] = comm.current().broadcast_from_chief([encoded])
     trainer.broadcast_from_chief()
-    return Position(*(int(v) for v in encoded.numpy()))
+    return Position(*(int(v) for v in encoded.numpy())), restored and restored.settings
 
 
-def _resume_settings(config: TrainConfig) -> dict:
-    return {**config.to_dict(), "num_workers": comm.num_workers()}
+def _resume_settings(config: TrainConfig, shape: BatchShape) -> dict:
+    """The config as this run applies it: what a checkpoint records and a resume checks."""
+    return {**config.to_dict(), "num_workers": shape.num_workers,
+            "accumulation_steps": shape.accumulation_steps,
+            "global_batch_size": shape.global_batch_size}
+
+
+def _resize_notes(job_data: sources.JobData, shape: BatchShape,
+                  previous: BatchShape | None) -> tuple[str, ...]:
+    """What a resume on another shape cannot keep: a dataset function's samples per update
+    depend on the worker count (`micro_batches`' do not)."""
+    if previous is None or previous.num_workers == shape.num_workers \
+            or not isinstance(job_data.train, data.DatasetEpochs):
+        return ()
+    return (f"distaccum: warning: the dataset is a function, which every worker shards by "
+            f"worker count: on {shape.num_workers} workers (was {previous.num_workers}) updates "
+            "keep the global batch but not their samples, so the run is not the one it "
+            "continues sample for sample (arrays, .npz and record files keep them)",)
 
 
 def run(config: TrainConfig, stream: TextIO | None = None) -> JobResult:
@@ -157,6 +210,8 @@ def run(config: TrainConfig, stream: TextIO | None = None) -> JobResult:
     stream = stream or sys.stdout
     comm.init()
     comm.set_collective_timeout(config.collective_timeout)
+    shape = BatchShape(comm.num_workers(), config.accumulation_steps_on(comm.num_workers()),
+                       config.micro_batch_size)
     chief = comm.is_chief()
     logdir = prepare_logdir(config.logdir) if chief else Path(config.logdir).resolve()
     manager = CheckpointManager(logdir / "checkpoints", keep=config.keep_checkpoints)
@@ -167,14 +222,15 @@ def run(config: TrainConfig, stream: TextIO | None = None) -> JobResult:
             raise ConfigError(f"logdir: {error}. Received: logdir={config.logdir!r}") from None
     job_data = sources.load_data(config, logdir / RECORD_INDEX)
     try:
-        plan = job_data.train.plan(config.accumulation_steps)
+        plan = job_data.train.plan(shape.accumulation_steps)
     except ValueError as error:  # an empty dataset
         raise ConfigError(f"dataset: {error}. Received: dataset={config.dataset!r}") from None
     total = config.update_steps or config.epochs * plan.updates_per_epoch
-    trainer = build_trainer(config, job_data, total)
+    trainer = build_trainer(config, job_data, total, shape.accumulation_steps)
     trainer.prepare(job_data.train.element_spec)
-    settings = _resume_settings(config)
-    start = _resume(trainer, manager if chief else None, settings)
+    settings = _resume_settings(config, shape)
+    start, saved = _resume(trainer, manager if chief else None, settings)
+    previous = BatchShape.of(saved) if saved and "num_workers" in saved else None
     device_codes = comm.gather_device_codes()
 
     def save_checkpoint(position: Position) -> None:
@@ -187,8 +243,10 @@ def run(config: TrainConfig, stream: TextIO | None = None) -> JobResult:
 
     callbacks = []
     if chief:
-        print(describe_start(config, plan.updates_per_epoch, total, logdir, start, device_codes,
-                             job_data.notes), file=stream, flush=True)
+        print(describe_start(config, shape, plan.updates_per_epoch, total, logdir,
+                             describe_resume(start, shape, previous), device_codes,
+                             job_data.notes + _resize_notes(job_data, shape, previous)),
+              file=stream, flush=True)
         writer = TensorBoardWriter(str(logdir), trainer.allreduce_per_update, start.update_step)
         writer.write_config(config.to_dict())
         callbacks = [ProgressReporter(total, stream), writer]

@@ -273,13 +273,30 @@ class InexactWarning(UserWarning):
 
 
 def warn_if_inexact(model: keras.Model) -> None:
-    """BatchNormalization in training normalises each micro-batch with that micro-batch's
-    statistics: no accumulation can reproduce statistics over the global batch. Say so."""
+    """Say which layers keep training from being large-batch training sample for sample.
+
+    BatchNormalization in training normalises each micro-batch with that micro-batch's
+    statistics: no accumulation can reproduce statistics over the global batch. Random layers
+    (Dropout, noise, augmentation: any layer drawing from a `SeedGenerator`) draw per micro-batch,
+    so which sample gets which mask follows the split into workers and micro-batches: the same
+    in distribution, but a run resumed on another split is not the one it continues bit for bit.
+    """
+    if not comm.is_chief():
+        return
     names = [layer.name for layer in _layers(model)
              if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
-    if names and comm.is_chief():
+    if names:
         warnings.warn(InexactWarning(
             f"distaccum: BatchNormalization layers ({', '.join(names)}) normalise each "
             "micro-batch by its own statistics, not the global batch's: training is not exactly "
             "large-batch training. LayerNormalization or GroupNormalization (per sample) are "
             "exact; so is BatchNormalization with trainable=False"), stacklevel=3)
+    random = [layer.name for layer in model._flatten_layers(include_self=False)
+              if getattr(layer, "_seed_generators", None) and getattr(layer, "rate", 1) != 0]
+    if random:
+        warnings.warn(InexactWarning(
+            f"distaccum: random layers ({', '.join(random)}) draw their masks or noise per "
+            "micro-batch, so which sample gets which follows the split into workers and "
+            "micro-batches: training is large-batch training in distribution, not sample for "
+            "sample, and a run resumed on another num_workers or micro_batch_size differs from "
+            "the uninterrupted one by more than round-off"), stacklevel=3)

@@ -3,8 +3,8 @@
 Public entry point:
 
     distaccum.init()
-    trainer = distaccum.Trainer(model, optimizer, loss=loss, accumulation_steps=4)
-    history = trainer.fit(dataset, epochs=2)
+    trainer = distaccum.Trainer(model, optimizer, loss=loss, global_batch_size=256)
+    history = trainer.fit(distaccum.micro_batches((x, y), 32), epochs=2)
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import keras
 import tensorflow as tf
 
 from distaccum import comm, data, precision
-from distaccum.config import ALLREDUCE_DTYPES
+from distaccum.config import ALLREDUCE_DTYPES, accumulation_steps_for
 from distaccum.accumulate import (
     GradientAccumulator,
     MicroBatchSums,
@@ -87,16 +87,14 @@ def _same_shapes(micro_batches: Sequence[tuple]) -> bool:
     return all(s == shapes[0] for s in shapes[1:])
 
 
-def _check_accumulation_steps(accumulation_steps) -> int:
-    if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int):
-        raise TypeError(
-            f"accumulation_steps must be an int. Received: accumulation_steps={accumulation_steps!r}"
-        )
-    if accumulation_steps < 1:
-        raise ValueError(
-            f"accumulation_steps must be >= 1. Received: accumulation_steps={accumulation_steps}"
-        )
-    return accumulation_steps
+def _check_count(name: str, value) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int. Received: {name}={value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1. Received: {name}={value}")
+    return value
 
 
 def compiled_arguments(model: keras.Model) -> dict:
@@ -165,7 +163,15 @@ class Trainer:
         loss_weights: a list/dict of each output's weight in the total loss (default 1).
         metrics, weighted_metrics: as `model.compile` takes them; their values count every
             worker's samples (see `metrics`).
-        accumulation_steps: micro-batches per worker per update (k).
+        global_batch_size: samples per update over all workers; then k = global_batch_size /
+            (num_workers × micro_batch_size), which must be whole. The micro-batch size is
+            `distaccum.micro_batches`' when `fit` gets one, else give `micro_batch_size`. With
+            the same global batch, `micro_batches` data gives update u the same samples on any
+            number of workers: a run can resume on more or fewer.
+        micro_batch_size: the samples per micro-batch of your own dataset (with
+            `global_batch_size` only).
+        accumulation_steps: micro-batches per worker per update (k), instead of
+            `global_batch_size` (neither: 1).
         clip_global_norm: if set, clip the reduced, normalised gradient to this global norm.
         allreduce_dtype: the type gradient sums travel in between workers: `"float32"` (exact,
             the default), or `"bfloat16"` / `"float16"` (half the bytes; each sum is rounded to
@@ -183,7 +189,9 @@ class Trainer:
         loss_weights=None,
         metrics=None,
         weighted_metrics=None,
-        accumulation_steps: int = 1,
+        global_batch_size: int | None = None,
+        micro_batch_size: int | None = None,
+        accumulation_steps: int | None = None,
         clip_global_norm: float | None = None,
         allreduce_dtype: str = "float32",
     ) -> None:
@@ -199,9 +207,23 @@ class Trainer:
                         if metrics or weighted_metrics else None)
         if getattr(model, "optimizer", None) is None:
             model.optimizer = self.optimizer  # where Keras callbacks (ReduceLROnPlateau) look
-        self.accumulation_steps = _check_accumulation_steps(accumulation_steps)
         self.clip_global_norm = clip_global_norm
         self.backend = comm.current()
+        self.global_batch_size = _check_count("global_batch_size", global_batch_size)
+        self.micro_batch_size = _check_count("micro_batch_size", micro_batch_size)
+        self._accumulation_steps = _check_count("accumulation_steps", accumulation_steps)
+        if global_batch_size is None:
+            if micro_batch_size is not None:
+                raise ValueError("micro_batch_size is what sets k from global_batch_size: give "
+                                 f"both, or accumulation_steps. Received: micro_batch_size="
+                                 f"{micro_batch_size}, global_batch_size=None")
+            self._accumulation_steps = self._accumulation_steps or 1
+        elif accumulation_steps is not None:
+            raise ValueError(f"give global_batch_size or accumulation_steps, not both. Received: "
+                             f"global_batch_size={global_batch_size}, "
+                             f"accumulation_steps={accumulation_steps}")
+        elif micro_batch_size is not None:
+            self._settle_micro_batch_size(micro_batch_size)
         self.allreduce_dtype = _check_allreduce_dtype(allreduce_dtype, self.backend)
         self._accumulator: GradientAccumulator | None = None
         self._stored_micro_steps = 0  # micro-batches of the current window in the sums
@@ -214,17 +236,43 @@ class Trainer:
         self._evaluation_step = tf.function(self._evaluation_step_body, autograph=False)
 
     @classmethod
-    def from_compiled(cls, model: keras.Model, *, accumulation_steps: int = 1,
-                      clip_global_norm: float | None = None,
-                      allreduce_dtype: str = "float32") -> "Trainer":
+    def from_compiled(cls, model: keras.Model, **options) -> "Trainer":
         """A trainer with the optimizer, loss, loss weights and metrics the model was compiled
-        with."""
+        with; `options` are the constructor's others (`global_batch_size`, `clip_global_norm`,
+        ...)."""
         if not getattr(model, "compiled", False):
             raise ValueError(f"the model is not compiled: call model.compile(optimizer=..., "
                              f"loss=...) first. Received: model {model.name!r}")
-        return cls(model, model.optimizer, **compiled_arguments(model),
-                   accumulation_steps=accumulation_steps, clip_global_norm=clip_global_norm,
-                   allreduce_dtype=allreduce_dtype)
+        return cls(model, model.optimizer, **compiled_arguments(model), **options)
+
+    @property
+    def accumulation_steps(self) -> int:
+        """k: micro-batches per worker per update (known once the micro-batch size is, with
+        `global_batch_size`)."""
+        if self._accumulation_steps is None:
+            self._settle_micro_batch_size(None)
+        return self._accumulation_steps
+
+    def _settle_micro_batch_size(self, micro_batch_size: int | None) -> None:
+        """With `global_batch_size`, k follows from the micro-batch size: the data's (when
+        `micro_batches` made it) or the one given to the constructor; they must agree."""
+        if self.global_batch_size is None or (micro_batch_size is None
+                                              and self._accumulation_steps is not None):
+            return
+        if micro_batch_size is None and self.micro_batch_size is None:
+            raise ValueError(
+                f"global_batch_size={self.global_batch_size} sets k from the micro-batch size: "
+                "train on distaccum.micro_batches(...), which knows it, or give Trainer "
+                "micro_batch_size=. Received: micro_batch_size=None")
+        if None not in (micro_batch_size, self.micro_batch_size) \
+                and micro_batch_size != self.micro_batch_size:
+            raise ValueError(
+                f"the data's micro-batches hold {micro_batch_size} samples, but the Trainer was "
+                f"given micro_batch_size={self.micro_batch_size}. Received: "
+                f"micro_batch_size={micro_batch_size}")
+        self.micro_batch_size = micro_batch_size or self.micro_batch_size
+        self._accumulation_steps = accumulation_steps_for(
+            self.global_batch_size, self.backend.num_workers(), self.micro_batch_size)
 
     @property
     def micro_step_traces(self) -> int:
@@ -263,8 +311,12 @@ class Trainer:
             return float(rate(update_step - 1))
         return float(keras.ops.convert_to_numpy(rate))
 
-    def prepare(self, element_spec) -> None:
-        """Build model and optimizer, then make every worker start from rank 0's state. Once."""
+    def prepare(self, element_spec, micro_batch_size: int | None = None) -> None:
+        """Build model and optimizer, then make every worker start from rank 0's state. Once.
+
+        `micro_batch_size`: the data's, if it is known (it sets k from `global_batch_size`).
+        """
+        self._settle_micro_batch_size(micro_batch_size)
         if self._accumulator is not None:
             return
         if not self.model.built:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -28,6 +29,22 @@ def launcher_command(launcher: str, num_workers: int) -> list[str]:
     if launcher == "python":
         return []
     raise ValueError(launcher)
+
+
+def worker_processes(process) -> dict[int, psutil.Process]:
+    """The launcher's worker processes by rank (read from the variables the launcher set)."""
+    found = {}
+    for child in psutil.Process(process.pid).children(recursive=True):
+        try:
+            environ = child.environ()
+            if "distaccum" not in " ".join(child.cmdline()):
+                continue
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        rank = environ.get("HOROVOD_RANK") or environ.get("OMPI_COMM_WORLD_RANK")
+        if rank is not None:
+            found[int(rank)] = child
+    return found
 
 
 def run_script(

@@ -8,9 +8,11 @@ import pytest
 
 import scenarios
 from distaccum.checkpoint import CheckpointError, CheckpointManager
+from distaccum.config import ConfigError
 from distaccum.records import Position
 
-SETTINGS = {"accumulation_steps": 2, "micro_batch_size": 4, "num_workers": 1, "seed": 0}
+SETTINGS = {"accumulation_steps": 2, "micro_batch_size": 4, "num_workers": 1,
+            "global_batch_size": 8, "seed": 0}
 
 
 def _state(seed: int = 7):
@@ -78,11 +80,31 @@ def test_restore_refuses_when_every_checkpoint_is_damaged(tmp_path):
         np.testing.assert_array_equal(got, expected)
 
 
-def test_restore_refuses_checkpoint_of_other_accumulation_steps(tmp_path):
+@pytest.mark.parametrize("num_workers, k, micro_batch_size", [(2, 1, 4), (4, 1, 2), (1, 8, 1)],
+                         ids=["2x1x4", "4x1x2", "1x8x1"])
+def test_restore_accepts_other_workers_and_micro_batches_when_global_batch_is_the_same(
+        tmp_path, num_workers, k, micro_batch_size):
     manager = CheckpointManager(tmp_path)
-    manager.save(Position(5, 1, 5), _state(), SETTINGS)
-    with pytest.raises(CheckpointError, match="accumulation_steps=2.*Received: accumulation_steps=4"):
-        manager.restore_latest(_state(), {**SETTINGS, "accumulation_steps": 4})
+    manager.save(Position(5, 1, 5), _state(seed=7), SETTINGS)
+    resized = {**SETTINGS, "num_workers": num_workers, "accumulation_steps": k,
+               "micro_batch_size": micro_batch_size}
+    target = _state(seed=8)
+    restored = manager.restore_latest(target, resized)
+    assert restored.position == Position(5, 1, 5) and restored.settings == SETTINGS
+    for got, expected in zip(_values(target), _values(_state(seed=7))):
+        np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("saved", [SETTINGS, {k: v for k, v in SETTINGS.items()
+                                              if k != "global_batch_size"}],
+                         ids=["global_batch_size_saved", "first_format_derives_it"])
+def test_restore_refuses_checkpoint_of_other_global_batch_naming_the_one_to_set(tmp_path, saved):
+    manager = CheckpointManager(tmp_path)
+    manager.save(Position(5, 1, 5), _state(), saved)
+    with pytest.raises(ConfigError, match=r"global_batch_size=8; resuming needs the same \(set "
+                       r"global_batch_size=8 to resume .*Received: global_batch_size=16"):
+        manager.restore_latest(_state(), {**SETTINGS, "accumulation_steps": 4,
+                                          "global_batch_size": 16})
 
 
 def test_restore_refuses_checkpoint_of_other_model_shape(tmp_path, capsys):

@@ -29,6 +29,16 @@ def test_overrides_replace_file_values_when_given_with_set():
     assert config.clip_global_norm == 1.5
 
 
+@pytest.mark.parametrize("override, replaced", [("accumulation_steps=8", "global_batch_size"),
+                                               ("update_steps=5", "epochs")],
+                         ids=["k_replaces_global_batch", "update_steps_replaces_epochs"])
+def test_override_of_one_of_two_alternatives_replaces_the_files_other(override, replaced):
+    assert getattr(load_config(DIGITS), replaced) is not None
+    config = load_config(DIGITS, [override])
+    key, value = override.split("=")
+    assert getattr(config, key) == int(value) and getattr(config, replaced) is None
+
+
 def test_integer_yaml_value_becomes_float_when_key_is_a_float():
     config = load_config(DIGITS, ["learning_rate=0", "clip_global_norm=2"])
     assert isinstance(config.learning_rate, float) and isinstance(config.clip_global_norm, float)
@@ -54,10 +64,16 @@ def test_config_is_frozen():
         (["--set", "noequals"], "'noequals'"),
         (["--set", "precision=float64"], "precision='float64'"),
         (["--set", "allreduce_dtype=int8"], "allreduce_dtype='int8'"),
+        (["--set", "global_batch_size=64", "--set", "accumulation_steps=2"],
+         "give global_batch_size or accumulation_steps, not both (global_batch_size=64). "
+         "Received: accumulation_steps=2"),
+        (["--set", "global_batch_size=100"], "global_batch_size: 100 is not a whole number of "
+         "micro-batches per worker (num_workers x micro_batch_size = 1 x 32 = 32). Received: "
+         "global_batch_size=100, num_workers=1, micro_batch_size=32"),
     ],
     ids=["k_zero", "negative_lr", "unknown_key", "unknown_model", "unknown_dataset",
          "wrong_type", "both_durations", "bool_for_int", "override_syntax", "precision",
-         "allreduce_dtype"],
+         "allreduce_dtype", "global_batch_and_k", "global_batch_not_whole"],
 )
 def test_train_exits_2_with_one_line_when_value_is_bad(capsys, arguments, expected):
     assert cli.main(["train", "--config", DIGITS, *arguments]) == cli.EXIT_BAD_INPUT

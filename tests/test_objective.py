@@ -209,6 +209,19 @@ def test_batch_normalization_is_named_in_a_warning_when_it_trains():
         frozen.fit(cases.as_dataset(x, y, None), epochs=1)
 
 
+def test_random_layers_are_named_in_a_warning_when_they_draw_and_not_at_rate_zero():
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([
+        keras.Input((5,)), keras.layers.Dense(4), keras.layers.Dropout(0.3, name="drop_here"),
+        keras.layers.GaussianNoise(0.1, name="noise_here"),
+        keras.layers.Dropout(0.0, name="never_drops"), keras.layers.Dense(1)])
+    x, y, _ = cases.regularized_data()
+    trainer = distaccum.Trainer(model, _sgd(), loss="mse", accumulation_steps=2)
+    with pytest.warns(distaccum.InexactWarning,
+                      match=r"random layers \(drop_here, noise_here\) draw .* resumed on another"):
+        trainer.fit(cases.as_dataset(x, y, None), epochs=1)
+
+
 @pytest.mark.rounding
 @pytest.mark.multiworker
 @pytest.mark.parametrize("case", cases.MULTIWORKER_CASES)

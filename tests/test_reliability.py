@@ -18,7 +18,8 @@ import pytest
 from tensorboard.backend.event_processing import plugin_event_accumulator
 
 from distaccum import cli
-from conftest import MPI_ROOT_VARIABLES, REPO_ROOT, VENV_BIN, WORKERS_DIR, launcher_command, run_script
+from conftest import (MPI_ROOT_VARIABLES, REPO_ROOT, VENV_BIN, WORKERS_DIR, launcher_command,
+                      run_script, worker_processes)
 
 pytestmark = pytest.mark.multiworker
 
@@ -57,22 +58,6 @@ def _wait_for(condition, process, timeout: float = 240) -> None:
         time.sleep(0.05)
 
 
-def _workers(process) -> dict[int, psutil.Process]:
-    """The launcher's worker processes by rank (read from the variables the launcher set)."""
-    found = {}
-    for child in psutil.Process(process.pid).children(recursive=True):
-        try:
-            environ = child.environ()
-            if "distaccum" not in " ".join(child.cmdline()):
-                continue
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-        rank = environ.get("HOROVOD_RANK") or environ.get("OMPI_COMM_WORLD_RANK")
-        if rank is not None:
-            found[int(rank)] = child
-    return found
-
-
 def _finish(process, output, timeout: float = 240) -> tuple[int, str]:
     code = process.wait(timeout=timeout)
     output.seek(0)
@@ -84,7 +69,7 @@ def _run_interrupted_at(launcher: str, backend: str, logdir: Path, after_checkpo
     process, output = _start(launcher, logdir, *_SCHEDULE, backend=backend)
     marker = logdir / "checkpoints" / f"update-{after_checkpoint:09d}"
     _wait_for(marker.exists, process)
-    _workers(process)[1].send_signal(signal.SIGTERM)
+    worker_processes(process)[1].send_signal(signal.SIGTERM)
     code, text = _finish(process, output)
     assert code != 0 and "stopped by SIGTERM after update step" in text, text[-3000:]
     return text
@@ -165,7 +150,7 @@ def test_crash_loop_of_sigkills_ends_bitwise_equal_to_uninterrupted_run(tmp_path
         process, output = _start(launcher, logdir, *_SCHEDULE, backend=backend)
         if len(kills) == 5:
             break
-        _wait_for(lambda: sorted(_workers(process)) == [0, 1], process)
+        _wait_for(lambda: sorted(worker_processes(process)) == [0, 1], process)
         if len(kills) == 1:  # mid-save: the staging directory exists only while rank 0 writes
             while not any(checkpoints.glob(".staging-*")):
                 assert process.poll() is None, "the job ended before a checkpoint save"
@@ -178,7 +163,7 @@ def test_crash_loop_of_sigkills_ends_bitwise_equal_to_uninterrupted_run(tmp_path
             moment = f"{delay:.2f} s after a new checkpoint"
             deadline = time.monotonic() + delay
             _wait_for(lambda: time.monotonic() > deadline, process)
-        _workers(process)[rank].send_signal(signal.SIGKILL)
+        worker_processes(process)[rank].send_signal(signal.SIGKILL)
         code, text = _finish(process, output, timeout=120)
         assert code != 0, text[-3000:]
         if moment == "during a checkpoint save":  # the half-written checkpoint is still there
@@ -204,7 +189,7 @@ def test_others_exit_within_60s_when_one_worker_is_killed(tmp_path, launcher, ba
     process, output = _start(launcher, logdir, "epochs=null", "update_steps=100000",
                              "log_interval=1", "checkpoint_interval=5", backend=backend)
     _wait_for((logdir / "checkpoints" / "update-000000005").exists, process)
-    workers = _workers(process)
+    workers = worker_processes(process)
     assert sorted(workers) == [0, 1]
     killed_at = time.monotonic()
     workers[1].send_signal(signal.SIGKILL)
@@ -228,7 +213,7 @@ def test_survivor_exits_within_collective_timeout_when_a_worker_stops_answering(
                              "checkpoint_interval=5", f"collective_timeout={timeout}",
                              backend=backend)
     _wait_for((logdir / "checkpoints" / "update-000000005").exists, process)
-    workers = _workers(process)
+    workers = worker_processes(process)
     workers[1].send_signal(signal.SIGSTOP)
     stopped_at = time.monotonic()
     workers[0].wait(timeout=timeout + 30)

@@ -257,14 +257,59 @@ def _trainer(**overrides):
         ({"clip_global_norm": 0.0}, ValueError, "0.0"),
         ({"model": "resnet"}, TypeError, "'resnet'"),
         ({"allreduce_dtype": "float64"}, ValueError, "allreduce_dtype='float64'"),
+        ({"global_batch_size": 0}, ValueError, "global_batch_size=0"),
+        ({"global_batch_size": 8, "accumulation_steps": 2}, ValueError,
+         "not both. Received: global_batch_size=8, accumulation_steps=2"),
+        ({"micro_batch_size": 4}, ValueError, "Received: micro_batch_size=4, global_batch_size=None"),
+        ({"global_batch_size": 10, "micro_batch_size": 4, "accumulation_steps": None}, ValueError,
+         "10 is not a whole number of micro-batches per worker .* Received: "
+         "global_batch_size=10, num_workers=1, micro_batch_size=4"),
     ],
     ids=["k_zero", "k_negative", "k_float", "k_string", "k_bool", "optimizer_name",
          "keras_accumulation", "loss_name", "loss_number", "clip_zero", "model_name",
-         "allreduce_dtype"],
+         "allreduce_dtype", "global_batch_zero", "global_batch_and_k", "micro_batch_alone",
+         "global_batch_not_whole"],
 )
 def test_constructor_names_bad_value_when_argument_is_invalid(overrides, error, message):
     with pytest.raises(error, match=message) as raised:
         _trainer(**overrides)
+    assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("given", ["micro_batches", "micro_batch_size"])
+def test_global_batch_size_trains_as_the_k_it_makes_when_micro_batch_size_is_known(given):
+    """global_batch_size=12 with micro-batches of 4 on one worker is k=3: the same run."""
+    x, y, w = scenarios.make_shard(0, 22)
+    data = (distaccum.micro_batches((x, y, w), scenarios.MICRO_BATCH_SIZE, seed=5)
+            if given == "micro_batches" else scenarios.as_dataset(x, y, w))
+    model = scenarios.make_model()
+    trainer = distaccum.Trainer(
+        model, scenarios.make_optimizer("sgd"), loss=MSE, global_batch_size=12,
+        **({} if given == "micro_batches" else {"micro_batch_size": scenarios.MICRO_BATCH_SIZE}))
+    trainer.fit(data, epochs=2)
+    assert trainer.accumulation_steps == 3
+    expected = scenarios.make_model()
+    reference = distaccum.Trainer(expected, scenarios.make_optimizer("sgd"), loss=MSE,
+                                  accumulation_steps=3)
+    reference.fit(distaccum.micro_batches((x, y, w), scenarios.MICRO_BATCH_SIZE, seed=5)
+                  if given == "micro_batches" else scenarios.as_dataset(x, y, w), epochs=2)
+    for got, want in zip(scenarios.weights_of(model), scenarios.weights_of(expected)):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("micro_batch_size, data_micro_batch, message", [
+    (None, None, "sets k from the micro-batch size: train on distaccum.micro_batches"),
+    (2, 4, "hold 4 samples, but the Trainer was given micro_batch_size=2"),
+], ids=["unknown", "disagrees"])
+def test_global_batch_size_names_the_micro_batch_size_it_lacks_or_that_disagrees(
+        micro_batch_size, data_micro_batch, message):
+    x, y, w = scenarios.make_shard(0, 8)
+    data = (scenarios.as_dataset(x, y, w) if data_micro_batch is None
+            else distaccum.micro_batches((x, y, w), data_micro_batch))
+    trainer = distaccum.Trainer(scenarios.make_model(), scenarios.make_optimizer("sgd"),
+                                loss=MSE, global_batch_size=8, micro_batch_size=micro_batch_size)
+    with pytest.raises(ValueError, match=message) as raised:
+        trainer.fit(data, epochs=1)
     assert "\n" not in str(raised.value)
 
 
