@@ -121,7 +121,9 @@ def _assert_equals_uninterrupted(resumed: Path, reference: Path) -> None:
     assert max(steps) == TOTAL_UPDATES
 
 
-@pytest.mark.parametrize("launcher, backend", BACKENDS)
+# mpirun only: under horovodrun, test_resize.py's chain is stopped by SIGTERM and resumed (on
+# other worker counts) to the uninterrupted run's state.
+@pytest.mark.parametrize("launcher, backend", [("mpirun", "mpi")])
 def test_resumed_run_equals_uninterrupted_run_when_sigterm_twice(tmp_path, launcher, backend,
                                                                  uninterrupted):
 
@@ -139,7 +141,7 @@ def test_resumed_run_equals_uninterrupted_run_when_sigterm_twice(tmp_path, launc
 def test_crash_loop_of_sigkills_ends_bitwise_equal_to_uninterrupted_run(tmp_path, uninterrupted):
     """A supervisor restarts the 2-worker job after each SIGKILL of a random rank at a random
     moment after that run's first new checkpoint (so every run makes progress), the second one
-    while rank 0 writes a checkpoint, as `restartPolicy: OnFailure` would; the sixth start runs
+    while rank 0 writes a checkpoint, as `restartPolicy: OnFailure` would; the fourth start runs
     to the end."""
     launcher, backend = "mpirun", "mpi"
     rng = random.Random(20261125)
@@ -148,7 +150,7 @@ def test_crash_loop_of_sigkills_ends_bitwise_equal_to_uninterrupted_run(tmp_path
     kills = []
     while True:
         process, output = _start(launcher, logdir, *_SCHEDULE, backend=backend)
-        if len(kills) == 5:
+        if len(kills) == 3:
             break
         _wait_for(lambda: sorted(worker_processes(process)) == [0, 1], process)
         if len(kills) == 1:  # mid-save: the staging directory exists only while rank 0 writes

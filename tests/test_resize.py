@@ -151,7 +151,10 @@ def _launch(launcher: str, backend: str, workers: int, dump: Path, overrides: li
     code = process.wait(timeout=300)
     log.seek(0)
     text = log.read()
-    assert code == (0 if preempt_after is None else 143), text[-4000:]
+    if preempt_after is None:
+        assert code == 0, text[-4000:]
+    else:  # horovodrun exits 1 when its workers exit 143
+        assert code != 0 and "stopped by SIGTERM after update step" in text, text[-4000:]
     ranks = [np.load(dump / f"rank{r}.npz") for r in range(workers)]
     for saved in ranks[1:]:  # every rank holds the same model and optimizer state, bitwise
         assert all(np.array_equal(saved[key], ranks[0][key]) for key in ranks[0].files)
@@ -172,8 +175,8 @@ def test_run_resized_4_2_1_2_at_mid_epoch_checkpoints_ends_as_the_uninterrupted_
     keys, updates_per_epoch, stops = RUNS[kind]
     keys = keys + SCHEDULE + ([f"dataset={record_glob}"] if kind == "records" else [])
     whole, resized = tmp_path / "whole", tmp_path / "resized"
-    _launch(launcher, backend, STAGE_WORKERS[0], tmp_path / "dump-whole",
-            keys + ["epochs=2", f"logdir={whole}"])
+    # The uninterrupted run, on 2 workers: any worker count makes the same run, to round-off.
+    _launch(launcher, backend, 2, tmp_path / "dump-whole", keys + ["epochs=2", f"logdir={whole}"])
     texts = []
     for stage, workers in enumerate(STAGE_WORKERS):
         preempt = stage == 0 and launcher == "horovodrun"
@@ -191,7 +194,7 @@ def test_run_resized_4_2_1_2_at_mid_epoch_checkpoints_ends_as_the_uninterrupted_
     resized_meta, resized_state = _state(resized)
     assert resized_meta["position"] == whole_meta["position"]
     scenarios.assert_weights_close(resized_state, whole_state)
-    difference = max(float(np.max(np.abs(a - b))) for a, b in zip(resized_state, whole_state))
-    scale = max(float(np.max(np.abs(b))) for b in whole_state)
-    print(f"{chain}: max |resized - uninterrupted| = {difference:.3g} "
-          f"({difference / scale:.3g} of the largest state value)")
+    relative = max(float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+                   for a, b in zip(resized_state, whole_state) if np.any(b))
+    print(f"{chain}: largest |resized - uninterrupted| of a state tensor / its largest |value|: "
+          f"{relative:.2g}")
