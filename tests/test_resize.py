@@ -23,11 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import scenarios
 from conftest import (MPI_ROOT_VARIABLES, REPO_ROOT, VENV_BIN, WORKERS_DIR, launcher_command,
                       worker_processes)
-from distaccum import cli, job
+from distaccum import cli, data, job, microbatches, sources
 from distaccum.records import Position
 
 DIGITS = str(REPO_ROOT / "distaccum" / "configs" / "digits.yaml")
@@ -55,6 +56,18 @@ def test_start_up_line_says_what_changed_and_that_the_global_batch_did_not():
     assert same == "distaccum: resuming after update step 40 (epoch 2)"
 
 
+def test_resume_of_a_dataset_function_on_other_workers_says_its_updates_take_other_samples():
+    x, y = np.zeros((8, 5), "float32"), np.zeros((8, 1), "float32")
+    function = sources.JobData(data.DatasetEpochs(
+        tf.data.Dataset.from_tensor_slices((x, y)).batch(4)), None)
+    [note] = job._resize_notes(function, job.BatchShape(2, 2, 32), job.BatchShape(4, 1, 32))
+    assert "on 2 workers (was 4) updates keep the global batch but not their samples" in note
+    # Same workers (the shards do not change), or arrays: nothing to say.
+    assert job._resize_notes(function, job.BatchShape(2, 1, 64), job.BatchShape(2, 2, 32)) == ()
+    arrays = sources.JobData(microbatches.micro_batches((x, y), 4), None)
+    assert job._resize_notes(arrays, job.BatchShape(2, 2, 32), job.BatchShape(4, 1, 32)) == ()
+
+
 # --- one process: another micro-batch size --------------------------------------------------------
 
 @pytest.fixture
@@ -73,6 +86,7 @@ def train(monkeypatch, capsys):
     return run
 
 
+@pytest.mark.rounding
 def test_resume_on_another_micro_batch_size_continues_the_run_when_global_batch_is_kept(
         train, tmp_path):
     code, _, err = train(tmp_path / "whole")
@@ -167,6 +181,7 @@ def record_glob(tmp_path_factory) -> str:
     return write_records(tmp_path_factory.mktemp("records"), sizes=RECORD_SIZES).pattern
 
 
+@pytest.mark.rounding
 @pytest.mark.multiworker
 @pytest.mark.parametrize("chain", list(CHAINS))
 def test_run_resized_4_2_1_2_at_mid_epoch_checkpoints_ends_as_the_uninterrupted_run(
