@@ -7,6 +7,9 @@ so it starts exactly one rank per hostfile slot, and the GPU limit is that same 
 
 Workers with GPUs run the GPU image (`launch/setup.sh --gpu` inside: TensorFlow with CUDA, Horovod
 with NCCL), tagged `<version>-gpu`; the CPU image has no CUDA, so GPU manifests refuse it.
+
+A config is checked against the ranks it is rendered for (`check_ranks`), so that a job resized
+under the same name (claim, logdir) resumes on the new ranks instead of stopping at start-up.
 """
 
 from __future__ import annotations
@@ -14,8 +17,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
+
+from distaccum import order
+
+if TYPE_CHECKING:
+    from distaccum.config import TrainConfig
 
 API_VERSION = "kubeflow.org/v2beta1"
 SSH_PORT = 2222
@@ -27,6 +36,13 @@ HOSTFILE = "/etc/mpi/hostfile"  # where mpi-operator mounts the hostfile it gene
 TENSORBOARD_PORT = 6006
 IMAGE = "distaccum:0.1.0"  # the CPU image; the GPU image is the same tag plus GPU_TAG_SUFFIX
 GPU_TAG_SUFFIX = "-gpu"
+# mpi-operator creates and owns `<name>-config` (its hostfile) and refuses a namesake it does not
+# own, so the training config takes another suffix (Trainer's hostfile is `<name>-mpi-hostfile`).
+CONFIG_MAP_SUFFIX = "-train-config"
+# A launcher whose ranks stopped (exit 143 after a preemption's checkpoint, or a crash) reruns
+# `mpirun`, which resumes, up to backoffLimit; a worker whose sshd dies restarts in the same pod,
+# which mpi-operator would otherwise leave Failed (it replaces only missing worker pods).
+RESTART_POLICY = "OnFailure"
 _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 
@@ -85,6 +101,26 @@ class ClusterOptions:
         return self.gpus_per_worker or self.cpu_slots_per_worker
 
 
+def check_ranks(options: ClusterOptions, config: TrainConfig) -> None:
+    """Refuse a config that the rendered ranks cannot run, before it reaches the cluster.
+
+    Every slot is a rank, so num_workers = workers x slots per worker. The job would stop at
+    start-up (every rank, one line) unless the global batch is a whole number of micro-batches
+    per rank and num_workers divides the data's partitions.
+
+    Raises:
+        ManifestError: one line naming the workers, the slots and the config's values.
+    """
+    num_workers = options.workers * options.slots_per_worker
+    try:
+        config.accumulation_steps_on(num_workers)
+        order.check_num_workers(num_workers, config.partitions)
+    except ValueError as error:
+        raise ManifestError(
+            f"the config cannot run on workers={options.workers} x slots_per_worker="
+            f"{options.slots_per_worker} = num_workers {num_workers}: {error}") from None
+
+
 def launcher_command(options: ClusterOptions) -> list[str]:
     """The launcher's `mpirun` line: every hostfile slot gets a rank (no `-np` to disagree),
     running `distaccum train` on the ConfigMap's config, or the user's own command."""
@@ -103,6 +139,10 @@ def launcher_command(options: ClusterOptions) -> list[str]:
         "distaccum", "train", *workdir, "--config", f"{CONFIG_DIR}/config.yaml",
         "--set", f"logdir={DATA_DIR}/runs/{options.name}",
     ]
+
+
+def config_map_name(options: ClusterOptions) -> str:
+    return f"{options.name}{CONFIG_MAP_SUFFIX}"
 
 
 def _security_context() -> dict:
@@ -124,8 +164,8 @@ def _launcher(options: ClusterOptions) -> dict:
         ]
     return {
         "replicas": 1,
+        "restartPolicy": RESTART_POLICY,
         "template": {"spec": {
-            "restartPolicy": "OnFailure",
             "securityContext": _security_context(),
             "containers": [{
                 "name": "launcher",
@@ -154,13 +194,13 @@ def _worker(options: ClusterOptions) -> dict:
     if not options.command:  # `distaccum train` reads the ConfigMap's config on every rank
         container["volumeMounts"].insert(0, {"name": "config", "mountPath": CONFIG_DIR,
                                              "readOnly": True})
-        volumes.insert(0, {"name": "config", "configMap": {"name": f"{options.name}-config"}})
+        volumes.insert(0, {"name": "config", "configMap": {"name": config_map_name(options)}})
     if options.gpus_per_worker:
         _add_gpu_settings(container, volumes, options.gpus_per_worker)
     return {
         "replicas": options.workers,
+        "restartPolicy": RESTART_POLICY,
         "template": {"spec": {
-            "restartPolicy": "OnFailure",
             "securityContext": _security_context(),
             "containers": [container],
             "volumes": volumes,
@@ -190,6 +230,8 @@ def mpijob(options: ClusterOptions) -> dict:
                 "backoffLimit": 3,
                 "ttlSecondsAfterFinished": 86400,
             },
+            # Each replica spec carries restartPolicy: mpi-operator overwrites a pod template's
+            # with it (and records a warning event for the launcher's).
             "mpiReplicaSpecs": {"Launcher": _launcher(options), "Worker": _worker(options)},
         },
     }
@@ -199,7 +241,7 @@ def config_map(options: ClusterOptions, config_text: str) -> dict:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": {"name": f"{options.name}-config"},
+        "metadata": {"name": config_map_name(options)},
         "data": {"config.yaml": config_text},
     }
 

@@ -7,9 +7,10 @@ TrainJobs, and Kubeflow's Python SDK lists and follows them. Choose it where the
 Kubeflow Trainer. Choose the MPIJob (`k8s.py`) where only mpi-operator is installed. Both run the
 same image, sshd on the workers and the same `mpirun` line (`k8s.launcher_command`).
 
-What `render()` gives, in apply order: the config's ConfigMap (none for a command of your own), the
-data claim, the ClusterTrainingRuntime `<name>-runtime`, the TrainJob `<name>`, and TensorBoard.
-All of them except the runtime and the job are `k8s.render()`'s objects.
+What `render()` gives, in apply order: the config's ConfigMap `<name>-train-config` (none for a
+command of your own; Trainer's own ConfigMap is `<name>-mpi-hostfile`), the data claim, the
+ClusterTrainingRuntime `<name>-runtime`, the TrainJob `<name>`, and TensorBoard. All of them except
+the runtime and the job are `k8s.render()`'s objects.
 
 How Trainer v2.3 runs these. The runtime follows Trainer's own MPI runtimes (deepspeed-distributed,
 mlx-distributed). The points below come from its MPI plugin and JobSet builder:
@@ -58,11 +59,13 @@ def runtime_name(options: k8s.ClusterOptions) -> str:
 
 def _pod_spec(replica_spec: dict) -> dict:
     """An MPIJob replica's pod, made into a Trainer pod. The container is named `node` so Trainer
-    mounts the ssh keys into it. fsGroup lets mpiuser read the keys in their 0640 Secret."""
+    mounts the ssh keys into it. fsGroup lets mpiuser read the keys in their 0640 Secret. The
+    replica's restartPolicy moves into the pod, where JobSet's Jobs read it."""
     pod = replica_spec["template"]["spec"]
     [container] = pod["containers"]
     container["name"] = NODE
     pod["securityContext"]["fsGroup"] = k8s.USER_ID
+    pod["restartPolicy"] = replica_spec["restartPolicy"]
     return pod
 
 

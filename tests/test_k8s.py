@@ -1,10 +1,15 @@
 """Kubernetes manifests: the renderer is the source of truth, everything validates against the real
-CRD and Kubernetes schemas, mpi-operator's own rules hold, and the launcher's command really runs."""
+CRD and Kubernetes schemas, mpi-operator's own rules hold, and the launcher's command really runs.
+A job rendered again on other workers under its name differs only in its counts, and a config its
+ranks cannot run is refused at render time."""
 
 from __future__ import annotations
 
 import copy
+import json
 import os
+import re
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -15,6 +20,7 @@ import yaml
 
 from conftest import MPI_ROOT_VARIABLES, REPO_ROOT, VENV_BIN
 from distaccum import k8s
+from distaccum.config import load_config
 
 CRD_DIR = REPO_ROOT.parent / "shared" / "k8s" / "crds"
 DIGITS = REPO_ROOT / "distaccum" / "configs" / "digits.yaml"
@@ -59,6 +65,12 @@ def _strict(schema):
     return schema
 
 
+# mpi-operator's replica defaults (pkg/apis/kubeflow/v2beta1/default.go:
+# DefaultLauncherRestartPolicy OnFailure, DefaultRestartPolicy Never); its validation.go accepts
+# Never and OnFailure (validRestartPolicies).
+DEFAULT_RESTART_POLICY = {"Launcher": "OnFailure", "Worker": "Never"}
+
+
 def mpi_operator_problems(job: dict) -> list[str]:
     """mpi-operator's Go-side rules that the CRD schema does not express."""
     problems = []
@@ -66,8 +78,14 @@ def mpi_operator_problems(job: dict) -> list[str]:
     if specs.get("Launcher", {}).get("replicas", 1) != 1:
         problems.append("exactly one Launcher replica is allowed")
     for role, spec in specs.items():
-        if spec["template"]["spec"].get("restartPolicy") not in ("Never", "OnFailure"):
-            problems.append(f"{role} restartPolicy must be Never or OnFailure")
+        policy = spec.get("restartPolicy", DEFAULT_RESTART_POLICY[role])
+        if policy not in ("Never", "OnFailure"):
+            problems.append(f"{role} restartPolicy must be Never or OnFailure, not {policy}")
+        # mpi_job_controller.go's setRestartPolicy overwrites it with the replica spec's (and
+        # newLauncherPodTemplate records a SetPodTemplateRestartPolicy warning).
+        if "restartPolicy" in spec["template"]["spec"]:
+            problems.append(f"{role} pod template sets restartPolicy, which the replica spec's "
+                            "overrides")
     workers = specs["Worker"]["replicas"]
     if len(f"{job['metadata']['name']}-worker-{workers - 1}") > 63:
         problems.append("worker pod name exceeds 63 characters")
@@ -208,11 +226,11 @@ def test_own_command_renders_valid_manifests_without_a_distaccum_config(mpijob_s
 
 def test_render_command_offers_trainer_v2_when_asked_for_trainjob():
     # The TrainJob and its runtime are checked in depth in test_trainjob.py.
-    documents = _rendered_by_cli("--api", "trainjob", "--workers", "3")
+    documents = _rendered_by_cli("--api", "trainjob", "--workers", "4")
     kinds = [d["kind"] for d in documents]
     assert kinds == ["ConfigMap", "PersistentVolumeClaim", "ClusterTrainingRuntime", "TrainJob",
                      "Deployment", "Service"]
-    assert _by_kind(documents)["TrainJob"]["spec"]["trainer"]["numNodes"] == 3
+    assert _by_kind(documents)["TrainJob"]["spec"]["trainer"]["numNodes"] == 4
 
 
 @pytest.mark.parametrize(
@@ -260,6 +278,10 @@ def test_job_has_what_mpi_operator_users_ask_for():
         assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] != 0
     worker = spec["mpiReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
     assert worker["readinessProbe"]["tcpSocket"]["port"] == 2222
+    # Set where mpi-operator reads it: the Worker's default (Never) would leave a pod whose sshd
+    # died Failed for good.
+    assert {role: replica["restartPolicy"] for role, replica in spec["mpiReplicaSpecs"].items()} \
+        == {"Launcher": "OnFailure", "Worker": "OnFailure"}
     assert worker["ports"] == [{"name": "ssh", "containerPort": 2222}]
 
 
@@ -269,11 +291,14 @@ def test_job_has_what_mpi_operator_users_ask_for():
         (lambda job: job["spec"].update(slotsPerWorkr=2), "slotsPerWorkr"),
         (lambda job: job["spec"].update(slotsPerWorker="two"), "'two' is not of type 'integer'"),
         (lambda job: job["spec"]["mpiReplicaSpecs"]["Launcher"].update(replicas=2), "one Launcher"),
-        (lambda job: job["spec"]["mpiReplicaSpecs"]["Worker"]["template"]["spec"].update(
-            restartPolicy="Always"), "restartPolicy"),
+        (lambda job: job["spec"]["mpiReplicaSpecs"]["Worker"].update(restartPolicy="Always"),
+         "restartPolicy must be Never or OnFailure, not Always"),
+        (lambda job: job["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"].update(
+            restartPolicy="OnFailure"), "Launcher pod template sets restartPolicy"),
         (lambda job: job["metadata"].update(name="x" * 60), "63 characters"),
     ],
-    ids=["misspelt_field", "wrong_type", "two_launchers", "restart_always", "long_name"],
+    ids=["misspelt_field", "wrong_type", "two_launchers", "restart_always",
+         "restart_in_pod_template", "long_name"],
 )
 def test_validation_catches_broken_manifest(mutate, error, mpijob_schema):
     documents = k8s.render(k8s.ClusterOptions(), _config_text())
@@ -287,6 +312,49 @@ def test_validation_catches_misspelt_field_in_builtin_kind(mpijob_schema):
     _by_kind(documents)["Deployment"]["spec"]["replica"] = 1
     with pytest.raises(kubernetes_validate.ValidationError):
         validate(documents, mpijob_schema)
+
+
+def rendered_objects(documents: list[dict]) -> set[tuple[str, str]]:
+    return {(d["kind"], d["metadata"]["name"]) for d in documents}
+
+
+def mpi_operator_objects(job: dict) -> set[tuple[str, str]]:
+    """(kind, name) of each object mpi-operator creates for an MPIJob, from its
+    pkg/controller/mpi_job_controller.go: configSuffix "-config" (newConfigMap: the hostfile and
+    discover_hosts.sh), sshAuthSecretSuffix "-ssh" (newSSHAuthSecret), launcherSuffix "-launcher"
+    (newLauncherJob; newLauncherService for Intel MPI and MPICH), workerSuffix "-worker"
+    (newWorkersService, and workerName's pods "<name>-worker-<i>"). It uses none that it does not
+    own: "Resource %q of Kind %q already exists and is not managed by MPIJob"."""
+    name = job["metadata"]["name"]
+    workers = job["spec"]["mpiReplicaSpecs"]["Worker"]["replicas"]
+    return {("ConfigMap", f"{name}-config"), ("Secret", f"{name}-ssh"),
+            ("Job", f"{name}-launcher"), ("Service", f"{name}-launcher"),
+            ("Service", f"{name}-worker"),
+            *{("Pod", f"{name}-worker-{index}") for index in range(workers)}}
+
+
+NAMED = {**RENDERED, "own_command": k8s.ClusterOptions(command=("python", "train.py"))}
+
+
+@pytest.mark.parametrize("options", list(NAMED.values()), ids=list(NAMED))
+def test_rendered_names_differ_from_what_mpi_operator_creates_when_options_vary(options):
+    documents = k8s.render(options, None if options.command else _config_text())
+    by_kind = _by_kind(documents)
+    ours, theirs = rendered_objects(documents), mpi_operator_objects(by_kind["MPIJob"])
+    assert ours & theirs == set()
+    # Not under another kind either, so that a name in `kubectl get` output means one object.
+    assert {name for _, name in ours} & {name for _, name in theirs} == set()
+    if not options.command:  # the workers mount the ConfigMap rendered beside them
+        worker = by_kind["MPIJob"]["spec"]["mpiReplicaSpecs"]["Worker"]["template"]["spec"]
+        assert {"name": "config", "configMap": {"name": by_kind["ConfigMap"]["metadata"]["name"]}} \
+            in worker["volumes"]
+
+
+def test_name_check_catches_the_configmap_mpi_operator_owns(monkeypatch):
+    monkeypatch.setattr(k8s, "CONFIG_MAP_SUFFIX", "-config")  # the name before the fix
+    documents = k8s.render(k8s.ClusterOptions(), _config_text())
+    assert rendered_objects(documents) & mpi_operator_objects(_by_kind(documents)["MPIJob"]) \
+        == {("ConfigMap", "distaccum-config")}
 
 
 @pytest.mark.parametrize(
@@ -391,3 +459,225 @@ def test_sshd_accepts_config_when_sshd_is_installed(tmp_path):
         "/home/mpiuser/.sshd/ssh_host_ed25519_key", str(tmp_path / "key")))
     checked = subprocess.run([str(sshd), "-t", "-f", str(config)], capture_output=True, text=True)
     assert checked.returncode == 0, checked.stderr
+
+
+# --- resizing: the same job (name, claim, logdir) on another number of workers ---
+
+RESIZE_NAME = "big-run"
+RESIZED_FROM = (2, 1)  # (workers, GPUs per worker) before the resize
+# (workers, GPUs per worker) whose ranks the bundled global batch splits over: 128 = ranks x k x 32.
+RESIZES = {"1x1": (1, 1), "4x1": (4, 1), "1x2": (1, 2), "2x2": (2, 2)}
+README = REPO_ROOT / "README.md"
+_WORKER = ("MPIJob", RESIZE_NAME, "spec", "mpiReplicaSpecs", "Worker")
+_WORKER_RESOURCES = (*_WORKER, "template", "spec", "containers", 0, "resources")
+# What a resize may change in an MPIJob render: the worker count, and the slots per worker.
+MPIJOB_COUNTS = {
+    "workers": {(*_WORKER, "replicas")},
+    "slots": {("MPIJob", RESIZE_NAME, "spec", "slotsPerWorker"),
+              (*_WORKER_RESOURCES, "limits", "nvidia.com/gpu"),
+              (*_WORKER_RESOURCES, "requests", "cpu")},
+}
+
+
+def resize_render(api: str, workers: int, gpus: int) -> list[dict]:
+    """`distaccum k8s render` of the bundled config, always under RESIZE_NAME."""
+    return _rendered_by_cli("--api", api, "--name", RESIZE_NAME, "--workers", str(workers),
+                            "--gpus-per-worker", str(gpus))
+
+
+def _differences(before, after, path: tuple = ()) -> set[tuple]:
+    if isinstance(before, dict) and isinstance(after, dict):
+        return {found for key in before.keys() | after.keys()
+                for found in _differences(before.get(key), after.get(key), (*path, key))}
+    if isinstance(before, list) and isinstance(after, list) and len(before) == len(after):
+        return {found for index, pair in enumerate(zip(before, after))
+                for found in _differences(*pair, (*path, index))}
+    return set() if before == after else {path}
+
+
+def render_differences(before: list[dict], after: list[dict]) -> set[tuple]:
+    """The paths, each starting with the object's kind and name, at which two renders differ."""
+    def keyed(documents):
+        return {(d["kind"], d["metadata"]["name"]): d for d in documents}
+    return {(*key, *path) for key, *path in _differences(keyed(before), keyed(after))}
+
+
+def expected_differences(counts: dict[str, set], workers: int, gpus: int) -> set[tuple]:
+    return ((counts["workers"] if workers != RESIZED_FROM[0] else set())
+            | (counts["slots"] if gpus != RESIZED_FROM[1] else set()))
+
+
+def merge_patch(target, patch):
+    """RFC 7386 JSON merge patch, what `kubectl patch --type merge` sends the API server."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    merged = copy.deepcopy(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = merge_patch(merged.get(key), value)
+    return merged
+
+
+def readme_resize_commands() -> list[tuple[list[str], str | None]]:
+    """The commands README's "Resize a running job" shows, split into words, each with the output
+    shown after it (console blocks) or None: code block lines (continuations joined, comments
+    dropped) and inline code that starts with a command."""
+    section = README.read_text().split("### Resize a running job\n", 1)[1]
+    section = re.split(r"\n##+ ", section, maxsplit=1)[0]
+    commands = []
+    for language, block in re.findall(r"```(\w+)\n(.*?)```", section, re.S):
+        lines = [line for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+        for index, line in enumerate(lines):
+            if language == "console" and line.startswith("$ "):
+                output = [out for out in lines[index + 1:] if not out.startswith("$ ")]
+                commands.append((shlex.split(line[2:]), "\n".join(output) or None))
+            elif language == "bash":
+                commands.append((shlex.split(line.split(" #")[0]), None))
+    for span in re.findall(r"(?<!`)`([^`]+)`(?!`)", re.sub(r"```.*?```", "", section, flags=re.S)):
+        if span.startswith(("kubectl ", ".venv/bin/distaccum ")):
+            commands.append((shlex.split(span), None))
+    return commands
+
+
+def resize_command_api(words: list[str]) -> str:
+    """Which API a command of the README's resize section is about."""
+    if words[:2] in (["kubectl", "delete"], ["kubectl", "patch"]):
+        assert words[2] in ("mpijob", "trainjob"), words
+        return words[2]
+    assert words[:3] == [".venv/bin/distaccum", "k8s", "render"], words
+    return words[words.index("--api") + 1] if "--api" in words else "mpijob"
+
+
+def run_readme_render(words: list[str]) -> subprocess.CompletedProcess:
+    """A README render command as typed from the project's root (the pipe to kubectl apply
+    dropped; the API server is not here)."""
+    if "|" in words:
+        assert words[words.index("|") + 1:] == ["kubectl", "apply", "-f", "-"], words
+        words = words[:words.index("|")]
+    return subprocess.run([str(VENV_BIN / "distaccum"), *words[1:]], cwd=REPO_ROOT,
+                          capture_output=True, text=True)
+
+
+def with_workers(words: list[str], workers: int) -> list[str]:
+    at = words.index("--workers") + 1
+    return [*words[:at], str(workers), *words[at + 1:]]
+
+
+def _name_claims_logdir(documents: list[dict]) -> tuple:
+    """What ties a job to its checkpoints: its name, the claims its workers mount, its logdir."""
+    job = _by_kind(documents)["MPIJob"]
+    worker = job["spec"]["mpiReplicaSpecs"]["Worker"]["template"]["spec"]
+    claims = {v["persistentVolumeClaim"]["claimName"] for v in worker["volumes"]
+              if "persistentVolumeClaim" in v}
+    command = _launcher_container(documents)["command"]
+    return job["metadata"]["name"], claims, [a for a in command if a.startswith("logdir=")]
+
+
+@pytest.mark.parametrize("workers, gpus", list(RESIZES.values()), ids=list(RESIZES))
+def test_resized_mpijob_validates_and_differs_only_in_workers_and_slots(workers, gpus,
+                                                                        mpijob_schema):
+    before, after = resize_render("mpijob", *RESIZED_FROM), resize_render("mpijob", workers, gpus)
+    validate(before, mpijob_schema)
+    validate(after, mpijob_schema)
+    assert render_differences(before, after) == expected_differences(MPIJOB_COUNTS, workers, gpus)
+    assert _name_claims_logdir(before) == _name_claims_logdir(after) == (
+        RESIZE_NAME, {f"{RESIZE_NAME}-data"}, [f"logdir={k8s.DATA_DIR}/runs/{RESIZE_NAME}"])
+    job = _by_kind(after)["MPIJob"]["spec"]
+    ranks = job["mpiReplicaSpecs"]["Worker"]["replicas"] * job["slotsPerWorker"]
+    assert ranks == workers * gpus
+    assert ranks * load_config(DIGITS).accumulation_steps_on(ranks) * 32 == 128
+
+
+GLOBAL_BATCH_320 = "global_batch_size: 320\nmicro_batch_size: 32\nepochs: 1\n"  # k = 2 on 5 ranks
+
+
+@pytest.mark.parametrize("api", ["mpijob", "trainjob"])
+@pytest.mark.parametrize(
+    "config, arguments, message",
+    [
+        (None, ["--workers", "3"],
+         "workers=3 x slots_per_worker=1 = num_workers 3: global_batch_size: 128 is not a whole "
+         "number of micro-batches per worker (num_workers x micro_batch_size = 3 x 32 = 96). "
+         "Received: global_batch_size=128, num_workers=3, micro_batch_size=32"),
+        (None, ["--workers", "4", "--gpus-per-worker", "2"],
+         "workers=4 x slots_per_worker=2 = num_workers 8: global_batch_size: 128 is not a whole "
+         "number"),
+        (GLOBAL_BATCH_320, ["--workers", "5"],
+         "num_workers 5: num_workers 5 does not divide partitions 48"),
+        ("accumulation_steps: 2\nepochs: 1\n", ["--workers", "5"],
+         "num_workers 5: num_workers 5 does not divide partitions 48"),
+    ],
+    ids=["3_workers", "4_workers_2_gpus", "partitions_not_divided", "partitions_with_k_given"],
+)
+def test_render_exits_2_with_one_line_when_the_ranks_cannot_run_the_config(
+        api, config, arguments, message, tmp_path):
+    config_file = DIGITS
+    if config is not None:
+        config_file = tmp_path / "config.yaml"
+        config_file.write_text(config)
+    completed = subprocess.run(
+        [str(VENV_BIN / "distaccum"), "k8s", "render", "--api", api, "--config", str(config_file),
+         *arguments], capture_output=True, text=True)
+    assert completed.returncode == 2 and completed.stdout == ""
+    assert completed.stderr.count("\n") == 1, completed.stderr
+    assert completed.stderr.startswith("distaccum: error: the config cannot run on ")
+    assert message in completed.stderr
+
+
+# Configs that do run on ranks the bundled one refuses.
+ALSO_RUNS = {
+    "3_workers_global_batch_96": ("global_batch_size: 128", "global_batch_size: 96", 3),
+    "5_workers_partitions_60": ("global_batch_size: 128", "global_batch_size: 320\npartitions: 60",
+                                5),
+}
+
+
+@pytest.mark.parametrize("old, new, workers", list(ALSO_RUNS.values()), ids=list(ALSO_RUNS))
+def test_render_accepts_ranks_when_the_global_batch_and_partitions_allow(old, new, workers,
+                                                                        tmp_path, mpijob_schema):
+    config = tmp_path / "config.yaml"
+    config.write_text(_config_text().replace(old, new))
+    documents = _rendered_by_cli("--config", str(config), "--workers", str(workers))
+    validate(documents, mpijob_schema)
+    assert _by_kind(documents)["MPIJob"]["spec"]["mpiReplicaSpecs"]["Worker"]["replicas"] == workers
+
+
+def test_readme_resize_commands_are_the_ones_tests_check():
+    commands = readme_resize_commands()
+    apis = [resize_command_api(words) for words, _ in commands]
+    assert sorted(set(apis)) == ["mpijob", "trainjob"]
+    checked = ([".venv/bin/distaccum", "k8s", "render"], ["kubectl", "patch", "mpijob"],
+               ["kubectl", "delete", "mpijob"], ["kubectl", "delete", "trainjob"])
+    for words, _ in commands:
+        assert words[:3] in checked, words
+
+
+def test_readme_resize_commands_for_an_mpijob_render_validate_and_patch(mpijob_schema):
+    commands = [(w, shown) for w, shown in readme_resize_commands()
+                if resize_command_api(w) == "mpijob"]
+    renders = {}
+    for words, shown in commands:
+        if words[0] != ".venv/bin/distaccum":
+            continue
+        completed = run_readme_render(words)
+        if shown is not None:  # the refused command, with the line the README shows
+            assert (completed.returncode, completed.stderr) == (2, shown + "\n")
+            continue
+        assert completed.returncode == 0, completed.stderr
+        renders[tuple(words)] = list(yaml.safe_load_all(completed.stdout))
+        validate(renders[tuple(words)], mpijob_schema)
+    [(render_words, resized)] = renders.items()
+    job = _by_kind(resized)["MPIJob"]
+    deletes = [words for words, _ in commands if words[:2] == ["kubectl", "delete"]]
+    assert deletes == [["kubectl", "delete", "mpijob", job["metadata"]["name"]]]
+    # The patch, applied to the job as the README's submit command renders it (4 workers),
+    # gives a valid MPIJob: the one rendered for the new count.
+    [patch] = [words for words, _ in commands if words[:2] == ["kubectl", "patch"]]
+    assert patch[3:6] == [job["metadata"]["name"], "--type", "merge"] and patch[6] == "-p"
+    before = _by_kind(list(yaml.safe_load_all(
+        run_readme_render(with_workers(list(render_words), 4)).stdout)))["MPIJob"]
+    patched = merge_patch(before, json.loads(patch[7]))
+    validate([patched], mpijob_schema)
+    assert patched == job != before

@@ -15,7 +15,10 @@ import yaml
 
 from conftest import REPO_ROOT
 from distaccum import k8s, trainjob
-from test_k8s import CRD_DIR, KUBERNETES_VERSION, _by_kind, _config_text, _strict
+from test_k8s import (CRD_DIR, KUBERNETES_VERSION, RESIZE_NAME, RESIZED_FROM, RESIZES, _by_kind,
+                      _config_text, _strict, expected_differences, mpi_operator_objects,
+                      readme_resize_commands, render_differences, rendered_objects,
+                      resize_command_api, resize_render, run_readme_render, with_workers)
 
 CRD_FILES = {"TrainJob": "trainer.kubeflow.org_trainjobs.yaml",
              "ClusterTrainingRuntime": "trainer.kubeflow.org_clustertrainingruntimes.yaml"}
@@ -441,6 +444,39 @@ def test_nodes_mount_the_claim_and_the_config_the_render_creates(options, with_c
     assert shared == [d for d in mpijob_render if d["kind"] != "MPIJob"]
 
 
+def trainer_objects(job: dict) -> set[tuple[str, str]]:
+    """(kind, name) of each object Trainer and JobSet create for a TrainJob. Trainer v2's
+    pkg/constants/constants.go: MPIHostfileConfigMapSuffix "-mpi-hostfile" and
+    MPISSHAuthSecretSuffix "-mpi-ssh-auth" (built by pkg/runtime/framework/plugins/mpi/mpi.go),
+    and the JobSet named after the TrainJob (plugins/jobset). JobSet's
+    pkg/controllers/jobset_controller.go: a Job "<jobset>-<replicatedJob>-<index>" (GenJobName)
+    and the headless Service named after network.subdomain, the JobSet's name by default."""
+    name = job["metadata"]["name"]
+    return {("ConfigMap", f"{name}-mpi-hostfile"), ("Secret", f"{name}-mpi-ssh-auth"),
+            ("JobSet", name), ("Service", name),
+            ("Job", f"{name}-{trainjob.LAUNCHER}-0"), ("Job", f"{name}-{trainjob.NODE}-0")}
+
+
+@pytest.mark.parametrize("options, with_config", list(RENDERED.values()), ids=list(RENDERED))
+def test_rendered_names_differ_from_what_trainer_and_jobset_create(options, with_config):
+    documents = _render(options, with_config)
+    job = _by_kind(documents)["TrainJob"]
+    assert rendered_objects(documents) & trainer_objects(job) == set()
+    # One ConfigMap name for both APIs, free under either controller.
+    mpijob = _by_kind(k8s.render(options, _config_text() if with_config else None))["MPIJob"]
+    assert rendered_objects(documents) & mpi_operator_objects(mpijob) == set()
+
+
+@pytest.mark.parametrize("options, with_config", list(RENDERED.values()), ids=list(RENDERED))
+def test_pods_restart_as_the_mpijob_replicas_do(options, with_config):
+    # JobSet's Jobs read restartPolicy from the pod template (no replica-level field here).
+    pods = _pods(_by_kind(_render(options, with_config))["ClusterTrainingRuntime"])
+    replicas = _by_kind(k8s.render(options, _config_text() if with_config else None)
+                        )["MPIJob"]["spec"]["mpiReplicaSpecs"]
+    assert pods[trainjob.LAUNCHER]["restartPolicy"] == replicas["Launcher"]["restartPolicy"]
+    assert pods[trainjob.NODE]["restartPolicy"] == replicas["Worker"]["restartPolicy"]
+
+
 @pytest.mark.parametrize(
     "options, config, message",
     [
@@ -459,3 +495,131 @@ def test_render_refuses_with_one_line(options, config, message):
 def test_longest_accepted_name_validates(schemas, strict_schemas):
     options = k8s.ClusterOptions(name="n" * 44, workers=10)
     validate(trainjob.render(options, _config_text()), strict_schemas, schemas)
+
+
+# --- resizing: a TrainJob is created again on other nodes, its runtime updated in place ---
+
+def evaluate_transition_rules(new: dict, old: dict, schema: dict) -> list[str]:
+    """The `oldSelf` rules that an update from `old` to `new` breaks, as 'path: message'. A rule
+    applies where both objects have its field. List items are paired only in map lists, by their
+    keys, as the API server pairs them."""
+    failed = []
+
+    def visit(path, new_node, old_node, node_schema):
+        for validation in node_schema.get("x-kubernetes-validations", []):
+            if not _is_transition_rule(validation["rule"]):
+                continue
+            result = _CEL.program(_CEL.compile(validation["rule"])).evaluate(
+                {"self": celpy.json_to_cel(new_node), "oldSelf": celpy.json_to_cel(old_node)})
+            if not (isinstance(result, celpy.celtypes.BoolType) and result):
+                failed.append(f"{path}: {validation['message']}")
+        if isinstance(new_node, dict) and isinstance(old_node, dict):
+            for key in sorted(new_node.keys() & old_node.keys()):
+                visit(f"{path}.{key}", new_node[key], old_node[key],
+                      _child_schema(node_schema, key))
+        elif isinstance(new_node, list) and node_schema.get("x-kubernetes-list-type") == "map":
+            keys = node_schema["x-kubernetes-list-map-keys"]
+            old_items = {tuple(item.get(k) for k in keys): item for item in old_node}
+            for index, item in enumerate(new_node):
+                paired = old_items.get(tuple(item.get(k) for k in keys))
+                if paired is not None:
+                    visit(f"{path}[{index}]", item, paired, node_schema.get("items", {}))
+
+    visit("", _with_defaults(new, schema), _with_defaults(old, schema), schema)
+    return failed
+
+
+_RUNTIME = ("ClusterTrainingRuntime", f"{RESIZE_NAME}-runtime")
+_NODE_RESOURCES = (*_RUNTIME, "spec", "template", "spec", "replicatedJobs", 0, "template", "spec",
+                   "template", "spec", "containers", 0, "resources")
+# What a resize may change in a Trainer render: the node count, and the processes per node.
+TRAINJOB_COUNTS = {
+    "workers": {("TrainJob", RESIZE_NAME, "spec", "trainer", "numNodes"),
+                (*_RUNTIME, "spec", "mlPolicy", "numNodes")},
+    "slots": {(*_RUNTIME, "spec", "mlPolicy", "mpi", "numProcPerNode"),
+              (*_NODE_RESOURCES, "limits", "nvidia.com/gpu"),
+              (*_NODE_RESOURCES, "requests", "cpu")},
+}
+
+
+def _name_claims_logdir(documents: list[dict]) -> tuple:
+    """What ties a job to its checkpoints: its name, the claims its nodes mount, its logdir."""
+    by_kind = _by_kind(documents)
+    node = _pods(by_kind["ClusterTrainingRuntime"])[trainjob.NODE]
+    claims = {v["persistentVolumeClaim"]["claimName"] for v in node["volumes"]
+              if "persistentVolumeClaim" in v}
+    command = by_kind["TrainJob"]["spec"]["trainer"]["command"]
+    return (by_kind["TrainJob"]["metadata"]["name"], claims,
+            [a for a in command if a.startswith("logdir=")])
+
+
+@pytest.mark.parametrize("workers, gpus", list(RESIZES.values()), ids=list(RESIZES))
+def test_resized_trainjob_validates_and_differs_only_in_nodes_and_processes_per_node(
+        workers, gpus, schemas, strict_schemas):
+    before = resize_render("trainjob", *RESIZED_FROM)
+    after = resize_render("trainjob", workers, gpus)
+    for documents in (before, after):
+        assert validate(documents, strict_schemas, schemas) == EXPECTED_CEL
+    assert render_differences(before, after) == expected_differences(TRAINJOB_COUNTS, workers, gpus)
+    assert _name_claims_logdir(before) == _name_claims_logdir(after) == (
+        RESIZE_NAME, {f"{RESIZE_NAME}-data"}, [f"logdir={k8s.DATA_DIR}/runs/{RESIZE_NAME}"])
+
+
+@pytest.mark.parametrize("workers, gpus", list(RESIZES.values()), ids=list(RESIZES))
+def test_resized_trainjob_is_refused_in_place_while_its_runtime_updates(workers, gpus, schemas):
+    before = _by_kind(resize_render("trainjob", *RESIZED_FROM))
+    after = _by_kind(resize_render("trainjob", workers, gpus))
+    refused = evaluate_transition_rules(after["TrainJob"], before["TrainJob"], schemas["TrainJob"])
+    # Same nodes, other GPUs per node: the TrainJob is unchanged, only its runtime changes.
+    assert refused == ([".spec.trainer: field is immutable"] if workers != RESIZED_FROM[0] else [])
+    assert evaluate_transition_rules(after["ClusterTrainingRuntime"],
+                                     before["ClusterTrainingRuntime"],
+                                     schemas["ClusterTrainingRuntime"]) == []
+
+
+def _launcher_waits_for_completion(runtime):
+    runtime["spec"]["template"]["spec"]["replicatedJobs"][1]["dependsOn"][0]["status"] = "Complete"
+
+
+@pytest.mark.parametrize(
+    "kind, mutate, refused",
+    [
+        ("TrainJob", _set("spec.trainer.image", "registry.example/other:1"),
+         ".spec.trainer: field is immutable"),
+        ("TrainJob", _set("spec.runtimeRef.name", "other-runtime"),
+         ".spec.runtimeRef: field is immutable"),
+        ("ClusterTrainingRuntime",
+         _set("spec.template.spec.network.publishNotReadyAddresses", False),
+         ".spec.template.spec.network: Value is immutable"),
+        ("ClusterTrainingRuntime", _launcher_waits_for_completion,
+         ".spec.template.spec.replicatedJobs[1].dependsOn: Value is immutable"),
+    ],
+    ids=["trainer_image", "runtime_ref", "runtime_network", "runtime_depends_on"],
+)
+def test_transition_rules_refuse_an_update_of_an_immutable_field(kind, mutate, refused, schemas):
+    _, old = _rendered(kind)
+    _, new = _rendered(kind)
+    mutate(new)
+    assert evaluate_transition_rules(new, old, schemas[kind]) == [refused]
+
+
+def test_readme_resize_commands_for_a_trainjob_render_validate_and_recreate(schemas,
+                                                                          strict_schemas):
+    commands = [words for words, _ in readme_resize_commands()
+                if resize_command_api(words) == "trainjob"]
+    [render_words] = [words for words in commands if words[0] == ".venv/bin/distaccum"]
+    completed = run_readme_render(render_words)
+    assert completed.returncode == 0, completed.stderr
+    resized = list(yaml.safe_load_all(completed.stdout))
+    validate(resized, strict_schemas, schemas)
+    job = _by_kind(resized)["TrainJob"]
+    assert [words for words in commands if words[0] == "kubectl"] == [
+        ["kubectl", "delete", "trainjob", job["metadata"]["name"]]]
+    # Why delete: the job the README submits (4 workers) cannot be updated to the new count.
+    before = _by_kind(list(yaml.safe_load_all(
+        run_readme_render(with_workers(render_words, 4)).stdout)))
+    assert evaluate_transition_rules(job, before["TrainJob"], schemas["TrainJob"]) == [
+        ".spec.trainer: field is immutable"]
+    runtime = _by_kind(resized)["ClusterTrainingRuntime"]
+    assert evaluate_transition_rules(runtime, before["ClusterTrainingRuntime"],
+                                     schemas["ClusterTrainingRuntime"]) == []
