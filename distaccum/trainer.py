@@ -209,21 +209,7 @@ class Trainer:
             model.optimizer = self.optimizer  # where Keras callbacks (ReduceLROnPlateau) look
         self.clip_global_norm = clip_global_norm
         self.backend = comm.current()
-        self.global_batch_size = _check_count("global_batch_size", global_batch_size)
-        self.micro_batch_size = _check_count("micro_batch_size", micro_batch_size)
-        self._accumulation_steps = _check_count("accumulation_steps", accumulation_steps)
-        if global_batch_size is None:
-            if micro_batch_size is not None:
-                raise ValueError("micro_batch_size is what sets k from global_batch_size: give "
-                                 f"both, or accumulation_steps. Received: micro_batch_size="
-                                 f"{micro_batch_size}, global_batch_size=None")
-            self._accumulation_steps = self._accumulation_steps or 1
-        elif accumulation_steps is not None:
-            raise ValueError(f"give global_batch_size or accumulation_steps, not both. Received: "
-                             f"global_batch_size={global_batch_size}, "
-                             f"accumulation_steps={accumulation_steps}")
-        elif micro_batch_size is not None:
-            self._settle_micro_batch_size(micro_batch_size)
+        self._set_batch(global_batch_size, micro_batch_size, accumulation_steps)
         self.allreduce_dtype = _check_allreduce_dtype(allreduce_dtype, self.backend)
         self._accumulator: GradientAccumulator | None = None
         self._stored_micro_steps = 0  # micro-batches of the current window in the sums
@@ -244,6 +230,25 @@ class Trainer:
             raise ValueError(f"the model is not compiled: call model.compile(optimizer=..., "
                              f"loss=...) first. Received: model {model.name!r}")
         return cls(model, model.optimizer, **compiled_arguments(model), **options)
+
+    def _set_batch(self, global_batch_size, micro_batch_size, accumulation_steps) -> None:
+        """k as given (1 when nothing is), or from `global_batch_size` once the micro-batch size
+        is known (now, if given)."""
+        self.global_batch_size = _check_count("global_batch_size", global_batch_size)
+        self.micro_batch_size = _check_count("micro_batch_size", micro_batch_size)
+        self._accumulation_steps = _check_count("accumulation_steps", accumulation_steps)
+        if global_batch_size is None:
+            if micro_batch_size is not None:
+                raise ValueError("micro_batch_size is what sets k from global_batch_size: give "
+                                 f"both, or accumulation_steps. Received: micro_batch_size="
+                                 f"{micro_batch_size}, global_batch_size=None")
+            self._accumulation_steps = self._accumulation_steps or 1
+        elif accumulation_steps is not None:
+            raise ValueError(f"give global_batch_size or accumulation_steps, not both. Received: "
+                             f"global_batch_size={global_batch_size}, "
+                             f"accumulation_steps={accumulation_steps}")
+        elif micro_batch_size is not None:
+            self._settle_micro_batch_size(micro_batch_size)
 
     @property
     def accumulation_steps(self) -> int:
