@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run every benchmark and write benchmarks/results.md (date, machine, targets, tables) and
-# benchmarks/results.png. About 45-55 minutes on 2 cores. The slow-link figure needs root for its
+# benchmarks/results.png. About 55-65 minutes on 2 cores. The slow-link figure needs root for its
 # network namespaces; without root it is reported as skipped.
 set -euo pipefail
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -11,7 +11,7 @@ results=$(mktemp -d)
 trap 'rm -rf "$results"' EXIT
 started=$(date +%s)
 figures=()
-for figure in communication slow_link overhead memory startup peer_systems data; do
+for figure in communication slow_link overhead memory startup peer_systems data preemption; do
   echo "[benchmarks] $figure ($(date +%H:%M:%S))" >&2
   "$py" "$repo_root/benchmarks/$figure.py" --json "$results/$figure.json"
   figures+=("$results/$figure.json")

@@ -2,7 +2,10 @@
 
 `distaccum k8s render (--config FILE | --command CMD ...) --workers N --gpus-per-worker G
 --image IMG [--workdir DIR]` prints the Kubernetes manifests of that job (or writes a Kustomize
-base with `--output-dir`).
+base with `--output-dir`), once the config is known to run on its N x slots ranks.
+
+`distaccum launch COMMAND ...` runs a launcher (`mpirun ...`) so that a SIGTERM sent to it stops
+the job with a checkpoint, as one sent to the ranks does (see `distaccum.launcher`).
 
 Bad input of any kind prints one line on stderr naming the key and the value, and exits 2.
 Failures during training print one line and exit 1 (`DISTACCUM_DEBUG=1` shows the traceback).
@@ -11,7 +14,9 @@ Failures during training print one line and exit 1 (`DISTACCUM_DEBUG=1` shows th
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -50,6 +55,10 @@ def _parser() -> argparse.ArgumentParser:
         help="override one config key; repeatable",
     )
     _add_k8s_commands(commands)
+    launch = commands.add_parser("launch", help="run a launcher (mpirun, horovodrun) so that a "
+                                 "SIGTERM sent to it stops the job with a checkpoint")
+    launch.add_argument("launch_command", nargs=argparse.REMAINDER, metavar="COMMAND ...",
+                        help="the launcher's command line, e.g. mpirun -np 2 distaccum train ...")
     return parser
 
 
@@ -86,8 +95,8 @@ def _render_k8s(arguments) -> int:
         raise ConfigError("k8s render takes --config FILE or --command COMMAND ... (one of them). "
                           f"Received: --config={arguments.config!r}, "
                           f"--command={arguments.user_command!r}")
-    if arguments.config:
-        load_config(arguments.config)  # a config that would fail in the cluster fails here
+    # A config that would fail in the cluster fails here.
+    config = load_config(arguments.config) if arguments.config else None
     options = k8s.ClusterOptions(
         name=arguments.name,
         workers=arguments.workers,
@@ -97,6 +106,8 @@ def _render_k8s(arguments) -> int:
         workdir=arguments.workdir,
         command=tuple(arguments.user_command or ()),
     )
+    if config is not None:
+        k8s.check_ranks(options, config)
     renderer = trainjob.render if arguments.api == "trainjob" else k8s.render
     documents = renderer(options, Path(arguments.config).read_text() if arguments.config else None)
     if arguments.output_dir:
@@ -117,6 +128,14 @@ def _enter_workdir(workdir: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     arguments = _parser().parse_args(argv)
+    if arguments.command == "launch":
+        from distaccum import launcher
+
+        try:
+            return launcher.run(arguments.launch_command)
+        except ValueError as error:
+            print(f"distaccum: error: {error}", file=sys.stderr)
+            return EXIT_BAD_INPUT
     if arguments.command == "k8s":
         try:
             return _render_k8s(arguments)
@@ -147,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         if comm.is_chief():  # every worker stops at the same update; one of them says so
             print(f"distaccum: {stop}; checkpoint saved in {config.logdir}/checkpoints; run the "
                   "same command again to resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        # Run as the program (argv from the command line), nothing follows in this process.
+        return _interrupted(end_process=argv is None)
     except comm.WorkerLost as error:
         print(f"distaccum: error: {error}", file=sys.stderr)
         return EXIT_FAILED
@@ -157,6 +177,33 @@ def main(argv: list[str] | None = None) -> int:
         print(f"distaccum: error: {type(error).__name__}: {error}".splitlines()[0], file=sys.stderr)
         return EXIT_FAILED
     return 0
+
+
+def _interrupted(*, end_process: bool) -> int:
+    """Exit code 143, once every worker is past the chief's checkpoint: a launcher ends the
+    others as soon as one exits (mpirun with SIGKILL 0.5 s later), which would cut a save short.
+
+    With `end_process` the process ends here: Python's own teardown (TensorFlow's objects, one by
+    one) takes seconds of a preemption's notice, and everything worth keeping is on disk.
+    """
+    from distaccum import comm
+    from distaccum.controller import STOP_SIGNALS
+
+    if end_process:  # a second SIGTERM (horovodrun passes on its own) must not end this worker
+        for signum in STOP_SIGNALS:  # while the chief may still be saving
+            signal.signal(signum, signal.SIG_IGN)
+    try:
+        comm.barrier("the barrier after the stop's checkpoint")
+    except comm.WorkerLost as error:
+        print(f"distaccum: error: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    if end_process:
+        comm.shutdown()
+        atexit._run_exitfuncs()  # what a normal exit would run first: Horovod's, TensorFlow's
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)
+    return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -146,6 +146,9 @@ class Backend(Protocol):
     def broadcast_from_chief(self, tensors: Sequence[tf.Tensor]) -> list[tf.Tensor]:
         """Rank 0's values of `tensors` on every worker."""
 
+    def shutdown(self) -> None:
+        """End this worker's part in the collectives (a process about to exit)."""
+
 
 class SingleProcessBackend:
     """One worker: every collective is the identity, and nothing imports Horovod."""
@@ -170,6 +173,9 @@ class SingleProcessBackend:
 
     def broadcast_from_chief(self, tensors: Sequence[tf.Tensor]) -> list[tf.Tensor]:
         return list(tensors)
+
+    def shutdown(self) -> None:
+        pass
 
 
 def _per_dtype(tensors: Sequence, collective) -> list[tf.Tensor]:
@@ -261,6 +267,9 @@ class HorovodBackend:
             return [tf.reshape(piece, t.shape) for piece, t in zip(pieces, group)]
 
         return _per_dtype(tensors, broadcast)
+
+    def shutdown(self) -> None:
+        self._hvd.shutdown()
 
 
 class MPIBackend:
@@ -385,6 +394,10 @@ class MPIBackend:
         self.collective_counts["broadcast"] += 1
         return [tf.convert_to_tensor(v) for v in values]
 
+    def shutdown(self) -> None:
+        if not self._mpi.Is_finalized():
+            self._mpi.Finalize()
+
 
 _backend: Backend | None = None
 _device_code = devices.CPU  # this worker's device, set by init()
@@ -468,6 +481,23 @@ def num_workers() -> int:
 
 def is_chief() -> bool:
     return current().rank() == 0
+
+
+def barrier(what: str) -> None:
+    """Return once every worker has called it: one tiny sum, under the watchdog."""
+    backend = current()
+    if backend.num_workers() > 1:
+        with collective(what):
+            backend.sum_all([tf.zeros([1])], "barrier")
+
+
+def shutdown() -> None:
+    """End the backend started by `init()` (Horovod's shutdown, `MPI_Finalize`), for a process
+    that exits without Python's own teardown; nothing here communicates after it."""
+    global _backend
+    if _backend is not None:
+        _backend.shutdown()
+        _backend = None
 
 
 def gather_device_codes() -> list[int]:

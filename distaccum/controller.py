@@ -92,24 +92,32 @@ class CadenceOptions:
             _positive_int("checkpoint_interval", self.checkpoint_interval)
 
 
+# SIGTERM is what schedulers send. SIGUSR1 is what a launcher passes on unchanged where it would
+# answer its own SIGTERM by killing the ranks (Open MPI's mpirun: SIGKILL 0.5 s later);
+# `distaccum launch` turns the SIGTERM it gets into SIGUSR1 for such a launcher.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
 class _StopRequest:
-    """Records SIGTERM instead of dying, so the update in flight completes (main thread only)."""
+    """Records SIGTERM (or SIGUSR1) instead of dying, so the update in flight completes (main
+    thread only)."""
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous = None
+        self._previous: dict = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._request)
+            self._previous = {s: signal.signal(s, self._request) for s in STOP_SIGNALS}
         return self
 
     def _request(self, signum, frame) -> None:
         self.requested = True
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            if previous is not None:  # None: a handler Python did not install, left as is
+                signal.signal(signum, previous)
 
 
 def _advance(position: Position, windows: int, updates_per_epoch) -> Position:

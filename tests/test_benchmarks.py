@@ -91,6 +91,26 @@ def test_data_smoke_counts_each_workers_share_and_times_both_pipelines(tmp_path)
     assert [check["passed"] for check in figure["checks"]] == [None] * 4
 
 
+@pytest.mark.multiworker
+def test_preemption_smoke_times_sigterm_to_a_complete_checkpoint_and_every_process_gone(tmp_path):
+    # One launch: `distaccum launch mpirun`, SIGTERM to the launcher alone (turned into the
+    # SIGUSR1 mpirun passes on to the ranks).
+    figure = run_benchmark(tmp_path, "preemption", "--repeats", "1")
+    assert figure["title"] == "8. Preemption: SIGTERM to checkpoint and exit"
+    [run] = figure["runs"]
+    [(case, measured)] = run.items()
+    assert case == "distaccum launch mpirun, SIGTERM to launcher"
+    assert measured["complete"] and measured["step"] > 10  # the stop step's, checksum checked
+    assert measured["exit_code"] == 143
+    assert 0 < measured["checkpoint"] <= measured["all"]
+    assert 0 < measured["ranks"] <= measured["all"]
+    assert "| distaccum launch mpirun (mpi) | launcher |" in figure["table"]
+    [check] = figure["checks"]
+    assert check["target"] == "≤ 15 s" and check["passed"] is None  # smoke runs are not judged
+    [bar] = figure["plots"][0]["bars"]
+    assert bar["label"] == case and bar["median"] == measured["all"]
+
+
 def _table_rows(table: str) -> dict[str, list[str]]:
     """A markdown table's body rows by their first cell."""
     rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in table.splitlines()

@@ -154,3 +154,13 @@ def test_precision_key_trains_the_model_under_that_policy(tmp_path, capsys, prec
     model = keras.saving.load_model(tmp_path / "model.keras")
     assert model.layers[0].dtype_policy.name == precision
     assert model.layers[-1].dtype_policy.name == "float32"  # the logits
+
+
+@pytest.mark.parametrize("command, expected", [
+    ([], "launch needs a command to run"),
+    (["/nonexistent/mpirun", "-np", "2"], "launch: cannot start '/nonexistent/mpirun'"),
+], ids=["nothing", "not_found"])
+def test_launch_exits_2_with_one_line_when_the_command_cannot_run(capsys, command, expected):
+    assert cli.main(["launch", *command]) == cli.EXIT_BAD_INPUT
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and expected in error and "Received:" in error, error
