@@ -7,6 +7,9 @@ base with `--output-dir`), once the config is known to run on its N x slots rank
 `distaccum launch COMMAND ...` runs a launcher (`mpirun ...`) so that a SIGTERM sent to it stops
 the job with a checkpoint, as one sent to the ranks does (see `distaccum.launcher`).
 
+`distaccum stop-ranks [--timeout S]` sends SIGTERM to every `distaccum train` process here and
+waits until they have exited (a Kubernetes worker's preStop hook; see `distaccum.launcher`).
+
 Bad input of any kind prints one line on stderr naming the key and the value, and exits 2.
 Failures during training print one line and exit 1 (`DISTACCUM_DEBUG=1` shows the traceback).
 """
@@ -59,6 +62,10 @@ def _parser() -> argparse.ArgumentParser:
                                  "SIGTERM sent to it stops the job with a checkpoint")
     launch.add_argument("launch_command", nargs=argparse.REMAINDER, metavar="COMMAND ...",
                         help="the launcher's command line, e.g. mpirun -np 2 distaccum train ...")
+    stop = commands.add_parser("stop-ranks", help="SIGTERM every `distaccum train` process here "
+                               "and wait until they have exited (a worker pod's preStop hook)")
+    stop.add_argument("--timeout", type=float, default=25.0,
+                      help="seconds to wait at most (default 25)")
     return parser
 
 
@@ -136,6 +143,15 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as error:
             print(f"distaccum: error: {error}", file=sys.stderr)
             return EXIT_BAD_INPUT
+    if arguments.command == "stop-ranks":
+        from distaccum import launcher
+
+        try:
+            print(f"distaccum: {launcher.stop_ranks(arguments.timeout)}")
+        except ValueError as error:
+            print(f"distaccum: error: {error}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        return 0
     if arguments.command == "k8s":
         try:
             return _render_k8s(arguments)

@@ -182,6 +182,56 @@ def test_gpu_manifests_name_only_the_gpu_image_and_forward_nccl_settings():
 EXAMPLE = REPO_ROOT / "examples" / "my_project"
 
 
+STOP_RANKS = ["distaccum", "stop-ranks", "--timeout", "25"]
+STOPPED_BY_KUBERNETES = {
+    **{name: lambda options=options: k8s.render(options, _config_text())
+       for name, options in RENDERED.items()},
+    "committed_base": lambda: [document for path in sorted((REPO_ROOT / "k8s" / "base").glob("*"))
+                               if path.name != "kustomization.yaml"
+                               for document in yaml.safe_load_all(path.read_text())],
+    "gpu_overlay": lambda: _kustomize(REPO_ROOT / "k8s" / "overlays" / "gpu"),
+}
+
+
+@pytest.mark.parametrize("render", list(STOPPED_BY_KUBERNETES.values()),
+                         ids=list(STOPPED_BY_KUBERNETES))
+def test_pods_stop_the_job_with_a_checkpoint_when_kubernetes_stops_them(render, mpijob_schema):
+    # The launcher's SIGTERM reaches mpirun as the SIGUSR1 it passes on; a worker's preStop hook
+    # signals its ranks before sshd (PID 1) gets the SIGTERM that would take them down unsignalled.
+    documents = render()
+    validate(documents, mpijob_schema)
+    specs = _by_kind(documents)["MPIJob"]["spec"]["mpiReplicaSpecs"]
+    launcher_pod, worker_pod = (specs[role]["template"]["spec"] for role in ("Launcher", "Worker"))
+    [launcher], [worker] = launcher_pod["containers"], worker_pod["containers"]
+    assert launcher["command"][:3] == ["distaccum", "launch", "mpirun"]
+    assert launcher["command"][-6:-4] == ["distaccum", "train"]
+    assert worker["lifecycle"] == {"preStop": {"exec": {"command": STOP_RANKS}}}
+    assert "lifecycle" not in launcher
+    # The hook gives up before the grace period ends, so that sshd still gets its SIGTERM.
+    assert launcher_pod["terminationGracePeriodSeconds"] == 30
+    assert worker_pod["terminationGracePeriodSeconds"] == 30 > int(STOP_RANKS[-1])
+
+
+@pytest.mark.parametrize("command, train", [
+    (["python", "train.py", "--epochs", "3"], False),
+    (["distaccum", "train", "--config", "/opt/my_project/config.yaml"], True),
+], ids=["own_program", "own_distaccum_train"])
+def test_own_command_is_stopped_as_distaccum_train_only_when_it_is_one(command, train,
+                                                                        mpijob_schema):
+    # SIGUSR1 would end a program that does not handle it at once: any other program gets
+    # mpirun's SIGTERM, as under a bare mpirun, and no hook (it looks for `distaccum train`).
+    documents = _rendered_by_cli("--command", *command)
+    validate(documents, mpijob_schema)
+    specs = _by_kind(documents)["MPIJob"]["spec"]["mpiReplicaSpecs"]
+    launcher_pod, worker_pod = (specs[role]["template"]["spec"] for role in ("Launcher", "Worker"))
+    [launcher], [worker] = launcher_pod["containers"], worker_pod["containers"]
+    assert launcher["command"][0] == ("distaccum" if train else "mpirun")
+    assert launcher["command"][-len(command):] == command
+    assert ("lifecycle" in worker) is train
+    assert launcher_pod["terminationGracePeriodSeconds"] == 30
+    assert worker_pod["terminationGracePeriodSeconds"] == 30
+
+
 def _launcher_container(documents: list[dict]) -> dict:
     job = _by_kind(documents)["MPIJob"]
     return job["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["containers"][0]
@@ -193,7 +243,7 @@ def test_example_project_renders_valid_manifests_that_train_it_by_import_path(mp
     validate(documents, mpijob_schema)
     command = _launcher_container(documents)["command"]
     assert command[command.index("--wdir") + 1] == "/opt/my_project"
-    train = command[command.index("distaccum"):]
+    train = command[command.index("train") - 1:]
     assert train[:4] == ["distaccum", "train", "--workdir", "/opt/my_project"]
     config = _by_kind(documents)["ConfigMap"]["data"]["config.yaml"]
     assert "model: my_project.models:build_model" in config

@@ -19,8 +19,8 @@ import time
 
 import pytest
 
-from conftest import REPO_ROOT, VENV_BIN
-from test_reliability import _environment, _wait_for, _workers
+from conftest import REPO_ROOT, VENV_BIN, worker_processes
+from test_reliability import _environment, _wait_for
 
 pytestmark = pytest.mark.multiworker
 
@@ -102,7 +102,7 @@ def test_every_worker_exits_within_collective_timeout_when_the_link_is_cut(
                                     "PATH": f"{ssh.parent}:{environment['PATH']}"})
     try:
         _wait_for((logdir / "checkpoints" / "update-000000005").exists, process)
-        workers = _workers(process)
+        workers = worker_processes(process)
         assert sorted(workers) == [0, 1]
         subprocess.run(["ip", "-n", namespaces[0], "link", "set", INTERFACE, "down"], check=True)
         cut_at = time.monotonic()

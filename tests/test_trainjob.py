@@ -404,6 +404,28 @@ def test_launcher_runs_mpirun_over_trainers_hostfile_after_the_nodes_are_ready(o
 
 
 @pytest.mark.parametrize("options, with_config", list(RENDERED.values()), ids=list(RENDERED))
+def test_pods_stop_the_job_with_a_checkpoint_when_kubernetes_stops_them(options, with_config,
+                                                                        schemas, strict_schemas):
+    # As the MPIJob's pods (test_k8s.py): the launcher under `distaccum launch`, a preStop hook
+    # that signals the node's ranks before sshd's SIGTERM; neither for a program of the user's own.
+    documents = _render(options, with_config)
+    validate(documents, strict_schemas, schemas)
+    by_kind = _by_kind(documents)
+    command = by_kind["TrainJob"]["spec"]["trainer"]["command"]
+    pods = _pods(by_kind["ClusterTrainingRuntime"])
+    node = pods[trainjob.NODE]["containers"][0]
+    if with_config:
+        assert command[:3] == ["distaccum", "launch", "mpirun"]
+        assert node["lifecycle"] == {"preStop": {"exec": {"command": [
+            "distaccum", "stop-ranks", "--timeout", "25"]}}}
+    else:
+        assert command[0] == "mpirun" and "lifecycle" not in node
+    assert "lifecycle" not in pods[trainjob.LAUNCHER]["containers"][0]
+    assert {name: pod["terminationGracePeriodSeconds"] for name, pod in pods.items()} == {
+        trainjob.NODE: 30, trainjob.LAUNCHER: 30}
+
+
+@pytest.mark.parametrize("options, with_config", list(RENDERED.values()), ids=list(RENDERED))
 def test_nodes_serve_ssh_where_trainer_mounts_the_keys(options, with_config):
     runtime = _by_kind(_render(options, with_config))["ClusterTrainingRuntime"]
     node = _pods(runtime)[trainjob.NODE]["containers"][0]
