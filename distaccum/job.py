@@ -248,7 +248,7 @@ def run(config: TrainConfig, stream: TextIO | None = None) -> JobResult:
                              job_data.notes + _resize_notes(job_data, shape, previous)),
               file=stream, flush=True)
         writer = TensorBoardWriter(str(logdir), trainer.allreduce_per_update, start.update_step)
-        writer.write_config(config.to_dict())
+        writer.write_config(settings)  # as applied: the worker count, k and the global batch too
         callbacks = [ProgressReporter(total, stream), writer]
     history = trainer.fit(
         job_data.train,

@@ -89,7 +89,10 @@ def test_config_is_logged_once_as_text(frozen_run):
     _, events = frozen_run
     [config] = events.Tensors("config")
     text = config.tensor_proto.string_val[0].decode()
-    assert config.step == 0 and "accumulation_steps: 2" in text and "learning_rate: 0" in text
+    assert config.step == 0 and "learning_rate: 0" in text
+    # As applied on 2 workers: digits.yaml gives the global batch, the log says k too.
+    assert all(line in text.splitlines() for line in (
+        "global_batch_size: 128", "accumulation_steps: 2", "num_workers: 2")), text
 
 
 def test_resumed_writer_hides_steps_logged_after_checkpoint(tmp_path):
