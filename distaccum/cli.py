@@ -80,6 +80,8 @@ def _add_k8s_commands(commands) -> None:
                          help="GPUs per worker pod; also its number of ranks (default 0)")
     options.add_argument("--cpu-slots-per-worker", type=int, default=1,
                          help="ranks per worker pod without GPUs (default 1)")
+    options.add_argument("--memory-per-rank", help="memory request and limit of a worker pod, "
+                         "per rank (default 2Gi, or 8Gi with GPUs)")
     options.add_argument("--image", help="container image (default distaccum:0.1.0, or "
                          "distaccum:0.1.0-gpu with GPUs; a GPU image's tag ends in -gpu)")
     options.add_argument("--api", choices=("mpijob", "trainjob"), default="mpijob",
@@ -110,6 +112,7 @@ def _render_k8s(arguments) -> int:
         gpus_per_worker=arguments.gpus_per_worker,
         cpu_slots_per_worker=arguments.cpu_slots_per_worker,
         image=arguments.image,
+        memory_per_rank=arguments.memory_per_rank,
         workdir=arguments.workdir,
         command=tuple(arguments.user_command or ()),
     )

@@ -14,6 +14,7 @@ under the same name (claim, logdir) resumes on the new ranks instead of stopping
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,9 @@ CONFIG_DIR = "/etc/distaccum"
 DATA_DIR = "/data"
 HOSTFILE = "/etc/mpi/hostfile"  # where mpi-operator mounts the hostfile it generates
 TENSORBOARD_PORT = 6006
+# The one writable directory of every container (an emptyDir): the root filesystem is read-only.
+# sshd's PID file, Open MPI's session directory and Keras's config all go to /tmp.
+SCRATCH_DIR = "/tmp"
 IMAGE = "distaccum:0.1.0"  # the CPU image; the GPU image is the same tag plus GPU_TAG_SUFFIX
 GPU_TAG_SUFFIX = "-gpu"
 # mpi-operator creates and owns `<name>-config` (its hostfile) and refuses a namesake it does not
@@ -48,6 +52,13 @@ RESTART_POLICY = "OnFailure"
 # before the end, so that sshd still gets its SIGTERM before the kubelet's SIGKILL.
 TERMINATION_GRACE_SECONDS = 30
 STOP_RANKS = ["distaccum", "stop-ranks", "--timeout", str(TERMINATION_GRACE_SECONDS - 5)]
+# Memory: requests equal limits, so a pod is never evicted under node pressure for memory it was
+# promised, and a rank that outgrows it is OOM-killed at a known size. One rank of the bundled jobs
+# peaks at 0.65 GB (digits) to 0.82 GB (synthetic); TensorFlow with CUDA maps more host memory.
+MEMORY_PER_RANK = {"cpu": "2Gi", "gpu": "8Gi"}
+LAUNCHER_RESOURCES = {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"memory": "256Mi"}}
+TENSORBOARD_RESOURCES = {"requests": {"cpu": "250m", "memory": "2Gi"}, "limits": {"memory": "2Gi"}}
+_MEMORY = re.compile(r"^([1-9][0-9]*)(Mi|Gi)$")
 _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 
@@ -71,6 +82,8 @@ class ClusterOptions:
     # The user's own command line, run on every slot instead of `distaccum train` with the
     # ConfigMap's config (e.g. ("python", "train.py", "--epochs", "3")).
     command: tuple[str, ...] = ()
+    # Each worker pod's memory request and limit is this times its ranks. None: MEMORY_PER_RANK.
+    memory_per_rank: str | None = None
 
     def __post_init__(self) -> None:
         if not _DNS_LABEL.match(self.name):
@@ -90,6 +103,12 @@ class ClusterOptions:
             object.__setattr__(self, "image", IMAGE + (GPU_TAG_SUFFIX if self.gpus_per_worker else ""))
         if not self.image:
             raise ManifestError("image must not be empty. Received: image=''")
+        if self.memory_per_rank is None:
+            object.__setattr__(self, "memory_per_rank",
+                               MEMORY_PER_RANK["gpu" if self.gpus_per_worker else "cpu"])
+        if not _MEMORY.match(self.memory_per_rank):
+            raise ManifestError("memory_per_rank must be a whole number of Mi or Gi, such as 2Gi "
+                                f"or 1536Mi. Received: memory_per_rank={self.memory_per_rank!r}")
         if self.workdir is not None and not self.workdir.startswith("/"):
             raise ManifestError(f"workdir must be an absolute path in the image. Received: "
                                 f"workdir={self.workdir!r}")
@@ -104,6 +123,12 @@ class ClusterOptions:
     def slots_per_worker(self) -> int:
         """Ranks per worker pod: one per GPU, or `cpu_slots_per_worker` without GPUs."""
         return self.gpus_per_worker or self.cpu_slots_per_worker
+
+    @property
+    def worker_memory(self) -> str:
+        """A worker pod's memory request and limit: `memory_per_rank` for each of its ranks."""
+        amount, unit = _MEMORY.match(self.memory_per_rank).groups()
+        return f"{int(amount) * self.slots_per_worker}{unit}"
 
 
 def check_ranks(options: ClusterOptions, config: TrainConfig) -> None:
@@ -163,8 +188,42 @@ def config_map_name(options: ClusterOptions) -> str:
     return f"{options.name}{CONFIG_MAP_SUFFIX}"
 
 
-def _security_context() -> dict:
-    return {"runAsUser": USER_ID, "runAsGroup": USER_ID, "runAsNonRoot": True}
+def job_labels(options: ClusterOptions) -> dict:
+    """The labels of the job's launcher and worker pods, which its NetworkPolicy selects."""
+    return {"app.kubernetes.io/name": "distaccum", "distaccum/job": options.name}
+
+
+def tensorboard_labels(options: ClusterOptions) -> dict:
+    return {"app.kubernetes.io/name": "distaccum-tensorboard", "distaccum/job": options.name}
+
+
+def _container(options: ClusterOptions, name: str, **fields) -> dict:
+    """A container that Pod Security's "restricted" profile admits: no capability at all, no
+    privilege escalation, nothing written outside its volumes (the scratch emptyDir at
+    SCRATCH_DIR and the job's own). sshd runs under exactly this (tests/test_image.py)."""
+    container = {"name": name, "image": options.image, **fields}
+    container["securityContext"] = {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "readOnlyRootFilesystem": True,
+    }
+    container["volumeMounts"] = [{"name": "scratch", "mountPath": SCRATCH_DIR},
+                                 *container.get("volumeMounts", [])]
+    return container
+
+
+def _pod(container: dict, volumes: list[dict] = (), **fields) -> dict:
+    """A pod running `container` as mpiuser, under the runtime's default seccomp profile, with no
+    Kubernetes API token: mpi-operator v2 and Trainer v2 reach the workers by ssh, and nothing in
+    the job calls the API."""
+    return {
+        "automountServiceAccountToken": False,
+        "securityContext": {"runAsUser": USER_ID, "runAsGroup": USER_ID, "runAsNonRoot": True,
+                            "seccompProfile": {"type": "RuntimeDefault"}},
+        **fields,
+        "containers": [container],
+        "volumes": [{"name": "scratch", "emptyDir": {}}, *volumes],
+    }
 
 
 def _launcher(options: ClusterOptions) -> dict:
@@ -180,35 +239,33 @@ def _launcher(options: ClusterOptions) -> dict:
             {"name": "NCCL_DEBUG", "value": "WARN"},
             {"name": "NCCL_SOCKET_IFNAME", "value": "eth0"},
         ]
+    container = _container(options, "launcher", command=launcher_command(options),
+                           env=environment, resources=copy.deepcopy(LAUNCHER_RESOURCES))
     return {
         "replicas": 1,
         "restartPolicy": RESTART_POLICY,
-        "template": {"spec": {
-            "securityContext": _security_context(),
-            "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
-            "containers": [{
-                "name": "launcher",
-                "image": options.image,
-                "command": launcher_command(options),
-                "env": environment,
-                "resources": {"requests": {"cpu": "250m", "memory": "512Mi"}},
-            }],
-        }},
+        "template": {
+            "metadata": {"labels": job_labels(options)},
+            "spec": _pod(container, terminationGracePeriodSeconds=TERMINATION_GRACE_SECONDS),
+        },
     }
 
 
 def _worker(options: ClusterOptions) -> dict:
-    container = {
-        "name": "worker",
-        "image": options.image,
-        "command": ["/usr/sbin/sshd", "-De", "-f", f"{HOME}/.sshd_config"],
-        "ports": [{"name": "ssh", "containerPort": SSH_PORT}],
-        # The operator starts the launcher only once every worker's sshd answers.
-        "readinessProbe": {"tcpSocket": {"port": SSH_PORT}, "initialDelaySeconds": 2,
-                           "periodSeconds": 5},
-        "volumeMounts": [{"name": "data", "mountPath": DATA_DIR}],
-        "resources": {"requests": {"cpu": str(options.slots_per_worker), "memory": "2Gi"}},
-    }
+    ssh_answers = {"tcpSocket": {"port": SSH_PORT}, "periodSeconds": 5}
+    container = _container(
+        options, "worker",
+        command=["/usr/sbin/sshd", "-De", "-f", f"{HOME}/.sshd_config"],
+        ports=[{"name": "ssh", "containerPort": SSH_PORT}],
+        # The operator starts the launcher only once every worker's sshd answers; a worker whose
+        # sshd stops answering is restarted.
+        readinessProbe={**ssh_answers, "initialDelaySeconds": 2},
+        livenessProbe={**ssh_answers, "initialDelaySeconds": 10, "failureThreshold": 6},
+        volumeMounts=[{"name": "data", "mountPath": DATA_DIR}],
+        resources={"requests": {"cpu": str(options.slots_per_worker),
+                                "memory": options.worker_memory},
+                   "limits": {"memory": options.worker_memory}},
+    )
     if runs_distaccum_train(options):
         # sshd (PID 1) would exit on the pod's SIGTERM and take the ranks with it, unsignalled:
         # the kubelet runs this first, and it returns once the job has stopped with a checkpoint.
@@ -223,17 +280,16 @@ def _worker(options: ClusterOptions) -> dict:
     return {
         "replicas": options.workers,
         "restartPolicy": RESTART_POLICY,
-        "template": {"spec": {
-            "securityContext": _security_context(),
-            "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
-            "containers": [container],
-            "volumes": volumes,
-        }},
+        "template": {
+            "metadata": {"labels": job_labels(options)},
+            "spec": _pod(container, volumes,
+                         terminationGracePeriodSeconds=TERMINATION_GRACE_SECONDS),
+        },
     }
 
 
 def _add_gpu_settings(container: dict, volumes: list, gpus: int) -> None:
-    container["resources"]["limits"] = {"nvidia.com/gpu": gpus}
+    container["resources"]["limits"]["nvidia.com/gpu"] = gpus
     # NCCL's shared-memory transport needs more than the container runtime's 64 MiB /dev/shm.
     container["volumeMounts"].append({"name": "shm", "mountPath": "/dev/shm"})
     volumes.append({"name": "shm", "emptyDir": {"medium": "Memory"}})
@@ -283,7 +339,20 @@ def volume_claim(options: ClusterOptions) -> dict:
 
 def tensorboard(options: ClusterOptions) -> list[dict]:
     """A TensorBoard Deployment reading the job's logs from the claim, and its Service."""
-    labels = {"app.kubernetes.io/name": "distaccum-tensorboard", "distaccum/job": options.name}
+    labels = tensorboard_labels(options)
+    container = _container(
+        options, "tensorboard",
+        command=["tensorboard", "--logdir", f"{DATA_DIR}/runs", "--bind_all",
+                 "--port", str(TENSORBOARD_PORT)],
+        ports=[{"name": "http", "containerPort": TENSORBOARD_PORT}],
+        readinessProbe={"tcpSocket": {"port": TENSORBOARD_PORT}, "periodSeconds": 10},
+        livenessProbe={"tcpSocket": {"port": TENSORBOARD_PORT}, "initialDelaySeconds": 30,
+                       "periodSeconds": 10},
+        volumeMounts=[{"name": "data", "mountPath": DATA_DIR, "readOnly": True}],
+        resources=copy.deepcopy(TENSORBOARD_RESOURCES),
+    )
+    claim = {"name": "data", "persistentVolumeClaim": {"claimName": f"{options.name}-data",
+                                                       "readOnly": True}}
     deployment = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -291,19 +360,7 @@ def tensorboard(options: ClusterOptions) -> list[dict]:
         "spec": {
             "replicas": 1,
             "selector": {"matchLabels": labels},
-            "template": {"metadata": {"labels": labels}, "spec": {
-                "securityContext": _security_context(),
-                "containers": [{
-                    "name": "tensorboard",
-                    "image": options.image,
-                    "command": ["tensorboard", "--logdir", f"{DATA_DIR}/runs", "--bind_all",
-                                "--port", str(TENSORBOARD_PORT)],
-                    "ports": [{"name": "http", "containerPort": TENSORBOARD_PORT}],
-                    "volumeMounts": [{"name": "data", "mountPath": DATA_DIR, "readOnly": True}],
-                }],
-                "volumes": [{"name": "data", "persistentVolumeClaim": {
-                    "claimName": f"{options.name}-data", "readOnly": True}}],
-            }},
+            "template": {"metadata": {"labels": labels}, "spec": _pod(container, [claim])},
         },
     }
     service = {
@@ -313,7 +370,31 @@ def tensorboard(options: ClusterOptions) -> list[dict]:
         "spec": {"selector": labels,
                  "ports": [{"name": "http", "port": TENSORBOARD_PORT, "targetPort": "http"}]},
     }
-    return [deployment, service]
+    # Pods of the namespace may read the logs (a `kubectl port-forward` is not subject to it).
+    reachable = _network_policy(f"{options.name}-tensorboard", labels, {"podSelector": {}},
+                                {"protocol": "TCP", "port": TENSORBOARD_PORT})
+    return [deployment, service, reachable]
+
+
+def _network_policy(name: str, labels: dict, source: dict, ports: dict) -> dict:
+    """Pods with `labels` accept connections only from `source`, on `ports`."""
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": name},
+        "spec": {"podSelector": {"matchLabels": labels}, "policyTypes": ["Ingress"],
+                 "ingress": [{"from": [source], "ports": [ports]}]},
+    }
+
+
+def job_network_policy(options: ClusterOptions) -> dict:
+    """The job's pods accept TCP only from each other. Any port: besides sshd's SSH_PORT (the
+    launcher's mpirun starting a daemon on each worker), Open MPI's daemons call back to mpirun
+    and its ranks exchange data (the tcp BTL), Horovod's Gloo and NCCL connect rank to rank, all
+    on ports the kernel picks; NCCL offers no setting to pin them."""
+    labels = job_labels(options)
+    return _network_policy(options.name, labels, {"podSelector": {"matchLabels": labels}},
+                           {"protocol": "TCP"})
 
 
 def render(options: ClusterOptions, config_text: str | None) -> list[dict]:
@@ -323,7 +404,8 @@ def render(options: ClusterOptions, config_text: str | None) -> list[dict]:
         raise ManifestError("give a distaccum config or a command to run, not both. Received: "
                             f"command={list(options.command)!r} and a config")
     config = [] if options.command else [config_map(options, config_text)]
-    return [*config, volume_claim(options), mpijob(options), *tensorboard(options)]
+    return [*config, volume_claim(options), job_network_policy(options), mpijob(options),
+            *tensorboard(options)]
 
 
 def to_yaml(documents: list[dict]) -> str:

@@ -8,9 +8,9 @@ Kubeflow Trainer. Choose the MPIJob (`k8s.py`) where only mpi-operator is instal
 same image, sshd on the workers and the same `mpirun` line (`k8s.launcher_command`).
 
 What `render()` gives, in apply order: the config's ConfigMap `<name>-train-config` (none for a
-command of your own; Trainer's own ConfigMap is `<name>-mpi-hostfile`), the data claim, the
-ClusterTrainingRuntime `<name>-runtime`, the TrainJob `<name>`, and TensorBoard. All of them except
-the runtime and the job are `k8s.render()`'s objects.
+command of your own; Trainer's own ConfigMap is `<name>-mpi-hostfile`), the data claim, the job's
+NetworkPolicy, the ClusterTrainingRuntime `<name>-runtime`, the TrainJob `<name>`, and TensorBoard.
+All of them except the runtime and the job are `k8s.render()`'s objects.
 
 How Trainer v2.3 runs these. The runtime follows Trainer's own MPI runtimes (deepspeed-distributed,
 mlx-distributed). The points below come from its MPI plugin and JobSet builder:
@@ -57,23 +57,25 @@ def runtime_name(options: k8s.ClusterOptions) -> str:
     return f"{options.name}-runtime"
 
 
-def _pod_spec(replica_spec: dict) -> dict:
-    """An MPIJob replica's pod, made into a Trainer pod. The container is named `node` so Trainer
-    mounts the ssh keys into it. fsGroup lets mpiuser read the keys in their 0640 Secret. The
-    replica's restartPolicy moves into the pod, where JobSet's Jobs read it."""
-    pod = replica_spec["template"]["spec"]
+def _pod_template(replica_spec: dict) -> dict:
+    """An MPIJob replica's pod template (its labels select it for the job's NetworkPolicy), made
+    into a Trainer pod. The container is named `node` so Trainer mounts the ssh keys into it.
+    fsGroup lets mpiuser read the keys in their 0640 Secret. The replica's restartPolicy moves
+    into the pod, where JobSet's Jobs read it."""
+    template = replica_spec["template"]
+    pod = template["spec"]
     [container] = pod["containers"]
     container["name"] = NODE
     pod["securityContext"]["fsGroup"] = k8s.USER_ID
     pod["restartPolicy"] = replica_spec["restartPolicy"]
-    return pod
+    return template
 
 
 def cluster_training_runtime(options: k8s.ClusterOptions) -> dict:
     """The pods of one distaccum job. The node pods are the MPIJob's workers and the launcher pod
     is the MPIJob's launcher, except that its command comes from the TrainJob."""
-    launcher = _pod_spec(k8s._launcher(options))
-    del launcher["containers"][0]["command"]  # TrainJob.spec.trainer.command sets it
+    launcher = _pod_template(k8s._launcher(options))
+    del launcher["spec"]["containers"][0]["command"]  # TrainJob.spec.trainer.command sets it
     return {
         "apiVersion": API_VERSION,
         "kind": "ClusterTrainingRuntime",
@@ -95,11 +97,11 @@ def cluster_training_runtime(options: k8s.ClusterOptions) -> dict:
                 # JobSet refuses dependsOn on the first ReplicatedJob: the nodes come first.
                 "replicatedJobs": [
                     {"name": NODE,
-                     "template": {"spec": {"template": {"spec": _pod_spec(k8s._worker(options))}}}},
+                     "template": {"spec": {"template": _pod_template(k8s._worker(options))}}},
                     {"name": LAUNCHER,
                      "dependsOn": [{"name": NODE, "status": "Ready"}],
                      "template": {"metadata": {"labels": {ANCESTOR_LABEL: "trainer"}},
-                                  "spec": {"template": {"spec": launcher}}}},
+                                  "spec": {"template": launcher}}},
                 ],
             }},
         },

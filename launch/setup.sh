@@ -2,7 +2,9 @@
 # Idempotent set-up: creates .venv/ at the repo root and installs distaccum editable with its pinned
 # dependencies (mpi4py included: mpirun jobs need nothing else). With --horovod it also installs a
 # Horovod wheel patched for TF 2.21, built once (minutes, progress every 30 s) and cached outside
-# the repo. A second run with nothing changed returns in seconds.
+# the repo. It also installs checkov, for tests/test_checkov.py, into a venv of its own under
+# .venv/tools/ (its pins would move TensorFlow's dependencies). A second run with nothing changed
+# returns in seconds.
 #
 # Two variants of the same .venv/: `cpu` (tensorflow-cpu, the default) and `gpu`
 # (tensorflow[and-cuda] with NVIDIA's CUDA 12 wheels, and Horovod built with NCCL). --gpu, or
@@ -45,6 +47,10 @@ requirement="-e $repo_root[$variant,test,benchmarks]"
 # requires the `tensorflow` distribution, which would put a second TensorFlow over tensorflow-cpu;
 # the variant's TensorFlow is the one it needs, so it is installed without its dependencies.
 keras2_requirement="tf-keras==2.21.0"
+# checkov pins packaging and termcolor below what TensorFlow takes (a dry run into .venv/ would
+# downgrade both): it gets a venv of its own, which the tests find at this path.
+checkov_requirement="checkov==3.3.30"
+checkov_venv="$venv/tools/checkov"
 
 log() { echo "[setup] $*" >&2; }
 
@@ -52,6 +58,7 @@ if [ "$dry_run" = 1 ]; then
   echo "venv: $venv"
   echo "install: $requirement"
   echo "install without dependencies: $keras2_requirement"
+  echo "install into $checkov_venv: $checkov_requirement"
   "$python_bin" -c "import sys, tomllib
 extras = tomllib.load(open(sys.argv[1], 'rb'))['project']['optional-dependencies']
 print('tensorflow:', ', '.join(extras[sys.argv[2]]))" "$repo_root/pyproject.toml" "$variant"
@@ -76,7 +83,12 @@ ready() {  # ready STAMP MODULE: installed from these inputs for this variant, a
   [ -f "$venv/$1" ] && [ "$(cat "$venv/$1")" = "$stamp" ] \
     && "$py" -c "import importlib.util as u, sys; sys.exit(not u.find_spec('$2'))"
 }
-if ready .distaccum-setup distaccum && { [ "$with_horovod" = 0 ] || ready .distaccum-horovod horovod; }; then
+checkov_ready() {
+  [ -x "$checkov_venv/bin/checkov" ] \
+    && [ "$(cat "$checkov_venv/.distaccum-checkov" 2>/dev/null)" = "$checkov_requirement" ]
+}
+if ready .distaccum-setup distaccum && checkov_ready \
+    && { [ "$with_horovod" = 0 ] || ready .distaccum-horovod horovod; }; then
   log "up to date ($venv, $variant)"
   exit 0
 fi
@@ -98,6 +110,13 @@ if ! ready .distaccum-setup distaccum; then
   "${uv[@]}" "setuptools>=77" wheel $requirement
   "${uv[@]}" --no-deps "$keras2_requirement"
   echo "$stamp" > "$venv/.distaccum-setup"
+fi
+if ! checkov_ready; then
+  # Measured into a fresh venv: 8 s with nothing cached, 2 s from uv's cache.
+  log "installing $checkov_requirement into $checkov_venv"
+  "$venv/bin/uv" venv -q --clear --python "$py" "$checkov_venv"
+  "$venv/bin/uv" pip install -q --python "$checkov_venv/bin/python" "$checkov_requirement"
+  echo "$checkov_requirement" > "$checkov_venv/.distaccum-checkov"
 fi
 if [ "$with_horovod" = 0 ]; then
   log "ready: $venv ($variant; without Horovod: mpirun jobs use mpi4py; launch/setup.sh --horovod adds it)"

@@ -271,15 +271,15 @@ def test_own_command_renders_valid_manifests_without_a_distaccum_config(mpijob_s
     assert command[-4:] == ["python", "train.py", "--epochs", "3"]
     assert command[command.index("--wdir") + 1] == "/opt/my_project"
     worker = _by_kind(documents)["MPIJob"]["spec"]["mpiReplicaSpecs"]["Worker"]["template"]["spec"]
-    assert [v["name"] for v in worker["volumes"]] == ["data", "shm"]  # no config to mount
+    assert [v["name"] for v in worker["volumes"]] == ["scratch", "data", "shm"]  # no config
 
 
 def test_render_command_offers_trainer_v2_when_asked_for_trainjob():
     # The TrainJob and its runtime are checked in depth in test_trainjob.py.
     documents = _rendered_by_cli("--api", "trainjob", "--workers", "4")
     kinds = [d["kind"] for d in documents]
-    assert kinds == ["ConfigMap", "PersistentVolumeClaim", "ClusterTrainingRuntime", "TrainJob",
-                     "Deployment", "Service"]
+    assert kinds == ["ConfigMap", "PersistentVolumeClaim", "NetworkPolicy", "ClusterTrainingRuntime",
+                     "TrainJob", "Deployment", "Service", "NetworkPolicy"]
     assert _by_kind(documents)["TrainJob"]["spec"]["trainer"]["numNodes"] == 4
 
 
@@ -525,7 +525,9 @@ MPIJOB_COUNTS = {
     "workers": {(*_WORKER, "replicas")},
     "slots": {("MPIJob", RESIZE_NAME, "spec", "slotsPerWorker"),
               (*_WORKER_RESOURCES, "limits", "nvidia.com/gpu"),
-              (*_WORKER_RESOURCES, "requests", "cpu")},
+              (*_WORKER_RESOURCES, "requests", "cpu"),
+              (*_WORKER_RESOURCES, "requests", "memory"),  # memory_per_rank x slots
+              (*_WORKER_RESOURCES, "limits", "memory")},
 }
 
 

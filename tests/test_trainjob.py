@@ -373,7 +373,7 @@ def test_slots_nodes_gpus_and_images_agree(options, with_config):
     # The node pods get their GPUs from the runtime. TrainJob resources would reach the launcher.
     assert node["resources"].get("limits", {}).get("nvidia.com/gpu", 0) == options.gpus_per_worker
     assert node["resources"]["requests"]["cpu"] == str(options.slots_per_worker)
-    assert "limits" not in launcher["resources"]
+    assert "nvidia.com/gpu" not in launcher["resources"]["limits"]
     assert "resourcesPerNode" not in job["spec"]["trainer"]
     assert job["spec"]["trainer"]["image"] == node["image"] == launcher["image"] == options.image
     assert job["spec"]["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org",
@@ -459,8 +459,8 @@ def test_nodes_mount_the_claim_and_the_config_the_render_creates(options, with_c
     else:
         assert k8s.CONFIG_DIR not in mounts and "ConfigMap" not in by_kind
     assert [d["kind"] for d in documents] == [
-        *(["ConfigMap"] if with_config else []), "PersistentVolumeClaim",
-        "ClusterTrainingRuntime", "TrainJob", "Deployment", "Service"]
+        *(["ConfigMap"] if with_config else []), "PersistentVolumeClaim", "NetworkPolicy",
+        "ClusterTrainingRuntime", "TrainJob", "Deployment", "Service", "NetworkPolicy"]
     shared = [d for d in documents if d["kind"] not in TRAINER_KINDS]
     mpijob_render = k8s.render(options, _config_text() if with_config else None)
     assert shared == [d for d in mpijob_render if d["kind"] != "MPIJob"]
@@ -560,7 +560,9 @@ TRAINJOB_COUNTS = {
                 (*_RUNTIME, "spec", "mlPolicy", "numNodes")},
     "slots": {(*_RUNTIME, "spec", "mlPolicy", "mpi", "numProcPerNode"),
               (*_NODE_RESOURCES, "limits", "nvidia.com/gpu"),
-              (*_NODE_RESOURCES, "requests", "cpu")},
+              (*_NODE_RESOURCES, "requests", "cpu"),
+              (*_NODE_RESOURCES, "requests", "memory"),  # memory_per_rank x slots
+              (*_NODE_RESOURCES, "limits", "memory")},
 }
 
 
