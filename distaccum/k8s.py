@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 API_VERSION = "kubeflow.org/v2beta1"
 SSH_PORT = 2222
-USER_ID = 1000
+USER_ID = 10000  # 10000 and up: no clash with a node's own users (checkov CKV_K8S_40)
 HOME = "/home/mpiuser"
 CONFIG_DIR = "/etc/distaccum"
 DATA_DIR = "/data"

@@ -23,7 +23,7 @@ mlx-distributed). The points below come from its MPI plugin and JobSet builder:
   `successPolicy` ends the job when the launcher completes, because the sshd pods never exit.
 - Trainer mounts its per-job ssh key pair (a Secret, mode 0640) only into containers named `node`.
   In the launcher it also mounts the hostfile there. So both containers are named `node`, and both
-  pods have fsGroup 1000, which lets mpiuser read the key.
+  pods have fsGroup k8s.USER_ID (mpiuser's group), which lets mpiuser read the key.
 - The hostfile is at /etc/mpi/hostfile (Trainer's MPIHostfileDir `/etc/mpi` + `hostfile`). That is
   the same path as mpi-operator's `k8s.HOSTFILE`, so the launcher runs `k8s.launcher_command` as it
   is. Each line reads `<job>-node-0-<i>.<job> slots=<numProcPerNode>`.

@@ -20,10 +20,22 @@ from pod_security import REPO_ROOT, pod_templates, renders
 CHECKOV = REPO_ROOT / ".venv" / "tools" / "checkov" / "bin" / "checkov"
 KINDS_CHECKOV_READS = {"Deployment", "NetworkPolicy"}
 
-# Failed checks the manifests keep on purpose, each with why.
+# Failed checks the manifests keep on purpose: check -> (why, the pods it may fail on: a part of
+# the test id, or "" for every pod). The README's "Security" section gives the same list.
 ALLOWED_FAILURES = {
-    "CKV_K8S_21": "the namespace is chosen when the manifests are applied (kubectl -n, an overlay)",
-    "CKV_K8S_43": "images are named by tag (--image); a digest exists only once one is pushed",
+    "CKV_K8S_21": ("the namespace is chosen when the manifests are applied (kubectl -n, an overlay)",
+                   ""),
+    "CKV_K8S_43": ("images are named by tag (--image); a digest exists only once one is pushed",
+                   ""),
+    "CKV_K8S_11": ("no CPU limit: TensorFlow sizes its thread pools by the node's cores, not the "
+                   "quota, so a limit throttles every step; the request reserves the cores", ""),
+    "CKV_K8S_15": ("imagePullPolicy is Kubernetes' default (IfNotPresent for a tag): a side-loaded "
+                   "image (kind, minikube) cannot be pulled; clusters that want Always enforce it "
+                   "with the AlwaysPullImages admission plugin", ""),
+    "CKV_K8S_8": ("the launcher runs mpirun to its end and listens on no port: its liveness is "
+                  "mpirun's exit", "Launcher"),
+    "CKV_K8S_9": ("the launcher is ready once started: nothing connects to it before mpirun does",
+                  "Launcher"),
 }
 
 RENDERS = renders()
@@ -86,8 +98,12 @@ def failed_checks(tmp_path_factory) -> dict[str, dict[str, str]]:
 @pytest.mark.parametrize("name", POD_TEMPLATES)
 def test_pod_fails_no_checkov_check_outside_the_allow_list(name, failed_checks):
     failed = {check: title for check, title in failed_checks[_file_name(name)].items()
-              if check.startswith("CKV_K8S_") and check not in ALLOWED_FAILURES}
+              if check.startswith("CKV_K8S_") and not _allowed(check, name)}
     assert dict(sorted(failed.items(), key=lambda item: int(item[0].split("_")[-1]))) == {}
+
+
+def _allowed(check: str, pod_template: str) -> bool:
+    return check in ALLOWED_FAILURES and ALLOWED_FAILURES[check][1].lower() in pod_template.lower()
 
 
 def test_allow_list_names_only_checks_that_still_fail(failed_checks):
