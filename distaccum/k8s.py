@@ -36,7 +36,7 @@ DATA_DIR = "/data"
 HOSTFILE = "/etc/mpi/hostfile"  # where mpi-operator mounts the hostfile it generates
 TENSORBOARD_PORT = 6006
 # The one writable directory of every container (an emptyDir): the root filesystem is read-only.
-# sshd's PID file, Open MPI's session directory and Keras's config all go to /tmp.
+# Open MPI's session directory, TensorFlow's and Keras's files go to /tmp; sshd writes nothing.
 SCRATCH_DIR = "/tmp"
 IMAGE = "distaccum:0.1.0"  # the CPU image; the GPU image is the same tag plus GPU_TAG_SUFFIX
 GPU_TAG_SUFFIX = "-gpu"
