@@ -14,7 +14,8 @@ Horovod (and (b), its compute limit, in the same processes), Horovod's own accum
 loop with per-replica batch b (an allreduce every micro-batch, distaccum's memory) and k·b (one
 allreduce per update, k× the activation memory). Each system runs in its own pair of processes,
 one after the other on the same link; ratios are of medians within one run of this script.
-Needs root for the namespaces; `--smoke` runs a few systems on the host loopback instead.
+Needs root for the namespaces; `--smoke` runs a few systems on the host loopback instead (the
+MWMS loop's b and k·b in one pair of processes).
 """
 
 from __future__ import annotations
@@ -67,8 +68,12 @@ HOROVOD_TARGET = 0.95
 OVERLAP_NOTE = ("at k = 1 Horovod's optimizer allreduces each gradient tensor on its own, so the "
                 "first can travel while backpropagation still produces the rest; distaccum's one "
                 "grouped allreduce per update starts when the whole gradient is ready")
-FULL_SETTINGS = {"accumulation_steps": (1, 4, 16), "micro_batches": 16, "min_updates": 3}
-SMOKE_SETTINGS = {"accumulation_steps": (2,), "micro_batches": 2, "min_updates": 1}
+# `mwms_launches`: the MWMS loop's per-replica batches, a pair of workers for each entry. The
+# smoke run times b and k·b in one pair: each launch is mostly TensorFlow's start-up there.
+FULL_SETTINGS = {"accumulation_steps": (1, 4, 16), "micro_batches": 16, "min_updates": 3,
+                 "mwms_launches": (("b",), ("kb",))}
+SMOKE_SETTINGS = {"accumulation_steps": (2,), "micro_batches": 2, "min_updates": 1,
+                  "mwms_launches": (("b", "kb"),)}
 
 
 def peer_command(module, arguments: list[str], work) -> list[str]:
@@ -120,10 +125,9 @@ def measure_throughput(prefix: list[str], settings: dict, repeats: int) -> list[
         (None, [], {}),  # distaccum and (b): figure 2's workers
         (horovod_keras, ["throughput", *common_arguments, "--micro-batch",
                          str(common.MICRO_BATCH_SIZE)], LEGACY_KERAS),
-        (tf_distribute, ["throughput", "--per-replica", "b", *common_arguments,
-                         "--micro-batch", str(common.MICRO_BATCH_SIZE)], {}),
-        (tf_distribute, ["throughput", "--per-replica", "kb", *common_arguments,
-                         "--micro-batch", str(common.MICRO_BATCH_SIZE)], {}),
+        *((tf_distribute, ["throughput", "--per-replica", *per_replica, *common_arguments,
+                           "--micro-batch", str(common.MICRO_BATCH_SIZE)], {})
+          for per_replica in settings["mwms_launches"]),
     )
     measurements = []
     for module, arguments, env in runs:

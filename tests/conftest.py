@@ -20,8 +20,9 @@ MPI_ROOT_VARIABLES = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CON
 
 def launcher_command(launcher: str, num_workers: int) -> list[str]:
     """The command prefix that starts `num_workers` copies of a Python script."""
-    if launcher == "horovodrun":
-        return [str(VENV_BIN / "horovodrun"), "--gloo", "-np", str(num_workers)]
+    if launcher == "horovodrun":  # horovodrun's own launcher, minus its build check
+        return [str(VENV_BIN / "python"), str(WORKERS_DIR / "horovodrun_gloo.py"), "--gloo",
+                "-np", str(num_workers)]
     if launcher == "mpirun":
         # More ranks than cores (4 on a 2-core machine) need Open MPI's leave to oversubscribe.
         spare = [] if num_workers <= (os.cpu_count() or 1) else ["--map-by", ":OVERSUBSCRIBE"]

@@ -7,18 +7,23 @@ measures those). The slow-link smoke run uses the host loopback, so no root or n
 from __future__ import annotations
 
 import json
+import shlex
 
 import pytest
 
-from conftest import REPO_ROOT, run_script
+from conftest import REPO_ROOT, VENV_BIN, WORKERS_DIR, run_script
 
 BENCHMARKS_DIR = REPO_ROOT / "benchmarks"
+# The scripts' horovodrun launches: the suite's (conftest), without horovodrun's build check.
+HOROVODRUN = {"DISTACCUM_BENCH_HOROVODRUN": shlex.join(
+    [str(VENV_BIN / "python"), str(WORKERS_DIR / "horovodrun_gloo.py")])}
 
 
 def run_benchmark(tmp_path, script: str, *arguments: str) -> dict:
     """Run `benchmarks/SCRIPT.py --smoke` and return the figure it writes as JSON."""
     output = tmp_path / f"{script}.json"
-    run_script("python", BENCHMARKS_DIR / f"{script}.py", "--smoke", "--json", output, *arguments)
+    run_script("python", BENCHMARKS_DIR / f"{script}.py", "--smoke", "--json", output, *arguments,
+               extra_env=HOROVODRUN)
     return json.loads(output.read_text())
 
 

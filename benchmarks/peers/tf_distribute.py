@@ -14,7 +14,8 @@ activation memory). This script measures:
   momentum, two epochs): an error line, or final weights and `iterations` for the comparison with
   the float64 reference;
 - `throughput --per-replica {b,kb}`: samples/s of the custom loop on the ≈2.1 M-parameter MLP of
-  the other benchmarks, one thread per worker, at each k.
+  the other benchmarks, one thread per worker, at each k (`--per-replica b kb`: both, one after
+  the other in the same workers, as the smoke run does to start TensorFlow once).
 
 Every subcommand but `launch` runs inside one of the workers `launch` starts: two processes on the
 loopback, each with its `TF_CONFIG`, ring collectives. The parent and `command()` (which the
@@ -347,17 +348,26 @@ VARIANTS = {variant.__name__: variant for variant in (
 # --------------------------------------------------------------------------------- throughput
 
 def throughput(args) -> None:
-    """Samples/s of the custom loop at each k; rank 0 writes one row per repeat and k."""
+    """Samples/s of the custom loop at each k (for each `--per-replica`, in turn); rank 0 writes
+    one row per repeat, per-replica batch and k."""
     load_worker_modules()
     strategy = start_strategy()
     with strategy.scope():
         model = benchmark_model()
         optimizer = keras.optimizers.SGD(0.01, momentum=0.9)
-    system = f"tf_distribute_{args.per_replica}"
+    rows = []
+    for per_replica in args.per_replica:
+        rows += throughput_rows(args, strategy, model, optimizer, per_replica)
+    write_result(args.out, rows)
+
+
+def throughput_rows(args, strategy, model, optimizer, per_replica: str) -> list[dict]:
+    """One per-replica batch's rows: per k, `--repeats` timed runs of the same samples."""
+    system = f"tf_distribute_{per_replica}"
     rows = []
     for k in args.accumulation_steps:
         updates = max(math.ceil(args.micro_batches / k), args.min_updates)
-        per_replica_batch, steps = ((args.micro_batch, k * updates) if args.per_replica == "b"
+        per_replica_batch, steps = ((args.micro_batch, k * updates) if per_replica == "b"
                                     else (k * args.micro_batch, updates))
         step = distributed_train_step(strategy, model, optimizer, per_replica_batch)
         batches = iter(strategy.distribute_datasets_from_function(
@@ -371,7 +381,7 @@ def throughput(args) -> None:
             rows.append({"repeat": repeat, "k": k, "system": system, "updates": steps,
                          "samples": strategy.num_replicas_in_sync * per_replica_batch * steps,
                          "seconds": seconds})
-    write_result(args.out, rows)
+    return rows
 
 
 def benchmark_model():
@@ -436,7 +446,7 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     case_run.add_argument("--variant", choices=VARIANTS, required=True)
     case_run.add_argument("--out", required=True)
     bench = commands.add_parser("throughput", help="samples/s of the custom loop")
-    bench.add_argument("--per-replica", choices=("b", "kb"), required=True)
+    bench.add_argument("--per-replica", choices=("b", "kb"), nargs="+", required=True)
     bench.add_argument("--accumulation-steps", type=positive_int, nargs="+", required=True)
     bench.add_argument("--micro-batch", type=positive_int, required=True)
     bench.add_argument("--micro-batches", type=positive_int, required=True)
