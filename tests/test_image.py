@@ -160,6 +160,7 @@ def test_mpirun_trains_through_sshd_when_pod_is_locked_down(tmp_path):
                                  timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "Accepted publickey for mpiuser" in completed.stderr
+    assert "num_workers 2," in completed.stdout  # both slots of the hostfile
     assert "distaccum: done: 2 update steps" in completed.stdout
     assert "model.keras" in completed.stdout.split()
     # The ranks wrote Keras's file where sshd_config's SetEnv says, not in Keras's fallback.

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
 import shlex
 import subprocess
@@ -18,7 +17,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from conftest import MPI_ROOT_VARIABLES, REPO_ROOT, VENV_BIN
+from conftest import REPO_ROOT, VENV_BIN
 from distaccum import k8s
 from distaccum.config import load_config
 
@@ -428,29 +427,6 @@ def test_render_command_exits_2_with_one_line_when_config_is_bad(tmp_path):
     assert completed.stderr.strip().splitlines() == [
         "distaccum: error: accumulation_steps: must be >= 1. Received: accumulation_steps=0"
     ]
-
-
-@pytest.mark.multiworker
-def test_launcher_command_from_manifest_trains_when_hostfile_is_localhost(tmp_path):
-    documents = k8s.render(k8s.ClusterOptions(), _config_text().replace("epochs: 30", "update_steps: 4"))
-    # The config file the workers read is the ConfigMap's, as Kubernetes would mount it.
-    config = tmp_path / "config.yaml"
-    config.write_text(_by_kind(documents)["ConfigMap"]["data"]["config.yaml"])
-    hostfile = tmp_path / "hostfile"
-    hostfile.write_text("localhost slots=2\n")
-    job = _by_kind(documents)["MPIJob"]
-    command = job["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["containers"][0]["command"]
-    # Only the paths the operator and Kubernetes mount are mapped onto this machine.
-    local = {k8s.HOSTFILE: str(hostfile), f"{k8s.CONFIG_DIR}/config.yaml": str(config),
-             f"logdir={k8s.DATA_DIR}/runs/distaccum": f"logdir={tmp_path}/runs/distaccum"}
-    command = [local.get(part, part) for part in command]
-    env = {**os.environ, **MPI_ROOT_VARIABLES, "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
-           "PYTHONUNBUFFERED": "1"}
-    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    assert "num_workers 2," in completed.stdout
-    assert "distaccum: done: 4 update steps" in completed.stdout
-    assert (tmp_path / "runs" / "distaccum" / "model.keras").exists()
 
 
 SSHD_CONFIG = REPO_ROOT / "k8s" / "image" / "sshd_config"
