@@ -286,8 +286,11 @@ def test_render_command_offers_trainer_v2_when_asked_for_trainjob():
     "arguments, expected",
     [([], "takes --config FILE or --command"),
      (["--config", str(DIGITS), "--command", "python", "train.py"], "one of them"),
-     (["--config", str(DIGITS), "--workdir", "relative/dir"], "workdir must be an absolute path")],
-    ids=["neither", "both", "relative_workdir"],
+     (["--config", str(DIGITS), "--workdir", "relative/dir"], "workdir must be an absolute path"),
+     (["--config", str(DIGITS), "--memory-per-rank", "2G"],
+      "memory_per_rank must be a whole number of Mi or Gi, such as 2Gi or 1536Mi. "
+      "Received: memory_per_rank='2G'")],
+    ids=["neither", "both", "relative_workdir", "memory_unit"],
 )
 def test_render_exits_2_with_one_line_when_command_line_is_bad(arguments, expected):
     completed = subprocess.run([str(VENV_BIN / "distaccum"), "k8s", "render", *arguments],
@@ -408,8 +411,11 @@ def test_name_check_catches_the_configmap_mpi_operator_owns(monkeypatch):
         ({"image": ""}, "image"),
         ({"gpus_per_worker": 1, "image": "registry/distaccum:0.1.0"},
          "needs the GPU image.*Received: image='registry/distaccum:0.1.0'"),
+        ({"memory_per_rank": "0Gi"}, "memory_per_rank='0Gi'"),
+        ({"memory_per_rank": "1.5Gi"}, "memory_per_rank='1.5Gi'"),
     ],
-    ids=["bad_name", "long_name", "no_workers", "negative_gpus", "no_image", "cpu_image_on_gpus"],
+    ids=["bad_name", "long_name", "no_workers", "negative_gpus", "no_image", "cpu_image_on_gpus",
+         "no_memory", "fractional_memory"],
 )
 def test_cluster_options_name_bad_value(options, message):
     with pytest.raises(k8s.ManifestError, match=message):
@@ -664,3 +670,82 @@ def test_readme_resize_commands_for_an_mpijob_render_validate_and_patch(mpijob_s
     patched = merge_patch(before, json.loads(patch[7]))
     validate([patched], mpijob_schema)
     assert patched == job != before
+
+
+# --- what each pod may reach ---
+
+@pytest.mark.parametrize("gpus", [0, 2])
+def test_worker_memory_is_memory_per_rank_times_ranks(gpus):
+    options = k8s.ClusterOptions(gpus_per_worker=gpus, cpu_slots_per_worker=3)
+    [worker] = _by_kind(k8s.render(options, _config_text()))["MPIJob"]["spec"]["mpiReplicaSpecs"][
+        "Worker"]["template"]["spec"]["containers"]
+    expected = "16Gi" if gpus else "6Gi"  # 2 GPUs x 8Gi; 3 CPU slots x 2Gi
+    assert worker["resources"]["requests"]["memory"] == worker["resources"]["limits"]["memory"] \
+        == expected
+    chosen = k8s.ClusterOptions(gpus_per_worker=gpus, memory_per_rank="1536Mi")
+    assert chosen.worker_memory == f"{1536 * chosen.slots_per_worker}Mi"
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    """A NetworkPolicy's podSelector as the API reads it ({} selects every pod)."""
+    assert set(selector) <= {"matchLabels"}, selector  # the renders use matchLabels only
+    return selector.get("matchLabels", {}).items() <= labels.items()
+
+
+def _reachable(documents: list[dict]) -> dict[tuple[str, str], set]:
+    """(pod, source pod) -> the TCP ports (None: any) on which the pod accepts the source's
+    connections, for the pods of `documents`, under their NetworkPolicies (ingress only: a pod
+    no policy selects accepts everything, which the renders must not leave)."""
+    from pod_security import pod_templates
+
+    pods = {label: template["metadata"]["labels"] for label, template in pod_templates(documents)}
+    policies = [d["spec"] for d in documents if d["kind"] == "NetworkPolicy"]
+    reach = {}
+    for pod, labels in pods.items():
+        selecting = [p for p in policies if _selects(p["podSelector"], labels)]
+        assert selecting, f"no NetworkPolicy selects {pod}"
+        for policy in selecting:
+            assert policy["policyTypes"] == ["Ingress"]
+            for rule in policy["ingress"]:
+                ports = {port.get("port") for port in rule["ports"] if port["protocol"] == "TCP"}
+                for source, source_labels in pods.items():
+                    if any(_selects(peer["podSelector"], source_labels) for peer in rule["from"]):
+                        reach.setdefault((pod, source), set()).update(ports)
+    return reach
+
+
+@pytest.mark.parametrize("api", ["mpijob", "trainjob"])
+def test_network_policies_admit_only_the_jobs_own_pods_and_tensorboard_from_the_namespace(api):
+    from distaccum import trainjob
+
+    render = trainjob.render if api == "trainjob" else k8s.render
+    # Two jobs in one namespace: neither's pods may reach the other's.
+    documents = [*render(k8s.ClusterOptions(name="one"), _config_text()),
+                 *render(k8s.ClusterOptions(name="two", gpus_per_worker=1), _config_text())]
+    reach = _reachable(documents)
+    ranks = {job: {pod for pod, _ in reach if "tensorboard" not in pod and f"/{job}" in pod}
+             for job in ("one", "two")}
+    assert all(len(pods) == 2 for pods in ranks.values()), ranks  # launcher and workers
+    tensorboards = {pod for pod, _ in reach if "tensorboard" in pod}
+    for job, pods in ranks.items():
+        for pod in pods:
+            sources = {source: ports for (target, source), ports in reach.items() if target == pod}
+            # Any TCP port (Open MPI, Gloo and NCCL pick theirs), and only from the same job.
+            assert sources == {source: {None} for source in pods}
+    for pod in tensorboards:
+        sources = {source: ports for (target, source), ports in reach.items() if target == pod}
+        # Every pod of the namespace, on TensorBoard's port only.
+        assert sources == {source: {k8s.TENSORBOARD_PORT} for source in {p for p, _ in reach}}
+    [tensorboard] = [d for d in documents if d["kind"] == "Deployment"
+                     and d["metadata"]["name"] == "one-tensorboard"]
+    assert tensorboard["spec"]["template"]["spec"]["containers"][0]["ports"] == [
+        {"name": "http", "containerPort": k8s.TENSORBOARD_PORT}]
+
+
+def test_network_policy_check_fails_when_a_policy_admits_another_job():
+    documents = k8s.render(k8s.ClusterOptions(name="one"), _config_text()) \
+        + k8s.render(k8s.ClusterOptions(name="two"), _config_text())
+    [policy] = [d for d in documents if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "one"]
+    del policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]["distaccum/job"]
+    reach = _reachable(documents)
+    assert ("MPIJob/one/Worker", "MPIJob/two/Launcher") in reach
