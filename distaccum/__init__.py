@@ -26,6 +26,7 @@ _PUBLIC_NAMES = {
     "Trainer": "distaccum.trainer",
     "UpdateResult": "distaccum.trainer",
     "InexactWarning": "distaccum.objective",
+    "XLAWarning": "distaccum.trainer",
     "Controller": "distaccum.controller",
     "CadenceOptions": "distaccum.controller",
     "History": "distaccum.records",

@@ -20,6 +20,7 @@ LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 # The types gradient sums can travel in between workers (float32 is exact; see `Trainer`).
 ALLREDUCE_DTYPES = ("float32", "bfloat16", "float16")
+JIT_COMPILE_VALUES = ("auto", "true", "false")  # the Trainer's "auto", True, False
 # Keys of which a config gives one: a `--set` of either replaces the other's value from the file.
 ALTERNATIVES = {"accumulation_steps": "global_batch_size", "global_batch_size": "accumulation_steps",
                 "epochs": "update_steps", "update_steps": "epochs"}
@@ -94,6 +95,9 @@ class TrainConfig:
         "(float32 is exact; the others halve the bytes, within their round-off)",
         default="float32",
     )
+    jit_compile: str = _help(
+        "compile the steps with XLA: auto (when a GPU is present and every layer supports it, "
+        "as Keras does), true or false", default="auto")
     epochs: int | None = _help("passes over the training data (or give update_steps)", default=None)
     update_steps: int | None = _help("total update steps (or give epochs)", default=None)
     clip_global_norm: float | None = _help("clip the reduced gradient to this norm", default=None)
@@ -114,6 +118,8 @@ class TrainConfig:
     seed: int = _help("seed for model initialisation and shuffling", default=0)
 
     def __post_init__(self) -> None:
+        if isinstance(self.jit_compile, bool):  # YAML's true and false
+            object.__setattr__(self, "jit_compile", str(self.jit_compile).lower())
         hints = typing.get_type_hints(type(self))
         for spec in dataclasses.fields(self):
             value = getattr(self, spec.name)
@@ -136,6 +142,7 @@ class TrainConfig:
             ("lr_schedule", LR_SCHEDULES),
             ("precision", PRECISIONS),
             ("allreduce_dtype", ALLREDUCE_DTYPES),
+            ("jit_compile", JIT_COMPILE_VALUES),
         ):
             if getattr(self, name) not in allowed:
                 _fail(name, getattr(self, name), f"must be one of {', '.join(allowed)}")

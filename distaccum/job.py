@@ -80,7 +80,8 @@ def build_trainer(config: TrainConfig, job_data: sources.JobData, total_update_s
         return Trainer(model, optimizer, **arguments,
                        accumulation_steps=accumulation_steps,
                        clip_global_norm=config.clip_global_norm,
-                       allreduce_dtype=config.allreduce_dtype)
+                       allreduce_dtype=config.allreduce_dtype,
+                       jit_compile={"true": True, "false": False}.get(config.jit_compile, "auto"))
     except (ValueError, TypeError) as error:  # a loss or metric name Keras does not know, or an
         # allreduce_dtype this backend cannot sum: the message names the value
         raise ConfigError(str(error).splitlines()[0]) from None
@@ -138,7 +139,7 @@ def describe_resume(start: Position, shape: BatchShape, previous: BatchShape | N
 
 def describe_start(config: TrainConfig, shape: BatchShape, updates_per_epoch, total: int,
                    logdir: Path, resumed: str, device_codes: list[int],
-                   notes: tuple[str, ...]) -> str:
+                   notes: tuple[str, ...], jit_compiled: bool = False) -> str:
     return "\n".join([
         f"distaccum: num_workers {shape.num_workers}, micro_batch_size {shape.micro_batch_size}, "
         f"accumulation_steps {shape.accumulation_steps}, global_batch_size "
@@ -146,7 +147,8 @@ def describe_start(config: TrainConfig, shape: BatchShape, updates_per_epoch, to
         f"distaccum: {updates_per_epoch} updates per epoch, {total} update steps in all",
         *notes,
         f"distaccum: training on {devices.describe(device_codes)} ({comm.current().name} "
-        f"collectives, gradient sums in {config.allreduce_dtype})",
+        f"collectives, gradient sums in {config.allreduce_dtype}"
+        f"{', XLA' if jit_compiled else ''})",
         f"distaccum: TensorBoard logs in {logdir}, trained model to {logdir / 'model.keras'}",
         f"distaccum: checkpoints in {logdir / 'checkpoints'} every {config.checkpoint_interval} "
         f"update steps and on SIGTERM",
@@ -245,7 +247,8 @@ def run(config: TrainConfig, stream: TextIO | None = None) -> JobResult:
     if chief:
         print(describe_start(config, shape, plan.updates_per_epoch, total, logdir,
                              describe_resume(start, shape, previous), device_codes,
-                             job_data.notes + _resize_notes(job_data, shape, previous)),
+                             job_data.notes + _resize_notes(job_data, shape, previous),
+                             trainer.jit_compile),
               file=stream, flush=True)
         writer = TensorBoardWriter(str(logdir), trainer.allreduce_per_update, start.update_step)
         writer.write_config(settings)  # as applied: the worker count, k and the global batch too

@@ -9,6 +9,7 @@ Public entry point:
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Sequence
@@ -35,6 +36,46 @@ from distaccum.objective import (
     warn_if_inexact,
     weight_regularizers,
 )
+
+
+JIT_COMPILE = ("auto", True, False)
+
+
+class XLAWarning(UserWarning):
+    """XLA was asked for, and the model trains without it."""
+
+
+def resolve_jit_compile(model: keras.Model, jit_compile) -> bool:
+    """Whether the steps run under XLA. `"auto"` is Keras's rule for `compile(jit_compile=
+    "auto")` under TensorFlow: on when a GPU is present, every layer supports XLA and op
+    determinism is off (XLA has no deterministic form of some ops). `True` is overruled, with
+    a warning naming them, only by layers that say they do not support XLA."""
+    if not any(jit_compile is choice for choice in JIT_COMPILE):
+        raise ValueError(f"jit_compile must be 'auto', True or False. Received: "
+                         f"jit_compile={jit_compile!r}")
+    if jit_compile is False:
+        return False
+    refusing = [layer.name for layer in model._flatten_layers() if not layer.supports_jit]
+    if jit_compile == "auto":
+        return (not refusing and bool(tf.config.list_physical_devices("GPU"))
+                and not tf.config.is_op_determinism_enabled())
+    if refusing:
+        warnings.warn(XLAWarning(
+            f"jit_compile=True: training without XLA, which layers {', '.join(refusing)} do not "
+            "support (supports_jit=False)"), stacklevel=3)
+        return False
+    return True
+
+
+def _stand_in(micro_batch, micro_batch_size: int | None):
+    """Zeros of the micro-batch's spec, its unknown sizes made known: what XLA compiles for."""
+    def zeros(spec):
+        if spec is None:
+            return None
+        shape = [micro_batch_size or 1] + [d if d is not None else 1 for d in spec.shape[1:]]
+        return tf.zeros(shape, spec.dtype)
+
+    return tf.nest.map_structure(zeros, micro_batch)
 
 
 @dataclass(frozen=True)
@@ -178,6 +219,11 @@ class Trainer:
             that type, so updates are within its round-off of exact, and a float16 sum beyond
             65504 overflows and skips the update). Window statistics, metric states and votes
             stay float32; the division and the update run in float32.
+        jit_compile: compile the steps with XLA: `"auto"` (Keras's rule: when a GPU is present
+            and every layer supports XLA), `True` or `False`. The micro-steps, the evaluation
+            step and the update step's compute before and after its allreduce run as XLA
+            clusters; the allreduce itself runs between them, as an op XLA cannot compile. A
+            model XLA cannot compile trains without it, with one warning naming the op.
     """
 
     def __init__(
@@ -194,6 +240,7 @@ class Trainer:
         accumulation_steps: int | None = None,
         clip_global_norm: float | None = None,
         allreduce_dtype: str = "float32",
+        jit_compile: bool | str = "auto",
     ) -> None:
         if not isinstance(model, keras.Model):
             raise TypeError(f"model must be a keras.Model. Received: model={model!r}")
@@ -214,21 +261,36 @@ class Trainer:
         self._accumulator: GradientAccumulator | None = None
         self._stored_micro_steps = 0  # micro-batches of the current window in the sums
         self._largest_micro_batch = tf.Variable(0.0, trainable=False)  # for loss scaling only
-        # No AutoGraph: the steps have no data-dependent Python control flow, and errors about the
-        # user's data (a weight shape, say) then reach them as they were raised, in one line.
-        self._micro_step = tf.function(self._micro_step_body, autograph=False)
-        self._micro_steps = tf.function(self._micro_steps_body, autograph=False)
-        self._update_step = tf.function(self._update_step_body, autograph=False)
-        self._evaluation_step = tf.function(self._evaluation_step_body, autograph=False)
+        self._compile_steps(resolve_jit_compile(model, jit_compile))
+
+    def _compile_steps(self, jit_compile: bool) -> None:
+        """The step functions, with XLA or without. No AutoGraph: the steps have no
+        data-dependent Python control flow, and errors about the user's data (a weight shape,
+        say) then reach them as they were raised, in one line."""
+        self.jit_compile = jit_compile
+
+        def step(body, jit=jit_compile):
+            return tf.function(body, autograph=False, jit_compile=jit)
+
+        self._micro_step = step(self._micro_step_body)
+        self._micro_steps = step(self._micro_steps_body)
+        self._evaluation_step = step(self._evaluation_step_body)
+        # The allreduce cannot be compiled: the update step is one call that runs XLA's two
+        # clusters around it (or, without XLA, one graph).
+        self._update_step = step(self._update_step_body, jit=False)
+        self._window_sums = step(self._window_sums_body) if jit_compile else self._window_sums_body
+        self._apply_totals = (step(self._apply_totals_body) if jit_compile
+                              else self._apply_totals_body)
 
     @classmethod
     def from_compiled(cls, model: keras.Model, **options) -> "Trainer":
-        """A trainer with the optimizer, loss, loss weights and metrics the model was compiled
-        with; `options` are the constructor's others (`global_batch_size`, `clip_global_norm`,
-        ...)."""
+        """A trainer with the optimizer, loss, loss weights, metrics and `jit_compile` the model
+        was compiled with; `options` are the constructor's others (`global_batch_size`,
+        `clip_global_norm`, ...)."""
         if not getattr(model, "compiled", False):
             raise ValueError(f"the model is not compiled: call model.compile(optimizer=..., "
                              f"loss=...) first. Received: model {model.name!r}")
+        options.setdefault("jit_compile", model.jit_compile)  # compile's, its "auto" resolved
         return cls(model, model.optimizer, **compiled_arguments(model), **options)
 
     def _set_batch(self, global_batch_size, micro_batch_size, accumulation_steps) -> None:
@@ -333,6 +395,8 @@ class Trainer:
         # Tracing on the dataset's spec (batch axis unknown) finds the objective's normalisers
         # and creates the sums; every micro-batch size, the ragged tail's too, runs these graphs.
         micro_batch = data.unpack(element_spec)
+        if self.jit_compile:
+            self._check_xla_compiles(micro_batch)
         for first in (True, False):
             self._micro_step.get_concrete_function(*micro_batch, first)
         if self.accumulation_steps > 2:  # fit's windows: k - 1 micro-batches in one call
@@ -347,6 +411,26 @@ class Trainer:
                 f"{self.allreduce_dtype.name}, so updates are within its round-off of exact, not "
                 "exact (allreduce_dtype=float32 is exact)", InexactWarning, stacklevel=3)
         self.broadcast_from_chief()
+
+    def _check_xla_compiles(self, micro_batch) -> None:
+        """Compile a micro-step for XLA, running nothing. An op XLA has no kernel for (a
+        `tf.numpy_function`, a string op) turns XLA off, with one warning naming it; any other
+        error is left for the first step to raise, where it names the micro-batch."""
+        try:
+            self._micro_step.experimental_get_compiler_ir(
+                *_stand_in(micro_batch, self.micro_batch_size), True)(stage="hlo")
+        except (ValueError, tf.errors.OpError) as error:
+            message = str(error)
+            if "XLA" not in message:
+                return
+            # "... on XLA_CPU_JIT: PyFunc (No registered 'PyFunc' OpKernel ... {{node a/b/PyFunc}}"
+            unsupported = re.search(r"on XLA_\w+: (\w+) \(.*?\{\{node ([^}]+)\}\}", message)
+            reason = (f"it has no kernel for op {unsupported[1]} (in {unsupported[2]})"
+                      if unsupported else next(line.strip() for line in message.splitlines()
+                                               if "XLA" in line)[:300])
+            warnings.warn(XLAWarning(f"jit_compile: training without XLA, which cannot compile "
+                                     f"this model: {reason}"), stacklevel=4)
+            self._compile_steps(False)
 
     @property
     def state_variables(self) -> list:
@@ -488,11 +572,18 @@ class Trainer:
     def _update_step_body(self, votes, last_micro_batch, stored):
         # The only sync point of a window: gradient, loss and weight sums, metric states (and the
         # votes) in one grouped allreduce.
+        sums = self._window_sums(last_micro_batch, stored)
+        totals = self.backend.sum_all(sums + self._metric_states() + [votes], "update")
+        return self._apply_totals(totals[:len(sums)], totals[len(sums):-1], totals[-1])
+
+    def _window_sums_body(self, last_micro_batch, stored):
+        """The window's sums as they travel, the last micro-batch's trained on the way."""
         last = (self._micro_batch_sums(*last_micro_batch)
                 if last_micro_batch is not None else None)
-        sums = self._as_sent(self._accumulator.totals(last, stored=stored))
-        totals = self.backend.sum_all(sums + self._metric_states() + [votes], "update")
-        totals, metric_states, votes = totals[:len(sums)], totals[len(sums):-1], totals[-1]
+        return self._as_sent(self._accumulator.totals(last, stored=stored))
+
+    def _apply_totals_body(self, totals, metric_states, votes):
+        """From every worker's totals: the update, applied unless a vote cancels it."""
         totals = [tf.cast(t, tf.float32) for t in totals]
         cancelled = (votes[1] > 0) | tf.reduce_any(votes[2:] > 0)
         if self.metrics is not None:

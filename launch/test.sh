@@ -13,6 +13,9 @@ py="$repo_root/.venv/bin/python"
 # The tests that pass within a floating-point tolerance, once more under other kernels, as another
 # CPU would compute them (docs/rounding.md): XLA's fused kernels round differently from
 # TensorFlow's on every CPU, and ONEDNN_MAX_CPU_ISA=AVX2 gives an AVX-512 machine an AVX2 one's.
-TF_XLA_FLAGS="--tf_xla_auto_jit=2 --tf_xla_cpu_global_jit" ONEDNN_MAX_CPU_ISA=AVX2 \
+# Every Trainer compiles its steps with XLA (jit_compile=True; tests/conftest.py), and TensorFlow
+# clusters what is left (the Keras references, the update step's graph around its allreduce).
+DISTACCUM_TEST_JIT_COMPILE=true TF_XLA_FLAGS="--tf_xla_auto_jit=2 --tf_xla_cpu_global_jit" \
+  ONEDNN_MAX_CPU_ISA=AVX2 \
   "$py" -m pytest -m "rounding and not multiworker" -n 2 "$@" || [ $? = 5 ]
 "$py" -m pytest -m multiworker --durations=15 "$@" || [ $? = 5 ]

@@ -18,6 +18,17 @@ WORKERS_DIR = Path(__file__).resolve().parent / "workers"
 MPI_ROOT_VARIABLES = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
 
 
+@pytest.fixture(autouse=os.environ.get("DISTACCUM_TEST_JIT_COMPILE") == "true")
+def every_trainer_under_xla(monkeypatch):
+    """launch/test.sh runs the tolerance tests once more with distaccum's own steps under XLA
+    (DISTACCUM_TEST_JIT_COMPILE=true): every Trainer the test makes compiles them, whatever its
+    jit_compile says."""
+    from distaccum import trainer
+
+    resolve = trainer.resolve_jit_compile
+    monkeypatch.setattr(trainer, "resolve_jit_compile", lambda model, _: resolve(model, True))
+
+
 def launcher_command(launcher: str, num_workers: int) -> list[str]:
     """The command prefix that starts `num_workers` copies of a Python script."""
     if launcher == "horovodrun":  # horovodrun's own launcher, minus its build check

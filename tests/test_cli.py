@@ -64,6 +64,8 @@ def test_config_is_frozen():
         (["--set", "noequals"], "'noequals'"),
         (["--set", "precision=float64"], "precision='float64'"),
         (["--set", "allreduce_dtype=int8"], "allreduce_dtype='int8'"),
+        (["--set", "jit_compile=xla"], "jit_compile: must be one of auto, true, false. "
+         "Received: jit_compile='xla'"),
         (["--set", "global_batch_size=64", "--set", "accumulation_steps=2"],
          "give global_batch_size or accumulation_steps, not both (global_batch_size=64). "
          "Received: accumulation_steps=2"),
@@ -73,7 +75,7 @@ def test_config_is_frozen():
     ],
     ids=["k_zero", "negative_lr", "unknown_key", "unknown_model", "unknown_dataset",
          "wrong_type", "both_durations", "bool_for_int", "override_syntax", "precision",
-         "allreduce_dtype", "global_batch_and_k", "global_batch_not_whole"],
+         "allreduce_dtype", "jit_compile", "global_batch_and_k", "global_batch_not_whole"],
 )
 def test_train_exits_2_with_one_line_when_value_is_bad(capsys, arguments, expected):
     assert cli.main(["train", "--config", DIGITS, *arguments]) == cli.EXIT_BAD_INPUT

@@ -34,11 +34,14 @@ def _reference(accumulation_steps: int, optimizer: str):
 
 # Each backend under each launcher it runs under proves the property once: Horovod under
 # horovodrun (k=3, a Horovod timeline per training, float32 and float16 gradient sums) and under
-# mpirun (k=1 and k=3 in one launch), mpi4py under mpirun (k=1 and k=3, float32 and bfloat16).
+# mpirun (k=1 and k=3 in one launch, with XLA and without), mpi4py under mpirun (k=1 and k=3,
+# float32 and bfloat16, with XLA and without).
 LAUNCHES = {
-    "horovodrun": ("horovodrun", "3", ("float32", "float16"), {"HOROVOD_TIMELINE": "DYNAMIC"}),
-    "mpirun": ("mpirun", "1,3", ("float32",), {}),
-    "mpirun-mpi4py": ("mpirun", "1,3", ("float32", "bfloat16"), {"DISTACCUM_BACKEND": "mpi"}),
+    "horovodrun": ("horovodrun", "3", ("float32", "float16"), ("false",),
+                   {"HOROVOD_TIMELINE": "DYNAMIC"}),
+    "mpirun": ("mpirun", "1,3", ("float32",), ("false", "true"), {}),
+    "mpirun-mpi4py": ("mpirun", "1,3", ("float32", "bfloat16"), ("false", "true"),
+                      {"DISTACCUM_BACKEND": "mpi"}),
 }
 # Unit round-off of each type gradient sums can travel in.
 ROUND_OFF = {"float16": 2.0**-11, "bfloat16": 2.0**-8}
@@ -46,32 +49,37 @@ ROUND_OFF = {"float16": 2.0**-11, "bfloat16": 2.0**-8}
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """{(launch, k) or (launch, k, dtype): directory of rank files}."""
+    """{(launch, k), (launch, k, dtype) or (launch, k, dtype, "xla"): directory of rank files}."""
     found = {}
-    for launch, (launcher, steps, dtypes, env) in LAUNCHES.items():
+    for launch, (launcher, steps, dtypes, jit_values, env) in LAUNCHES.items():
         out = tmp_path_factory.mktemp(launch)
         timelines = ["--timelines"] if "HOROVOD_TIMELINE" in env else []
         run_script(launcher, WORKERS_DIR / "train_shards.py", "--accumulation-steps", steps,
-                   "--allreduce-dtypes", ",".join(dtypes), *timelines,
-                   "--epochs", str(EPOCHS), "--out", str(out), extra_env=env)
-        for k in map(int, steps.split(",")):
-            for dtype in dtypes:
-                key = (launch, k) if dtype == "float32" else (launch, k, dtype)
-                name = f"k{k}" + ("" if dtype == "float32" else f"-{dtype}")
-                found[key] = out / name if len(dtypes) > 1 or "," in steps else out
+                   "--allreduce-dtypes", ",".join(dtypes), "--jit-compile", ",".join(jit_values),
+                   *timelines, "--epochs", str(EPOCHS), "--out", str(out), extra_env=env)
+        trainings = [(int(k), dtype, jit == "true") for k in steps.split(",")
+                     for dtype in dtypes for jit in jit_values]
+        for k, dtype, xla in trainings:
+            variant = (() if dtype == "float32" else (dtype,)) + (("xla",) if xla else ())
+            name = "-".join([f"k{k}", *variant])
+            found[(launch, k, *variant)] = out / name if len(trainings) > 1 else out
     return found
 
 
+# XLA fuses and reorders the same float32 sums: the reference's tolerance holds (docs/rounding.md).
 @pytest.mark.rounding
-@pytest.mark.parametrize("launch, accumulation_steps",
-                         [("horovodrun", 3), ("mpirun", 1), ("mpirun", 3), ("mpirun-mpi4py", 1),
-                          ("mpirun-mpi4py", 3)],
-                         ids=["horovodrun-k3", "mpirun-k1", "mpirun-k3", "mpirun-mpi4py-k1",
-                              "mpirun-mpi4py-k3"])
+@pytest.mark.parametrize("launch, accumulation_steps, variant",
+                         [("horovodrun", 3, ()), ("mpirun", 1, ()), ("mpirun", 3, ()),
+                          ("mpirun", 1, ("xla",)), ("mpirun", 3, ("xla",)),
+                          ("mpirun-mpi4py", 1, ()), ("mpirun-mpi4py", 3, ()),
+                          ("mpirun-mpi4py", 1, ("xla",)), ("mpirun-mpi4py", 3, ("xla",))],
+                         ids=["horovodrun-k3", "mpirun-k1", "mpirun-k3", "mpirun-k1-xla",
+                              "mpirun-k3-xla", "mpirun-mpi4py-k1", "mpirun-mpi4py-k3",
+                              "mpirun-mpi4py-k1-xla", "mpirun-mpi4py-k3-xla"])
 def test_two_workers_match_large_batch_reference_when_shards_are_uneven(
-    runs, launch, accumulation_steps
+    runs, launch, accumulation_steps, variant
 ):
-    directory = runs[launch, accumulation_steps]
+    directory = runs[(launch, accumulation_steps, *variant)]
     ranks = [np.load(directory / f"rank{r}.npz") for r in range(2)]
     expected_weights, expected_updates = _reference(accumulation_steps, "sgd")
     for saved in ranks:
@@ -85,10 +93,12 @@ def test_two_workers_match_large_batch_reference_when_shards_are_uneven(
     np.testing.assert_array_equal(ranks[0]["loss"], ranks[1]["loss"])
 
 
-@pytest.mark.parametrize("accumulation_steps, updates", [(1, 12), (3, 4)], ids=["k1", "k3"])
-def test_mpi4py_backend_allreduces_once_per_update_when_counted(runs, accumulation_steps, updates):
+@pytest.mark.parametrize("accumulation_steps, updates, variant",
+                         [(1, 12, ()), (3, 4, ()), (3, 4, ("xla",))], ids=["k1", "k3", "k3-xla"])
+def test_mpi4py_backend_allreduces_once_per_update_when_counted(runs, accumulation_steps, updates,
+                                                                variant):
     for rank in range(2):
-        saved = np.load(runs["mpirun-mpi4py", accumulation_steps] / f"rank{rank}.npz")
+        saved = np.load(runs[("mpirun-mpi4py", accumulation_steps, *variant)] / f"rank{rank}.npz")
         assert int(saved["iterations"]) == updates
         # One fused allreduce per update, none on micro-steps, one for the plan agreement; one
         # broadcast at start-up.

@@ -75,6 +75,71 @@ def test_one_window_equals_keras_train_on_batch_when_unweighted():
 
 
 @pytest.mark.rounding
+@pytest.mark.parametrize("accumulation_steps", [1, 6], ids=["k1", "k6"])
+def test_one_window_under_xla_equals_keras_xla_step(accumulation_steps):
+    # XLA compiles the micro-steps and the update step's two halves; Keras compiles its step.
+    # Both fuse and reorder float32 sums: within the reference's tolerance (docs/rounding.md).
+    x, y, _ = scenarios.make_shard(0, 24, weighted=False)
+    model, trainer, _ = _train("adam_schedule", (x, y, None), accumulation_steps, epochs=1,
+                               jit_compile=True)
+    assert trainer.jit_compile
+    keras_model = scenarios.make_model()
+    keras_model.compile(optimizer=scenarios.make_optimizer("adam_schedule"), loss=MSE,
+                        jit_compile=True)
+    for window in np.split(np.arange(24), 6 // accumulation_steps):
+        keras_model.train_on_batch(x[window], y[window])
+    scenarios.assert_weights_close(model.trainable_variables, keras_model.trainable_variables)
+
+
+class _HostCall(keras.layers.Layer):
+    """A layer running Python on the host (`tf.numpy_function`): XLA has no kernel for it."""
+
+    def call(self, inputs):
+        copied = tf.numpy_function(lambda a: a, [inputs], inputs.dtype)
+        return inputs + 0.0 * tf.stop_gradient(tf.reshape(copied, tf.shape(inputs)))
+
+
+class _NoJit(keras.layers.Dense):
+    """A layer that says XLA cannot compile it, as Keras's own such layers do."""
+
+    def __init__(self, units, **kwargs):
+        super().__init__(units, **kwargs)
+        self.supports_jit = False
+
+
+@pytest.mark.parametrize("layer, message", [
+    (_HostCall(name="host_call"), "cannot compile this model: it has no kernel for op PyFunc "
+                                  r"\(in functional.*/host_call.*/PyFunc\)"),
+    (_NoJit(3, name="no_jit"), "which layers no_jit do not support"),
+], ids=["op_without_xla_kernel", "layer_without_jit"])
+def test_model_xla_cannot_compile_trains_without_it_with_one_warning_naming_it(layer, message):
+    x, y, _ = scenarios.make_shard(0, 24, weighted=False)
+    inputs = keras.Input((x.shape[1],))
+    model = keras.Model(inputs, keras.layers.Dense(y.shape[1])(layer(inputs)))
+    with pytest.warns(distaccum.XLAWarning, match=message) as warned:
+        trainer = distaccum.Trainer(model, keras.optimizers.SGD(0.1), loss=MSE,
+                                    accumulation_steps=3, jit_compile=True)
+        trainer.fit(scenarios.as_dataset(x, y, None), epochs=1)
+    [xla] = [w for w in warned if w.category is distaccum.XLAWarning]
+    assert "\n" not in str(xla.message)
+    assert not trainer.jit_compile and int(trainer.optimizer.iterations) == 2  # 6 micro-batches
+
+
+def test_jit_compile_auto_follows_keras_and_true_compiles_on_the_cpu():
+    model = scenarios.make_model()
+    keras_model = scenarios.make_model()
+    keras_model.compile(optimizer="sgd", loss=MSE)  # jit_compile="auto"
+    auto = distaccum.Trainer(model, keras.optimizers.SGD(0.1), loss=MSE)
+    assert auto.jit_compile is keras_model.jit_compile is False  # no GPU here
+    assert distaccum.Trainer.from_compiled(keras_model).jit_compile is False
+    keras_model.compile(optimizer="sgd", loss=MSE, jit_compile=True)
+    assert distaccum.Trainer.from_compiled(keras_model).jit_compile is True  # compile's choice
+    with pytest.raises(ValueError, match="jit_compile must be 'auto', True or False. "
+                                         "Received: jit_compile='yes'"):
+        distaccum.Trainer(model, keras.optimizers.SGD(0.1), loss=MSE, jit_compile="yes")
+
+
+@pytest.mark.rounding
 def test_history_loss_is_global_weighted_mean_when_weights_differ():
     x, y, w = scenarios.make_shard(0, 22, weighted=True)
     model = scenarios.make_model()
