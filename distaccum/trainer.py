@@ -69,14 +69,18 @@ def resolve_jit_compile(model: keras.Model, jit_compile) -> bool:
 
 def reverse_packs(sizes: Sequence[int], variable_of: Sequence[int], packs: int
                   ) -> list[list[int]]:
-    """Split tensors (their byte `sizes`, the variable each belongs to) into at most `packs`
-    groups of about equal bytes, taking the variables from last to first: backprop's order."""
+    """Split tensors (their byte `sizes`, the variable each belongs to) into `packs` groups (or
+    one per tensor, if fewer) of about equal bytes, taking the variables from last to first:
+    backprop's order. A group closes once it reaches its share, or when the tensors left are
+    just enough for one group each."""
     order = sorted(range(len(sizes)), key=lambda i: (-variable_of[i], i))
     share = sum(sizes) / packs
     groups: list[list[int]] = [[]]
     filled = 0
-    for i in order:
-        if groups[-1] and filled >= share * len(groups) and len(groups) < packs:
+    for position, i in enumerate(order):
+        left = len(order) - position
+        if groups[-1] and len(groups) < packs and (filled >= share * len(groups)
+                                                   or left <= packs - len(groups)):
             groups.append([])
         groups[-1].append(i)
         filled += sizes[i]

@@ -144,7 +144,8 @@ def test_jit_compile_auto_follows_keras_and_true_compiles_on_the_cpu():
     ([4, 40, 4, 400, 4], [0, 1, 2, 3, 4], 3, [[4, 3], [2], [1, 0]]),
     ([100] * 6, [0, 1, 2, 0, 1, 2], 2, [[2, 5, 1], [4, 0, 3]]),  # two normalisers' sums
     ([8, 8], [0, 1], 5, [[1], [0]]),
-], ids=["bytes", "normalisers", "more_packs_than_tensors"])
+    ([120, 24, 24, 4], [0, 1, 2, 3], 3, [[3, 2], [1], [0]]),  # the first layer's kernel dominates
+], ids=["bytes", "normalisers", "more_packs_than_tensors", "one_large"])
 def test_packs_take_variables_from_last_to_first_in_about_equal_bytes(sizes, variable_of, packs,
                                                                        expected):
     assert reverse_packs(sizes, variable_of, packs) == expected
