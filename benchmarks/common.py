@@ -29,6 +29,7 @@ PYTHON = Path(sys.executable)
 # Open MPI refuses to start as root without both; harmless for other users.
 MPI_ROOT_VARIABLES = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
 CHIEF_RESULT = "result.json"
+START_UP_RESULT = "start-up.json"  # the overhead figure's seconds to the first update
 MICRO_BATCH_SIZE = 32
 # A command to run instead of `horovodrun` (words split as a shell would): the test suite's smoke
 # runs name horovodrun's own launcher without its build check (tests/workers/horovodrun_gloo.py),

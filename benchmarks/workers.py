@@ -1,4 +1,5 @@
-"""What runs inside the measured processes: one subcommand per figure.
+"""What runs inside the measured processes: one subcommand per figure (the overhead figure's
+process is `overhead.py worker`, which times this module's Keras and distaccum runners).
 
 The figure scripts start these (one process, or two under `horovodrun --gloo`) and summarise the
 JSON they write to `--out`. Every process uses one intra-op thread (see `workload`).
@@ -210,24 +211,6 @@ def distaccum_runners(x, y) -> dict:
             **{name: windows(trainers[name]) for name in ("window_k1", "window_k8")},
             "window_k8_call_each": windows(trainers["window_k8"], one_call=False),
             "window_k8_mixed_bfloat16": windows(trainers["window_k8_mixed_bfloat16"])}
-
-
-def overhead(args) -> None:
-    """Samples/s of each runner on one fixed micro-batch, interleaved within every repeat."""
-    distaccum.init()
-    x, y = workload.first_micro_batch()
-    runners = {**keras_runners(x, y), **distaccum_runners(x, y)}
-    for run in runners.values():
-        run(8)  # warm-up: tracing stays out of the timings
-    measurements = []
-    for repeat in range(args.repeats):
-        for method, run in runners.items():
-            started = time.perf_counter()
-            run(args.steps)
-            seconds = time.perf_counter() - started
-            measurements.append({"repeat": repeat, "method": method,
-                                 "samples_per_second": args.steps * MICRO_BATCH_SIZE / seconds})
-    write_chief(args.out, measurements)
 
 
 def peak_rss_mb() -> float:
@@ -446,7 +429,7 @@ def parse_arguments() -> argparse.Namespace:
     commands = parser.add_subparsers(dest="command", required=True)
     figures = {}
     for name, run in (("communication", communication), ("slow-link", slow_link),
-                      ("overhead", overhead), ("memory", memory), ("startup", startup),
+                      ("memory", memory), ("startup", startup),
                       ("record-files", record_files), ("data-share", data_share),
                       ("data-throughput", data_throughput)):
         figures[name] = commands.add_parser(name, help=run.__doc__.splitlines()[0])
@@ -460,8 +443,6 @@ def parse_arguments() -> argparse.Namespace:
     methods = (DISTACCUM, ALLREDUCE_EVERY_MICRO_BATCH, NO_COMMUNICATION)
     figures["slow-link"].add_argument("--methods", nargs="+", choices=(*methods, DISTACCUM_BFLOAT16),
                                       default=methods)
-    for option in ("--repeats", "--steps"):
-        figures["overhead"].add_argument(option, type=positive_int, required=True)
     figures["memory"].add_argument("--mode", choices=("accumulate", "direct"), required=True)
     for option in ("--micro-batch", "--accumulation-steps", "--conv-layers", "--conv-filters"):
         figures["memory"].add_argument(option, type=positive_int, required=True)

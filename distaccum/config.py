@@ -95,9 +95,6 @@ class TrainConfig:
         "(float32 is exact; the others halve the bytes, within their round-off)",
         default="float32",
     )
-    allreduce_packs: int = _help(
-        "grouped allreduces an update sends its gradient sums in, last layers first, so that "
-        "the first can start during the window's last backward pass (without XLA)", default=1)
     jit_compile: str = _help(
         "compile the steps with XLA: auto (when a GPU is present and every layer supports it, "
         "as Keras does), true or false", default="auto")
@@ -149,9 +146,8 @@ class TrainConfig:
         ):
             if getattr(self, name) not in allowed:
                 _fail(name, getattr(self, name), f"must be one of {', '.join(allowed)}")
-        for name in ("micro_batch_size", "allreduce_packs", "log_interval",
-                     "checkpoint_interval", "keep_checkpoints", "max_consecutive_skips",
-                     "shuffle_buffer", "partitions"):
+        for name in ("micro_batch_size", "log_interval", "checkpoint_interval",
+                     "keep_checkpoints", "max_consecutive_skips", "shuffle_buffer", "partitions"):
             if getattr(self, name) < 1:
                 _fail(name, getattr(self, name), "must be >= 1")
         for name in ("epochs", "update_steps", "global_batch_size", "accumulation_steps"):

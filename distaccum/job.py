@@ -81,7 +81,6 @@ def build_trainer(config: TrainConfig, job_data: sources.JobData, total_update_s
                        accumulation_steps=accumulation_steps,
                        clip_global_norm=config.clip_global_norm,
                        allreduce_dtype=config.allreduce_dtype,
-                       allreduce_packs=config.allreduce_packs,
                        jit_compile={"true": True, "false": False}.get(config.jit_compile, "auto"))
     except (ValueError, TypeError) as error:  # a loss or metric name Keras does not know, or an
         # allreduce_dtype this backend cannot sum: the message names the value

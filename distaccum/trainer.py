@@ -67,26 +67,6 @@ def resolve_jit_compile(model: keras.Model, jit_compile) -> bool:
     return True
 
 
-def reverse_packs(sizes: Sequence[int], variable_of: Sequence[int], packs: int
-                  ) -> list[list[int]]:
-    """Split tensors (their byte `sizes`, the variable each belongs to) into `packs` groups (or
-    one per tensor, if fewer) of about equal bytes, taking the variables from last to first:
-    backprop's order. A group closes once it reaches its share, or when the tensors left are
-    just enough for one group each."""
-    order = sorted(range(len(sizes)), key=lambda i: (-variable_of[i], i))
-    share = sum(sizes) / packs
-    groups: list[list[int]] = [[]]
-    filled = 0
-    for position, i in enumerate(order):
-        left = len(order) - position
-        if groups[-1] and len(groups) < packs and (filled >= share * len(groups)
-                                                   or left <= packs - len(groups)):
-            groups.append([])
-        groups[-1].append(i)
-        filled += sizes[i]
-    return groups
-
-
 def _stand_in(micro_batch, micro_batch_size: int | None):
     """Zeros of the micro-batch's spec, its unknown sizes made known: what XLA compiles for."""
     def zeros(spec):
@@ -244,12 +224,6 @@ class Trainer:
             step and the update step's compute before and after its allreduce run as XLA
             clusters; the allreduce itself runs between them, as an op XLA cannot compile. A
             model XLA cannot compile trains without it, with one warning naming the op.
-        allreduce_packs: how many grouped allreduces an update sends its gradient sums in (the
-            window's statistics, metric states and votes go with the first). Packs follow the
-            variables in reverse, the order backprop produces their gradients in, so the first
-            pack's allreduce can start while the window's last backward pass still computes the
-            rest (without XLA, whose cluster hands out every gradient at once). The sums are the
-            same whatever the packs.
     """
 
     def __init__(
@@ -267,7 +241,6 @@ class Trainer:
         clip_global_norm: float | None = None,
         allreduce_dtype: str = "float32",
         jit_compile: bool | str = "auto",
-        allreduce_packs: int = 1,
     ) -> None:
         if not isinstance(model, keras.Model):
             raise TypeError(f"model must be a keras.Model. Received: model={model!r}")
@@ -285,11 +258,6 @@ class Trainer:
         self.backend = comm.current()
         self._set_batch(global_batch_size, micro_batch_size, accumulation_steps)
         self.allreduce_dtype = _check_allreduce_dtype(allreduce_dtype, self.backend)
-        if isinstance(allreduce_packs, bool) or not isinstance(allreduce_packs, int) \
-                or allreduce_packs < 1:
-            raise ValueError(f"allreduce_packs must be an int >= 1. Received: "
-                             f"allreduce_packs={allreduce_packs!r}")
-        self.allreduce_packs = allreduce_packs
         self._accumulator: GradientAccumulator | None = None
         self._stored_micro_steps = 0  # micro-batches of the current window in the sums
         self._largest_micro_batch = tf.Variable(0.0, trainable=False)  # for loss scaling only
@@ -603,33 +571,11 @@ class Trainer:
         return self._accumulator
 
     def _update_step_body(self, votes, last_micro_batch, stored):
-        # The only sync points of a window: gradient, loss and weight sums, metric states (and
-        # the votes) in `allreduce_packs` grouped allreduces.
+        # The only sync point of a window: gradient, loss and weight sums, metric states (and the
+        # votes) in one grouped allreduce.
         sums = self._window_sums(last_micro_batch, stored)
-        count = self._accumulator.gradient_sum_count
-        totals = self._sum_in_packs(sums[:count], sums[count:] + self._metric_states() + [votes])
+        totals = self.backend.sum_all(sums + self._metric_states() + [votes], "update")
         return self._apply_totals(totals[:len(sums)], totals[len(sums):-1], totals[-1])
-
-    def _sum_in_packs(self, gradient_sums: list, statistics: list) -> list:
-        """Every worker's `gradient_sums + statistics`, summed in `allreduce_packs` collectives,
-        one after the other in the same order on every worker (MPI pairs collectives by order)."""
-        if self.allreduce_packs == 1:
-            return self.backend.sum_all(gradient_sums + statistics, "update")
-        variables = len(self.model.trainable_variables)
-        packs = reverse_packs([t.shape.num_elements() * t.dtype.size for t in gradient_sums],
-                              [i % variables for i in range(len(gradient_sums))],
-                              self.allreduce_packs)
-        reduced = [None] * len(gradient_sums)
-        previous: list = []
-        for number, pack in enumerate(packs):
-            group = [gradient_sums[i] for i in pack] + (statistics if number == 0 else [])
-            with tf.control_dependencies(previous):
-                previous = self.backend.sum_all(group, f"update.pack{number}")
-            for i, value in zip(pack, previous):
-                reduced[i] = value
-            if number == 0:
-                statistics = previous[len(pack):]
-        return reduced + statistics
 
     def _window_sums_body(self, last_micro_batch, stored):
         """The window's sums as they travel, the last micro-batch's trained on the way."""

@@ -36,12 +36,11 @@ def _reference(accumulation_steps: int, optimizer: str):
 # horovodrun (k=3, a Horovod timeline per training, float32 and float16 gradient sums) and under
 # mpirun (k=1 and k=3 in one launch, with XLA and without), mpi4py under mpirun (k=1 and k=3,
 # float32 and bfloat16, with XLA and without).
-# Gradient sums in 3 packs (allreduce_packs=3) once per backend: Horovod with its timeline, mpi4py.
 LAUNCHES = {
-    "horovodrun": ("horovodrun", "3", ("float32", "float16"), ("false",), ("1", "3"),
+    "horovodrun": ("horovodrun", "3", ("float32", "float16"), ("false",),
                    {"HOROVOD_TIMELINE": "DYNAMIC"}),
-    "mpirun": ("mpirun", "1,3", ("float32",), ("false", "true"), ("1",), {}),
-    "mpirun-mpi4py": ("mpirun", "1,3", ("float32", "bfloat16"), ("false", "true"), ("1", "3"),
+    "mpirun": ("mpirun", "1,3", ("float32",), ("false", "true"), {}),
+    "mpirun-mpi4py": ("mpirun", "1,3", ("float32", "bfloat16"), ("false", "true"),
                       {"DISTACCUM_BACKEND": "mpi"}),
 }
 # Unit round-off of each type gradient sums can travel in.
@@ -50,22 +49,20 @@ ROUND_OFF = {"float16": 2.0**-11, "bfloat16": 2.0**-8}
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """{(launch, k, *variant): directory of rank files}, variant () or some of (dtype, "xla",
-    "pack<n>") as train_shards.py names its runs."""
+    """{(launch, k, *variant): directory of rank files}, variant () or some of (dtype, "xla")
+    as train_shards.py names its runs."""
     found = {}
-    for launch, (launcher, steps, dtypes, jit_values, packs, env) in LAUNCHES.items():
+    for launch, (launcher, steps, dtypes, jit_values, env) in LAUNCHES.items():
         out = tmp_path_factory.mktemp(launch)
         timelines = ["--timelines"] if "HOROVOD_TIMELINE" in env else []
         run_script(launcher, WORKERS_DIR / "train_shards.py", "--accumulation-steps", steps,
                    "--allreduce-dtypes", ",".join(dtypes), "--jit-compile", ",".join(jit_values),
-                   "--allreduce-packs", ",".join(packs), *timelines, "--epochs", str(EPOCHS),
-                   "--out", str(out), extra_env=env)
-        trainings = [(int(k), dtype, jit == "true", int(pack)) for k in steps.split(",")
-                     for dtype in dtypes for jit in jit_values for pack in packs
-                     if dtype == "float32" or (jit, pack) == ("false", "1")]
-        for k, dtype, xla, pack in trainings:
-            variant = ((() if dtype == "float32" else (dtype,)) + (("xla",) if xla else ())
-                       + ((f"pack{pack}",) if pack > 1 else ()))
+                   *timelines, "--epochs", str(EPOCHS), "--out", str(out), extra_env=env)
+        trainings = [(int(k), dtype, jit == "true") for k in steps.split(",")
+                     for dtype in dtypes for jit in jit_values
+                     if dtype == "float32" or jit == "false"]
+        for k, dtype, xla in trainings:
+            variant = (() if dtype == "float32" else (dtype,)) + (("xla",) if xla else ())
             name = "-".join([f"k{k}", *variant])
             found[(launch, k, *variant)] = out / name if len(trainings) > 1 else out
     return found
@@ -98,39 +95,17 @@ def test_two_workers_match_large_batch_reference_when_shards_are_uneven(
     np.testing.assert_array_equal(ranks[0]["loss"], ranks[1]["loss"])
 
 
-@pytest.mark.parametrize("accumulation_steps, updates, variant, packs",
-                         [(1, 12, (), 1), (3, 4, (), 1), (3, 4, ("xla",), 1),
-                          (3, 4, ("pack3",), 3)], ids=["k1", "k3", "k3-xla", "k3-pack3"])
+@pytest.mark.parametrize("accumulation_steps, updates, variant",
+                         [(1, 12, ()), (3, 4, ()), (3, 4, ("xla",))], ids=["k1", "k3", "k3-xla"])
 def test_mpi4py_backend_allreduces_once_per_update_when_counted(runs, accumulation_steps, updates,
-                                                                variant, packs):
+                                                                variant):
     for rank in range(2):
         saved = np.load(runs[("mpirun-mpi4py", accumulation_steps, *variant)] / f"rank{rank}.npz")
         assert int(saved["iterations"]) == updates
-        # One fused allreduce per update (or one per pack), none on micro-steps, one for the plan
-        # agreement; one broadcast at start-up.
-        assert int(saved["allreduces"]) == packs * updates + 1
+        # One fused allreduce per update, none on micro-steps, one for the plan agreement; one
+        # broadcast at start-up.
+        assert int(saved["allreduces"]) == updates + 1
         assert int(saved["broadcasts"]) == 1
-
-
-@pytest.mark.parametrize("launch", ["horovodrun", "mpirun-mpi4py"])
-def test_gradient_sums_in_packs_train_bitwise_as_in_one_allreduce(runs, launch):
-    for rank in range(2):
-        one = np.load(runs[launch, 3] / f"rank{rank}.npz")
-        packed = np.load(runs[launch, 3, "pack3"] / f"rank{rank}.npz")
-        weights = [name for name in one.files if name.startswith("arr_")]
-        for name in [*weights, "loss", "iterations"]:
-            np.testing.assert_array_equal(packed[name], one[name])
-
-
-def test_horovod_sends_each_pack_once_per_update(runs):
-    counts = collective_counts(runs["horovodrun", 3, "pack3"] / "timeline.json")
-    rows = {name: c["ALLREDUCE"] for name, c in counts.items()
-            if name.startswith("HorovodGroupedAllreduce")}
-    packs = sorted({name.split("update.pack")[1][0] for name in rows})
-    assert packs == ["0", "1", "2"]
-    num_variables = len(scenarios.make_model().trainable_variables)
-    assert len(rows) == num_variables + 4  # every gradient sum and the statistics, once each
-    assert set(rows.values()) == {EPOCHS * 2}  # once per update
 
 
 def test_allreduce_count_equals_updates_not_micro_batches_when_k_is_3(runs):

@@ -10,7 +10,6 @@ import tensorflow as tf
 import distaccum
 import keras_models as cases
 import scenarios
-from distaccum.trainer import reverse_packs
 
 MSE = keras.losses.MeanSquaredError()
 
@@ -138,26 +137,6 @@ def test_jit_compile_auto_follows_keras_and_true_compiles_on_the_cpu():
     with pytest.raises(ValueError, match="jit_compile must be 'auto', True or False. "
                                          "Received: jit_compile='yes'"):
         distaccum.Trainer(model, keras.optimizers.SGD(0.1), loss=MSE, jit_compile="yes")
-
-
-@pytest.mark.parametrize("sizes, variable_of, packs, expected", [
-    ([4, 40, 4, 400, 4], [0, 1, 2, 3, 4], 3, [[4, 3], [2], [1, 0]]),
-    ([100] * 6, [0, 1, 2, 0, 1, 2], 2, [[2, 5, 1], [4, 0, 3]]),  # two normalisers' sums
-    ([8, 8], [0, 1], 5, [[1], [0]]),
-    ([120, 24, 24, 4], [0, 1, 2, 3], 3, [[3, 2], [1], [0]]),  # the first layer's kernel dominates
-], ids=["bytes", "normalisers", "more_packs_than_tensors", "one_large"])
-def test_packs_take_variables_from_last_to_first_in_about_equal_bytes(sizes, variable_of, packs,
-                                                                       expected):
-    assert reverse_packs(sizes, variable_of, packs) == expected
-
-
-def test_packs_on_one_worker_train_as_one_allreduce():
-    shard = scenarios.make_shard(0, 24, weighted=True)
-    one, _, _ = _train("adam_schedule", shard, 3)
-    packed, trainer, _ = _train("adam_schedule", shard, 3, allreduce_packs=3)
-    assert trainer.allreduce_packs == 3
-    for a, b in zip(packed.trainable_variables, one.trainable_variables):
-        np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
 @pytest.mark.rounding

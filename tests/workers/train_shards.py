@@ -2,9 +2,9 @@
 
 Runs unchanged under `python`, `horovodrun --gloo -np N` and `mpirun -np N`; each rank saves its
 final weights, optimizer iterations and history to OUT/rank<r>.npz, or, for several trainings in
-one launch (comma-separated accumulation steps, allreduce dtypes, jit_compile values and
-allreduce packs), to OUT/<run>/rank<r>.npz with <run> = k<k> for float32 and k<k>-<dtype>
-otherwise, plus -xla under XLA and -pack<n> for n packs. XLA and packs vary for float32 sums only. With --timelines, each training under
+one launch (comma-separated accumulation steps, allreduce dtypes and jit_compile values), to
+OUT/<run>/rank<r>.npz with <run> = k<k> for float32 and k<k>-<dtype> otherwise, plus -xla under
+XLA (for float32 sums only). With --timelines, each training under
 Horovod records its own timeline, OUT/<run>/timeline.json.
 """
 
@@ -33,7 +33,6 @@ parser.add_argument("--nan-micro-batches", default="", help="comma-separated mic
 parser.add_argument("--max-consecutive-skips", type=int, default=5)
 parser.add_argument("--allreduce-dtypes", default="float32", help="dtype, or dtype1,dtype2,...")
 parser.add_argument("--jit-compile", default="false", help="false, true, or false,true")
-parser.add_argument("--allreduce-packs", default="1", help="n, or n1,n2,...")
 parser.add_argument("--timelines", action="store_true", help="a Horovod timeline per training")
 parser.add_argument("--bad-rank", type=int, default=-1, help="rank that meets a bad micro-batch")
 parser.add_argument("--bad-epoch", type=int, default=2)
@@ -47,10 +46,9 @@ x, y, w = scenarios.make_shard(rank, scenarios.SHARD_SIZES[rank])
 if rank == args.nan_rank:
     for index in map(int, args.nan_micro_batches.split(",")):
         x[index * scenarios.MICRO_BATCH_SIZE, 0] = np.nan
-runs = [(int(k), dtype, jit == "true" and dtype == "float32", int(packs))
-        for k in args.accumulation_steps.split(",") for dtype in args.allreduce_dtypes.split(",")
-        for jit in args.jit_compile.split(",") for packs in args.allreduce_packs.split(",")
-        if dtype == "float32" or (jit, packs) == ("false", "1")]
+runs = [(int(k), dtype, jit == "true") for k in args.accumulation_steps.split(",")
+        for dtype in args.allreduce_dtypes.split(",") for jit in args.jit_compile.split(",")
+        if dtype == "float32" or jit == "false"]
 
 
 def training_data():
@@ -86,10 +84,9 @@ class RecordSkips(distaccum.Callback):
 # The mpi4py backend counts its own collectives (Horovod's are counted in its timeline).
 counts = getattr(comm.current(), "collective_counts", {})
 sent = getattr(comm.current(), "collective_bytes", {})
-for accumulation_steps, allreduce_dtype, jit_compile, allreduce_packs in runs:
+for accumulation_steps, allreduce_dtype, jit_compile in runs:
     name = (f"k{accumulation_steps}" + ("" if allreduce_dtype == "float32" else f"-{allreduce_dtype}")
-            + ("-xla" if jit_compile else "") + (f"-pack{allreduce_packs}" if allreduce_packs > 1
-                                                 else ""))
+            + ("-xla" if jit_compile else ""))
     out = os.path.join(args.out, name) if len(runs) > 1 else args.out
     os.makedirs(out, exist_ok=True)
     if args.timelines:
@@ -106,7 +103,6 @@ for accumulation_steps, allreduce_dtype, jit_compile, allreduce_packs in runs:
         accumulation_steps=accumulation_steps,
         allreduce_dtype=allreduce_dtype,
         jit_compile=jit_compile,
-        allreduce_packs=allreduce_packs,
     )
     assert trainer.jit_compile == jit_compile, "XLA fell back"
     skips = RecordSkips()
