@@ -27,6 +27,7 @@ _PUBLIC_NAMES = {
     "UpdateResult": "distaccum.trainer",
     "InexactWarning": "distaccum.objective",
     "XLAWarning": "distaccum.trainer",
+    "HostMemoryWarning": "distaccum.comm",
     "Controller": "distaccum.controller",
     "CadenceOptions": "distaccum.controller",
     "History": "distaccum.records",
@@ -37,6 +38,7 @@ _PUBLIC_NAMES = {
     "TrainingInterrupted": "distaccum.records",
     "NonFiniteGradients": "distaccum.records",
     "BadMicroBatch": "distaccum.records",
+    "ModelDataMismatch": "distaccum.records",
 }
 
 __all__ = sorted(_PUBLIC_NAMES)

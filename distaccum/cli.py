@@ -174,11 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     console.import_tensorflow_quietly()
     from distaccum import comm, job
-    from distaccum.records import TrainingInterrupted
+    from distaccum.records import ModelDataMismatch, TrainingInterrupted
 
     try:
         job.run(config)
-    except ConfigError as error:
+    except (ConfigError, ModelDataMismatch) as error:  # the model and the data do not fit: input
         print(f"distaccum: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except TrainingInterrupted as stop:

@@ -20,6 +20,7 @@ import os
 import sys
 import threading
 import time
+import warnings
 from typing import Iterator, Protocol, Sequence
 
 import numpy as np
@@ -35,6 +36,21 @@ BACKENDS = ("single", "horovod", "mpi")
 class WorkerLost(RuntimeError):
     """A collective failed: another worker is gone (its process died, was killed, or its network
     failed). Raised on the surviving workers so they stop instead of waiting forever."""
+
+
+class HostMemoryWarning(UserWarning):
+    """Ranks train on GPUs while their sums go through host memory: the mpi4py backend."""
+
+
+def warn_if_gpus_sum_through_host(backend: "Backend") -> None:
+    """Say it, on the chief, when this job's ranks train on GPUs with the mpi4py backend: its
+    collectives copy every sum from the GPU and back (`tf.numpy_function`) and reduce over TCP,
+    where Horovod built with NCCL reduces on the GPUs."""
+    if backend.name == "mpi" and backend.rank() == 0 and tf.config.list_logical_devices("GPU"):
+        warnings.warn(HostMemoryWarning(
+            "the mpi4py backend sums gradients through host memory (a copy from each GPU and "
+            "back per update, no NCCL); on GPUs use Horovod with NCCL: launch/setup.sh --gpu "
+            "--horovod, then DISTACCUM_BACKEND=horovod"), stacklevel=3)
 
 
 # Seconds a collective may take before this worker gives up on it (`set_collective_timeout`).

@@ -18,7 +18,7 @@ from typing import Callable, Protocol, Sequence, Union
 import tensorflow as tf
 
 from distaccum import callbacks as keras_callbacks
-from distaccum import data
+from distaccum import data, diagnosis
 from distaccum.records import (
     BadMicroBatch,
     History,
@@ -60,6 +60,8 @@ class StepRunner(Protocol):
     def evaluate(self, dataset: tf.data.Dataset) -> dict[str, float]: ...
 
     def learning_rate_at(self, update_step: int) -> float: ...
+
+    def refusing_part(self, x, y, sample_weight=None) -> str | None: ...
 
 
 # What a micro-batch the model cannot train on raises (a wrong dtype or shape).
@@ -128,16 +130,23 @@ def _advance(position: Position, windows: int, updates_per_epoch) -> Position:
     return Position(position.update_step + windows, position.epoch, done)
 
 
-def _raise_if_bad(record: UpdateRecord, own, origin: str = "") -> None:
+def _raise_if_bad(record: UpdateRecord, own, origin: str = "", part: str | None = None,
+                  first_of_run: bool = False) -> None:
     """`BadMicroBatch` on every worker when any reported one in this update (none applied it);
-    `own` is this worker's (micro-batch, error), if it was one of them, and `origin` where that
-    micro-batch was read from (a record file, say), if known."""
+    `own` is this worker's (micro-batch, error), if it was one of them, `origin` where that
+    micro-batch was read from (a record file, say), if known, `part` what in the step refused it
+    (`diagnosis.refusing_part`), and `first_of_run` whether it was the first this run trained.
+    `ModelDataMismatch` instead when every worker failed on that first micro-batch: then the
+    model, loss or metrics do not fit the data, whatever the batch."""
     reports = [int(n) for n in record.result.bad_micro_batches.numpy()]
     if not any(reports):
         return
+    if first_of_run and own and all(n == own[0] for n in reports):
+        raise diagnosis.mismatch(part, own[1], diagnosis.FIRST_MICRO_BATCH)
     where = ", ".join(f"rank {rank}: micro-batch {n} of epoch {record.epoch}"
                       for rank, n in enumerate(reports) if n)
-    why = f" (here: {type(own[1]).__name__}: {one_line(own[1])})" if own else ""
+    why = (f" (here: {part})" if part else
+           f" (here: {type(own[1]).__name__}: {one_line(own[1])})" if own else "")
     why += f"; it holds {origin}" if own and origin else ""
     raise BadMicroBatch(f"{where} (counted from 1) cannot be trained on; every rank stopped at "
                         f"update step {record.update_step} without applying it{why}")
@@ -185,6 +194,7 @@ class Controller:
         self._consecutive_skips = 0
         self._checkpointed_step: int | None = None
         self._source: data.EpochSource | None = None  # what run reads
+        self._updates_run = 0  # by this `run`: before the first, a failing step is a mismatch
 
     def run(
         self,
@@ -203,6 +213,7 @@ class Controller:
         """
         _check_duration(epochs, update_steps)
         source = self._source = data.as_epoch_source(dataset)
+        self._updates_run = 0
         self._trainer.prepare(source.element_spec, source.micro_batch_size)
         plan = source.plan(self._trainer.accumulation_steps)
         if epochs is not None and plan.updates_per_epoch == data.INFINITE:
@@ -279,7 +290,7 @@ class Controller:
         which would leave the others waiting in the update: it is reported in the update, so
         that every worker stops there."""
         started = time.perf_counter()
-        micro_batches, bad = [], None
+        micro_batches, bad = [], None  # bad: (1-based index in the epoch, error, micro-batch)
         try:  # the input pipeline's error (a wrong dtype or shape) surfaces in `next`
             for _ in range(self._trainer.accumulation_steps):
                 micro_batch = next(iterator, None)
@@ -287,7 +298,7 @@ class Controller:
                     break
                 micro_batches.append(data.unpack(micro_batch))
         except _DATA_ERRORS as error:
-            bad = (first + len(micro_batches) + 1, error)
+            bad = (first + len(micro_batches) + 1, error, None)
         last = micro_batches.pop() if micro_batches and bad is None else None
         if micro_batches and bad is None:
             bad = self._stored_micro_steps(micro_batches, first)
@@ -302,20 +313,23 @@ class Controller:
             except _DATA_ERRORS as error:
                 # Raised before the collective (the reduction needs this micro-batch's
                 # gradient): nothing was reduced or applied, so report it like the others.
-                bad = (first + len(micro_batches) + 1, error)
+                bad = (first + len(micro_batches) + 1, error, last)
         if result is None:
             result = self._trainer.update_step(*votes, bad[0] if bad else 0, step)
         micro_steps = 0 if bad else len(micro_batches) + (last is not None)
         record = UpdateRecord(step, start.epoch, micro_steps, result,
                               computed - started, time.perf_counter() - computed)
-        origin = self._source.describe(start.epoch, self._trainer.accumulation_steps,
-                                       bad[0]) if bad else ""
-        _raise_if_bad(record, bad, origin)
+        if bad:
+            origin = self._source.describe(start.epoch, self._trainer.accumulation_steps, bad[0])
+            part = self._trainer.refusing_part(*bad[2]) if bad[2] is not None else None
+            _raise_if_bad(record, bad[:2], origin, part,
+                          first_of_run=self._updates_run == 0 and bad[0] == first + 1)
+        _raise_if_bad(record, None)
         return record
 
     def _stored_micro_steps(self, micro_batches: list, first: int):
-        """Train the window's micro-batches but the last; `(1-based index in the epoch, error)`
-        of one that cannot be trained on, else None."""
+        """Train the window's micro-batches but the last; `(1-based index in the epoch, error,
+        micro-batch)` of one that cannot be trained on, else None."""
         try:
             self._trainer.micro_steps(micro_batches)
             return None
@@ -325,12 +339,13 @@ class Controller:
             try:
                 self._trainer.micro_step(*micro_batch)
             except _DATA_ERRORS as error:
-                return first + index + 1, error
+                return first + index + 1, error, micro_batch
         # Not expected: then the window is still reported, not trained on half-counted metrics.
-        return first + 1, together
+        return first + 1, together, None
 
     def _after_update(self, record: UpdateRecord, total: int, history: History, callbacks,
                       window: int) -> None:
+        self._updates_run += 1
         keras_callbacks.notify(callbacks, "on_update", record)
         self._interval.append(record)
         weight = float(record.result.weight_sum)

@@ -49,6 +49,12 @@ class BadMicroBatch(RuntimeError):
     none of that window, and names the rank, the epoch and the micro-batch."""
 
 
+class ModelDataMismatch(ValueError):
+    """Every worker failed on its first micro-batch: the model, its loss or a metric does not fit
+    the data (shapes, label format), so any micro-batch would fail alike. Names the part that
+    refuses it (a metric, the loss, a layer) when one does; nothing was applied."""
+
+
 @dataclass(frozen=True)
 class UpdateRecord:
     """Handed to `callback.on_update` after every update.

@@ -17,7 +17,7 @@ from typing import Sequence
 import keras
 import tensorflow as tf
 
-from distaccum import comm, data, precision
+from distaccum import comm, data, diagnosis, precision
 from distaccum.config import ALLREDUCE_DTYPES, accumulation_steps_for
 from distaccum.accumulate import (
     GradientAccumulator,
@@ -398,14 +398,20 @@ class Trainer:
         micro_batch = data.unpack(element_spec)
         if self.jit_compile:
             self._check_xla_compiles(micro_batch)
-        for first in (True, False):
-            self._micro_step.get_concrete_function(*micro_batch, first)
+        try:
+            for first in (True, False):
+                self._micro_step.get_concrete_function(*micro_batch, first)
+        except (ValueError, TypeError) as error:  # Keras's shape checks, while tracing
+            stand_in = _stand_in(micro_batch, self.micro_batch_size)
+            raise diagnosis.mismatch(self.refusing_part(*stand_in), error,
+                                     diagnosis.DATA_SHAPES) from error
         if self.accumulation_steps > 2:  # fit's windows: k - 1 micro-batches in one call
             self._micro_steps.get_concrete_function(_stacked_spec(micro_batch), True)
         votes = tf.TensorSpec([2 + self.backend.num_workers()], tf.float32)
         self._update_step.get_concrete_function(votes, micro_batch,
                                                 self.accumulation_steps > 1)
         warn_if_inexact(self.model)
+        comm.warn_if_gpus_sum_through_host(self.backend)
         if self.allreduce_dtype != tf.float32 and self.backend.num_workers() > 1:
             warnings.warn(
                 f"allreduce_dtype={self.allreduce_dtype.name}: gradient sums travel rounded to "
@@ -500,6 +506,12 @@ class Trainer:
                                                      self._stored_micro_steps > 0))
         self._stored_micro_steps = 0
         return result
+
+    def refusing_part(self, x, y, sample_weight=None) -> str | None:
+        """What in a training step refuses this micro-batch (the model, the loss, a metric), in
+        one line, or None; run after a step failed on it (`diagnosis`)."""
+        return diagnosis.refusing_part(self.model, self.objective, self.metrics, x, y,
+                                       sample_weight)
 
     def _micro_step_body(self, x, y, sample_weight, first):
         sums = self._micro_batch_sums(x, y, sample_weight)  # the first trace creates the sums

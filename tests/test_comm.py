@@ -64,3 +64,28 @@ def test_trains_without_horovod_when_its_import_fails(tmp_path, launcher, backen
     assert str(saved["backend"]) == backend  # under mpirun: mpi4py, chosen by default
     assert int(saved["num_workers"]) == workers
     assert int(saved["iterations"]) == 2  # ceil(6 micro-batches / 3)
+
+
+class _Backend:
+    def __init__(self, name: str, rank: int) -> None:
+        self.name, self._rank = name, rank
+
+    def rank(self) -> int:
+        return self._rank
+
+
+@pytest.mark.parametrize("name, rank, gpus, warns", [
+    ("mpi", 0, ["GPU:0"], True), ("mpi", 1, ["GPU:0"], False), ("mpi", 0, [], False),
+    ("horovod", 0, ["GPU:0"], False)], ids=["mpi_gpu_chief", "mpi_gpu_other_rank", "mpi_cpu",
+                                           "horovod_gpu"])
+def test_gpu_ranks_on_the_mpi4py_backend_are_told_of_horovod_with_nccl(
+        monkeypatch, recwarn, name, rank, gpus, warns):
+    import tensorflow as tf
+
+    monkeypatch.setattr(tf.config, "list_logical_devices", lambda kind: gpus if kind == "GPU" else [])
+    comm.warn_if_gpus_sum_through_host(_Backend(name, rank))
+    messages = [str(w.message) for w in recwarn if w.category is comm.HostMemoryWarning]
+    assert messages == ([
+        "the mpi4py backend sums gradients through host memory (a copy from each GPU and back per "
+        "update, no NCCL); on GPUs use Horovod with NCCL: launch/setup.sh --gpu --horovod, then "
+        "DISTACCUM_BACKEND=horovod"] if warns else [])

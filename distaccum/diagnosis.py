@@ -1,0 +1,102 @@
+"""Which part of a training step refuses a micro-batch: the model, the loss or a metric.
+
+A step is one compiled call, so its error names an op deep inside it (`data.shape = [32] does not
+start with segment_ids.shape = [320]`), not what the user wrote. Run again eagerly, one part at a
+time, the refusing part is known, and the innermost Keras object on the error's traceback (a
+layer, a loss, a metric) names it. Nothing changes: the forward pass runs in inference mode and the
+metrics update under a `keras.StatelessScope`. It runs only after a step has failed.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from distaccum.records import ModelDataMismatch, one_line
+
+# Why a failure is the model's and not one micro-batch's, as `mismatch` says it.
+FIRST_MICRO_BATCH = "Every rank failed on its first micro-batch"
+DATA_SHAPES = "The training step cannot be built for the data's shapes"
+
+
+def refusing_part(model: keras.Model, objective, metrics, x, y, sample_weight) -> str | None:
+    """What refuses the micro-batch `(x, y, sample_weight)` and how, in one line (`the metric
+    'auc' (AUC) fails on y (32,) and model output (32, 10): InvalidArgumentError: ...`), or None
+    when the forward pass, the loss and the metrics all take it (the failure was elsewhere)."""
+    filtering = keras.config.is_traceback_filtering_enabled()
+    keras.config.disable_traceback_filtering()  # Keras's filter drops the frames that name it
+    try:
+        try:
+            y_pred = model(x, training=False)
+        except Exception as error:  # noqa: BLE001 (what the step raised, whatever its type)
+            return f"{_layer(error, model)} fails on input {_shapes(x)}: {_error(error)}"
+        shapes = f"y {_shapes(y)} and model output {_shapes(y_pred)}"
+        try:
+            objective.terms(y, y_pred, sample_weight, tf.shape(tf.nest.flatten(x)[0])[0])
+        except Exception as error:  # noqa: BLE001
+            return f"{_loss(error, objective)} fails on {shapes}: {_error(error)}"
+        if metrics is not None:
+            try:
+                with keras.StatelessScope():
+                    metrics.update(y, y_pred, sample_weight)
+            except Exception as error:  # noqa: BLE001
+                return (f"{_named(error, keras.metrics.Metric, 'metric')} fails on {shapes}: "
+                        f"{_error(error)}")
+        return None
+    finally:
+        if filtering:
+            keras.config.enable_traceback_filtering()
+
+
+def mismatch(part: str | None, error: BaseException, why: str) -> ModelDataMismatch:
+    """The error for a model, loss or metrics that cannot take the data: what refuses it (or
+    the step's own error), then `why` that is so for any batch."""
+    what = (part or f"the training step fails: {_error(error)}").rstrip(".")
+    return ModelDataMismatch(f"{what}. {why}, so the model, loss or metrics do not fit the data's "
+                             "shapes or label format; nothing was trained")
+
+
+def _innermost(error: BaseException, kind: type):
+    """The innermost object of `kind` whose method is on `error`'s traceback, or None."""
+    found, frame = None, error.__traceback__
+    while frame is not None:
+        candidate = frame.tb_frame.f_locals.get("self")
+        if isinstance(candidate, kind) and not type(candidate).__module__.startswith(
+                "keras.src.trainers"):  # Keras's containers of the compiled losses and metrics
+            found = candidate
+        frame = frame.tb_next
+    return found
+
+
+def _named(error: BaseException, kind: type, role: str) -> str:
+    """`the metric 'auc' (AUC)`, or `the metrics` when no single one is on the traceback."""
+    found = _innermost(error, kind)
+    if found is None:
+        return f"the {role}s"
+    return f"the {role} {found.name!r} ({type(found).__name__})"
+
+
+def _loss(error: BaseException, objective) -> str:
+    """`the loss 'focal' (FocalLoss)`; a loss given as a function (a name resolves to one) is
+    not on the traceback as an object: then the objective's losses by name."""
+    if _innermost(error, keras.losses.Loss) is not None:
+        return _named(error, keras.losses.Loss, "loss")
+    names = [getattr(o.loss, "name", None) or getattr(o.loss, "__name__", repr(o.loss))
+             for o in objective.losses]
+    return f"the loss {', '.join(map(repr, names))}"
+
+
+def _layer(error: BaseException, model: keras.Model) -> str:
+    found = _innermost(error, keras.layers.Layer)
+    if found is None or found is model:
+        return "the model"
+    return f"the model's layer {found.name!r} ({type(found).__name__})"
+
+
+def _shapes(structure) -> str:
+    shapes = tf.nest.map_structure(lambda t: tuple(t.shape), structure)
+    return str(shapes)
+
+
+def _error(error: BaseException) -> str:
+    return f"{type(error).__name__}: {one_line(error)}"

@@ -1,0 +1,60 @@
+"""The README's Python code runs as written: every ```python block, as a script, under `python`
+and under `mpirun -np 2`. (Its shell commands are run by the tests of what they launch:
+`test_launchers.py`, `test_k8s.py`, `test_trainjob.py`, `test_sources.py`.)"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT, run_script
+
+README = REPO_ROOT / "README.md"
+
+
+def python_blocks() -> list[str]:
+    return re.findall(r"^```python\n(.*?)^```$", README.read_text(), re.MULTILINE | re.DOTALL)
+
+
+def test_readme_has_a_python_block():
+    assert python_blocks(), "README.md has no ```python block"
+
+
+@pytest.mark.parametrize("index", range(len(python_blocks())))
+def test_python_block_runs_as_written_in_one_process(tmp_path, index):
+    script = tmp_path / "snippet.py"
+    script.write_text(python_blocks()[index])
+    completed = run_script("python", script)
+    assert completed.stdout.strip().splitlines()[-1].startswith("["), completed.stdout
+
+
+@pytest.mark.multiworker
+@pytest.mark.parametrize("index", range(len(python_blocks())))
+def test_python_block_runs_as_written_under_mpirun(tmp_path, index):
+    script = tmp_path / "snippet.py"
+    script.write_text(python_blocks()[index])
+    completed = run_script("mpirun", script, num_workers=2)
+    # Each rank prints the History's values, which count every worker's samples: the same list.
+    printed = [line for line in completed.stdout.splitlines() if line.startswith("[")]
+    assert len(printed) == 2 and printed[0] == printed[1], completed.stdout
+
+
+def test_metric_that_cannot_take_the_labels_is_named_when_the_readme_model_uses_it(tmp_path):
+    # The README's model with AUC, which takes binary or multi-label targets, not 10 classes'
+    # integer labels: the error names the metric, not the data.
+    snippet = python_blocks()[0]
+    assert 'keras.metrics.SparseTopKCategoricalAccuracy(3, name="top3")' in snippet
+    script = tmp_path / "snippet.py"
+    script.write_text(snippet.replace('keras.metrics.SparseTopKCategoricalAccuracy(3, name="top3")',
+                                      'keras.metrics.AUC(name="auc")'))
+    completed = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                               timeout=300, cwd=tmp_path)
+    assert completed.returncode != 0
+    last = completed.stderr.strip().splitlines()[-1]
+    assert last.startswith("distaccum.records.ModelDataMismatch: the metric 'auc' (AUC) fails on "
+                           "y (32,) and model output (32, 10): "), last
+    assert last.endswith("so the model, loss or metrics do not fit the data's shapes or label "
+                         "format; nothing was trained"), last
