@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
+import importlib.metadata
 import json
 import os
+import platform
 import shlex
 import shutil
 import signal
@@ -23,6 +26,9 @@ from pathlib import Path
 BENCHMARKS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCHMARKS_DIR.parent
 WORKERS_SCRIPT = BENCHMARKS_DIR / "workers.py"
+# Each figure's latest full run (`run.sh`, or a script run with `--json` into it): the one source
+# of the figures that `report.py` turns into results.md, results.png and the README's targets.
+RESULTS_DIR = BENCHMARKS_DIR / "results"
 # Failed runs keep their logs here (git-ignored); successful runs leave nothing behind.
 WORK_ROOT = BENCHMARKS_DIR / ".work"
 PYTHON = Path(sys.executable)
@@ -227,8 +233,41 @@ def verdict(passed: bool | None) -> str:
     return {True: "pass", False: "**FAIL**", None: "—"}[passed]
 
 
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def machine() -> str:
+    """What the numbers depend on: cores, CPU, memory and the versions of the moving parts."""
+    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    try:  # the cpu variant's distribution, else the gpu variant's
+        tensorflow = "tensorflow-cpu"
+        importlib.metadata.version(tensorflow)
+    except importlib.metadata.PackageNotFoundError:
+        tensorflow = "tensorflow"
+    versions = ", ".join(f"{name} {_version(package)}" for name, package in
+                         ((f"TensorFlow ({tensorflow})", tensorflow), ("Keras", "keras"),
+                          ("Horovod", "horovod")))
+    return (f"{len(os.sched_getaffinity(0))} cores (`nproc`), {cpu_model()}, "
+            f"{memory_gib:.0f} GiB RAM, Linux {platform.release()}, "
+            f"Python {platform.python_version()}, {versions}")
+
+
 def emit(figure: dict, json_path: Path | None) -> None:
-    """Print the figure (its table and targets) and write it as JSON for `report.py`."""
+    """Print the figure (its table and targets) and write it as JSON for `report.py`, stamped
+    with when and where it was measured."""
+    figure = {**figure, "date": datetime.datetime.now(datetime.timezone.utc).strftime(
+        "%Y-%m-%d %H:%M UTC"), "machine": machine()}
     print(f"## {figure['title']}\n\n{figure['how']}\n\n{figure['table']}\n")
     for item in figure["checks"]:
         line = f"target: {item['claim']} {item['target']}: {item['measured']} -> "

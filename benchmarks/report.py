@@ -1,19 +1,21 @@
-"""Turn the figures' JSON (from each script's `--json`) into results.md and a PNG plot.
+"""Turn the figures' JSON into results.md, results.png and the README's targets: one set of figures.
 
-    python benchmarks/report.py FIGURE.json... --markdown results.md --plot results.png
+    python benchmarks/report.py [FIGURE.json...] [--markdown results.md] [--plot results.png]
+                                [--readme README.md]
 
-The markdown names the date and the machine, lists every target of the issue with pass/fail, and
-then each figure's table; the PNG has one panel per plot the figures describe.
+Without FIGURE.json it reads every figure in `benchmarks/results/` (each script's latest run,
+written there by `run.sh`), in the figures' order. The markdown lists every target with pass/fail
+and when it was measured, then each figure's table with its date and machine; the PNG has one
+panel per plot the figures describe; `--readme` rewrites the targets table between the README's
+markers, so that the README quotes these numbers and no others.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import importlib.metadata
 import math
 import os
-import platform
+import re
 from pathlib import Path
 
 import common
@@ -26,43 +28,29 @@ try:
 except ImportError:
     plt = None
 
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
+README_BEGIN = "<!-- targets: written by benchmarks/report.py from benchmarks/results/; do not edit -->"
+README_END = "<!-- end of targets -->"
 
 
-def machine() -> str:
-    """What the numbers depend on: cores, CPU, memory and the versions of the moving parts."""
-    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    try:  # the cpu variant's distribution, else the gpu variant's
-        tensorflow = "tensorflow-cpu"
-        importlib.metadata.version(tensorflow)
-    except importlib.metadata.PackageNotFoundError:
-        tensorflow = "tensorflow"
-    versions = ", ".join(f"{name} {importlib.metadata.version(package)}" for name, package in
-                         ((f"TensorFlow ({tensorflow})", tensorflow), ("Keras", "keras"),
-                          ("Horovod", "horovod")))
-    return (f"{len(os.sched_getaffinity(0))} cores (`nproc`), {cpu_model()}, "
-            f"{memory_gib:.0f} GiB RAM, Linux {platform.release()}, "
-            f"Python {platform.python_version()}, {versions}")
+def committed_figures() -> list[dict]:
+    """Every figure in `benchmarks/results/`, in the order of their numbered titles."""
+    figures = [common.read_json(path) for path in sorted(common.RESULTS_DIR.glob("*.json"))]
+    return sorted(figures, key=lambda f: int(re.match(r"\d+", f["title"])[0]))
 
 
 def targets_table(figures: list[dict]) -> str:
-    rows = [[c["claim"], c["target"], c["measured"], common.verdict(c["passed"])]
+    rows = [[c["claim"], c["target"], c["measured"], common.verdict(c["passed"]),
+             f["date"].split()[0]]
             for f in figures for c in f["checks"]]
-    return common.markdown_table(["claim", "target", "measured: median (min–max)", "result"],
-                                 rows)
+    return common.markdown_table(
+        ["claim", "target", "measured: median (min–max)", "result", "measured on"], rows)
 
 
 def markdown(figures: list[dict], plot_name: str, elapsed: float | None) -> str:
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    took = f" (took {elapsed / 60:.0f} min)" if elapsed is not None else ""
+    took = f" (the last full run took {elapsed / 60:.0f} min)" if elapsed is not None else ""
     lines = ["# distaccum benchmark results", "",
-             f"- date: {now}", f"- machine: {machine()}",
-             f"- command: `bash benchmarks/run.sh`{took}",
+             f"- command: `bash benchmarks/run.sh`{took}; each figure below says when and on "
+             "what it was measured",
              "- each figure is the median of several runs with the spread (smallest–largest run) "
              "in brackets; every ratio is taken between runs made moments apart in the same run "
              "of the script, on a shared machine"]
@@ -72,8 +60,18 @@ def markdown(figures: list[dict], plot_name: str, elapsed: float | None) -> str:
     lines += ["", "## Targets", "", targets_table(figures), "", f"![plots]({plot_name})", ""]
     for f in figures:
         notes = [f"- {c['claim']}: {c['note']}" for c in f["checks"] if c["note"]]
-        lines += [f"## {f['title']}", "", f["how"], "", f["table"], "", *notes, ""]
+        lines += [f"## {f['title']}", "", f"Measured {f['date']} on {f['machine']}.", "",
+                  f["how"], "", f["table"], "", *notes, ""]
     return "\n".join(lines)
+
+
+def with_targets(readme: str, figures: list[dict]) -> str:
+    """`readme` with the targets table between its markers replaced by `figures`'."""
+    if README_BEGIN not in readme or README_END not in readme:
+        raise common.BenchmarkError(f"the README has no {README_BEGIN} ... {README_END} block")
+    before, rest = readme.split(README_BEGIN, 1)
+    after = rest.split(README_END, 1)[1]
+    return f"{before}{README_BEGIN}\n{targets_table(figures)}\n{README_END}{after}"
 
 
 def draw_lines(axes, panel: dict) -> None:
@@ -119,19 +117,26 @@ def plot(figures: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("figures", nargs="+", type=Path, help="JSON files, in report order")
-    parser.add_argument("--markdown", type=Path, required=True)
-    parser.add_argument("--plot", type=Path, required=True)
+    parser.add_argument("figures", nargs="*", type=Path,
+                        help="JSON files (default: every figure in benchmarks/results/)")
+    parser.add_argument("--markdown", type=Path, default=common.BENCHMARKS_DIR / "results.md")
+    parser.add_argument("--plot", type=Path, default=common.BENCHMARKS_DIR / "results.png")
+    parser.add_argument("--readme", type=Path, help="rewrite this README's targets table")
     parser.add_argument("--elapsed", type=float, help="seconds the whole run took")
     args = parser.parse_args()
     if plt is None:
         raise common.BenchmarkError("matplotlib is not installed (bash launch/setup.sh "
                                     "installs it into .venv)")
-    figures = [common.read_json(path) for path in args.figures]
+    figures = ([common.read_json(path) for path in args.figures] if args.figures
+               else committed_figures())
     plot(figures, args.plot)
     plot_name = os.path.relpath(args.plot, args.markdown.parent)
     args.markdown.write_text(markdown(figures, plot_name, args.elapsed))
-    print(f"wrote {args.markdown} and {args.plot}")
+    written = [args.markdown, args.plot]
+    if args.readme:
+        args.readme.write_text(with_targets(args.readme.read_text(), figures))
+        written.append(args.readme)
+    print(f"wrote {', '.join(map(str, written))}")
 
 
 if __name__ == "__main__":

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import json
 import shlex
+import sys
 
 import pytest
 
 from conftest import REPO_ROOT, VENV_BIN, WORKERS_DIR, run_script
 
 BENCHMARKS_DIR = REPO_ROOT / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS_DIR))
+import report  # noqa: E402  (a script beside its figures, not a package)
 # The scripts' horovodrun launches: the suite's (conftest), without horovodrun's build check.
 HOROVODRUN = {"DISTACCUM_BENCH_HOROVODRUN": shlex.join(
     [str(VENV_BIN / "python"), str(WORKERS_DIR / "horovodrun_gloo.py")])}
@@ -161,7 +164,8 @@ def test_peer_systems_smoke_runs_the_case_on_distaccum_and_peers_and_times_each_
     assert all(float(cell.split()[0].replace(",", "")) > 0 for cell in cells)
 
 
-def test_report_writes_markdown_with_date_machine_targets_and_a_png(tmp_path):
+def test_report_writes_markdown_with_date_machine_targets_and_a_png_and_the_readme_table(
+        tmp_path):
     figure = {
         "figure": "memory", "smoke": False, "title": "4. Memory", "how": "How it was measured.",
         "table": "| update | peak |\n|---|---|\n| direct | 2 |",
@@ -169,13 +173,33 @@ def test_report_writes_markdown_with_date_machine_targets_and_a_png(tmp_path):
                     "passed": True, "note": ""}],
         "plots": [{"kind": "bars", "title": "4. Memory", "ylabel": "MB",
                    "bars": [{"label": "direct", "median": 2.0, "low": 1.0, "high": 3.0}]}],
+        "date": "2026-11-29 11:00 UTC", "machine": "2 cores (`nproc`), Some CPU",
     }
     (tmp_path / "memory.json").write_text(json.dumps(figure))
-    markdown, png = tmp_path / "results.md", tmp_path / "results.png"
+    markdown, png, readme = tmp_path / "results.md", tmp_path / "results.png", tmp_path / "README.md"
+    readme.write_text(f"# Title\n\n{report.README_BEGIN}\n| old | table |\n{report.README_END}\n"
+                      "after\n")
     run_script("python", BENCHMARKS_DIR / "report.py", tmp_path / "memory.json",
-               "--markdown", markdown, "--plot", png)
+               "--markdown", markdown, "--plot", png, "--readme", readme)
     text = markdown.read_text()
-    assert "- date: " in text and "cores (`nproc`)" in text
-    assert "| memory ratio | ≤ 0.5 | 0.46 | pass |" in text
+    assert "Measured 2026-11-29 11:00 UTC on 2 cores (`nproc`), Some CPU." in text
+    row = "| memory ratio | ≤ 0.5 | 0.46 | pass | 2026-11-29 |"
+    assert row in text
     assert "![plots](results.png)" in text and "| direct | 2 |" in text
     assert png.read_bytes().startswith(b"\x89PNG")
+    assert readme.read_text() == (f"# Title\n\n{report.README_BEGIN}\n"
+                                  f"{report.targets_table([figure])}\n{report.README_END}\nafter\n")
+    assert row in readme.read_text() and "| old | table |" not in readme.read_text()
+
+
+def test_readme_and_results_quote_the_committed_figures():
+    # One set of figures: the README's targets and results.md are what report.py makes of
+    # benchmarks/results/ (bash benchmarks/run.sh rewrites all three).
+    figures = report.committed_figures()
+    assert {f["figure"] for f in figures} >= {"communication", "slow_link", "overhead", "memory",
+                                              "startup", "peer_systems", "data", "preemption"}
+    assert not any(f["smoke"] for f in figures)
+    table = report.targets_table(figures)
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert f"{report.README_BEGIN}\n{table}\n{report.README_END}" in readme
+    assert table in (BENCHMARKS_DIR / "results.md").read_text()
