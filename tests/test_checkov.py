@@ -21,7 +21,8 @@ CHECKOV = REPO_ROOT / ".venv" / "tools" / "checkov" / "bin" / "checkov"
 KINDS_CHECKOV_READS = {"Deployment", "NetworkPolicy"}
 
 # Failed checks the manifests keep on purpose: check -> (why, the pods it may fail on: a part of
-# the test id, or "" for every pod). The README's "Security" section gives the same list.
+# the test id, or "" for every pod). docs/kubernetes.md's "Security: what the pods may do"
+# section gives the same list.
 ALLOWED_FAILURES = {
     "CKV_K8S_21": ("the namespace is chosen when the manifests are applied (kubectl -n, an overlay)",
                    ""),

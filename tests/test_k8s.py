@@ -258,7 +258,7 @@ def test_example_dockerfile_extends_distaccum_image_with_the_project_where_manif
         if keyword == "COPY":
             *sources, _ = [a for a in argument.split() if not a.startswith("--")]
             assert all((EXAMPLE / source).exists() for source in sources), argument
-    assert ["WORKDIR", "/opt/my_project"] in lines  # the --workdir the README renders with
+    assert ["WORKDIR", "/opt/my_project"] in lines  # the --workdir docs/kubernetes.md renders with
 
 
 def test_own_command_renders_valid_manifests_without_a_distaccum_config(mpijob_schema):
@@ -455,6 +455,7 @@ RESIZED_FROM = (2, 1)  # (workers, GPUs per worker) before the resize
 # (workers, GPUs per worker) whose ranks the bundled global batch splits over: 128 = ranks x k x 32.
 RESIZES = {"1x1": (1, 1), "4x1": (4, 1), "1x2": (1, 2), "2x2": (2, 2)}
 README = REPO_ROOT / "README.md"
+KUBERNETES_DOC = REPO_ROOT / "docs" / "kubernetes.md"  # the README's Kubernetes details
 _WORKER = ("MPIJob", RESIZE_NAME, "spec", "mpiReplicaSpecs", "Worker")
 _WORKER_RESOURCES = (*_WORKER, "template", "spec", "containers", 0, "resources")
 # What a resize may change in an MPIJob render: the worker count, and the slots per worker.
@@ -509,12 +510,23 @@ def merge_patch(target, patch):
     return merged
 
 
-def readme_resize_commands() -> list[tuple[list[str], str | None]]:
-    """The commands README's "Resize a running job" shows, split into words, each with the output
-    shown after it (console blocks) or None: code block lines (continuations joined, comments
-    dropped) and inline code that starts with a command."""
-    section = README.read_text().split("### Resize a running job\n", 1)[1]
-    section = re.split(r"\n##+ ", section, maxsplit=1)[0]
+def doc_section(path: Path, heading: str) -> str:
+    """The text of a Markdown file's section under `heading` (a whole line, `#`s included), up to
+    the next heading of any level (a `# comment` line inside a code block is not a heading)."""
+    lines, in_code = [], False
+    for line in path.read_text().split(f"\n{heading}\n", 1)[1].splitlines(keepends=True):
+        in_code ^= line.startswith("```")
+        if not in_code and re.match(r"#+ ", line):
+            break
+        lines.append(line)
+    return "".join(lines)
+
+
+def shown_resize_commands() -> list[tuple[list[str], str | None]]:
+    """The commands docs/kubernetes.md's "Resize a running job" shows, split into words, each with
+    the output shown after it (console blocks) or None: code block lines (continuations joined,
+    comments dropped) and inline code that starts with a command."""
+    section = doc_section(KUBERNETES_DOC, "## Resize a running job")
     commands = []
     for language, block in re.findall(r"```(\w+)\n(.*?)```", section, re.S):
         lines = [line for line in block.replace("\\\n", " ").splitlines() if line.strip()]
@@ -531,7 +543,7 @@ def readme_resize_commands() -> list[tuple[list[str], str | None]]:
 
 
 def resize_command_api(words: list[str]) -> str:
-    """Which API a command of the README's resize section is about."""
+    """Which API a command of the resize section (docs/kubernetes.md) is about."""
     if words[:2] in (["kubectl", "delete"], ["kubectl", "patch"]):
         assert words[2] in ("mpijob", "trainjob"), words
         return words[2]
@@ -539,9 +551,9 @@ def resize_command_api(words: list[str]) -> str:
     return words[words.index("--api") + 1] if "--api" in words else "mpijob"
 
 
-def run_readme_render(words: list[str]) -> subprocess.CompletedProcess:
-    """A README render command as typed from the project's root (the pipe to kubectl apply
-    dropped; the API server is not here)."""
+def run_shown_render(words: list[str]) -> subprocess.CompletedProcess:
+    """A render command the README or docs/kubernetes.md shows, as typed from the project's root
+    (the pipe to kubectl apply dropped; the API server is not here)."""
     if "|" in words:
         assert words[words.index("|") + 1:] == ["kubectl", "apply", "-f", "-"], words
         words = words[:words.index("|")]
@@ -633,8 +645,8 @@ def test_render_accepts_ranks_when_the_global_batch_and_partitions_allow(old, ne
     assert _by_kind(documents)["MPIJob"]["spec"]["mpiReplicaSpecs"]["Worker"]["replicas"] == workers
 
 
-def test_readme_resize_commands_are_the_ones_tests_check():
-    commands = readme_resize_commands()
+def test_shown_resize_commands_are_the_ones_tests_check():
+    commands = shown_resize_commands()
     apis = [resize_command_api(words) for words, _ in commands]
     assert sorted(set(apis)) == ["mpijob", "trainjob"]
     checked = ([".venv/bin/distaccum", "k8s", "render"], ["kubectl", "patch", "mpijob"],
@@ -643,15 +655,15 @@ def test_readme_resize_commands_are_the_ones_tests_check():
         assert words[:3] in checked, words
 
 
-def test_readme_resize_commands_for_an_mpijob_render_validate_and_patch(mpijob_schema):
-    commands = [(w, shown) for w, shown in readme_resize_commands()
+def test_shown_resize_commands_for_an_mpijob_render_validate_and_patch(mpijob_schema):
+    commands = [(w, shown) for w, shown in shown_resize_commands()
                 if resize_command_api(w) == "mpijob"]
     renders = {}
     for words, shown in commands:
         if words[0] != ".venv/bin/distaccum":
             continue
-        completed = run_readme_render(words)
-        if shown is not None:  # the refused command, with the line the README shows
+        completed = run_shown_render(words)
+        if shown is not None:  # the refused command, with the line docs/kubernetes.md shows
             assert (completed.returncode, completed.stderr) == (2, shown + "\n")
             continue
         assert completed.returncode == 0, completed.stderr
@@ -666,10 +678,53 @@ def test_readme_resize_commands_for_an_mpijob_render_validate_and_patch(mpijob_s
     [patch] = [words for words, _ in commands if words[:2] == ["kubectl", "patch"]]
     assert patch[3:6] == [job["metadata"]["name"], "--type", "merge"] and patch[6] == "-p"
     before = _by_kind(list(yaml.safe_load_all(
-        run_readme_render(with_workers(list(render_words), 4)).stdout)))["MPIJob"]
+        run_shown_render(with_workers(list(render_words), 4)).stdout)))["MPIJob"]
     patched = merge_patch(before, json.loads(patch[7]))
     validate([patched], mpijob_schema)
     assert patched == job != before
+
+
+def readme_submit_commands() -> tuple[list[list[str]], str]:
+    """The commands of the README's Kubernetes block, split into words (continuations joined,
+    comments dropped), and the block's text."""
+    section = doc_section(README, "## Kubernetes (Kubeflow MPI Operator, Kubeflow Trainer v2)")
+    [block] = re.findall(r"```bash\n(.*?)```", section, re.S)
+    return [shlex.split(line.split(" #")[0]) for line in block.replace("\\\n", " ").splitlines()
+            if line.strip() and not line.startswith("#")], block
+
+
+def test_readme_submit_commands_build_the_images_the_render_names_and_reach_its_objects(
+        mpijob_schema):
+    # No Docker engine or API server here: the builds name the Dockerfile, its variant argument
+    # and the tags the manifests run; the render runs; each kubectl line names a rendered object.
+    commands, block = readme_submit_commands()
+    tags = {}
+    for words in [w for w in commands if w[:2] == ["docker", "build"]]:
+        assert words[words.index("-f") + 1] == "k8s/Dockerfile" and words[-1] == ".", words
+        variant = "cpu"
+        if "--build-arg" in words:
+            variant = words[words.index("--build-arg") + 1].removeprefix("DISTACCUM_VARIANT=")
+            assert variant == "gpu" and "ARG DISTACCUM_VARIANT=cpu" in (
+                REPO_ROOT / "k8s" / "Dockerfile").read_text(), words
+        tags[variant] = words[words.index("-t") + 1]
+    assert tags == {"cpu": f"REGISTRY/{k8s.IMAGE}",
+                    "gpu": f"REGISTRY/{k8s.IMAGE}{k8s.GPU_TAG_SUFFIX}"}
+    [render] = [w for w in commands if w[0] == ".venv/bin/distaccum"]
+    completed = run_shown_render(render)
+    assert completed.returncode == 0, completed.stderr
+    documents = list(yaml.safe_load_all(completed.stdout))
+    validate(documents, mpijob_schema)
+    assert _images(documents) == {tags["gpu"]}
+    name = _by_kind(documents)["MPIJob"]["metadata"]["name"]
+    [service] = [d for d in documents if d["kind"] == "Service"]
+    port = service["spec"]["ports"][0]["port"]
+    assert [w for w in commands if w[0] == "kubectl"] == [
+        ["kubectl", "get", "mpijob", name, "-w"],
+        ["kubectl", "logs", "-f", f"job/{name}-launcher"],  # mpi-operator's launcher Job
+        ["kubectl", "port-forward", f"svc/{service['metadata']['name']}", f"{port}:{port}"],
+        ["kubectl", "delete", "mpijob", name]]
+    for overlay in re.findall(r"k8s/overlays/\w+", block):
+        assert (REPO_ROOT / overlay / "kustomization.yaml").exists(), overlay
 
 
 # --- what each pod may reach ---

@@ -4,13 +4,14 @@ and under `mpirun -np 2`. (Its shell commands are run by the tests of what they 
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO_ROOT, run_script
+from conftest import MPI_ROOT_VARIABLES, REPO_ROOT, launcher_command, run_script
 
 README = REPO_ROOT / "README.md"
 
@@ -42,19 +43,28 @@ def test_python_block_runs_as_written_under_mpirun(tmp_path, index):
     assert len(printed) == 2 and printed[0] == printed[1], completed.stdout
 
 
-def test_metric_that_cannot_take_the_labels_is_named_when_the_readme_model_uses_it(tmp_path):
+@pytest.mark.parametrize("launcher", [
+    "python", pytest.param("mpirun", marks=pytest.mark.multiworker)])
+def test_metric_that_cannot_take_the_labels_is_named_when_the_readme_model_uses_it(
+        tmp_path, launcher):
     # The README's model with AUC, which takes binary or multi-label targets, not 10 classes'
-    # integer labels: the error names the metric, not the data.
+    # integer labels: every rank's error names the metric, not the data.
     snippet = python_blocks()[0]
     assert 'keras.metrics.SparseTopKCategoricalAccuracy(3, name="top3")' in snippet
     script = tmp_path / "snippet.py"
     script.write_text(snippet.replace('keras.metrics.SparseTopKCategoricalAccuracy(3, name="top3")',
                                       'keras.metrics.AUC(name="auc")'))
-    completed = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                               timeout=300, cwd=tmp_path)
+    ranks = 2 if launcher == "mpirun" else 1
+    env = {**os.environ, **MPI_ROOT_VARIABLES}
+    completed = subprocess.run([*launcher_command(launcher, ranks), sys.executable, str(script)],
+                               capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert completed.returncode != 0
-    last = completed.stderr.strip().splitlines()[-1]
-    assert last.startswith("distaccum.records.ModelDataMismatch: the metric 'auc' (AUC) fails on "
-                           "y (32,) and model output (32, 10): "), last
-    assert last.endswith("so the model, loss or metrics do not fit the data's shapes or label "
-                         "format; nothing was trained"), last
+    errors = [line for line in completed.stderr.splitlines()
+              if line.startswith("distaccum.records.ModelDataMismatch: ")]
+    assert len(errors) == ranks, completed.stderr[-3000:]
+    for line in errors:
+        assert line.startswith("distaccum.records.ModelDataMismatch: the metric 'auc' (AUC) fails "
+                               "on y (32,) and model output (32, 10): "), line
+        assert line.endswith(". Every rank failed on its first micro-batch, so the model, loss or "
+                             "metrics do not fit the data's shapes or label format; nothing was "
+                             "trained"), line

@@ -1,5 +1,5 @@
 """launch/setup.sh's two variants, cpu and gpu, as a dry run prints them: what each installs and
-how each builds Horovod (the GPU build itself is measured in the README, not in the suite)."""
+how each builds Horovod (the GPU build itself is measured in docs/design.md, not in the suite)."""
 
 from __future__ import annotations
 

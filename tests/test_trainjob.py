@@ -17,8 +17,8 @@ from conftest import REPO_ROOT
 from distaccum import k8s, trainjob
 from test_k8s import (CRD_DIR, KUBERNETES_VERSION, RESIZE_NAME, RESIZED_FROM, RESIZES, _by_kind,
                       _config_text, _strict, expected_differences, mpi_operator_objects,
-                      readme_resize_commands, render_differences, rendered_objects,
-                      resize_command_api, resize_render, run_readme_render, with_workers)
+                      render_differences, rendered_objects, resize_command_api, resize_render,
+                      run_shown_render, shown_resize_commands, with_workers)
 
 CRD_FILES = {"TrainJob": "trainer.kubeflow.org_trainjobs.yaml",
              "ClusterTrainingRuntime": "trainer.kubeflow.org_clustertrainingruntimes.yaml"}
@@ -627,12 +627,12 @@ def test_transition_rules_refuse_an_update_of_an_immutable_field(kind, mutate, r
     assert evaluate_transition_rules(new, old, schemas[kind]) == [refused]
 
 
-def test_readme_resize_commands_for_a_trainjob_render_validate_and_recreate(schemas,
-                                                                          strict_schemas):
-    commands = [words for words, _ in readme_resize_commands()
+def test_shown_resize_commands_for_a_trainjob_render_validate_and_recreate(schemas,
+                                                                         strict_schemas):
+    commands = [words for words, _ in shown_resize_commands()
                 if resize_command_api(words) == "trainjob"]
     [render_words] = [words for words in commands if words[0] == ".venv/bin/distaccum"]
-    completed = run_readme_render(render_words)
+    completed = run_shown_render(render_words)
     assert completed.returncode == 0, completed.stderr
     resized = list(yaml.safe_load_all(completed.stdout))
     validate(resized, strict_schemas, schemas)
@@ -641,7 +641,7 @@ def test_readme_resize_commands_for_a_trainjob_render_validate_and_recreate(sche
         ["kubectl", "delete", "trainjob", job["metadata"]["name"]]]
     # Why delete: the job the README submits (4 workers) cannot be updated to the new count.
     before = _by_kind(list(yaml.safe_load_all(
-        run_readme_render(with_workers(render_words, 4)).stdout)))
+        run_shown_render(with_workers(render_words, 4)).stdout)))
     assert evaluate_transition_rules(job, before["TrainJob"], schemas["TrainJob"]) == [
         ".spec.trainer: field is immutable"]
     runtime = _by_kind(resized)["ClusterTrainingRuntime"]
