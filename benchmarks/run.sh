@@ -13,7 +13,8 @@ py="$repo_root/.venv/bin/python"
 # targets from all of them. One figure alone: benchmarks/FIGURE.py --json benchmarks/results/FIGURE.json
 # followed by benchmarks/report.py --readme README.md.
 started=$(date +%s)
-for figure in communication slow_link overhead memory startup peer_systems data preemption; do
+for figure in communication slow_link overhead memory startup peer_systems data preemption \
+    sparse_exchange; do
   echo "[benchmarks] $figure ($(date +%H:%M:%S))" >&2
   "$py" "$repo_root/benchmarks/$figure.py" --json "$repo_root/benchmarks/results/$figure.json"
 done

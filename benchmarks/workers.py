@@ -424,6 +424,46 @@ def data_throughput(args) -> None:
     (args.out / f"rank{distaccum.rank()}.json").write_text(json.dumps(measurements))
 
 
+def sparse_exchange(args) -> None:
+    """Bytes one update step of an Embedding text classifier allreduces, per embedding width:
+    the mpi4py backend's own count (bytes put into `Allreduce`) over a fit of 3 updates minus a
+    fit of 1, so what a fit does once drops out; beside `Trainer.allreduce_per_update`."""
+    distaccum.init()
+    backend = comm.current()
+    if distaccum.num_workers() < 2 or not hasattr(backend, "collective_bytes"):
+        raise SystemExit("workers.py: error: sparse-exchange needs 2 workers on the mpi4py backend "
+                         "(mpirun -np 2, DISTACCUM_BACKEND=mpi)")
+    rng = np.random.default_rng(distaccum.rank())
+    tokens = rng.integers(0, args.vocabulary, size=(4 * MICRO_BATCH_SIZE, args.length))
+    labels = rng.integers(0, 2, size=(4 * MICRO_BATCH_SIZE, 1)).astype("float32")
+    dataset = tf.data.Dataset.from_tensor_slices((tokens.astype("int32"), labels))
+    dataset = dataset.batch(MICRO_BATCH_SIZE).repeat()
+    results = []
+    for width in args.widths:
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((args.length,), dtype="int32"),
+                                  keras.layers.Embedding(args.vocabulary, width),
+                                  keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(1)])
+        trainer = distaccum.Trainer(model, keras.optimizers.SGD(0.1),
+                                    loss=keras.losses.BinaryCrossentropy(from_logits=True),
+                                    accumulation_steps=2)
+        sent = {}
+        for updates in (1, 3):
+            before = (backend.collective_counts["allreduce"],
+                      backend.collective_bytes["allreduce"])
+            trainer.fit(dataset, update_steps=updates, log_interval=10**9)
+            sent[updates] = (backend.collective_counts["allreduce"] - before[0],
+                             backend.collective_bytes["allreduce"] - before[1])
+        results.append({
+            "width": width, "parameters": model.count_params(),
+            "embedding_parameters": args.vocabulary * width,
+            "allreduces_per_update": (sent[3][0] - sent[1][0]) / 2,
+            "bytes_per_update": (sent[3][1] - sent[1][1]) / 2,
+            "trainer_allreduce_per_update": list(trainer.allreduce_per_update),
+        })
+    write_chief(args.out, results)
+
+
 def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -431,7 +471,8 @@ def parse_arguments() -> argparse.Namespace:
     for name, run in (("communication", communication), ("slow-link", slow_link),
                       ("memory", memory), ("startup", startup),
                       ("record-files", record_files), ("data-share", data_share),
-                      ("data-throughput", data_throughput)):
+                      ("data-throughput", data_throughput),
+                      ("sparse-exchange", sparse_exchange)):
         figures[name] = commands.add_parser(name, help=run.__doc__.splitlines()[0])
         figures[name].add_argument("--out", type=Path, required=True, help="output directory")
         figures[name].set_defaults(run=run)
@@ -458,6 +499,11 @@ def parse_arguments() -> argparse.Namespace:
     figures["data-share"].add_argument("--epochs", type=positive_int, required=True)
     for option in ("--repeats", "--warm-up-updates"):
         figures["data-throughput"].add_argument(option, type=positive_int, required=True)
+    figures["sparse-exchange"].add_argument("--vocabulary", type=positive_int, required=True)
+    figures["sparse-exchange"].add_argument("--widths", type=positive_int, nargs="+",
+                                            required=True)
+    figures["sparse-exchange"].add_argument("--length", type=positive_int, required=True,
+                                            help="tokens per sample")
     return parser.parse_args()
 
 

@@ -17,6 +17,7 @@ from conftest import REPO_ROOT, VENV_BIN, WORKERS_DIR, run_script
 BENCHMARKS_DIR = REPO_ROOT / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS_DIR))
 import report  # noqa: E402  (a script beside its figures, not a package)
+import sparse_exchange  # noqa: E402
 # The scripts' horovodrun launches: the suite's (conftest), without horovodrun's build check.
 HOROVODRUN = {"DISTACCUM_BENCH_HOROVODRUN": shlex.join(
     [str(VENV_BIN / "python"), str(WORKERS_DIR / "horovodrun_gloo.py")])}
@@ -136,6 +137,41 @@ def test_preemption_smoke_times_sigterm_to_a_complete_checkpoint_and_every_proce
     assert check["target"] == "≤ 15 s" and check["passed"] is None  # smoke runs are not judged
     [bar] = figure["plots"][0]["bars"]
     assert bar["label"] == case and bar["median"] == measured["all"]
+
+
+@pytest.mark.multiworker
+def test_sparse_exchange_smoke_counts_the_dense_message_and_the_windows_distinct_rows(tmp_path):
+    figure = run_benchmark(tmp_path, "sparse_exchange")
+    assert figure["title"].startswith("9. Sparse exchange")
+    [message] = figure["messages"]  # smoke: V = 2,000, d = 8, on 2 workers under mpirun
+    assert message["width"] == 8 and message["allreduces_per_update"] == 1
+    # Every parameter's float32 sum, then loss sum, divisor, sample count, and the votes
+    # (stop, cancel, one per rank), as the mpi4py backend counted them.
+    assert message["bytes_per_update"] == 4 * message["parameters"] + 4 * 3 + 4 * (2 + 2)
+    assert message["trainer_allreduce_per_update"][1] == message["bytes_per_update"]
+    assert [check["passed"] for check in figure["checks"]] == [True, None]
+    rows = {(r["tokens"], r["exponent"]): r for r in figure["distinct_rows"]}
+    assert sorted(rows) == [(256, 1.0), (256, 1.1), (1024, 1.0), (1024, 1.1)]
+    for (tokens, _), r in rows.items():
+        assert 0 < r["low"] <= r["median"] <= r["high"] <= min(tokens, 2000)
+    for exponent in (1.0, 1.1):  # a longer window touches more rows, a steeper Zipf fewer
+        assert rows[256, exponent]["median"] < rows[1024, exponent]["median"]
+    assert rows[1024, 1.1]["median"] < rows[1024, 1.0]["median"]
+    assert "Break-even: " in figure["table"] and "\n| 256 | 2 | 1,778 | " in figure["table"]
+    [panel] = figure["plots"]
+    assert [series["label"] for series in panel["series"]] == [
+        "dense ring allreduce", "sparse allgather, T = 256", "sparse allgather, T = 1,024"]
+
+
+def test_sparse_exchange_break_even_is_where_both_exchanges_send_the_same_bytes():
+    for width, ranks in ((64, 8), (256, 128), (8, 2)):
+        message = {"width": width, "bytes_per_update": 4 * (50_000 * width + width + 1) + 28}
+        rows = sparse_exchange.break_even(50_000, width, ranks)
+        assert rows == pytest.approx(2 * 50_000 / ranks * width / (width + 1))
+        cost = sparse_exchange.per_rank(message, 50_000, ranks, rows)
+        assert cost["sparse"] == pytest.approx(cost["dense"], rel=1e-12)
+        fewer = sparse_exchange.per_rank(message, 50_000, ranks, rows - 1)
+        assert fewer["sparse"] < fewer["dense"]
 
 
 def _table_rows(table: str) -> dict[str, list[str]]:

@@ -321,8 +321,9 @@ def test_sparse_embedding_gradients_match_reference_when_accumulated(make_optimi
 def _padded_reviews(windows: int, window_size: int, vocabulary: int, length: int, seed: int = 0):
     """Token ids as a text classifier meets them: words 1…V−1 drawn from a Zipf distribution
     (exponent 1.1, as in natural text), each review padded with id 0 to `length` (no mask) and
-    batched by length, so windows alternate short reviews (mostly padding) and long ones. The
-    label says whether "positive" words outnumber "negative" ones."""
+    batched by length, so windows alternate short reviews (mostly padding) and long ones: how
+    far counting each occurrence moves the global norm changes from window to window, which
+    Adam does not cancel. The label says whether "positive" words outnumber "negative" ones."""
     rng = np.random.default_rng(seed)
     count = windows * window_size
     frequency = 1 / np.arange(1, vocabulary) ** 1.1
@@ -340,10 +341,11 @@ def _padded_reviews(windows: int, window_size: int, vocabulary: int, length: int
 @pytest.mark.rounding
 @pytest.mark.parametrize("clip", [0.1, None], ids=["global_norm_clipping", "no_clipping"])
 def test_embedding_text_classifier_takes_the_dense_large_batch_step_where_keras_fit_does_not(clip):
-    # Keras's `fit` applies an Embedding's `tf.IndexedSlices` gradient as it comes, one row per
-    # occurrence of a token: its global norm (`global_clipnorm`) and, without clipping, Adam's
-    # second moment add the squares of the occurrences, not the square of the token's summed
-    # gradient. distaccum applies the summed (dense) gradient: the textbook large-batch step.
+    # Keras's `fit` takes an Embedding's `tf.IndexedSlices` gradient as it comes, one row per
+    # occurrence of a token. With `global_clipnorm` its global norm adds the squares of the
+    # occurrences, not the square of a token's summed gradient (the clipped gradient is then
+    # dense); without clipping, Adam's second moment adds the occurrences' squares. distaccum
+    # applies the summed (dense) gradient: the textbook large-batch step.
     micro_batch, k, updates, vocabulary, length = 4, 2, 8, 50, 32
     tokens, labels = _padded_reviews(updates, k * micro_batch, vocabulary, length)
     loss = keras.losses.BinaryCrossentropy(from_logits=True)

@@ -1,0 +1,198 @@
+"""Figure 9, sparse exchange: the bytes distaccum's dense exchange of an Embedding's gradient sends
+per update, against a sparse exchange of each window's distinct rows.
+
+A text classifier (`Embedding` over a vocabulary of V = 50,000 tokens, widths d = 64 and 256, then
+average pooling and one logit) trains a few updates on two workers under `mpirun` with the
+mpi4py backend; the backend counts the bytes each rank puts into `Allreduce`, and a fit of 3
+updates minus a fit of 1 gives one update's message D (gradient sums, window statistics, votes),
+checked against `Trainer.allreduce_per_update`. distaccum sums a window's sparse gradients into
+a dense float32 table and allreduces it: a ring allreduce sends 2(N−1)/N × D per rank, whatever
+the tokens. D grows by 4 bytes per rank (its vote), so D at N ranks is the counted D + 4(N − 2).
+The alternative: each rank sends the u distinct rows its window touched (a 4-byte int32 index
+and d float32 values each) to the N−1 others (an allgather), (N−1)·u·(4 + 4d) bytes per rank,
+with the rest of D (the dense layer, statistics, votes) still ring-allreduced. u is counted with
+numpy, seeded: windows of T tokens per rank drawn independently from a Zipf distribution over
+the V tokens (probability ∝ 1/rank^s, s = 1.0 and 1.1, as word frequencies in text), T = 2,048 …
+131,072 (k × micro-batch × sequence length); 16 windows per T and s, median (min–max). Real text
+is burstier than independent draws (a document repeats its words), so it touches fewer rows.
+Only bytes are compared: not latency, nor the scatter-add of received rows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import common
+
+# Tokens per rank-window, with one way to get there: (k, micro-batch, sequence length).
+FULL_WINDOWS = {2_048: (1, 16, 128), 8_192: (4, 16, 128), 32_768: (8, 32, 128),
+                131_072: (16, 32, 256)}
+SMOKE_WINDOWS = {256: (1, 4, 64), 1_024: (4, 4, 64)}
+FULL = {"vocabulary": 50_000, "widths": (64, 256), "ranks": (2, 8, 32, 128), "samples": 16}
+SMOKE = {"vocabulary": 2_000, "widths": (8,), "ranks": (2, 8), "samples": 2}
+EXPONENTS = (1.0, 1.1)
+SEQUENCE_LENGTH = 64  # tokens per sample of the measured model (no part of its bytes)
+INDEX_BYTES = 4  # int32 row index: V > 65,536 would not fit 16 bits at every V
+VALUE_BYTES = 4  # float32, as distaccum's sums travel by default
+MEASURED_WORKERS = 2
+SEED = 0
+
+
+def dense_messages(sizes: dict) -> list[dict]:
+    """Per width: one update's allreduce message, counted by the mpi4py backend on 2 workers."""
+    with common.work_directory("sparse-exchange") as work:
+        command = common.worker_command(
+            "sparse-exchange", "--vocabulary", sizes["vocabulary"], "--widths", *sizes["widths"],
+            "--length", SEQUENCE_LENGTH, "--out", work, num_workers=MEASURED_WORKERS,
+            launcher="mpirun")
+        common.run_command(command, work / "workers.log",
+                           extra_env={"DISTACCUM_BACKEND": "mpi"}, timeout=900)
+        return common.read_json(work / common.CHIEF_RESULT)
+
+
+def distinct_rows(vocabulary: int, exponent: float, tokens: int, samples: int) -> common.Summary:
+    """Distinct tokens in `samples` windows of `tokens` Zipf(`exponent`) draws over the
+    vocabulary (seeded by the case, so each case's count is the same in every run)."""
+    rng = np.random.default_rng([SEED, round(exponent * 100), tokens])
+    probability = 1 / np.arange(1, vocabulary + 1) ** exponent
+    probability /= probability.sum()
+    return common.summarize(int(np.unique(rng.choice(vocabulary, size=tokens, p=probability)).size)
+                            for _ in range(samples))
+
+
+def break_even(vocabulary: int, width: int, ranks: int) -> float:
+    """Distinct rows per rank-window below which the sparse allgather sends fewer bytes:
+    (N−1)·u·(4 + 4d) < 2(N−1)/N · 4Vd  ⇔  u < 2V/N · 4d/(4 + 4d)."""
+    row = INDEX_BYTES + VALUE_BYTES * width
+    return 2 * vocabulary / ranks * VALUE_BYTES * width / row
+
+
+def per_rank(message: dict, vocabulary: int, ranks: int, rows: float) -> dict:
+    """Bytes one rank sends per update: the dense ring allreduce of the whole message, and the
+    sparse scheme (its rows to N−1 ranks, the rest of the message ring-allreduced)."""
+    width = message["width"]
+    whole = message["bytes_per_update"] + 4 * (ranks - MEASURED_WORKERS)  # one vote per rank
+    table = VALUE_BYTES * vocabulary * width
+    ring = 2 * (ranks - 1) / ranks
+    return {"dense": ring * whole,
+            "sparse": (ranks - 1) * rows * (INDEX_BYTES + VALUE_BYTES * width)
+            + ring * (whole - table)}
+
+
+def winner(dense: float, sparse: float) -> str:
+    return "sparse" if sparse < dense else "dense"
+
+
+def megabytes(value: float) -> str:
+    """Bytes as MB to three significant digits."""
+    return f"{value / 1e6:,.3g}"
+
+
+def table(sizes: dict, windows: dict, messages: list[dict], rows: dict) -> str:
+    vocabulary, widths = sizes["vocabulary"], [m["width"] for m in messages]
+    distinct = common.markdown_table(
+        ["tokens per rank-window T (k × micro-batch × length)",
+         *(f"distinct rows u, s = {s}: median (min–max), ÷ V" for s in EXPONENTS)],
+        [[f"{tokens:,} ({' × '.join(map(str, shape))})",
+          *(f"{rows[tokens, s].format()}, {rows[tokens, s].median / vocabulary:.1%}"
+            for s in EXPONENTS)]
+         for tokens, shape in windows.items()])
+    message_lines = "; ".join(
+        f"d = {m['width']}: {m['bytes_per_update']:,.0f} B per update (the embedding's "
+        f"{VALUE_BYTES * m['embedding_parameters']:,} B, the rest "
+        f"{m['bytes_per_update'] - VALUE_BYTES * m['embedding_parameters']:,.0f} B) in "
+        f"{m['allreduces_per_update']:g} allreduce; `allreduce_per_update`: "
+        f"{m['trainer_allreduce_per_update'][1]:,} B"
+        for m in messages)
+    exponents = " / ".join(str(s) for s in EXPONENTS)
+    body = []
+    for tokens in windows:
+        for ranks in sizes["ranks"]:
+            cells = [f"{tokens:,}", ranks,
+                     " / ".join(f"{break_even(vocabulary, d, ranks):,.0f}" for d in widths)]
+            for message in messages:
+                costs = [per_rank(message, vocabulary, ranks, rows[tokens, s].median)
+                         for s in EXPONENTS]
+                cells += [megabytes(costs[0]["dense"]),
+                          " / ".join(megabytes(c["sparse"]) for c in costs),
+                          " / ".join(winner(c["dense"], c["sparse"]) for c in costs)]
+            body.append(cells)
+    comparison = common.markdown_table(
+        ["T", "N", "break-even u, d = " + " / ".join(map(str, widths)),
+         *(column for d in widths for column in (
+             f"dense ring, MB per rank, d = {d}", f"sparse allgather, MB, d = {d}, s = {exponents}",
+             f"fewer bytes, d = {d}, s = {exponents}"))],
+        body)
+    rule = (f"Break-even: the sparse exchange sends fewer bytes per rank exactly when a rank's "
+            f"window touches fewer than u* = 2V/N × d/(d + 1) distinct rows (each row costs "
+            f"{INDEX_BYTES} index bytes beside its {VALUE_BYTES}d value bytes, and goes to N − 1 "
+            f"ranks; the ring sends each of the V·d values about 2(N − 1)/N times): about 2V/N, "
+            f"less 1/(d + 1) for the index. For V = {vocabulary:,}: "
+            + ", ".join(f"{break_even(vocabulary, widths[-1], n):,.0f} at N = {n}"
+                        for n in sizes["ranks"]) + f" (d = {widths[-1]}).")
+    return "\n\n".join([f"Dense message, counted on {MEASURED_WORKERS} workers: {message_lines}.",
+                        distinct, comparison, rule])
+
+
+def sparse_wins(sizes: dict, windows: dict, messages: list[dict], rows: dict) -> str:
+    """Where the sparse allgather sends fewer bytes, per width and exponent."""
+    parts = []
+    for message in messages:
+        for s in EXPONENTS:
+            cases = [(tokens, n) for tokens in windows for n in sizes["ranks"]
+                     if winner(**per_rank(message, sizes["vocabulary"], n,
+                                          rows[tokens, s].median)) == "sparse"]
+            total = len(windows) * len(sizes["ranks"])
+            parts.append(f"d = {message['width']}, s = {s}: {len(cases)} of {total}")
+    return "; ".join(parts)
+
+
+def checks(sizes: dict, windows: dict, messages: list[dict], rows: dict) -> list[dict]:
+    counted = [(m["bytes_per_update"], m["trainer_allreduce_per_update"][1]) for m in messages]
+    agree = all(a == b for a, b in counted) and all(m["allreduces_per_update"] == 1
+                                                    for m in messages)
+    return [
+        common.check("sparse exchange: bytes one update allreduces, counted by the mpi4py "
+                     "backend, = `Trainer.allreduce_per_update`", "equal, one allreduce",
+                     "; ".join(f"d = {m['width']}: {a:,.0f} vs {b:,}"
+                               for m, (a, b) in zip(messages, counted)), agree),
+        common.check("sparse exchange: cases (T, N) where an allgather of the window's "
+                     "distinct rows sends fewer bytes per rank than the dense ring allreduce",
+                     "—", sparse_wins(sizes, windows, messages, rows), None),
+    ]
+
+
+def plot(sizes: dict, windows: dict, messages: list[dict], rows: dict) -> dict:
+    message, s = messages[-1], EXPONENTS[0]
+    ranks = list(sizes["ranks"])
+    series = [{"label": "dense ring allreduce", "x": ranks, "style": "ks-",
+               "y": [per_rank(message, sizes["vocabulary"], n, 0)["dense"] / 1e6 for n in ranks]}]
+    series += [{"label": f"sparse allgather, T = {tokens:,}", "x": ranks, "style": "o--",
+                "y": [per_rank(message, sizes["vocabulary"], n, rows[tokens, s].median)["sparse"]
+                      / 1e6 for n in ranks]}
+               for tokens in windows]
+    return {"kind": "lines", "xlabel": "ranks N", "ylabel": "MB sent per rank per update",
+            "title": f"9. Sparse exchange, V = {sizes['vocabulary']:,}, d = {message['width']}, "
+                     f"s = {s}", "log": True, "series": series}
+
+
+def main() -> None:
+    args = common.parse_arguments(__doc__, default_repeats=None)
+    sizes, windows = (SMOKE, SMOKE_WINDOWS) if args.smoke else (FULL, FULL_WINDOWS)
+    messages = dense_messages(sizes)
+    rows = {(tokens, s): distinct_rows(sizes["vocabulary"], s, tokens, sizes["samples"])
+            for tokens in windows for s in EXPONENTS}
+    figure = (sizes, windows, messages, rows)
+    common.emit({
+        "figure": "sparse_exchange", "smoke": args.smoke,
+        "title": "9. Sparse exchange: dense allreduce vs an allgather of the window's rows",
+        "how": __doc__.split("\n\n", 1)[1].strip(),
+        "table": table(*figure), "checks": checks(*figure), "plots": [plot(*figure)],
+        "messages": messages,
+        "distinct_rows": [{"tokens": tokens, "exponent": s, **rows[tokens, s].as_dict()}
+                          for tokens, s in rows],
+    }, args.json)
+
+
+if __name__ == "__main__":
+    common.run_main("sparse_exchange", main)
