@@ -65,13 +65,19 @@ def markdown(figures: list[dict], plot_name: str, elapsed: float | None) -> str:
     return "\n".join(lines)
 
 
+def readme_block(figures: list[dict]) -> str:
+    """The targets table and the machine(s) they were measured on, for the README."""
+    machines = sorted({f["machine"] for f in figures})
+    return f"{targets_table(figures)}\n\nMeasured on: {'; '.join(machines)}."
+
+
 def with_targets(readme: str, figures: list[dict]) -> str:
-    """`readme` with the targets table between its markers replaced by `figures`'."""
+    """`readme` with the block between its markers replaced by `readme_block(figures)`."""
     if README_BEGIN not in readme or README_END not in readme:
         raise common.BenchmarkError(f"the README has no {README_BEGIN} ... {README_END} block")
     before, rest = readme.split(README_BEGIN, 1)
     after = rest.split(README_END, 1)[1]
-    return f"{before}{README_BEGIN}\n{targets_table(figures)}\n{README_END}{after}"
+    return f"{before}{README_BEGIN}\n{readme_block(figures)}\n{README_END}{after}"
 
 
 def draw_lines(axes, panel: dict) -> None:

@@ -61,7 +61,7 @@ class StepRunner(Protocol):
 
     def learning_rate_at(self, update_step: int) -> float: ...
 
-    def refusing_part(self, x, y, sample_weight=None) -> str | None: ...
+    def refusing_part(self, x, y, sample_weight=None): ...
 
 
 # What a micro-batch the model cannot train on raises (a wrong dtype or shape).
@@ -130,8 +130,8 @@ def _advance(position: Position, windows: int, updates_per_epoch) -> Position:
     return Position(position.update_step + windows, position.epoch, done)
 
 
-def _raise_if_bad(record: UpdateRecord, own, origin: str = "", part: str | None = None,
-                  first_of_run: bool = False) -> None:
+def _raise_if_bad(record: UpdateRecord, own, origin: str = "",
+                  part: diagnosis.Refusal | None = None, first_of_run: bool = False) -> None:
     """`BadMicroBatch` on every worker when any reported one in this update (none applied it);
     `own` is this worker's (micro-batch, error), if it was one of them, `origin` where that
     micro-batch was read from (a record file, say), if known, `part` what in the step refused it

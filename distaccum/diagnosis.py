@@ -9,6 +9,8 @@ metrics update under a `keras.StatelessScope`. It runs only after a step has fai
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import keras
 import tensorflow as tf
 
@@ -19,41 +21,57 @@ FIRST_MICRO_BATCH = "Every rank failed on its first micro-batch"
 DATA_SHAPES = "The training step cannot be built for the data's shapes"
 
 
-def refusing_part(model: keras.Model, objective, metrics, x, y, sample_weight) -> str | None:
-    """What refuses the micro-batch `(x, y, sample_weight)` and how, in one line (`the metric
-    'auc' (AUC) fails on y (32,) and model output (32, 10): InvalidArgumentError: ...`), or None
-    when the forward pass, the loss and the metrics all take it (the failure was elsewhere)."""
+@dataclass(frozen=True)
+class Refusal:
+    """What refused a micro-batch (`the metric 'auc' (AUC)`), the shapes it was given, and its
+    error; `str()` is the one line: `... fails on y (32,) and model output (32, 10): ...`."""
+
+    part: str
+    shapes: str
+    error: BaseException
+
+    def __str__(self) -> str:
+        return f"{self.part} fails on {self.shapes}: {_error(self.error)}"
+
+
+def refusing_part(model: keras.Model, objective, metrics, x, y, sample_weight) -> Refusal | None:
+    """What refuses the micro-batch `(x, y, sample_weight)`, or None when the forward pass, the
+    loss and the metrics all take it (the failure was elsewhere: the backward pass, say)."""
     filtering = keras.config.is_traceback_filtering_enabled()
     keras.config.disable_traceback_filtering()  # Keras's filter drops the frames that name it
     try:
         try:
             y_pred = model(x, training=False)
         except Exception as error:  # noqa: BLE001 (what the step raised, whatever its type)
-            return f"{_layer(error, model)} fails on input {_shapes(x)}: {_error(error)}"
+            return Refusal(_layer(error, model), f"input {_shapes(x)}", error)
         shapes = f"y {_shapes(y)} and model output {_shapes(y_pred)}"
         try:
             objective.terms(y, y_pred, sample_weight, tf.shape(tf.nest.flatten(x)[0])[0])
         except Exception as error:  # noqa: BLE001
-            return f"{_loss(error, objective)} fails on {shapes}: {_error(error)}"
+            return Refusal(_loss(error, objective), shapes, error)
         if metrics is not None:
             try:
                 with keras.StatelessScope():
                     metrics.update(y, y_pred, sample_weight)
             except Exception as error:  # noqa: BLE001
-                return (f"{_named(error, keras.metrics.Metric, 'metric')} fails on {shapes}: "
-                        f"{_error(error)}")
+                return Refusal(_named(error, keras.metrics.Metric, "metric"), shapes, error)
         return None
     finally:
         if filtering:
             keras.config.enable_traceback_filtering()
 
 
-def mismatch(part: str | None, error: BaseException, why: str) -> ModelDataMismatch:
-    """The error for a model, loss or metrics that cannot take the data: what refuses it (or
-    the step's own error), then `why` that is so for any batch."""
-    what = (part or f"the training step fails: {_error(error)}").rstrip(".")
-    return ModelDataMismatch(f"{what}. {why}, so the model, loss or metrics do not fit the data's "
-                             "shapes or label format; nothing was trained")
+def mismatch(refusal: Refusal | None, error: BaseException, why: str, *,
+             traced: bool = False) -> ModelDataMismatch:
+    """The error for a model, loss or metrics that cannot take the data: what refuses it, then
+    `why` that is so for any batch. `traced`: `error` was raised while the step was built from
+    the data's spec, so it, not the refusal found on a stand-in micro-batch, says the shapes."""
+    if refusal is None:
+        what = f"the training step fails: {_error(error)}"
+    else:
+        what = f"{refusal.part} fails: {_error(error)}" if traced else str(refusal)
+    return ModelDataMismatch(f"{what.rstrip('.')}. {why}, so the model, loss or metrics do not fit "
+                             "the data's shapes or label format; nothing was trained")
 
 
 def _innermost(error: BaseException, kind: type):

@@ -404,7 +404,7 @@ class Trainer:
         except (ValueError, TypeError) as error:  # Keras's shape checks, while tracing
             stand_in = _stand_in(micro_batch, self.micro_batch_size)
             raise diagnosis.mismatch(self.refusing_part(*stand_in), error,
-                                     diagnosis.DATA_SHAPES) from error
+                                     diagnosis.DATA_SHAPES, traced=True) from error
         if self.accumulation_steps > 2:  # fit's windows: k - 1 micro-batches in one call
             self._micro_steps.get_concrete_function(_stacked_spec(micro_batch), True)
         votes = tf.TensorSpec([2 + self.backend.num_workers()], tf.float32)
@@ -507,7 +507,7 @@ class Trainer:
         self._stored_micro_steps = 0
         return result
 
-    def refusing_part(self, x, y, sample_weight=None) -> str | None:
+    def refusing_part(self, x, y, sample_weight=None) -> diagnosis.Refusal | None:
         """What in a training step refuses this micro-batch (the model, the loss, a metric), in
         one line, or None; run after a step failed on it (`diagnosis`)."""
         return diagnosis.refusing_part(self.model, self.objective, self.metrics, x, y,

@@ -235,9 +235,10 @@ def _classifier_case():
      "the metric 'auc' (AUC) fails on y (4,) and model output (4, 10): ",
      "Every rank failed on its first micro-batch"),
     # Integer labels for a one-hot loss: Keras's shape check refuses them while the step is built
-    # from the dataset's spec (batch size unknown: the part is found on one sample of zeros).
+    # from the dataset's spec (the part is found on a stand-in of zeros; the error says the shapes).
     ("categorical_crossentropy", None,
-     "the loss 'categorical_crossentropy' fails on y (1,) and model output (1, 10): ValueError: ",
+     "the loss 'categorical_crossentropy' fails: ValueError: Arguments `target` and `output` must "
+     "have the same rank (ndim). Received: target.shape=(None,), output.shape=(None, 10)",
      "The training step cannot be built for the data's shapes"),
 ], ids=["metric", "loss_by_name"])
 def test_model_that_cannot_take_the_data_names_the_metric_or_loss_and_applies_nothing(
