@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import psutil
@@ -27,6 +30,27 @@ def every_trainer_under_xla(monkeypatch):
 
     resolve = trainer.resolve_jit_compile
     monkeypatch.setattr(trainer, "resolve_jit_compile", lambda model, _: resolve(model, True))
+
+
+def remove_stale_open_mpi_session_dirs() -> None:
+    """Open MPI's session directories of processes that are gone (`ompi.<pid>`, `prted.<pid>`).
+
+    A killed `mpirun` or `prted` leaves its directory, named by its PID, behind. PIDs wrap (at
+    32,768 on these machines), and a later `mpirun` that gets the same PID cannot bind its PMIx
+    socket there: "The PMIx server's listener thread failed to start".
+    """
+    for path in Path(tempfile.gettempdir()).iterdir():
+        found = re.fullmatch(r"(?:ompi|prted)\.(\d+)", path.name)
+        if found and not psutil.pid_exists(int(found[1])):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def no_stale_open_mpi_session_dirs():
+    """Before and after every test: tests that kill launchers leave their directories."""
+    remove_stale_open_mpi_session_dirs()
+    yield
+    remove_stale_open_mpi_session_dirs()
 
 
 def launcher_command(launcher: str, num_workers: int) -> list[str]:
