@@ -159,6 +159,11 @@ class Backend(Protocol):
     def max_all(self, value: tf.Tensor) -> tf.Tensor:
         """Element-wise maximum over workers."""
 
+    def gather_all(self, tensors: Sequence[tf.Tensor], name: str) -> list[list[tf.Tensor]]:
+        """Every worker's `tensors`, as one grouped collective: per tensor, one piece per
+        worker in rank order. A tensor's first axis may differ between workers; its other axes
+        and its dtype (one for all `tensors`) may not. `name` as for `sum_all`."""
+
     def broadcast_from_chief(self, tensors: Sequence[tf.Tensor]) -> list[tf.Tensor]:
         """Rank 0's values of `tensors` on every worker."""
 
@@ -187,6 +192,9 @@ class SingleProcessBackend:
     def max_all(self, value: tf.Tensor) -> tf.Tensor:
         return value
 
+    def gather_all(self, tensors: Sequence[tf.Tensor], name: str) -> list[list[tf.Tensor]]:
+        return [[t] for t in tensors]
+
     def broadcast_from_chief(self, tensors: Sequence[tf.Tensor]) -> list[tf.Tensor]:
         return list(tensors)
 
@@ -213,6 +221,16 @@ def _signature(tensors: Sequence[tf.Tensor]) -> str:
     statistics only, differs from a float32 run's)."""
     shapes = ";".join(f"{t.dtype.name}{t.shape}" for t in tensors)
     return f"{tensors[0].dtype.name}_{hashlib.sha1(shapes.encode()).hexdigest()[:10]}"
+
+
+def _row_counts(tensors: Sequence[tf.Tensor]) -> tf.Tensor:
+    """Each tensor's first dimension, int32 `[len(tensors)]`: what a worker's piece of a
+    `gather_all` is cut by. With a run-time zero added in a graph (`_never_constant`'s reason:
+    a gather whose inputs were all constants could be folded away)."""
+    counts = tf.stack([tf.shape(t)[0] for t in tensors])
+    if tf.executing_eagerly():
+        return counts
+    return counts + tf.cast(tf.timestamp() * 0.0, tf.int32)
 
 
 def _never_constant(group: list[tf.Tensor]) -> list[tf.Tensor]:
@@ -271,6 +289,22 @@ class HorovodBackend:
 
     def max_all(self, value: tf.Tensor) -> tf.Tensor:
         return self._hvd.allreduce(value, op=self._hvd.Max, name="distaccum.max")
+
+    def gather_all(self, tensors: Sequence[tf.Tensor], name: str) -> list[list[tf.Tensor]]:
+        # One grouped allgather of the tensors and their row counts, which cut the
+        # concatenations into pieces. The counts travel bit for bit in the tensors' dtype:
+        # Horovod's groups take one.
+        tensors = [tf.convert_to_tensor(t) for t in tensors]
+        dtype = tensors[0].dtype
+        counts = tf.reshape(tf.bitcast(_row_counts(tensors), dtype), [1, -1])
+        gathered = self._hvd.grouped_allgather(
+            [counts, *tensors], ignore_name_scope=True,
+            name=f"HorovodGroupedAllgather_distaccum_{name}_{_signature(tensors)}")
+        all_counts = tf.bitcast(tf.reshape(gathered[0], [self.num_workers(), len(tensors), -1])
+                                if dtype.size < 4 else gathered[0], tf.int32)
+        all_counts = tf.reshape(all_counts, [self.num_workers(), len(tensors)])
+        return [tf.split(whole, all_counts[:, i], num=self.num_workers())
+                for i, whole in enumerate(gathered[1:])]
 
     def broadcast_from_chief(self, tensors: Sequence[tf.Tensor]) -> list[tf.Tensor]:
         # One broadcast per dtype of all values flattened together: start-up pays one collective,
@@ -403,6 +437,45 @@ class MPIBackend:
     def max_all(self, value: tf.Tensor) -> tf.Tensor:
         [result] = self._reduce([value], self._mpi.MAX, tf.convert_to_tensor(value).dtype)
         return result
+
+    def gather_all(self, tensors: Sequence[tf.Tensor], name: str) -> list[list[tf.Tensor]]:
+        # One `tf.numpy_function` around an `Allgather` of the row counts and one `Allgatherv`
+        # of every tensor's bytes together.
+        tensors = [tf.convert_to_tensor(t) for t in tensors]
+        counts, *gathered = tf.numpy_function(
+            self._allgather, [_row_counts(tensors), *tensors],
+            [tf.int32] + [t.dtype for t in tensors], stateful=True)
+        counts.set_shape([self.num_workers(), len(tensors)])
+        for whole, t in zip(gathered, tensors):
+            whole.set_shape([None, *t.shape[1:]])
+        return [tf.split(whole, counts[:, i], num=self.num_workers())
+                for i, whole in enumerate(gathered)]
+
+    def _allgather(self, counts: np.ndarray, *arrays: np.ndarray) -> list[np.ndarray]:
+        arrays = [np.ascontiguousarray(a) for a in arrays]
+        all_counts = np.empty((self.num_workers(), len(arrays)), np.int32)
+        self._world.Allgather(counts.astype(np.int32), all_counts)
+        row_bytes = np.array([a.dtype.itemsize * int(np.prod(a.shape[1:])) for a in arrays],
+                             np.int64)
+        sizes = all_counts.astype(np.int64) * row_bytes  # [worker, tensor] bytes
+        mine = np.concatenate([a.reshape(-1).view(np.uint8) for a in arrays] + [
+            np.zeros(0, np.uint8)])
+        received = np.empty(int(sizes.sum()), np.uint8)
+        totals = sizes.sum(axis=1)
+        self._world.Allgatherv(mine, [received, totals, np.cumsum(totals) - totals,
+                                      self._mpi.BYTE])
+        self.collective_counts["allgather"] += 1
+        self.collective_bytes["allgather"] += mine.nbytes
+        # Each worker's part holds its tensors one after the other: regroup them by tensor.
+        starts = np.cumsum(totals) - totals
+        pieces = [[] for _ in arrays]
+        for worker, start in enumerate(starts):
+            for i, size in enumerate(sizes[worker]):
+                pieces[i].append(received[start:start + size])
+                start += size
+        return [all_counts] + [
+            np.concatenate(parts).view(a.dtype).reshape(-1, *a.shape[1:])
+            for parts, a in zip(pieces, arrays)]
 
     def broadcast_from_chief(self, tensors: Sequence[tf.Tensor]) -> list[tf.Tensor]:
         # Eager (start-up only): every value of every dtype in one pickled broadcast.

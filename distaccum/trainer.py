@@ -17,7 +17,7 @@ from typing import Sequence
 import keras
 import tensorflow as tf
 
-from distaccum import comm, data, diagnosis, precision
+from distaccum import comm, data, diagnosis, precision, rows
 from distaccum.config import ALLREDUCE_DTYPES, accumulation_steps_for
 from distaccum.accumulate import (
     GradientAccumulator,
@@ -224,6 +224,10 @@ class Trainer:
             step and the update step's compute before and after its allreduce run as XLA
             clusters; the allreduce itself runs between them, as an op XLA cannot compile. A
             model XLA cannot compile trains without it, with one warning naming the op.
+        row_exchange: send a sparse gradient's sum (an `Embedding`'s) between workers as the
+            rows the window touched, with their indices, whenever that is fewer bytes than the
+            dense table, decided each update from the previous one's rows (see `rows`); the sum
+            is the same either way. False: always dense, one collective per update.
     """
 
     def __init__(
@@ -241,6 +245,7 @@ class Trainer:
         clip_global_norm: float | None = None,
         allreduce_dtype: str = "float32",
         jit_compile: bool | str = "auto",
+        row_exchange: bool = True,
     ) -> None:
         if not isinstance(model, keras.Model):
             raise TypeError(f"model must be a keras.Model. Received: model={model!r}")
@@ -259,6 +264,11 @@ class Trainer:
         self._set_batch(global_batch_size, micro_batch_size, accumulation_steps)
         self.allreduce_dtype = _check_allreduce_dtype(allreduce_dtype, self.backend)
         self._accumulator: GradientAccumulator | None = None
+        if not isinstance(row_exchange, bool):
+            raise TypeError(f"row_exchange must be True or False. Received: "
+                            f"row_exchange={row_exchange!r}")
+        self.row_exchange = row_exchange
+        self._rows: rows.RowExchange | None = None  # made with the sums, if gradients are sparse
         self._stored_micro_steps = 0  # micro-batches of the current window in the sums
         self._largest_micro_batch = tf.Variable(0.0, trainable=False)  # for loss scaling only
         self._compile_steps(resolve_jit_compile(model, jit_compile))
@@ -560,7 +570,7 @@ class Trainer:
                       for g in tape.gradient(value, variables)]
                      for value, shrink in zip(scaled, shrinks)]
         del tape
-        self._accumulator_for([term.normaliser for term in terms])
+        self._accumulator_for([term.normaliser for term in terms], gradients)
         return MicroBatchSums(gradients, [t.numerator for t in terms],
                               [t.divisor for t in terms], batch_size)
 
@@ -571,10 +581,18 @@ class Trainer:
             tf.maximum(self._largest_micro_batch, tf.cast(batch_size, tf.float32)))
         return largest * self.accumulation_steps * self.backend.num_workers()
 
-    def _accumulator_for(self, normalisers: list[str]) -> GradientAccumulator:
+    def _accumulator_for(self, normalisers: list[str], gradients) -> GradientAccumulator:
+        """The stored sums (and, for sparse gradients between workers, the row exchange),
+        created on the first trace from its normalisers and gradients."""
         if self._accumulator is None:
+            variables = self.model.trainable_variables
             with tf.init_scope():  # created once, outside the traced graph
-                self._accumulator = GradientAccumulator(self.model.trainable_variables, normalisers)
+                self._accumulator = GradientAccumulator(variables, normalisers)
+            sparse = [isinstance(g, tf.IndexedSlices) for per in gradients for g in per]
+            if self.row_exchange and any(sparse) and self.backend.num_workers() > 1:
+                self._rows = rows.RowExchange(self.backend, sparse,
+                                              [v.shape for v in variables] * len(normalisers),
+                                              self.allreduce_dtype)
         elif self._accumulator.normalisers != normalisers:
             raise ValueError(
                 "every micro-batch must have the same structure (sample weights or not, their "
@@ -586,7 +604,9 @@ class Trainer:
         # The only sync point of a window: gradient, loss and weight sums, metric states (and the
         # votes) in one grouped allreduce.
         sums = self._window_sums(last_micro_batch, stored)
-        totals = self.backend.sum_all(sums + self._metric_states() + [votes], "update")
+        everything = sums + self._metric_states() + [votes]
+        totals = (self.backend.sum_all(everything, "update") if self._rows is None
+                  else self._rows.sum_all(everything, "update"))
         return self._apply_totals(totals[:len(sums)], totals[len(sums):-1], totals[-1])
 
     def _window_sums_body(self, last_micro_batch, stored):

@@ -172,3 +172,31 @@ def assert_weights_close(got, expected, rtol: float = 1e-5) -> None:
     for a, b in zip(got, expected):
         np.testing.assert_allclose(np.asarray(a), b, rtol=0, atol=rtol * scale,
                                    err_msg=getattr(a, "path", ""))
+
+
+def padded_reviews(count: int, group: int, vocabulary: int, length: int, seed: int = 0):
+    """`count` token-id reviews as a text classifier meets them: words 1…V−1 drawn from a Zipf
+    distribution (exponent 1.1, as in natural text), each review padded with id 0 to `length`
+    (no mask) and batched by length, so groups of `group` reviews (a window's) alternate short
+    reviews (mostly padding) and long ones: how far counting each occurrence moves the global norm
+    changes from window to window, which Adam does not cancel. The label says whether "positive"
+    words outnumber "negative" ones."""
+    rng = np.random.default_rng(seed)
+    frequency = 1 / np.arange(1, vocabulary) ** 1.1
+    tokens = rng.choice(np.arange(1, vocabulary), size=(count, length),
+                        p=frequency / frequency.sum())
+    short = (np.arange(count) // group) % 2 == 0
+    lengths = np.where(short, rng.integers(2, 5, size=count),
+                       rng.integers(length - 2, length + 1, size=count))
+    tokens[np.arange(length)[None, :] >= lengths[:, None]] = 0
+    positive, negative = (np.isin(tokens, words).sum(axis=1) for words in ([4, 6, 8, 10],
+                                                                          [5, 7, 9, 11]))
+    return tokens.astype("int32"), (positive > negative).astype("float32")[:, None]
+
+
+def text_classifier(vocabulary: int, width: int, length: int, seed: int = 5) -> keras.Model:
+    """Embedding, average pooling and one logit: a model whose embedding gradient is sparse."""
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([keras.Input((length,), dtype="int32"),
+                             keras.layers.Embedding(vocabulary, width),
+                             keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(1)])

@@ -319,26 +319,6 @@ def test_sparse_embedding_gradients_match_reference_when_accumulated(make_optimi
     scenarios.assert_weights_close(model.trainable_variables, reference.trainable_variables)
 
 
-def _padded_reviews(windows: int, window_size: int, vocabulary: int, length: int, seed: int = 0):
-    """Token ids as a text classifier meets them: words 1…V−1 drawn from a Zipf distribution
-    (exponent 1.1, as in natural text), each review padded with id 0 to `length` (no mask) and
-    batched by length, so windows alternate short reviews (mostly padding) and long ones: how
-    far counting each occurrence moves the global norm changes from window to window, which
-    Adam does not cancel. The label says whether "positive" words outnumber "negative" ones."""
-    rng = np.random.default_rng(seed)
-    count = windows * window_size
-    frequency = 1 / np.arange(1, vocabulary) ** 1.1
-    tokens = rng.choice(np.arange(1, vocabulary), size=(count, length),
-                        p=frequency / frequency.sum())
-    short = (np.arange(count) // window_size) % 2 == 0
-    lengths = np.where(short, rng.integers(2, 5, size=count),
-                       rng.integers(length - 2, length + 1, size=count))
-    tokens[np.arange(length)[None, :] >= lengths[:, None]] = 0
-    positive, negative = (np.isin(tokens, words).sum(axis=1) for words in ([4, 6, 8, 10],
-                                                                          [5, 7, 9, 11]))
-    return tokens.astype("int32"), (positive > negative).astype("float32")[:, None]
-
-
 @pytest.mark.rounding
 @pytest.mark.parametrize("clip", [0.1, None], ids=["global_norm_clipping", "no_clipping"])
 def test_embedding_text_classifier_takes_the_dense_large_batch_step_where_keras_fit_does_not(clip):
@@ -348,14 +328,12 @@ def test_embedding_text_classifier_takes_the_dense_large_batch_step_where_keras_
     # dense); without clipping, Adam's second moment adds the occurrences' squares. distaccum
     # applies the summed (dense) gradient: the textbook large-batch step.
     micro_batch, k, updates, vocabulary, length = 4, 2, 8, 50, 32
-    tokens, labels = _padded_reviews(updates, k * micro_batch, vocabulary, length)
+    tokens, labels = scenarios.padded_reviews(updates * k * micro_batch, k * micro_batch,
+                                             vocabulary, length)
     loss = keras.losses.BinaryCrossentropy(from_logits=True)
 
     def make_model():
-        keras.utils.set_random_seed(5)
-        return keras.Sequential([keras.Input((length,), dtype="int32"),
-                                 keras.layers.Embedding(vocabulary, 8),
-                                 keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(1)])
+        return scenarios.text_classifier(vocabulary, 8, length)
 
     def make_optimizer(global_clipnorm=clip):
         return keras.optimizers.AdamW(0.05, weight_decay=0.01, global_clipnorm=global_clipnorm)

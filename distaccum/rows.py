@@ -1,0 +1,127 @@
+"""The row exchange: a sparse gradient's window sum sent as the rows the window touched.
+
+An `Embedding`'s gradient (`tf.IndexedSlices`) touches only the rows of the tokens a window saw.
+The accumulator adds it into a dense sum, and between workers that sum can travel two ways:
+
+- dense, in the update's one grouped allreduce: a ring allreduce sends each of its V·D values
+  about 2(N − 1)/N times per rank, whatever the data;
+- as rows: each worker's rows that hold a nonzero value, each with its int32 index, in one grouped
+  allgather beside the allreduce of everything else. A ring allgather sends (N − 1)/N of all
+  workers' rows per rank. Every worker then adds all workers' rows into a table of zeros, one
+  worker's rows at a time in rank order (no index repeats within one worker's rows, so no
+  addition order is left to the device), and every worker gets the same sum.
+
+So rows send fewer bytes when the U rows of all workers satisfy U·(4 + b·D) < 2·b·V·D, b being
+the bytes of a value (`allreduce_dtype`). Every worker must take the same way in the same update,
+and U is known only after the exchange: the previous update's U, summed in its grouped allreduce
+(so the same on every worker), decides, and the first update goes dense. Rows also cost a second
+collective: they are taken only when they save at least `MIN_SAVING_BYTES` per rank.
+
+Both ways give the same sum (a row a worker leaves out is zero in its sum); only the order of
+additions differs from the allreduce's, so the two differ by float round-off at most, and on two
+workers (a + b either way) not at all.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import tensorflow as tf
+
+INDEX_BYTES = 4  # int32 row indices: tables of up to 2**31 rows
+# Bytes per rank a row exchange must save over the dense one to be worth its extra collective:
+# about what one more collective's latency (~50 µs) sends on a 10 Gbit/s link.
+MIN_SAVING_BYTES = 1 << 16
+
+
+class RowExchange:
+    """Sums a window's totals over workers, sending each sparse gradient sum as its touched rows
+    when that is fewer bytes: the update step's collective for a model with sparse gradients.
+
+    Args:
+        backend: the communication backend (`comm`), with more than one worker.
+        sparse: per gradient sum of the totals, whether its gradient comes as `tf.IndexedSlices`.
+        shapes: per gradient sum, its shape (rows first).
+        dtype: the type gradient sums travel in (`allreduce_dtype`).
+    """
+
+    def __init__(self, backend, sparse: Sequence[bool], shapes: Sequence, dtype: tf.DType) -> None:
+        self.backend = backend
+        self.positions = [i for i, is_sparse in enumerate(sparse) if is_sparse]
+        self._shapes = [tf.TensorShape(shapes[i]) for i in self.positions]
+        self._dtype = tf.as_dtype(dtype)
+        with tf.init_scope():  # created once, outside any traced graph
+            # Every worker's touched rows per sparse sum in the previous update; inf before the
+            # first, which then goes dense.
+            self._previous_rows = tf.Variable(tf.fill([len(self.positions)], math.inf),
+                                              trainable=False, name="previous_rows")
+
+    def rows_pay(self, rows: tf.Tensor) -> tf.Tensor:
+        """Whether sending `rows` (per sparse sum, all workers' touched rows) saves at least
+        `MIN_SAVING_BYTES` per rank over the dense allreduce of the sums."""
+        value_bytes = self._dtype.size
+        widths = [s[1:].num_elements() for s in self._shapes]
+        dense = sum(2.0 * value_bytes * s[0] * width for s, width in zip(self._shapes, widths))
+        sent = tf.reduce_sum(rows * tf.constant([INDEX_BYTES + value_bytes * width
+                                                 for width in widths], tf.float32))
+        return sent + MIN_SAVING_BYTES <= dense
+
+    def sum_all(self, totals: Sequence[tf.Tensor], name: str) -> list[tf.Tensor]:
+        """`backend.sum_all(totals, name)`, the sparse sums (at `positions`) as float32 and sent
+        as rows or dense, whichever the previous update's rows say is fewer bytes."""
+        totals = list(totals)
+        touched = tf.stack([rows_touched(totals[i]) for i in self.positions])
+
+        def dense():
+            *sums, rows = self.backend.sum_all(totals + [touched], name)
+            return [tf.cast(s, tf.float32) if i in self.positions else s
+                    for i, s in enumerate(sums)] + [rows]
+
+        def as_rows():
+            others = [t for i, t in enumerate(totals) if i not in self.positions]
+            *sums, rows = self.backend.sum_all(others + [touched], name)
+            gathered = self.backend.gather_all(
+                [payload(totals[i], self._dtype) for i in self.positions], f"{name}_rows")
+            tables = iter([table(pieces, shape)
+                           for pieces, shape in zip(gathered, self._shapes)])
+            sums = iter(sums)
+            return [next(tables) if i in self.positions else next(sums)
+                    for i in range(len(totals))] + [rows]
+
+        *sums, rows = tf.cond(self.rows_pay(self._previous_rows), as_rows, dense)
+        self._previous_rows.assign(rows)
+        return sums
+
+
+def rows_touched(total: tf.Tensor) -> tf.Tensor:
+    """How many rows of `total` hold a nonzero value (NaN and Inf count), as float32."""
+    return tf.reduce_sum(tf.cast(_nonzero_rows(total), tf.float32))
+
+
+def _nonzero_rows(total: tf.Tensor) -> tf.Tensor:
+    return tf.reduce_any(tf.not_equal(total, 0), axis=list(range(1, total.shape.rank)))
+
+
+def payload(total: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
+    """`total`'s nonzero rows as they travel: `[rows, index columns + values]` in `dtype`, each
+    row's int32 index in its first columns bit for bit (so any index survives the trip exactly),
+    its values, flattened, in the others."""
+    indices = tf.cast(tf.where(_nonzero_rows(total))[:, 0], tf.int32)
+    values = tf.reshape(tf.cast(tf.gather(total, indices), dtype),
+                        [-1, total.shape[1:].num_elements()])
+    columns = tf.reshape(tf.bitcast(indices, dtype), [-1, INDEX_BYTES // dtype.size])
+    return tf.concat([columns, values], axis=1)
+
+
+def table(pieces: Sequence[tf.Tensor], shape: tf.TensorShape) -> tf.Tensor:
+    """The float32 sum of every worker's `payload`s (`pieces`, in rank order), as a dense table
+    of `shape`: each worker's rows added in turn."""
+    total = tf.zeros(shape, tf.float32)
+    for piece in pieces:
+        columns = INDEX_BYTES // piece.dtype.size
+        index_bits = piece[:, :columns] if columns > 1 else piece[:, 0]
+        indices = tf.bitcast(index_bits, tf.int32)
+        values = tf.reshape(tf.cast(piece[:, columns:], tf.float32), [-1, *shape[1:]])
+        total = tf.tensor_scatter_nd_add(total, indices[:, None], values)
+    return total
