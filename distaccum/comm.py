@@ -465,7 +465,7 @@ class MPIBackend:
         self._world.Allgatherv(mine, [received, totals, np.cumsum(totals) - totals,
                                       self._mpi.BYTE])
         self.collective_counts["allgather"] += 1
-        self.collective_bytes["allgather"] += mine.nbytes
+        self.collective_bytes["allgather"] += counts.nbytes + mine.nbytes
         # Each worker's part holds its tensors one after the other: regroup them by tensor.
         starts = np.cumsum(totals) - totals
         pieces = [[] for _ in arrays]

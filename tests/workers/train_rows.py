@@ -25,14 +25,19 @@ import scenarios  # noqa: E402
 # Rank 1's shard ends a window early: its last window of each epoch is empty.
 SHARD_SIZES = (32, 20)
 MICRO_BATCH_SIZE, K, EPOCHS = 4, 2, 2
-# 40,000 rows: indices from 31,744 up have the bits of a float16 Inf or NaN in their low half.
 VOCABULARY, WIDTH, LENGTH = 40_000, 4, 12
+# Rare words whose indices' low 16 bits are a float16 Inf or NaN (0x7C00, 0x7C01, 0x7FFF) or a
+# bfloat16 NaN (0x7FC1), and the last row: each starts every fourth review.
+RARE_WORDS = (0x7C00, 0x7C01, 0x7FC1, 0x7FFF, VOCABULARY - 1)
 CLIP = 0.5
 
 
 def shard(rank: int):
-    return scenarios.padded_reviews(SHARD_SIZES[rank], K * MICRO_BATCH_SIZE, VOCABULARY, LENGTH,
-                                    seed=rank)
+    tokens, labels = scenarios.padded_reviews(SHARD_SIZES[rank], K * MICRO_BATCH_SIZE,
+                                              VOCABULARY, LENGTH, seed=rank)
+    starts = tokens[::4, 0]
+    tokens[::4, 0] = np.resize(RARE_WORDS, starts.size)
+    return tokens, labels
 
 
 def optimizer(global_clipnorm=None):
