@@ -1,21 +1,22 @@
-"""Figure 9, sparse exchange: the bytes distaccum's dense exchange of an Embedding's gradient sends
-per update, against a sparse exchange of each window's distinct rows.
+"""Figure 9, sparse exchange: the bytes an Embedding's gradient costs per update, sent as the dense
+table or as the rows each window touched (distaccum's row exchange, `distaccum/rows.py`).
 
-A text classifier (`Embedding` over a vocabulary of V = 50,000 tokens, widths d = 64 and 256, then
-average pooling and one logit) trains a few updates on two workers under `mpirun` with the
-mpi4py backend; the backend counts the bytes each rank puts into `Allreduce`, and a fit of 3
-updates minus a fit of 1 gives one update's message D (gradient sums, window statistics, votes),
-checked against `Trainer.allreduce_per_update`. distaccum sums a window's sparse gradients into
-a dense float32 table and allreduces it: a ring allreduce sends 2(N−1)/N × D per rank, whatever
-the tokens. D grows by 4 bytes per rank (its vote), so D at N ranks is the counted D + 4(N − 2).
-The alternative: each rank sends the u distinct rows its window touched (a 4-byte int32 index
-and d float32 values each) to the N−1 others (an allgather), (N−1)·u·(4 + 4d) bytes per rank,
-with the rest of D (the dense layer, statistics, votes) still ring-allreduced. u is counted with
-numpy, seeded: windows of T tokens per rank drawn independently from a Zipf distribution over
-the V tokens (probability ∝ 1/rank^s, s = 1.0 and 1.1, as word frequencies in text), T = 2,048 …
+Measured: a text classifier (`Embedding` over a vocabulary of V = 50,000 tokens, widths d = 64
+and 256, then average pooling and one logit) trains a few updates on two workers under `mpirun`
+with the mpi4py backend, with `row_exchange` off and on; the backend counts the bytes each rank
+puts into `Allreduce` and `Allgather`, and a fit of 3 updates minus a fit of 1 gives one update's
+(the dense message D: gradient sums, window statistics, votes; or, with rows, D less the table
+plus the rank's touched rows, 4 + 4d bytes each). Both are checked against what they should be:
+`Trainer.allreduce_per_update`, and the distinct tokens of the rank's windows.
+Modelled, for other N: a ring allreduce sends 2(N−1)/N × D per rank, whatever the tokens (D grows
+by 4 bytes per rank, its vote); a ring allgather of the rows sends (N−1)·u·(4 + 4d) per rank, u
+being a rank's distinct rows, with the rest of D still ring-allreduced. u is counted with numpy,
+seeded: windows of T tokens per rank drawn independently from a Zipf distribution over the V
+tokens (probability ∝ 1/rank^s, s = 1.0 and 1.1, as word frequencies in text), T = 2,048 …
 131,072 (k × micro-batch × sequence length); 16 windows per T and s, median (min–max). Real text
 is burstier than independent draws (a document repeats its words), so it touches fewer rows.
-Only bytes are compared: not latency, nor the scatter-add of received rows.
+Only bytes are compared: not latency (rows take a second collective), nor the scatter-add of
+received rows.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ FULL_WINDOWS = {2_048: (1, 16, 128), 8_192: (4, 16, 128), 32_768: (8, 32, 128),
                 131_072: (16, 32, 256)}
 SMOKE_WINDOWS = {256: (1, 4, 64), 1_024: (4, 4, 64)}
 FULL = {"vocabulary": 50_000, "widths": (64, 256), "ranks": (2, 8, 32, 128), "samples": 16}
-SMOKE = {"vocabulary": 2_000, "widths": (8,), "ranks": (2, 8), "samples": 2}
+SMOKE = {"vocabulary": 20_000, "widths": (8,), "ranks": (2, 8), "samples": 2}
 EXPONENTS = (1.0, 1.1)
 SEQUENCE_LENGTH = 64  # tokens per sample of the measured model (no part of its bytes)
 INDEX_BYTES = 4  # int32 row index: V > 65,536 would not fit 16 bits at every V
@@ -38,8 +39,9 @@ MEASURED_WORKERS = 2
 SEED = 0
 
 
-def dense_messages(sizes: dict) -> list[dict]:
-    """Per width: one update's allreduce message, counted by the mpi4py backend on 2 workers."""
+def measured_messages(sizes: dict) -> list[dict]:
+    """Per width, with the row exchange off and on: one update's messages, counted by the
+    mpi4py backend on 2 workers."""
     with common.work_directory("sparse-exchange") as work:
         command = common.worker_command(
             "sparse-exchange", "--vocabulary", sizes["vocabulary"], "--widths", *sizes["widths"],
@@ -162,6 +164,44 @@ def checks(sizes: dict, windows: dict, messages: list[dict], rows: dict) -> list
     ]
 
 
+def measured_rows(messages: list[dict], rows_sent: list[dict]) -> str:
+    """The two exchanges as measured on two workers, per width."""
+    return "Measured on 2 workers (uniform random tokens; a window of 64 reviews × the model's " \
+        f"{SEQUENCE_LENGTH} tokens), bytes per rank per update: " + "; ".join(
+            f"d = {d['width']}: dense {d['bytes_per_update']:,.0f} B in 1 allreduce, rows "
+            f"{r['bytes_per_update']:,.0f} B ({r['allgather_bytes_per_update']:,.0f} B of "
+            f"{' and '.join(f'{u:,}' for u in r['distinct_rows_per_window'])} distinct rows in "
+            f"{r['allgathers_per_update']:g} allgather, the rest in {r['allreduces_per_update']:g} "
+            f"allreduce), {d['bytes_per_update'] / r['bytes_per_update']:.1f}× fewer"
+            for d, r in zip(messages, rows_sent)) + "."
+
+
+def rows_checks(sizes: dict, messages: list[dict], rows_sent: list[dict]) -> list[dict]:
+    """The row exchange's bytes against what its rows and the dense message say they are."""
+    def agree(m):
+        table_bytes = VALUE_BYTES * sizes["vocabulary"] * m["width"]
+        return (m["allgather_bytes_per_update"] == m["expected_allgather_bytes"]
+                and m["bytes_per_update"] - m["allgather_bytes_per_update"]
+                == m["trainer_allreduce_per_update"][1] - table_bytes
+                and m["allreduces_per_update"] == m["allgathers_per_update"] == 1)
+
+    return [
+        common.check("sparse exchange with rows: bytes one update sends, counted by the mpi4py "
+                     "backend, = 4 + (4 + 4d) per distinct token of the rank's window, in one "
+                     "allgather, + `allreduce_per_update` less the table, in one allreduce",
+                     "equal", "; ".join(
+                         f"d = {m['width']}: {m['allgather_bytes_per_update']:,.0f} vs "
+                         f"{m['expected_allgather_bytes']:,.0f}" for m in rows_sent),
+                     all(agree(m) for m in rows_sent)),
+        common.check("sparse exchange, measured on 2 workers: bytes per update, rows ÷ dense",
+                     "< 1", "; ".join(f"d = {r['width']}: "
+                                      f"{r['bytes_per_update'] / d['bytes_per_update']:.3f}"
+                                      for d, r in zip(messages, rows_sent)),
+                     all(r["bytes_per_update"] < d["bytes_per_update"]
+                         for d, r in zip(messages, rows_sent))),
+    ]
+
+
 def plot(sizes: dict, windows: dict, messages: list[dict], rows: dict) -> dict:
     message, s = messages[-1], EXPONENTS[0]
     ranks = list(sizes["ranks"])
@@ -179,16 +219,19 @@ def plot(sizes: dict, windows: dict, messages: list[dict], rows: dict) -> dict:
 def main() -> None:
     args = common.parse_arguments(__doc__, default_repeats=None)
     sizes, windows = (SMOKE, SMOKE_WINDOWS) if args.smoke else (FULL, FULL_WINDOWS)
-    messages = dense_messages(sizes)
+    measured = measured_messages(sizes)
+    messages = [m for m in measured if not m["row_exchange"]]
+    rows_sent = [m for m in measured if m["row_exchange"]]
     rows = {(tokens, s): distinct_rows(sizes["vocabulary"], s, tokens, sizes["samples"])
             for tokens in windows for s in EXPONENTS}
     figure = (sizes, windows, messages, rows)
     common.emit({
         "figure": "sparse_exchange", "smoke": args.smoke,
-        "title": "9. Sparse exchange: dense allreduce vs an allgather of the window's rows",
+        "title": "9. Sparse exchange: the dense table vs the window's rows",
         "how": __doc__.split("\n\n", 1)[1].strip(),
-        "table": table(*figure), "checks": checks(*figure), "plots": [plot(*figure)],
-        "messages": messages,
+        "table": measured_rows(messages, rows_sent) + "\n\n" + table(*figure),
+        "checks": checks(*figure) + rows_checks(sizes, messages, rows_sent),
+        "plots": [plot(*figure)], "messages": messages, "rows_sent": rows_sent,
         "distinct_rows": [{"tokens": tokens, "exponent": s, **rows[tokens, s].as_dict()}
                           for tokens, s in rows],
     }, args.json)

@@ -425,42 +425,59 @@ def data_throughput(args) -> None:
 
 
 def sparse_exchange(args) -> None:
-    """Bytes one update step of an Embedding text classifier allreduces, per embedding width:
-    the mpi4py backend's own count (bytes put into `Allreduce`) over a fit of 3 updates minus a
-    fit of 1, so what a fit does once drops out; beside `Trainer.allreduce_per_update`."""
+    """Bytes one update step of an Embedding text classifier sends, per embedding width, with
+    the row exchange off (the dense table in the one allreduce) and on (the touched rows in an
+    allgather beside it): the mpi4py backend's own counts over a fit of 3 updates minus a fit
+    of 1, so what a fit does once drops out (with the rows, after a first fit of 1 update, which
+    goes dense); beside `Trainer.allreduce_per_update` and, for the rows, what this rank's
+    windows' distinct tokens should cost."""
     distaccum.init()
     backend = comm.current()
     if distaccum.num_workers() < 2 or not hasattr(backend, "collective_bytes"):
         raise SystemExit("workers.py: error: sparse-exchange needs 2 workers on the mpi4py backend "
                          "(mpirun -np 2, DISTACCUM_BACKEND=mpi)")
     rng = np.random.default_rng(distaccum.rank())
-    tokens = rng.integers(0, args.vocabulary, size=(4 * MICRO_BATCH_SIZE, args.length))
-    labels = rng.integers(0, 2, size=(4 * MICRO_BATCH_SIZE, 1)).astype("float32")
+    k, samples = 2, 4 * MICRO_BATCH_SIZE
+    tokens = rng.integers(0, args.vocabulary, size=(samples, args.length))
+    labels = rng.integers(0, 2, size=(samples, 1)).astype("float32")
     dataset = tf.data.Dataset.from_tensor_slices((tokens.astype("int32"), labels))
     dataset = dataset.batch(MICRO_BATCH_SIZE).repeat()
+    # A fit of 3 updates minus a fit of 1 sees this rank's first and second window once each.
+    windows_rows = [np.unique(tokens[i * k * MICRO_BATCH_SIZE:(i + 1) * k * MICRO_BATCH_SIZE]).size
+                    for i in range(2)]
     results = []
     for width in args.widths:
-        keras.utils.set_random_seed(0)
-        model = keras.Sequential([keras.Input((args.length,), dtype="int32"),
-                                  keras.layers.Embedding(args.vocabulary, width),
-                                  keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(1)])
-        trainer = distaccum.Trainer(model, keras.optimizers.SGD(0.1),
-                                    loss=keras.losses.BinaryCrossentropy(from_logits=True),
-                                    accumulation_steps=2)
-        sent = {}
-        for updates in (1, 3):
-            before = (backend.collective_counts["allreduce"],
-                      backend.collective_bytes["allreduce"])
-            trainer.fit(dataset, update_steps=updates, log_interval=10**9)
-            sent[updates] = (backend.collective_counts["allreduce"] - before[0],
-                             backend.collective_bytes["allreduce"] - before[1])
-        results.append({
-            "width": width, "parameters": model.count_params(),
-            "embedding_parameters": args.vocabulary * width,
-            "allreduces_per_update": (sent[3][0] - sent[1][0]) / 2,
-            "bytes_per_update": (sent[3][1] - sent[1][1]) / 2,
-            "trainer_allreduce_per_update": list(trainer.allreduce_per_update),
-        })
+        for row_exchange in (False, True):
+            keras.utils.set_random_seed(0)
+            model = keras.Sequential([keras.Input((args.length,), dtype="int32"),
+                                      keras.layers.Embedding(args.vocabulary, width),
+                                      keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(1)])
+            trainer = distaccum.Trainer(model, keras.optimizers.SGD(0.1),
+                                        loss=keras.losses.BinaryCrossentropy(from_logits=True),
+                                        accumulation_steps=k, row_exchange=row_exchange)
+            if row_exchange:
+                trainer.fit(dataset, update_steps=1, log_interval=10**9)  # the first goes dense
+            sent = {}
+            for updates in (1, 3):
+                before = (dict(backend.collective_counts), dict(backend.collective_bytes))
+                trainer.fit(dataset, update_steps=updates, log_interval=10**9)
+                sent[updates] = {
+                    f"{kind}{suffix}": (totals[kind] - start.get(kind, 0)) for kind in
+                    ("allreduce", "allgather")
+                    for suffix, totals, start in (("s", backend.collective_counts, before[0]),
+                                                  ("_bytes", backend.collective_bytes, before[1]))}
+            per_update = {name: (sent[3][name] - sent[1][name]) / 2 for name in sent[3]}
+            results.append({
+                "width": width, "row_exchange": row_exchange, "parameters": model.count_params(),
+                "embedding_parameters": args.vocabulary * width,
+                "allreduces_per_update": per_update["allreduces"],
+                "allgathers_per_update": per_update["allgathers"],
+                "bytes_per_update": per_update["allreduce_bytes"] + per_update["allgather_bytes"],
+                "allgather_bytes_per_update": per_update["allgather_bytes"],
+                "distinct_rows_per_window": windows_rows,
+                "expected_allgather_bytes": sum(4 + u * (4 + 4 * width) for u in windows_rows) / 2,
+                "trainer_allreduce_per_update": list(trainer.allreduce_per_update),
+            })
     write_chief(args.out, results)
 
 

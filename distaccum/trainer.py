@@ -370,7 +370,8 @@ class Trainer:
     def allreduce_per_update(self) -> tuple[int, int]:
         """(tensors, bytes) one update step allreduces: the gradient sums (in `allreduce_dtype`),
         and in float32 the statistics per normaliser, the sample count, the metrics' states and
-        the votes.
+        the votes. With the row exchange (sparse gradients), also each sparse sum's touched rows;
+        an update that sends rows allreduces all this but the sparse sums (see `rows`).
 
         (0, 0) with one worker, where the single-process backend communicates nothing.
         """
@@ -378,8 +379,11 @@ class Trainer:
             return 0, 0
         totals = self._as_sent(self._accumulator.totals()) + self._metric_states()
         # The stop and cancel votes and each rank's bad micro-batch: one float32 tensor.
-        vote_bytes = 4 * (2 + self.backend.num_workers())
-        return len(totals) + 1, sum(int(tf.size(t)) * t.dtype.size for t in totals) + vote_bytes
+        small = [2 + self.backend.num_workers()]
+        if self._rows is not None:  # the touched rows: one float32 tensor
+            small.append(len(self._rows.positions))
+        return (len(totals) + len(small),
+                sum(int(tf.size(t)) * t.dtype.size for t in totals) + 4 * sum(small))
 
     def learning_rate_at(self, update_step: int) -> float:
         """The learning rate the optimizer used for update `update_step` (1-based)."""
