@@ -15,15 +15,20 @@ seeded: windows of T tokens per rank drawn independently from a Zipf distributio
 tokens (probability ∝ 1/rank^s, s = 1.0 and 1.1, as word frequencies in text), T = 2,048 …
 131,072 (k × micro-batch × sequence length); 16 windows per T and s, median (min–max). Real text
 is burstier than independent draws (a document repeats its words), so it touches fewer rows.
-Only bytes are compared: not latency (rows take a second collective), nor the scatter-add of
-received rows.
+The modelled bytes leave out latency (rows take a second collective) and the scatter-add of
+received rows; the time per update, measured on the two workers with the link between them
+limited to 1 Gbit/s (a `tbf` qdisc on a network namespace's loopback, as `slow_link.py`), has
+both. `--smoke` runs on the unlimited host loopback instead.
 """
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 
 import common
+import slow_link
 
 # Tokens per rank-window, with one way to get there: (k, micro-batch, sequence length).
 FULL_WINDOWS = {2_048: (1, 16, 128), 8_192: (4, 16, 128), 32_768: (8, 32, 128),
@@ -36,18 +41,22 @@ SEQUENCE_LENGTH = 64  # tokens per sample of the measured model (no part of its 
 INDEX_BYTES = 4  # int32 row index: V > 65,536 would not fit 16 bits at every V
 VALUE_BYTES = 4  # float32, as distaccum's sums travel by default
 MEASURED_WORKERS = 2
+TIMED_LINK = ("1 Gbit/s", "1gbit")
+TIMED_UPDATES = {"full": 6, "smoke": 1}
 SEED = 0
 
 
-def measured_messages(sizes: dict) -> list[dict]:
+def measured_messages(sizes: dict, prefix: Sequence[str] = (), timed_updates: int = 0
+                      ) -> list[dict]:
     """Per width, with the row exchange off and on: one update's messages, counted by the
-    mpi4py backend on 2 workers."""
+    mpi4py backend on 2 workers (under `prefix`, e.g. `ip netns exec NAME`), and with
+    `timed_updates` its seconds."""
     with common.work_directory("sparse-exchange") as work:
         command = common.worker_command(
             "sparse-exchange", "--vocabulary", sizes["vocabulary"], "--widths", *sizes["widths"],
-            "--length", SEQUENCE_LENGTH, "--out", work, num_workers=MEASURED_WORKERS,
-            launcher="mpirun")
-        common.run_command(command, work / "workers.log",
+            "--length", SEQUENCE_LENGTH, "--timed-updates", timed_updates, "--out", work,
+            num_workers=MEASURED_WORKERS, launcher="mpirun")
+        common.run_command([*prefix, *command], work / "workers.log",
                            extra_env={"DISTACCUM_BACKEND": "mpi"}, timeout=900)
         return common.read_json(work / common.CHIEF_RESULT)
 
@@ -164,8 +173,28 @@ def checks(sizes: dict, windows: dict, messages: list[dict], rows: dict) -> list
     ]
 
 
-def measured_rows(messages: list[dict], rows_sent: list[dict]) -> str:
+def measure(sizes: dict, smoke: bool) -> tuple[str | None, list[dict]]:
+    """(the link the updates were timed on, or None; the measured messages)."""
+    if smoke:
+        return slow_link.SMOKE_LINK, measured_messages(sizes, timed_updates=TIMED_UPDATES["smoke"])
+    link, rate = TIMED_LINK
+    try:
+        with slow_link.rate_limited_namespace(rate) as prefix:
+            return link, measured_messages(sizes, prefix, TIMED_UPDATES["full"])
+    except slow_link.NamespaceUnavailable as reason:
+        print(f"sparse_exchange: updates not timed: {reason}")
+        return None, measured_messages(sizes)
+
+
+def measured_rows(messages: list[dict], rows_sent: list[dict], link: str | None) -> str:
     """The two exchanges as measured on two workers, per width."""
+    def seconds(d, r):
+        if link is None:
+            return ""
+        return (f"; seconds per update at {link}: dense {d['seconds_per_update']:.3f}, rows "
+                f"{r['seconds_per_update']:.3f}, "
+                f"{d['seconds_per_update'] / r['seconds_per_update']:.1f}× faster")
+
     return "Measured on 2 workers (uniform random tokens; a window of 64 reviews × the model's " \
         f"{SEQUENCE_LENGTH} tokens), bytes per rank per update: " + "; ".join(
             f"d = {d['width']}: dense {d['bytes_per_update']:,.0f} B in 1 allreduce, rows "
@@ -173,10 +202,11 @@ def measured_rows(messages: list[dict], rows_sent: list[dict]) -> str:
             f"{' and '.join(f'{u:,}' for u in r['distinct_rows_per_window'])} distinct rows in "
             f"{r['allgathers_per_update']:g} allgather, the rest in {r['allreduces_per_update']:g} "
             f"allreduce), {d['bytes_per_update'] / r['bytes_per_update']:.1f}× fewer"
-            for d, r in zip(messages, rows_sent)) + "."
+            + seconds(d, r) for d, r in zip(messages, rows_sent)) + "."
 
 
-def rows_checks(sizes: dict, messages: list[dict], rows_sent: list[dict]) -> list[dict]:
+def rows_checks(sizes: dict, messages: list[dict], rows_sent: list[dict], link: str | None
+                ) -> list[dict]:
     """The row exchange's bytes against what its rows and the dense message say they are."""
     def agree(m):
         table_bytes = VALUE_BYTES * sizes["vocabulary"] * m["width"]
@@ -199,7 +229,15 @@ def rows_checks(sizes: dict, messages: list[dict], rows_sent: list[dict]) -> lis
                                       for d, r in zip(messages, rows_sent)),
                      all(r["bytes_per_update"] < d["bytes_per_update"]
                          for d, r in zip(messages, rows_sent))),
-    ]
+    ] + ([] if link is None else [
+        common.check(f"sparse exchange, measured on 2 workers at {link}: seconds per update, "
+                     "rows ÷ dense", "< 1", "; ".join(
+                         f"d = {r['width']}: "
+                         f"{r['seconds_per_update'] / d['seconds_per_update']:.3f}"
+                         for d, r in zip(messages, rows_sent)),
+                     None if link == slow_link.SMOKE_LINK else all(
+                         r["seconds_per_update"] < d["seconds_per_update"]
+                         for d, r in zip(messages, rows_sent)))])
 
 
 def plot(sizes: dict, windows: dict, messages: list[dict], rows: dict) -> dict:
@@ -219,7 +257,7 @@ def plot(sizes: dict, windows: dict, messages: list[dict], rows: dict) -> dict:
 def main() -> None:
     args = common.parse_arguments(__doc__, default_repeats=None)
     sizes, windows = (SMOKE, SMOKE_WINDOWS) if args.smoke else (FULL, FULL_WINDOWS)
-    measured = measured_messages(sizes)
+    link, measured = measure(sizes, args.smoke)
     messages = [m for m in measured if not m["row_exchange"]]
     rows_sent = [m for m in measured if m["row_exchange"]]
     rows = {(tokens, s): distinct_rows(sizes["vocabulary"], s, tokens, sizes["samples"])
@@ -229,8 +267,8 @@ def main() -> None:
         "figure": "sparse_exchange", "smoke": args.smoke,
         "title": "9. Sparse exchange: the dense table vs the window's rows",
         "how": __doc__.split("\n\n", 1)[1].strip(),
-        "table": measured_rows(messages, rows_sent) + "\n\n" + table(*figure),
-        "checks": checks(*figure) + rows_checks(sizes, messages, rows_sent),
+        "table": measured_rows(messages, rows_sent, link) + "\n\n" + table(*figure),
+        "checks": checks(*figure) + rows_checks(sizes, messages, rows_sent, link),
         "plots": [plot(*figure)], "messages": messages, "rows_sent": rows_sent,
         "distinct_rows": [{"tokens": tokens, "exponent": s, **rows[tokens, s].as_dict()}
                           for tokens, s in rows],

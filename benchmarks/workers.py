@@ -430,7 +430,8 @@ def sparse_exchange(args) -> None:
     allgather beside it): the mpi4py backend's own counts over a fit of 3 updates minus a fit
     of 1, so what a fit does once drops out (with the rows, after a first fit of 1 update, which
     goes dense); beside `Trainer.allreduce_per_update` and, for the rows, what this rank's
-    windows' distinct tokens should cost."""
+    windows' distinct tokens should cost. With `--timed-updates`, also seconds per update: a fit
+    of 1 + that many updates minus a fit of 1, each exchange right after the other."""
     distaccum.init()
     backend = comm.current()
     if distaccum.num_workers() < 2 or not hasattr(backend, "collective_bytes"):
@@ -467,6 +468,11 @@ def sparse_exchange(args) -> None:
                     for suffix, totals, start in (("s", backend.collective_counts, before[0]),
                                                   ("_bytes", backend.collective_bytes, before[1]))}
             per_update = {name: (sent[3][name] - sent[1][name]) / 2 for name in sent[3]}
+            seconds = {}
+            for updates in (1, 1 + args.timed_updates) if args.timed_updates else ():
+                start = time.perf_counter()
+                trainer.fit(dataset, update_steps=updates, log_interval=10**9)
+                seconds[updates] = time.perf_counter() - start
             results.append({
                 "width": width, "row_exchange": row_exchange, "parameters": model.count_params(),
                 "embedding_parameters": args.vocabulary * width,
@@ -477,6 +483,8 @@ def sparse_exchange(args) -> None:
                 "distinct_rows_per_window": windows_rows,
                 "expected_allgather_bytes": sum(4 + u * (4 + 4 * width) for u in windows_rows) / 2,
                 "trainer_allreduce_per_update": list(trainer.allreduce_per_update),
+                "seconds_per_update": ((seconds[1 + args.timed_updates] - seconds[1])
+                                       / args.timed_updates if seconds else None),
             })
     write_chief(args.out, results)
 
@@ -521,6 +529,8 @@ def parse_arguments() -> argparse.Namespace:
                                             required=True)
     figures["sparse-exchange"].add_argument("--length", type=positive_int, required=True,
                                             help="tokens per sample")
+    figures["sparse-exchange"].add_argument("--timed-updates", type=int, default=0,
+                                            help="updates timed per exchange (0: bytes only)")
     return parser.parse_args()
 
 
