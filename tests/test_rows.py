@@ -60,7 +60,7 @@ def _worker_script():
 
 TEXT = _worker_script()
 LAUNCHES = {
-    "horovodrun": ("horovodrun", ("rows", "dense", "rows-float16"),
+    "horovodrun": ("horovodrun", ("rows", "dense", "rows-float16", "rows-mixed", "dense-mixed"),
                    {"HOROVOD_TIMELINE": "DYNAMIC"}),
     "mpirun-mpi4py": ("mpirun", ("rows", "dense", "rows-xla", "rows-bfloat16"),
                       {"DISTACCUM_BACKEND": "mpi"}),
@@ -184,3 +184,20 @@ def test_horovod_timeline_shows_one_grouped_allgather_per_update_after_the_first
     assert allreduce_bytes(directory / "rows" / "timeline.json")["float32"] == (
         allreduce_bytes(directory / "dense" / "timeline.json")["float32"] + 4 * updates
         - (updates - 1) * table_bytes)
+
+
+@pytest.mark.multiworker
+def test_rows_of_two_normalisers_under_mixed_precision_are_one_group_and_the_dense_bits(text_runs):
+    # Sample weights and an activity regularizer: the embedding has one sum per normaliser, both
+    # gathered in one group with the row counts; float16 compute, loss scaling.
+    directory = text_runs["horovodrun"]
+    got, dense = _ranks(directory / "rows-mixed"), _ranks(directory / "dense-mixed")
+    updates = int(got[0]["iterations"])
+    assert updates == int(dense[0]["iterations"]) > 1
+    for index in range(3):
+        for rank in range(2):
+            np.testing.assert_array_equal(got[rank][f"arr_{index}"], dense[0][f"arr_{index}"])
+    gathered = {name: c for name, c in collective_counts(directory / "rows-mixed" / "timeline.json")
+                .items() if name.startswith("HorovodGroupedAllgather")}
+    assert len(gathered) == 3
+    assert {c["ALLGATHER"] for c in gathered.values()} == {updates - 1}

@@ -2,7 +2,9 @@
 trained once per run named on the command line, each from the same start.
 
 A run's name is `rows` or `dense` (`row_exchange` on or off), then optionally `-<dtype>` (the
-allreduce dtype) and `-xla`. Each rank saves OUT/<run>/rank<r>.npz: final weights, optimizer
+allreduce dtype), `-xla`, and `-mixed`: under `mixed_float16`, with sample weights and an
+activity regularizer on the pooled embedding, so the objective has two normalisers and the
+embedding two sparse sums. Each rank saves OUT/<run>/rank<r>.npz: final weights, optimizer
 iterations, and the mpi4py backend's counts of its collectives and the bytes it sent in them;
 with --timelines, each run under Horovod records OUT/<run>/timeline.json.
 """
@@ -40,6 +42,15 @@ def shard(rank: int):
     return tokens, labels
 
 
+def mixed_model(seed: int) -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([keras.Input((LENGTH,), dtype="int32"),
+                             keras.layers.Embedding(VOCABULARY, WIDTH),
+                             keras.layers.GlobalAveragePooling1D(),
+                             keras.layers.ActivityRegularization(l2=0.01),
+                             keras.layers.Dense(1, dtype="float32")])
+
+
 def optimizer(global_clipnorm=None):
     return keras.optimizers.AdamW(0.05, weight_decay=0.01, global_clipnorm=global_clipnorm)
 
@@ -54,7 +65,7 @@ def main() -> None:
     distaccum.init()
     rank = distaccum.rank()
     tokens, labels = shard(rank)
-    dataset = tf.data.Dataset.from_tensor_slices((tokens, labels)).batch(MICRO_BATCH_SIZE)
+    weights = np.random.default_rng(rank).uniform(0.5, 2.0, len(labels)).astype("float32")
     counts = getattr(comm.current(), "collective_counts", {})
     sent = getattr(comm.current(), "collective_bytes", {})
     for run in args.runs.split(","):
@@ -66,15 +77,20 @@ def main() -> None:
 
             hvd.start_timeline(os.path.join(out, "timeline.json"))
         before, bytes_before = dict(counts), dict(sent)
+        mixed = "mixed" in options
+        keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
         # A different initialisation on every rank: training starts from rank 0's anyway.
-        model = scenarios.text_classifier(VOCABULARY, WIDTH, LENGTH, seed=5 + rank)
+        model = (mixed_model(5 + rank) if mixed
+                 else scenarios.text_classifier(VOCABULARY, WIDTH, LENGTH, seed=5 + rank))
         trainer = distaccum.Trainer(
             model, optimizer(), loss=keras.losses.BinaryCrossentropy(from_logits=True),
             accumulation_steps=K, clip_global_norm=CLIP, row_exchange=exchange == "rows",
-            allreduce_dtype=next((o for o in options if o != "xla"), "float32"),
+            allreduce_dtype=next((o for o in options if o not in ("xla", "mixed")), "float32"),
             jit_compile="xla" in options)
         assert trainer.jit_compile == ("xla" in options), "XLA fell back"
-        trainer.fit(dataset, epochs=EPOCHS)
+        data = (tokens, labels, weights) if mixed else (tokens, labels)
+        trainer.fit(tf.data.Dataset.from_tensor_slices(data).batch(MICRO_BATCH_SIZE),
+                    epochs=EPOCHS)
         if args.timelines:
             hvd.stop_timeline()
         np.savez(os.path.join(out, f"rank{rank}.npz"), *scenarios.weights_of(model),
