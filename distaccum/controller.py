@@ -324,7 +324,8 @@ class Controller:
             part = self._trainer.refusing_part(*bad[2]) if bad[2] is not None else None
             _raise_if_bad(record, bad[:2], origin, part,
                           first_of_run=self._updates_run == 0 and bad[0] == first + 1)
-        _raise_if_bad(record, None)
+        else:  # another worker's report stops this one too
+            _raise_if_bad(record, None)
         return record
 
     def _stored_micro_steps(self, micro_batches: list, first: int):

@@ -88,17 +88,19 @@ def _innermost(error: BaseException, kind: type):
 
 def _named(error: BaseException, kind: type, role: str) -> str:
     """`the metric 'auc' (AUC)`, or `the metrics` when no single one is on the traceback."""
-    found = _innermost(error, kind)
-    if found is None:
-        return f"the {role}s"
-    return f"the {role} {found.name!r} ({type(found).__name__})"
+    return _name(_innermost(error, kind), role)
+
+
+def _name(found, role: str) -> str:
+    return f"the {role}s" if found is None else f"the {role} {found.name!r} ({type(found).__name__})"
 
 
 def _loss(error: BaseException, objective) -> str:
     """`the loss 'focal' (FocalLoss)`; a loss given as a function (a name resolves to one) is
     not on the traceback as an object: then the objective's losses by name."""
-    if _innermost(error, keras.losses.Loss) is not None:
-        return _named(error, keras.losses.Loss, "loss")
+    found = _innermost(error, keras.losses.Loss)
+    if found is not None:
+        return _name(found, "loss")
     names = [getattr(o.loss, "name", None) or getattr(o.loss, "__name__", repr(o.loss))
              for o in objective.losses]
     return f"the loss {', '.join(map(repr, names))}"

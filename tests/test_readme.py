@@ -29,7 +29,14 @@ def test_python_block_runs_as_written_in_one_process(tmp_path, index):
     script = tmp_path / "snippet.py"
     script.write_text(python_blocks()[index])
     completed = run_script("python", script)
-    assert completed.stdout.strip().splitlines()[-1].startswith("["), completed.stdout
+    _assert_learned(completed.stdout.strip().splitlines()[-1])
+
+
+def _assert_learned(printed: str) -> None:
+    """The block prints the validation top-3 accuracy per epoch: it ends far above guessing's
+    0.3 (measured: 0.92 after 5 epochs)."""
+    values = [float(v) for v in printed.strip("[]").split(",")]
+    assert values[-1] >= 0.8 and values[-1] > values[0], printed
 
 
 @pytest.mark.multiworker
@@ -41,6 +48,7 @@ def test_python_block_runs_as_written_under_mpirun(tmp_path, index):
     # Each rank prints the History's values, which count every worker's samples: the same list.
     printed = [line for line in completed.stdout.splitlines() if line.startswith("[")]
     assert len(printed) == 2 and printed[0] == printed[1], completed.stdout
+    _assert_learned(printed[0])
 
 
 @pytest.mark.multiworker
