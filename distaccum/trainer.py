@@ -180,8 +180,8 @@ class Trainer:
     """Owns the micro-step and the update step of data-parallel training with accumulation.
 
     A micro-step runs forward and backward on one micro-batch and adds to this worker's sums; it
-    never communicates. An update step reduces the sums over workers in one grouped allreduce,
-    divides once by the total sample weight, optionally clips by global norm, and applies. So
+    never communicates. An update step reduces the sums over workers in one grouped allreduce
+    (beside which sparse gradient sums may travel as rows, `rows`), divides once by the total sample weight, optionally clips by global norm, and applies. So
     `optimizer.iterations` counts updates and LR schedules see large-batch steps. `fit` runs a
     window as two compiled calls: its first k-1 micro-batches (`micro_steps`), then the update
     step, which trains the last micro-batch itself and adds its gradient on the way into the
@@ -606,7 +606,7 @@ class Trainer:
 
     def _update_step_body(self, votes, last_micro_batch, stored):
         # The only sync point of a window: gradient, loss and weight sums, metric states (and the
-        # votes) in one grouped allreduce.
+        # votes) in one grouped allreduce; sparse sums may go as rows beside it (`rows`).
         sums = self._window_sums(last_micro_batch, stored)
         everything = sums + self._metric_states() + [votes]
         totals = (self.backend.sum_all(everything, "update") if self._rows is None

@@ -60,7 +60,8 @@ def _worker_script():
 
 TEXT = _worker_script()
 LAUNCHES = {
-    "horovodrun": ("horovodrun", ("rows", "dense", "rows-float16", "rows-mixed", "dense-mixed"),
+    "horovodrun": ("horovodrun", ("rows", "dense", "rows-xla", "rows-float16", "rows-mixed",
+                                  "dense-mixed"),
                    {"HOROVOD_TIMELINE": "DYNAMIC"}),
     "mpirun-mpi4py": ("mpirun", ("rows", "dense", "rows-xla", "rows-bfloat16"),
                       {"DISTACCUM_BACKEND": "mpi"}),
@@ -114,8 +115,8 @@ def _windows_rows(rank: int) -> list[int]:
 
 @pytest.mark.multiworker
 @pytest.mark.rounding
-@pytest.mark.parametrize("launch, run", [("horovodrun", "rows"), ("mpirun-mpi4py", "rows"),
-                                         ("mpirun-mpi4py", "rows-xla")])
+@pytest.mark.parametrize("launch, run", [("horovodrun", "rows"), ("horovodrun", "rows-xla"),
+                                         ("mpirun-mpi4py", "rows"), ("mpirun-mpi4py", "rows-xla")])
 def test_rows_take_the_dense_large_batch_step_as_the_dense_exchange_does(text_runs, launch, run):
     _, expected, updates = _reference()
     directory = text_runs[launch]
