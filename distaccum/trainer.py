@@ -181,11 +181,11 @@ class Trainer:
 
     A micro-step runs forward and backward on one micro-batch and adds to this worker's sums; it
     never communicates. An update step reduces the sums over workers in one grouped allreduce
-    (beside which sparse gradient sums may travel as rows, `rows`), divides once by the total sample weight, optionally clips by global norm, and applies. So
-    `optimizer.iterations` counts updates and LR schedules see large-batch steps. `fit` runs a
-    window as two compiled calls: its first k-1 micro-batches (`micro_steps`), then the update
-    step, which trains the last micro-batch itself and adds its gradient on the way into the
-    allreduce.
+    (beside which sparse gradient sums may travel as rows, `rows`), divides once by the total
+    sample weight, optionally clips by global norm, and applies. So `optimizer.iterations` counts
+    updates and LR schedules see large-batch steps. `fit` runs a window as two compiled calls:
+    its first k-1 micro-batches (`micro_steps`), then the update step, which trains the last
+    micro-batch itself and adds its gradient on the way into the allreduce.
 
     Does not own the loop (epochs, windows, when to log or stop): that is the `Controller`, which
     `fit` uses.
