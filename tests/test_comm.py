@@ -89,3 +89,22 @@ def test_gpu_ranks_on_the_mpi4py_backend_are_told_of_horovod_with_nccl(
         "the mpi4py backend sums gradients through host memory (a copy from each GPU and back per "
         "update, no NCCL); on GPUs use Horovod with NCCL: launch/setup.sh --gpu --horovod, then "
         "DISTACCUM_BACKEND=horovod"] if warns else [])
+
+
+def test_trainer_tells_at_start_up_when_its_gpu_ranks_sum_through_host_memory(monkeypatch,
+                                                                              recwarn):
+    # The warning's wiring: `Trainer.prepare` asks with the trainer's own backend (here the
+    # single-process one, named as mpi4py, on a faked GPU).
+    import keras
+    import tensorflow as tf
+
+    import distaccum
+    import scenarios
+
+    x, y, _ = scenarios.make_shard(0, 8, weighted=False)
+    trainer = distaccum.Trainer(scenarios.make_model(), keras.optimizers.SGD(0.1), loss="mse")
+    monkeypatch.setattr(trainer.backend, "name", "mpi")
+    monkeypatch.setattr(tf.config, "list_logical_devices",
+                        lambda kind=None: ["GPU:0"] if kind == "GPU" else [])
+    trainer.fit(scenarios.as_dataset(x, y, None), epochs=1)
+    assert [w for w in recwarn if w.category is comm.HostMemoryWarning]
