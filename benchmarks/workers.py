@@ -430,8 +430,9 @@ def sparse_exchange(args) -> None:
     allgather beside it): the mpi4py backend's own counts over a fit of 3 updates minus a fit
     of 1, so what a fit does once drops out (with the rows, after a first fit of 1 update, which
     goes dense); beside `Trainer.allreduce_per_update` and, for the rows, what this rank's
-    windows' distinct tokens should cost. With `--timed-updates`, also seconds per update: a fit
-    of 1 + that many updates minus a fit of 1, each exchange right after the other."""
+    windows' distinct tokens should cost. With `--timed-updates`, also seconds per update, each
+    time the mean over a fit of that many updates (the window's micro-steps and its update step,
+    as `UpdateClock` sums them), the two exchanges in turn, `--repeats` times."""
     distaccum.init()
     backend = comm.current()
     if distaccum.num_workers() < 2 or not hasattr(backend, "collective_bytes"):
@@ -446,33 +447,37 @@ def sparse_exchange(args) -> None:
     # A fit of 3 updates minus a fit of 1 sees this rank's first and second window once each.
     windows_rows = [np.unique(tokens[i * k * MICRO_BATCH_SIZE:(i + 1) * k * MICRO_BATCH_SIZE]).size
                     for i in range(2)]
+
+    def fit(trainer, updates: int) -> float:
+        """Seconds per update of a fit of `updates`."""
+        clock = UpdateClock()
+        trainer.fit(dataset, update_steps=updates, log_interval=10**9, callbacks=[clock])
+        return (clock.compute_seconds + clock.update_seconds) / updates
+
     results = []
     for width in args.widths:
+        trainers = {}
         for row_exchange in (False, True):
             keras.utils.set_random_seed(0)
             model = keras.Sequential([keras.Input((args.length,), dtype="int32"),
                                       keras.layers.Embedding(args.vocabulary, width),
                                       keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(1)])
-            trainer = distaccum.Trainer(model, keras.optimizers.SGD(0.1),
-                                        loss=keras.losses.BinaryCrossentropy(from_logits=True),
-                                        accumulation_steps=k, row_exchange=row_exchange)
+            trainer = trainers[row_exchange] = distaccum.Trainer(
+                model, keras.optimizers.SGD(0.1),
+                loss=keras.losses.BinaryCrossentropy(from_logits=True), accumulation_steps=k,
+                row_exchange=row_exchange)
             if row_exchange:
-                trainer.fit(dataset, update_steps=1, log_interval=10**9)  # the first goes dense
+                fit(trainer, 1)  # the first update goes dense
             sent = {}
             for updates in (1, 3):
                 before = (dict(backend.collective_counts), dict(backend.collective_bytes))
-                trainer.fit(dataset, update_steps=updates, log_interval=10**9)
+                fit(trainer, updates)
                 sent[updates] = {
                     f"{kind}{suffix}": (totals[kind] - start.get(kind, 0)) for kind in
                     ("allreduce", "allgather")
                     for suffix, totals, start in (("s", backend.collective_counts, before[0]),
                                                   ("_bytes", backend.collective_bytes, before[1]))}
             per_update = {name: (sent[3][name] - sent[1][name]) / 2 for name in sent[3]}
-            seconds = {}
-            for updates in (1, 1 + args.timed_updates) if args.timed_updates else ():
-                start = time.perf_counter()
-                trainer.fit(dataset, update_steps=updates, log_interval=10**9)
-                seconds[updates] = time.perf_counter() - start
             results.append({
                 "width": width, "row_exchange": row_exchange, "parameters": model.count_params(),
                 "embedding_parameters": args.vocabulary * width,
@@ -483,9 +488,12 @@ def sparse_exchange(args) -> None:
                 "distinct_rows_per_window": windows_rows,
                 "expected_allgather_bytes": sum(4 + u * (4 + 4 * width) for u in windows_rows) / 2,
                 "trainer_allreduce_per_update": list(trainer.allreduce_per_update),
-                "seconds_per_update": ((seconds[1 + args.timed_updates] - seconds[1])
-                                       / args.timed_updates if seconds else None),
+                "seconds_per_update": [],
             })
+        timed = {r["row_exchange"]: r["seconds_per_update"] for r in results[-2:]}
+        for _ in range(args.repeats if args.timed_updates else 0):
+            for row_exchange, trainer in trainers.items():
+                timed[row_exchange].append(fit(trainer, args.timed_updates))
     write_chief(args.out, results)
 
 
@@ -531,6 +539,8 @@ def parse_arguments() -> argparse.Namespace:
                                             help="tokens per sample")
     figures["sparse-exchange"].add_argument("--timed-updates", type=int, default=0,
                                             help="updates timed per exchange (0: bytes only)")
+    figures["sparse-exchange"].add_argument("--repeats", type=positive_int, default=1,
+                                            help="timings per exchange")
     return parser.parse_args()
 
 

@@ -13,9 +13,12 @@ The accumulator adds it into a dense sum, and between workers that sum can trave
 
 So rows send fewer bytes when the U rows of all workers satisfy U·(4 + b·D) < 2·b·V·D, b being
 the bytes of a value (`allreduce_dtype`). Every worker must take the same way in the same update,
-and U is known only after the exchange: the previous update's U, summed in its grouped allreduce
-(so the same on every worker), decides, and the first update goes dense. Rows also cost a second
-collective: they are taken only when they save at least `MIN_SAVING_BYTES` per rank.
+and U is known only after the exchange, so recent updates decide: each update's U travels in its
+grouped allreduce (so every worker holds the same), and the U expected next is the largest recent
+one, forgotten by `FORGET` per update. Windows batched by length, which alternate few rows and
+many, thus go as rows only when their larger windows pay too. The first update goes dense. Rows
+also cost a second collective: they are taken only when they save at least `MIN_SAVING_BYTES`
+per rank.
 
 Both ways give the same sum (a row a worker leaves out is zero in its sum); only the order of
 additions differs from the allreduce's, so the two differ by float round-off at most, and on two
@@ -33,6 +36,8 @@ INDEX_BYTES = 4  # int32 row indices: tables of up to 2**31 rows
 # Bytes per rank a row exchange must save over the dense one to be worth its extra collective:
 # about what one more collective's latency (~50 µs) sends on a 10 Gbit/s link.
 MIN_SAVING_BYTES = 1 << 16
+# Per update, the share of the largest recent row count the next update still expects.
+FORGET = 0.9
 
 
 class RowExchange:
@@ -52,10 +57,16 @@ class RowExchange:
         self._shapes = [tf.TensorShape(shapes[i]) for i in self.positions]
         self._dtype = tf.as_dtype(dtype)
         with tf.init_scope():  # created once, outside any traced graph
-            # Every worker's touched rows per sparse sum in the previous update; inf before the
-            # first, which then goes dense.
-            self._previous_rows = tf.Variable(tf.fill([len(self.positions)], math.inf),
-                                              trainable=False, name="previous_rows")
+            # Per sparse sum, the touched rows of every worker expected in the next update; inf
+            # before the first, which then goes dense.
+            self._expected_rows = tf.Variable(tf.fill([len(self.positions)], math.inf),
+                                              trainable=False, name="expected_rows")
+
+    @property
+    def expected_rows(self) -> list[float]:
+        """Per sparse sum, the rows (of all workers) the next update is expected to touch: the
+        largest recent count, less `FORGET` per update since (inf before the first update)."""
+        return [float(v) for v in self._expected_rows.numpy()]
 
     def rows_pay(self, rows: tf.Tensor) -> tf.Tensor:
         """Whether sending `rows` (per sparse sum, all workers' touched rows) saves at least
@@ -69,7 +80,7 @@ class RowExchange:
 
     def sum_all(self, totals: Sequence[tf.Tensor], name: str) -> list[tf.Tensor]:
         """`backend.sum_all(totals, name)`, the sparse sums (at `positions`) as float32 and sent
-        as rows or dense, whichever the previous update's rows say is fewer bytes."""
+        as rows or dense, whichever the expected rows say is fewer bytes."""
         totals = list(totals)
         touched = tf.stack([rows_touched(totals[i]) for i in self.positions])
 
@@ -89,8 +100,9 @@ class RowExchange:
             return [next(tables) if i in self.positions else next(sums)
                     for i in range(len(totals))] + [rows]
 
-        *sums, rows = tf.cond(self.rows_pay(self._previous_rows), as_rows, dense)
-        self._previous_rows.assign(rows)
+        *sums, rows = tf.cond(self.rows_pay(self._expected_rows), as_rows, dense)
+        recent = tf.where(tf.math.is_inf(self._expected_rows), 0.0, self._expected_rows)
+        self._expected_rows.assign(tf.maximum(rows, FORGET * recent))
         return sums
 
 

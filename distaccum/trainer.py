@@ -226,7 +226,7 @@ class Trainer:
             model XLA cannot compile trains without it, with one warning naming the op.
         row_exchange: send a sparse gradient's sum (an `Embedding`'s) between workers as the
             rows the window touched, with their indices, whenever that is fewer bytes than the
-            dense table, decided each update from the previous one's rows (see `rows`); the sum
+            dense table, decided each update from recent updates' rows (see `rows`); the sum
             is the same either way. False: always dense, one collective per update.
     """
 

@@ -51,6 +51,21 @@ def test_rows_pay_exactly_when_they_save_the_minimum_bytes():
         assert bool(exchange.rows_pay(tf.constant([touched], tf.float32))) == pays, touched
 
 
+def test_expected_rows_are_the_largest_recent_count_forgotten_by_a_tenth_per_update():
+    # Through the single-process backend, whose collectives are the identity: each update's
+    # own rows. Windows batched by length alternate few rows and many: the many decide.
+    exchange = rows.RowExchange(comm.SingleProcessBackend(), [True], [[1000, 8]], tf.float32)
+    assert exchange.expected_rows == [np.inf]  # before the first update: dense
+    expected = []
+    for touched in (10, 500, 10, 10, 600):
+        total = np.zeros((1000, 8), np.float32)
+        total[:touched, 3] = 1.0
+        [summed] = exchange.sum_all([tf.constant(total)], "update")
+        np.testing.assert_array_equal(summed.numpy(), total)
+        expected.append(exchange.expected_rows[0])
+    np.testing.assert_allclose(expected, [10, 500, 450, 405, 600], rtol=1e-6)
+
+
 def _worker_script():
     spec = importlib.util.spec_from_file_location("train_rows", WORKERS_DIR / "train_rows.py")
     module = importlib.util.module_from_spec(spec)
