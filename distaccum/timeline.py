@@ -4,12 +4,20 @@ The timeline is a Chrome trace with one "process" row per tensor name; each coll
 tensor opens a top-level activity such as `ALLREDUCE` or `BROADCAST`, whose end records the
 tensor's dtype and shape. Counting those is the proof that distaccum communicates once per update
 and never on micro-steps; their sizes, of how many bytes an update sends.
+
+Begin and end events do not always pair up. Horovod writes an end event whatever its own record
+of the tensor's state says: a negotiation that a response-cache hit ends on every rank in one
+cycle gets its end without a begin, and so does an activity already under way when a dynamic
+timeline (`hvd.start_timeline`) opens its file; one still open when the file closes keeps its
+begin alone. The readers here never pair events by nesting: a collective is counted by its
+begin, its size read from the end that carries a dtype and shape (only a top-level activity's
+end does).
 """
 
 from __future__ import annotations
 
 import json
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +26,26 @@ COLLECTIVES = ("ALLREDUCE", "BROADCAST", "ALLGATHER", "ALLTOALL", "REDUCESCATTER
 
 
 def load_events(path: str | Path) -> list[dict]:
-    """The trace's events; tolerates the unterminated array Horovod leaves while still running."""
+    """The trace's events, also while Horovod is still writing it.
+
+    A finished timeline is one JSON array. A running one may be empty, lack the closing `]`, or
+    end inside the event being written: that event is left out.
+    """
     text = Path(path).read_text().rstrip().rstrip(",")
-    if not text.endswith("]"):
-        text += "]"
-    return json.loads(text)
+    if not text:
+        return []
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        failure = error
+    # An event holds at most one object (its args): at most two cuts back to a complete event.
+    for _ in range(3):
+        try:
+            return json.loads(text + "]")
+        except json.JSONDecodeError:
+            cut = text.rfind("}", 0, len(text) - 1)
+            text = text[:cut + 1] if cut >= 0 else text[:1]  # no event complete: "[" alone
+    raise failure
 
 
 def collective_counts(path: str | Path) -> dict[str, Counter]:
@@ -46,16 +69,16 @@ def collective_counts(path: str | Path) -> dict[str, Counter]:
 
 def allreduce_bytes(path: str | Path) -> Counter:
     """Bytes allreduced over the whole timeline, by dtype name (`{"float32": n, ...}`): each
-    `ALLREDUCE` activity counts its tensor's size once."""
-    open_activities: dict[int, list[str]] = defaultdict(list)
+    `ALLREDUCE` activity counts its tensor's size once, read from its end event (the end on its
+    row that carries a dtype and shape after an `ALLREDUCE` began there)."""
+    top_level: dict[int, str] = {}
     sent: Counter = Counter()
     for event in load_events(path):
-        if event.get("ph") == "B":
-            open_activities[event["pid"]].append(event.get("name"))
-        elif event.get("ph") == "E":
-            name = open_activities[event["pid"]].pop()
-            details = event.get("args", {})
-            if name == "ALLREDUCE" and "dtype" in details:
+        if event.get("ph") == "B" and event.get("name") in COLLECTIVES:
+            top_level[event["pid"]] = event["name"]
+        elif event.get("ph") == "E" and "dtype" in event.get("args", {}):
+            details = event["args"]
+            if top_level.pop(event["pid"], None) == "ALLREDUCE":
                 shape = json.loads(details["shape"])
                 sent[details["dtype"]] += int(np.prod(shape)) * np.dtype(details["dtype"]).itemsize
     return sent
