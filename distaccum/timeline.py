@@ -5,13 +5,12 @@ tensor opens a top-level activity such as `ALLREDUCE` or `BROADCAST`, whose end 
 tensor's dtype and shape. Counting those is the proof that distaccum communicates once per update
 and never on micro-steps; their sizes, of how many bytes an update sends.
 
-Begin and end events do not always pair up. Horovod writes an end event whatever its own record
-of the tensor's state says: a negotiation that a response-cache hit ends on every rank in one
-cycle gets its end without a begin, and so does an activity already under way when a dynamic
-timeline (`hvd.start_timeline`) opens its file; one still open when the file closes keeps its
-begin alone. The readers here never pair events by nesting: a collective is counted by its
-begin, its size read from the end that carries a dtype and shape (only a top-level activity's
-end does).
+Begin and end events do not always pair up. Horovod writes each end whatever its own record of
+the tensor's state says (the asserts that would check it are compiled out), and that record
+outlives a dynamic timeline's file (`hvd.start_timeline`, `hvd.stop_timeline`): a test saw a
+rows run's timeline hold an end with no begin on its row, 1 run in 3. The readers here never
+pair events by nesting: a collective is counted by its begin, its size read from the end that
+carries a dtype and shape (only a top-level activity's end does).
 """
 
 from __future__ import annotations

@@ -1,10 +1,13 @@
 """launch/setup.sh's two variants, cpu and gpu, as a dry run prints them: what each installs and
-how each builds Horovod (the GPU build itself is measured in docs/design.md, not in the suite)."""
+how each builds Horovod (the GPU build itself is measured in docs/design.md, not in the suite);
+and the bytecode set-up compiles, which every process loads where it may not write its own."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
+import sys
 
 import pytest
 
@@ -53,3 +56,18 @@ def test_setup_refuses_unknown_variant_with_one_line():
     assert completed.stderr.strip() == (
         "launch/setup.sh: error: DISTACCUM_VARIANT must be cpu or gpu. Received: "
         "DISTACCUM_VARIANT='tpu'")
+
+
+def test_tensorflow_keras_and_distaccum_load_from_bytecode_when_python_may_not_write_it():
+    # As in the pods (read-only root filesystem) and wherever PYTHONDONTWRITEBYTECODE=1: every
+    # module the import loads from the venv or distaccum/ comes from a .pyc set-up compiled.
+    completed = subprocess.run(
+        [sys.executable, "-v", "-c", "import tensorflow, keras, horovod.tensorflow, distaccum"],
+        capture_output=True, text=True, timeout=300, cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    loaded = re.findall(r"^# code object from (.+)$", completed.stderr, re.MULTILINE)
+    from_source = [path for path in loaded if not path.startswith("'")]
+    assert len(loaded) > 1000  # TensorFlow's and Keras's modules, from wherever they came
+    ours = (str(REPO_ROOT / ".venv"), str(REPO_ROOT / "distaccum"))
+    assert [path for path in from_source if path.startswith(ours)] == []

@@ -9,7 +9,7 @@ from distaccum.timeline import allreduce_bytes, collective_counts, load_events
 
 GRADIENTS, WEIGHTS = 1, 2
 EVENTS = [
-    # A negotiation that a response-cache hit ended before this timeline saw it begin.
+    # Ends with no begin on their row, as Horovod can write them (distaccum/timeline.py).
     {"ph": "E", "ts": 1, "pid": GRADIENTS},
     {"ph": "B", "name": "NEGOTIATE_ALLREDUCE", "ts": 2, "pid": GRADIENTS},
     {"ph": "X", "name": "0", "ts": 2, "pid": GRADIENTS, "dur": 0},
@@ -17,7 +17,7 @@ EVENTS = [
     {"ph": "B", "name": "ALLREDUCE", "ts": 4, "pid": GRADIENTS},
     {"ph": "B", "name": "GLOO_ALLREDUCE", "ts": 5, "pid": GRADIENTS},
     {"ph": "E", "ts": 6, "pid": GRADIENTS},
-    # An activity's end whose begin was never written, inside the allreduce.
+    # One more inside the allreduce.
     {"ph": "E", "ts": 7, "pid": GRADIENTS},
     {"ph": "E", "ts": 8, "pid": GRADIENTS, "args": {"dtype": "float32", "shape": "[10, 4]"}},
     {"ph": "B", "name": "BROADCAST", "ts": 9, "pid": WEIGHTS},
