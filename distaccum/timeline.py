@@ -7,10 +7,12 @@ and never on micro-steps; their sizes, of how many bytes an update sends.
 
 Begin and end events do not always pair up. Horovod writes each end whatever its own record of
 the tensor's state says (the asserts that would check it are compiled out), and that record
-outlives a dynamic timeline's file (`hvd.start_timeline`, `hvd.stop_timeline`): a test saw a
-rows run's timeline hold an end with no begin on its row, 1 run in 3. The readers here never
-pair events by nesting: a collective is counted by its begin, its size read from the end that
-carries a dtype and shape (only a top-level activity's end does).
+outlives a dynamic timeline's file (`hvd.start_timeline`, `hvd.stop_timeline`, which only rank 0
+obeys). When another rank starts the next run first, rank 0 begins negotiating that run's
+start-up broadcast while still writing the previous run's file: the negotiation's begin lands in
+one file, its end in the next (1 launch of 10 of the rows test, 2026-12-05). The readers here
+never pair events by nesting: a collective is counted by its begin, its size read from the end
+that carries a dtype and shape (only a top-level activity's end does).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from distaccum.timeline import allreduce_bytes, collective_counts, load_events
 
 GRADIENTS, WEIGHTS = 1, 2
 EVENTS = [
-    # Ends with no begin on their row, as Horovod can write them (distaccum/timeline.py).
+    # The end of a negotiation that began in the previous file (distaccum/timeline.py).
     {"ph": "E", "ts": 1, "pid": GRADIENTS},
     {"ph": "B", "name": "NEGOTIATE_ALLREDUCE", "ts": 2, "pid": GRADIENTS},
     {"ph": "X", "name": "0", "ts": 2, "pid": GRADIENTS, "dur": 0},
@@ -17,14 +17,14 @@ EVENTS = [
     {"ph": "B", "name": "ALLREDUCE", "ts": 4, "pid": GRADIENTS},
     {"ph": "B", "name": "GLOO_ALLREDUCE", "ts": 5, "pid": GRADIENTS},
     {"ph": "E", "ts": 6, "pid": GRADIENTS},
-    # One more inside the allreduce.
+    # Another end with no begin, inside the allreduce.
     {"ph": "E", "ts": 7, "pid": GRADIENTS},
     {"ph": "E", "ts": 8, "pid": GRADIENTS, "args": {"dtype": "float32", "shape": "[10, 4]"}},
     {"ph": "B", "name": "BROADCAST", "ts": 9, "pid": WEIGHTS},
     {"ph": "E", "ts": 10, "pid": WEIGHTS, "args": {"dtype": "float32", "shape": "[3]"}},
     {"ph": "B", "name": "ALLREDUCE", "ts": 11, "pid": WEIGHTS},
     {"ph": "E", "ts": 12, "pid": WEIGHTS, "args": {"dtype": "float16", "shape": "[3]"}},
-    # Still under way when the file closed: its begin alone.
+    # Still under way when the file closed: its begin alone, its end in the next file.
     {"ph": "B", "name": "ALLREDUCE", "ts": 13, "pid": GRADIENTS},
 ]
 NAMES = {GRADIENTS: "HorovodGroupedAllreduce_gradients_0", WEIGHTS: "weights"}
