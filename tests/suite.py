@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -111,7 +112,7 @@ class Outcome:
         return self.reported and not self.failed and self.exit_code in (0, 5)
 
 
-def test_id(case: ElementTree.Element) -> str:
+def pytest_id(case: ElementTree.Element) -> str:
     """A JUnit test case's pytest id (`tests/test_x.py::TestClass::test_y[case]`)."""
     path, name = case.get("file"), case.get("name", "")
     if not path:  # a collection error: its classname is empty and its name the module
@@ -128,9 +129,9 @@ def read_report(outcome: Outcome, path: Path) -> None:
     for case in ElementTree.parse(path).getroot().iter("testcase"):
         results = {child.tag for child in case}
         if "failure" in results:
-            outcome.failed.append(f"FAILED {test_id(case)}")
+            outcome.failed.append(f"FAILED {pytest_id(case)}")
         elif "error" in results:
-            outcome.failed.append(f"ERROR {test_id(case)}")
+            outcome.failed.append(f"ERROR {pytest_id(case)}")
         elif "skipped" in results:
             outcome.skipped += 1
         else:
@@ -141,8 +142,10 @@ def read_report(outcome: Outcome, path: Path) -> None:
 def run_part(part: Part, pytest_arguments: list[str], report_dir: Path) -> Outcome:
     """Run one part to its end (its own output goes straight to the console)."""
     report = report_dir / f"{part.name.replace(' ', '-')}.xml"
-    print(f"\n=== {part.name}: pytest -m {part.markers!r}"
-          + "".join(f" {key}={value}" for key, value in part.env.items()), flush=True)
+    # The part's header: the command that runs it again alone.
+    settings = "".join(f"{key}={shlex.quote(value)} " for key, value in part.env.items())
+    print(f"\n=== {part.name}: {settings}pytest -m {shlex.quote(part.markers)} "
+          f"{shlex.join(part.options)}", flush=True)
     started = time.monotonic()
     exit_code = subprocess.call(
         [sys.executable, "-m", "pytest", "-m", part.markers, *part.options,

@@ -60,11 +60,21 @@ fi
 mount -t tmpfs -o mode=0755 tmpfs /opt
 mkdir -p /opt/distaccum/.venv
 mount --move /home/venv /opt/distaccum/.venv
+# A checkout under /tmp, which the pod's emptyDir below hides, stays at its own path: the venv's
+# scripts name their interpreter there.
+if [ -n "$CHECKOUT_IN_TMP" ]; then
+  mkdir /home/checkout
+  mount --bind "$CHECKOUT_IN_TMP" /home/checkout
+fi
 for target in $(findmnt -rn -o TARGET); do  # (a mount under one of ours is out of reach)
   case "$target" in /proc|/proc/*|/sys|/sys/*|/dev|/dev/*) continue ;; esac
   if [ -e "$target" ]; then mount -o remount,bind,ro "$target"; fi
 done
 mount -t tmpfs -o mode=1777 tmpfs /tmp
+if [ -n "$CHECKOUT_IN_TMP" ]; then
+  mkdir -p "$CHECKOUT_IN_TMP"
+  mount --no-mtab --move /home/checkout "$CHECKOUT_IN_TMP"  # (/run/mount is read-only now)
+fi
 mount -t tmpfs -o mode=0777 tmpfs /home/data
 cd /
 as_mpiuser() {
@@ -120,7 +130,9 @@ def _locked_down_pod(tmp_path: Path, secret: str, script: str, job_files: dict[s
     env = {"PATH": os.environ["PATH"], "SRC": str(source), "PORT": str(_free_port()),
            "SECRET_MODE": f"{mode:o}", "SECRET_GROUP": str(group), "USER_ID": str(k8s.USER_ID),
            "VENV": sys.prefix,
-           "HIDDEN": hidden, "HIDDEN_CHILD": hidden_child, **variables}
+           "HIDDEN": hidden, "HIDDEN_CHILD": hidden_child,
+           "CHECKOUT_IN_TMP": str(REPO_ROOT) if REPO_ROOT.is_relative_to("/tmp") else "",
+           **variables}
     return subprocess.run(["unshare", "--mount", "--propagation", "private", "--pid", "--fork",
                            "--mount-proc", "--kill-child", "bash", "-c", POD + script],
                           env=env, capture_output=True, text=True, timeout=timeout)

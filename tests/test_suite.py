@@ -102,7 +102,8 @@ def test_every_part_runs_and_every_failure_is_listed_when_each_part_breaks(tmp_p
     lines = output.splitlines()
     headers = [i for i, line in enumerate(lines) if line.startswith("=== ")]
     assert [lines[i].split(":")[0] for i in headers] == [
-        "=== single-process", "=== other kernels", "=== multi-worker", "=== the test command's parts"]
+        "=== single-process", "=== other kernels", "=== multi-worker",
+        "=== the test command's parts"]
     assert lines[headers[1] - 2].startswith("1 failed, 3 passed in ")
     assert lines[headers[2] - 2].startswith("1 failed, 1 passed in ")
     # Then each part's counts, every failure by id and part, and the totals.
