@@ -184,9 +184,15 @@ def summary(outcomes: list[Outcome]) -> str:
 
 
 def main(pytest_arguments: list[str]) -> int:
+    outcomes: list[Outcome] = []
     with tempfile.TemporaryDirectory(prefix="distaccum-suite-") as report_dir:
-        outcomes = [run_part(part, pytest_arguments, Path(report_dir))
-                    for part in parts(cpu_flags())]
+        try:
+            for part in parts(cpu_flags()):
+                outcomes.append(run_part(part, pytest_arguments, Path(report_dir)))
+        except KeyboardInterrupt:  # Ctrl-C: pytest stopped too; say what ran, run nothing more
+            print(summary(outcomes) + "\ninterrupted: the parts after these did not run",
+                  flush=True)
+            return 130
     print(summary(outcomes), flush=True)
     return 0 if all(outcome.ok for outcome in outcomes) else 1
 
