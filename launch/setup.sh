@@ -47,6 +47,10 @@ requirement="-e $repo_root[$variant,test,benchmarks]"
 # requires the `tensorflow` distribution, which would put a second TensorFlow over tensorflow-cpu;
 # the variant's TensorFlow is the one it needs, so it is installed without its dependencies.
 keras2_requirement="tf-keras==2.21.0"
+# KerasHub, for the tests' real backbones: its metadata requires tensorflow-text, which requires
+# the `tensorflow` distribution (a second TensorFlow over tensorflow-cpu), and it imports without
+# it. Installed without its dependencies; the ones it imports are pinned in the `test` extra.
+kerashub_requirement="keras-hub==0.32.0"
 # checkov pins packaging and termcolor below what TensorFlow takes (a dry run into .venv/ would
 # downgrade both): it gets a venv of its own, which the tests find at this path.
 checkov_requirement="checkov==3.3.30"
@@ -68,6 +72,7 @@ if [ "$dry_run" = 1 ]; then
   echo "venv: $venv"
   echo "install: $requirement"
   echo "install without dependencies: $keras2_requirement"
+  echo "install without dependencies: $kerashub_requirement"
   echo "install into $checkov_venv: $checkov_requirement"
   echo "compile: the bytecode of every installed package and of $repo_root/distaccum"
   "$python_bin" -c "import sys, tomllib
@@ -119,7 +124,7 @@ if ! ready .distaccum-setup distaccum; then
   fi
   # shellcheck disable=SC2086 # the requirement is "-e PATH[extras]", two words
   "${uv[@]}" "setuptools>=77" wheel $requirement
-  "${uv[@]}" --no-deps "$keras2_requirement"
+  "${uv[@]}" --no-deps "$keras2_requirement" "$kerashub_requirement"
   compile_bytecode "$py" "$(site_packages "$py")" "$repo_root/distaccum"
   echo "$stamp" > "$venv/.distaccum-setup"
 fi

@@ -47,6 +47,8 @@ def test_cpu_setup_installs_cpu_tensorflow_and_builds_horovod_without_cuda_by_de
     assert "tensorflow: tensorflow-cpu==2.21.0" in completed.stdout
     # Keras 2 for the peers benchmark, without its `tensorflow` requirement (a second TensorFlow).
     assert "install without dependencies: tf-keras==2.21.0" in completed.stdout
+    # KerasHub for the tests, without tensorflow-text's `tensorflow` requirement likewise.
+    assert "install without dependencies: keras-hub==0.32.0" in completed.stdout
     assert "NCCL" not in completed.stdout and "CUDA" not in completed.stdout
 
 
