@@ -9,7 +9,6 @@ import pytest
 import distaccum
 import kerashub_models as hub
 import scenarios
-from conftest import WORKERS_DIR, run_script
 
 
 @pytest.mark.rounding
@@ -29,20 +28,19 @@ def test_kerashub_model_takes_the_dense_large_batch_step_when_accumulated(case):
 
 @pytest.mark.rounding
 @pytest.mark.multiworker
-def test_kerashub_models_take_the_dense_large_batch_step_when_two_workers_have_uneven_shards(
-        tmp_path):
-    # One mpirun launch trains every case; rank 0 holds 3 micro-batches, rank 1 holds 2.
-    run_script("mpirun", WORKERS_DIR / "train_kerashub.py", "--out", str(tmp_path),
-               extra_env={"DISTACCUM_BACKEND": "mpi"})
-    for case, (name, lora, make_data, reduction) in hub.CASES.items():
-        data = make_data()
-        reference = hub.build(name, lora)
-        start = hub.flat(reference.trainable_variables)
-        steps = hub.dense_large_batch_steps(reference, hub.loss(reduction),
-                                            [hub.shard(data, part) for part in hub.SHARDS])
-        for rank in range(2):
-            saved = np.load(tmp_path / case / f"rank{rank}.npz")
-            assert int(saved["iterations"]) == steps == 4, (case, rank)
-            trained = [saved[f"arr_{i}"] for i in range(len(reference.trainable_variables))]
-            assert hub.distance(trained, reference.trainable_variables,
-                                start) <= hub.TOLERANCE, (case, rank)
+@pytest.mark.parametrize("case", hub.CASES)
+def test_kerashub_model_takes_the_dense_large_batch_step_when_two_workers_have_uneven_shards(
+        keras_models_run, case):
+    # Trained in the shared 2-worker launch (tests/workers/train_keras_models.py, horovodrun):
+    # rank 0 holds 3 micro-batches, rank 1 holds 2.
+    name, lora, make_data, reduction = hub.CASES[case]
+    data = make_data()
+    reference = hub.build(name, lora)
+    start = hub.flat(reference.trainable_variables)
+    steps = hub.dense_large_batch_steps(reference, hub.loss(reduction),
+                                        [hub.shard(data, part) for part in hub.SHARDS])
+    for rank in range(2):
+        saved = np.load(keras_models_run / f"rank{rank}_{case}.npz")
+        assert int(saved["iterations"]) == steps == 4, rank
+        trained = [saved[f"arr_{i}"] for i in range(len(reference.trainable_variables))]
+        assert hub.distance(trained, reference.trainable_variables, start) <= hub.TOLERANCE, rank

@@ -2,8 +2,9 @@
 shard, all in one launch.
 
 First each exactness case of `keras_models`: each rank saves OUT/rank<r>_<case>.npz (final weights,
-optimizer iterations and, under mixed_float16, the loss scale). Then three trainings of the
-binary model, each saving OUT/<phase>_rank<r>.json:
+optimizer iterations and, under mixed_float16, the loss scale); then each KerasHub case of
+`kerashub_models`, likewise OUT/rank<r>_<case>.npz. Then three trainings of the binary model,
+each saving OUT/<phase>_rank<r>.json:
   metrics    learning rate 0, one epoch: the logged metrics over every worker's samples
   callbacks  EarlyStopping, ModelCheckpoint, CSVLogger and ReduceLROnPlateau, up to 6 epochs
   one_rank   a callback on rank 1 only sets model.stop_training after update 3
@@ -21,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import keras  # noqa: E402
 
 import distaccum  # noqa: E402
+import kerashub_models as hub  # noqa: E402
 import keras_models as cases  # noqa: E402
 
 parser = argparse.ArgumentParser()
@@ -44,6 +46,16 @@ for case in cases.MULTIWORKER_CASES:
              *[v.numpy() for v in model.trainable_variables],
              iterations=int(trainer.optimizer.iterations), **extra)
     keras.mixed_precision.set_global_policy("float32")
+
+for case, (name, lora, make_data, reduction) in hub.CASES.items():
+    model = hub.build(name, lora, seed=1 + rank)
+    trainer = distaccum.Trainer(model, hub.optimizer(), loss=hub.loss(reduction),
+                                accumulation_steps=hub.K)
+    shard = hub.shard(make_data(), hub.SHARDS[rank])
+    trainer.fit(cases.as_dataset(*shard, hub.MICRO_BATCH_SIZE), epochs=hub.EPOCHS)
+    np.savez(os.path.join(args.out, f"rank{rank}_{case}.npz"),
+             *[v.numpy() for v in model.trainable_variables],
+             iterations=int(trainer.optimizer.iterations))
 
 
 training = cases.as_dataset(*cases.binary_data(rank, cases.SHARD_SIZES[rank]))
