@@ -1,17 +1,19 @@
 """The accumulation math, with no communication in it.
 
-The gradient applied at an update is that of the sample-weighted mean loss over every sample of
-the window on every worker:
+The gradient applied at an update is that of the loss over every sample of the window on every
+worker, a ratio of sums (`objective`: the numerator sums weighted losses, the divisor is what
+the loss's reduction divides by, e.g. the count of loss elements or the sample weights' sum):
 
-    L = sum_i(w_i * l_i) / sum_i(w_i)      =>      dL/dθ = sum_i(w_i * dl_i/dθ) / sum_i(w_i)
+    L = sum_i(w_i * l_i) / sum_i(d_i)      =>      dL/dθ = sum_i(w_i * dl_i/dθ) / sum_i(d_i)
 
-So each micro-step adds the gradient of the *unnormalised* sum `sum(w * l)` and the weight sum
-`sum(w)`; after those sums are added up over workers, one division gives the exact gradient. A mean
-of micro-batch means would over-weight small (ragged) micro-batches; a plain sum would scale the
-step with k and with the number of workers.
+So each micro-step adds the gradient of the *unnormalised* sum `sum(w * l)` and its divisor's
+part `sum(d)`; after those sums are added up over workers, one division gives the exact gradient.
+A mean of micro-batch means would over-weight small (ragged) micro-batches; a plain sum would
+scale the step with k and with the number of workers (unless the loss is itself a sum: the
+`UNDIVIDED` normaliser, divided by 1 once per window).
 
-An objective with several such ratios (`objective`: per-element weights on one output, layers'
-added losses beside weighted data losses) keeps one gradient sum per distinct denominator
+An objective with several such ratios (outputs under different reductions, masks, layers' added
+losses beside weighted data losses) keeps one gradient sum per distinct denominator
 ("normaliser") and divides each by its own; in the common case there is one.
 """
 
@@ -21,6 +23,9 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import tensorflow as tf
+
+# The normaliser of losses reduced by `sum`: Keras's loss on the window is the sum itself.
+UNDIVIDED = "sum"
 
 
 def mean_gradients(gradient_sums: Sequence[Sequence[tf.Tensor]], divisors: Sequence[tf.Tensor]
@@ -35,6 +40,11 @@ def mean_gradients(gradient_sums: Sequence[Sequence[tf.Tensor]], divisors: Seque
         for sums, divisor in zip(gradient_sums, divisors)
     ]
     return [tf.add_n(list(parts)) if len(parts) > 1 else parts[0] for parts in zip(*per_normaliser)]
+
+
+def window_divisors(divisors: Sequence[tf.Tensor], undivided: Sequence[bool]) -> list[tf.Tensor]:
+    """The summed divisors as the window divides by them: 1 for `UNDIVIDED` normalisers."""
+    return [tf.ones_like(d) if plain else d for d, plain in zip(divisors, undivided)]
 
 
 def objective_value(numerators: Sequence[tf.Tensor], divisors: Sequence[tf.Tensor]) -> tf.Tensor:
@@ -145,13 +155,15 @@ class GradientAccumulator:
             for total, value in zip(values[len(gradients):], _statistics_of(last))]
 
     def split(self, totals: Sequence[tf.Tensor]):
-        """`totals()` (or their reduction) as (gradient sums per normaliser, numerators, divisors,
-        sample count)."""
+        """`totals()` (or their reduction) as (gradient sums per normaliser, numerators, the
+        divisors the window divides by, sample count)."""
         count = len(self.normalisers)
         variables = len(self._gradient_sums[0])
         gradients = [list(totals[i * variables:(i + 1) * variables]) for i in range(count)]
         statistics = list(totals[count * variables:])
-        return gradients, statistics[:count], statistics[count:2 * count], statistics[-1]
+        divisors = window_divisors(statistics[count:2 * count],
+                                   [n == UNDIVIDED for n in self.normalisers])
+        return gradients, statistics[:count], divisors, statistics[-1]
 
 
 def _statistics_of(sums: MicroBatchSums) -> list:

@@ -349,9 +349,9 @@ class Controller:
         self._updates_run += 1
         keras_callbacks.notify(callbacks, "on_update", record)
         self._interval.append(record)
-        weight = float(record.result.weight_sum)
-        self._epoch_loss[0] += float(record.result.window_loss) * weight
-        self._epoch_loss[1] += weight
+        samples = float(record.result.sample_count)
+        self._epoch_loss[0] += float(record.result.window_loss) * samples
+        self._epoch_loss[1] += samples
         if bool(record.result.skipped):
             history.skipped_updates += 1
             self._consecutive_skips += 1
@@ -379,13 +379,13 @@ class Controller:
         records, self._interval = self._interval, []
         now = time.perf_counter()
         seconds, self._interval_started = now - self._interval_started, now
-        loss_sum, weight_sum, samples = weighted_totals([r.result for r in records])
+        loss_sum, samples = weighted_totals([r.result for r in records])
         last = records[-1]
         keras_callbacks.notify(callbacks, "on_log", IntervalRecord(
             update_step=last.update_step,
             total_update_steps=total_updates,
             epoch=last.epoch,
-            loss=weighted_mean(loss_sum, weight_sum),
+            loss=weighted_mean(loss_sum, samples),
             samples=samples,
             samples_per_second=samples / seconds if seconds > 0 else 0.0,
             gradient_norm=float(last.result.gradient_norm),
@@ -398,8 +398,8 @@ class Controller:
 
     def _end_epoch(self, epoch: int, records, validation_dataset, history: History,
                    callbacks) -> None:
-        loss_sum, weight_sum, samples = weighted_totals([r.result for r in records])
-        logs = {"loss": weighted_mean(loss_sum, weight_sum), **self._trainer.metric_results()}
+        loss_sum, samples = weighted_totals([r.result for r in records])
+        logs = {"loss": weighted_mean(loss_sum, samples), **self._trainer.metric_results()}
         if validation_dataset is not None:
             logs.update({f"val_{k}": v for k, v in self._trainer.evaluate(validation_dataset).items()})
         history.update_steps += len(records)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import keras
 import tensorflow as tf
+from keras.src.losses.losses import LossFunctionWrapper  # how Keras wraps a loss function
 
 from distaccum.records import ModelDataMismatch, one_line
 
@@ -96,9 +97,12 @@ def _name(found, role: str) -> str:
 
 
 def _loss(error: BaseException, objective) -> str:
-    """`the loss 'focal' (FocalLoss)`; a loss given as a function (a name resolves to one) is
-    not on the traceback as an object: then the objective's losses by name."""
+    """`the loss 'focal' (FocalLoss)`; a loss given as a function (a name resolves to one) by
+    its name alone (Keras wraps it in its `LossFunctionWrapper`); a loss not on the traceback as
+    an object: the objective's losses by name."""
     found = _innermost(error, keras.losses.Loss)
+    if type(found) is LossFunctionWrapper:
+        return f"the loss {found.name!r}"
     if found is not None:
         return _name(found, "loss")
     names = [getattr(o.loss, "name", None) or getattr(o.loss, "__name__", repr(o.loss))

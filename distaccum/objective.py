@@ -1,21 +1,29 @@
 """The objective: what one update minimises, written as ratios of sums so that it accumulates exactly.
 
-Over the samples of an update window on every worker (Keras's loss on that concatenated batch):
+Over the samples of an update window on every worker, the loss is Keras's on that concatenated
+batch, each output's under its own loss's `reduction`:
 
-    L =  Σ_i λ_i · Σ w·l_i / Σ w      one data loss per model output i, loss weight λ_i; w are the
-                                      sample weights (times class weights, times Keras masks),
-                                      per sample or per element (a `[batch, time]` padding mask)
-      +  Σ_b a_b · n_b / Σ n_b        losses layers add while called (`add_loss`, activity
-                                      regularizers): Keras makes them means over the batch (n_b
-                                      samples), so their large-batch value is this sample-weighted
-                                      mean; exact for such means and for constants
-      +  R(θ)                         weight regularizers (`model.losses` from `kernel_regularizer`
-                                      and the like): they depend on no sample, so they count once
-                                      per update, never once per micro-step or per worker
+    L =  Σ_i λ_i · Σ w·l_i / D_i     one data loss per model output i, loss weight λ_i; w are the
+                                     sample weights (class weights included) times Keras's mask,
+                                     l_i the unreduced loss, D_i what its reduction divides by:
+           sum_over_batch_size, mean   the count of loss elements in the window (with a Keras
+                                       mask: its valid elements, as `apply_mask` rescales them)
+           mean_with_sample_weight     Σ w as given (`[batch, 1]` weights on a `[batch, time]`
+                                       loss sum over the batch only); the count when unweighted
+           sum                         1: nothing
+      +  Σ_b a_b · n_b / Σ n_b       losses layers add while called (`add_loss`, activity
+                                     regularizers): Keras makes them means over the batch (n_b
+                                     samples), so their large-batch value is this sample-weighted
+                                     mean; exact for such means and for constants
+      +  R(θ)                        weight regularizers (`model.losses` from `kernel_regularizer`
+                                     and the like): they depend on no sample, so they count once
+                                     per update, never once per micro-step or per worker
 
 Every ratio's numerator and denominator are sums over samples: each micro-step adds them up per
-*normaliser* (terms that share a denominator share one gradient sum), the update step sums them
-over workers and divides once. R is differentiated once, in the update step.
+*normaliser* (terms that share a denominator share one gradient sum, and each gradient sum is a
+full copy of the weights), the update step sums them over workers and divides once. R is
+differentiated once, in the update step. Where micro-batches differ in shape (sequences padded to
+other lengths), no concatenated batch exists: the count of loss elements is then the window's.
 
 Owns which loss goes with which output, with which weight and which normaliser, and saying when
 the model makes training inexact (BatchNormalization). Does not own the sums (`accumulate`) nor
@@ -30,12 +38,19 @@ from typing import Callable, Mapping, Sequence
 
 import keras
 import tensorflow as tf
+from keras.src.losses.loss import squeeze_or_expand_to_same_rank  # Keras's own shape rule
+from keras.src.trainers.compile_utils import get_loss  # Keras's own loss resolution (compile's)
 
 from distaccum import comm
+from distaccum.accumulate import UNDIVIDED
 
-# Normalisers (denominators) by name; data losses with per-element weights get one per output.
-SAMPLES = "samples"  # the sample count: unweighted data losses and layers' added losses
-SAMPLE_WEIGHT = "sample_weight"  # Σ w over samples: data losses with per-sample weights
+# Normalisers (denominators) by name; the others are one per output (`data_term`).
+SAMPLES = "samples"  # the sample count: unreduced losses of a fixed size per sample, added losses
+SAMPLE_WEIGHT = "sample_weight"  # Σ w as given: mean_with_sample_weight, one weight for all outputs
+MEAN_REDUCTIONS = ("sum_over_batch_size", "mean")
+REDUCTIONS = (*MEAN_REDUCTIONS, "mean_with_sample_weight", "sum")
+# Keras chooses among its cross-entropies by the labels' shape, so these resolve per call.
+_RESOLVED_BY_LABELS = ("crossentropy", "ce")
 
 
 @dataclass(frozen=True)
@@ -49,7 +64,8 @@ class OutputLoss:
 
 @dataclass(frozen=True)
 class Term:
-    """One micro-batch's contribution to a ratio of the objective: Σ numerator / Σ divisor."""
+    """One micro-batch's contribution to a ratio of the objective: Σ numerator / Σ divisor
+    (divided by nothing under the `UNDIVIDED` normaliser)."""
 
     normaliser: str
     numerator: tf.Tensor
@@ -57,14 +73,25 @@ class Term:
 
 
 def _resolve_loss(loss, output: str):
-    if isinstance(loss, str):
-        try:
-            return keras.losses.get(loss)
-        except ValueError:
-            raise ValueError(f"unknown Keras loss for output {output!r}. Received: loss={loss!r}") from None
-    if loss is not None and not callable(loss):
+    """The Keras `Loss` `compile` makes of `loss` (a function gets Keras's default reduction),
+    or the name itself for the cross-entropy Keras picks by the labels."""
+    if loss is None:
+        return None
+    if isinstance(loss, str) and loss.lower() in _RESOLVED_BY_LABELS:
+        return loss
+    if not isinstance(loss, str) and not callable(loss):
         raise TypeError(f"loss must be a Keras loss, its name or a function. Received: loss={loss!r}")
-    return loss
+    try:
+        resolved = get_loss(loss, None, None)
+    except ValueError:
+        raise ValueError(f"unknown Keras loss for output {output!r}. Received: loss={loss!r}") from None
+    if resolved.reduction not in REDUCTIONS:
+        raise ValueError(
+            f"loss {resolved.name!r} for output {output!r} has reduction={resolved.reduction!r}, "
+            "which leaves nothing to minimise: pass the unreduced function (Keras's default "
+            f"reduction) or a reduction among {', '.join(REDUCTIONS)}. "
+            f"Received: reduction={resolved.reduction!r}")
+    return resolved
 
 
 def _per_output(values, names: Sequence[str], what: str) -> list:
@@ -93,8 +120,8 @@ def output_names(model: keras.Model) -> list[str]:
 def resolve_losses(model: keras.Model, loss, loss_weights=None) -> list[OutputLoss]:
     """One `OutputLoss` per output that has a loss, as `model.compile(loss=, loss_weights=)` says.
 
-    `loss` is a Keras loss object, a loss name, a function `(y_true, y_pred) -> per-sample values`,
-    or a list (output order) or dict (by output name) of those; `None` for an output means it is
+    `loss` is a Keras loss object (its `reduction` is kept), a loss name, a function `(y_true,
+    y_pred) -> unreduced values` (with Keras's default reduction, as `compile` wraps it), or a list (output order) or dict (by output name) of those; `None` for an output means it is
     not trained on.
     """
     names = output_names(model)
@@ -115,30 +142,35 @@ def resolve_losses(model: keras.Model, loss, loss_weights=None) -> list[OutputLo
     return resolved
 
 
-def unreduced_loss(loss: Callable, y_true, y_pred) -> tf.Tensor:
-    """The loss per sample (`[batch]`) or per element (`[batch, time, ...]`), as float32.
+def unreduced_loss(loss, y_true, y_pred) -> tuple[tf.Tensor, tf.Tensor | None]:
+    """The loss per sample (`[batch]`) or per element (`[batch, time, ...]`) as float32, and the
+    Keras mask that applies to it (the prediction's and the loss's own, as `Loss.__call__` merges
+    them), or None.
 
     Keras `Loss` objects are asked for `Loss.call`, their unreduced values, after the same dtype
-    conversion `Loss.__call__` does; a function such as `keras.losses.mean_squared_error` already
-    returns unreduced values.
+    conversion `Loss.__call__` does.
     """
-    if isinstance(loss, keras.losses.Loss):
-        y_true = tf.nest.map_structure(lambda t: tf.cast(t, loss.dtype), y_true)
-        y_pred = tf.nest.map_structure(lambda t: tf.cast(t, loss.dtype), y_pred)
-        values = loss.call(y_true, y_pred)
-    else:
-        values = loss(y_true, y_pred)
+    loss = get_loss(loss, y_true, y_pred)
+    in_mask = getattr(y_pred, "_keras_mask", None)
+    y_true = tf.nest.map_structure(lambda t: tf.cast(t, loss.dtype), y_true)
+    y_pred = tf.nest.map_structure(lambda t: tf.cast(t, loss.dtype), y_pred)
+    values = loss.call(y_true, y_pred)
+    out_mask = getattr(values, "_keras_mask", None)
+    masks = [m for m in (in_mask, out_mask) if m is not None]
+    mask = None if not masks else masks[0] if len(masks) == 1 else masks[0] & masks[1]
     values = tf.cast(tf.convert_to_tensor(values), tf.float32)
     if values.shape.rank == 0:
         raise ValueError(
             "the loss returned one number per batch; distaccum needs one per sample. "
             f"Pass a keras.losses.Loss object or an unreduced loss function. Received: loss={loss!r}"
         )
-    return values
+    return values, mask
 
 
 def _as_loss_rank(weight: tf.Tensor, values: tf.Tensor, output: str) -> tf.Tensor:
-    """`weight` with trailing axes dropped (size 1) or added so it broadcasts like the loss."""
+    """`weight` as Keras's rule left it, with trailing axes dropped (size 1) or added where
+    Keras's rule stops (a `[batch]` weight on a `[batch, time]` loss weighs as `[batch, 1]`), so
+    it broadcasts like the loss; one error naming both shapes where it cannot."""
     while weight.shape.rank > values.shape.rank and weight.shape[-1] == 1:
         weight = tf.squeeze(weight, -1)
     while weight.shape.rank < values.shape.rank:
@@ -156,37 +188,53 @@ def _as_loss_rank(weight: tf.Tensor, values: tf.Tensor, output: str) -> tf.Tenso
     return weight
 
 
-def data_term(output_loss: OutputLoss, y_true, y_pred, sample_weight, per_output_weights: bool) -> Term:
-    """One output's Σ λ·w·l and Σ w over a micro-batch.
+def _merged(weight, other, output: str):
+    """`weight` times `other` (a mask, or the loss values) after Keras's rank rule: what
+    `reduce_weighted_values` multiplies. Returns (the product's weight, the other as shaped)."""
+    other, weight = squeeze_or_expand_to_same_rank(other, weight)
+    return _as_loss_rank(weight, other, output), other
 
-    With per-sample weights (or none) a sample's loss is the mean over its elements (time steps,
-    pixels), as in Keras's mean over the batch; with per-element weights or a Keras mask, each
-    element counts with its own weight and the denominator sums them.
+
+def data_term(output_loss: OutputLoss, y_true, y_pred, sample_weight, shared_weights: bool,
+              ragged: set) -> Term:
+    """One output's λ·Σ w·l over a micro-batch and the sum its reduction divides by (module
+    docstring), merging mask and weights as Keras's `reduce_weighted_values` does.
+
+    `shared_weights`: one sample weight for every output (their Σ w is then one normaliser).
+    `ragged`: outputs whose loss has been traced without a fixed size per sample (added to here);
+    their element count is a normaliser of its own, the others' is the sample count times it.
     """
-    values = unreduced_loss(output_loss.loss, y_true, y_pred)
-    mask = getattr(y_pred, "_keras_mask", None)
+    loss = get_loss(output_loss.loss, y_true, y_pred)
+    values, mask = unreduced_loss(loss, y_true, y_pred)
+    name = output_loss.output
     weight = None if sample_weight is None else tf.cast(sample_weight, tf.float32)
     if mask is not None:
-        mask = _as_loss_rank(tf.cast(mask, tf.float32), values, output_loss.output)
-        weight = mask if weight is None else mask * _as_loss_rank(weight, values, output_loss.output)
-    if weight is not None:
-        weight = _as_loss_rank(weight, values, output_loss.output)
-    per_element = weight is not None and values.shape.rank > 1 and (
-        mask is not None or any(size != 1 for size in weight.shape[1:]))
-    if per_element:
-        weight = tf.broadcast_to(weight, tf.shape(values))
-        normaliser = f"element_weight:{output_loss.output}"
-    else:
-        if values.shape.rank > 1:
-            values = tf.reduce_mean(values, axis=list(range(1, values.shape.rank)))
+        mask = tf.cast(mask, tf.float32)
         if weight is None:
-            weight = tf.ones_like(values)
-            normaliser = SAMPLES
+            weight = mask
         else:
-            weight = tf.reshape(weight, tf.shape(values))
-            normaliser = f"{SAMPLE_WEIGHT}:{output_loss.output}" if per_output_weights else SAMPLE_WEIGHT
-    numerator = output_loss.weight * tf.reduce_sum(values * weight)
-    return Term(normaliser, numerator, tf.reduce_sum(weight))
+            weight, mask = _merged(weight, mask, name)
+            weight = weight * mask
+    if weight is not None:
+        weight, values = _merged(weight, values, name)
+        values = values * weight
+    numerator = output_loss.weight * tf.reduce_sum(values)
+    if loss.reduction == "sum":
+        return Term(UNDIVIDED, numerator, tf.zeros([]))
+    if loss.reduction in MEAN_REDUCTIONS and mask is not None:
+        # apply_mask: valid elements weigh (mask size / valid) and the mean divides by the loss
+        # size, over the window's batch: Σ w·l · (mask size / loss size) / Σ valid.
+        ratio = tf.cast(tf.size(mask), tf.float32) / tf.cast(tf.size(values), tf.float32)
+        return Term(f"mask:{name}", numerator * ratio, tf.reduce_sum(mask))
+    if loss.reduction == "mean_with_sample_weight" and weight is not None:
+        normaliser = SAMPLE_WEIGHT if shared_weights and mask is None else f"{SAMPLE_WEIGHT}:{name}"
+        return Term(normaliser, numerator, tf.reduce_sum(weight))
+    per_sample = values.shape[1:]
+    if per_sample.is_fully_defined() and name not in ragged:
+        return Term(SAMPLES, numerator / per_sample.num_elements(),
+                    tf.cast(tf.shape(values)[0], tf.float32))
+    ragged.add(name)
+    return Term(f"elements:{name}", numerator, tf.cast(tf.size(values), tf.float32))
 
 
 def weight_regularizers(model: keras.Model) -> list:
@@ -222,6 +270,9 @@ class Objective:
         self.model = model
         self.losses = list(losses)
         self._names = output_names(model)
+        # Outputs traced with a loss of no fixed size per sample: they keep their own element
+        # count in every later trace (a stand-in of known shapes must not change the sums).
+        self._ragged: set[str] = set()
 
     def terms(self, y_true, y_pred, sample_weight, batch_size: tf.Tensor) -> list[Term]:
         """The micro-batch's terms, merged by normaliser in a fixed order (call after the forward
@@ -232,7 +283,7 @@ class Objective:
         weights = dict(zip(self._names, _per_output(sample_weight, self._names, "sample_weight")))
         terms = [
             data_term(output_loss, y_true[output_loss.output], y_pred[output_loss.output],
-                      weights[output_loss.output], per_output)
+                      weights[output_loss.output], not per_output, self._ragged)
             for output_loss in self.losses
         ]
         added = added_losses(self.model)

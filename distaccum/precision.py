@@ -16,6 +16,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from distaccum.accumulate import UNDIVIDED
+
 
 def with_loss_scaling(model: keras.Model, optimizer):
     """The optimizer, in a `LossScaleOptimizer` when the model computes in float16 (as Keras's
@@ -38,7 +40,8 @@ def loss_scale(optimizer):
 def large_batch_divisors(terms, batch_size, window_samples) -> list[tf.Tensor]:
     """Each term's divisor in Keras's step on the whole window, estimated from one micro-batch:
     its divisor per sample (the mean sample weight, or elements per sample) times
-    `window_samples`, the samples of a full window on every worker.
+    `window_samples`, the samples of a full window on every worker; 1 for a loss reduced by
+    `sum`, which Keras divides by nothing.
 
     Why: a micro-step differentiates each sum divided by a float32 factor in float16 and
     multiplies back in float32. Dividing by this estimate makes every float16 value (the
@@ -52,7 +55,8 @@ def large_batch_divisors(terms, batch_size, window_samples) -> list[tf.Tensor]:
     count = tf.cast(tf.maximum(batch_size, 1), tf.float32)
     window = tf.cast(window_samples, tf.float32)
     # An all-zero-weight micro-batch adds nothing: any positive factor does.
-    return [tf.where(term.divisor > 0, term.divisor / count * window, window) for term in terms]
+    return [tf.constant(1.0) if term.normaliser == UNDIVIDED
+            else tf.where(term.divisor > 0, term.divisor / count * window, window) for term in terms]
 
 
 def times(gradient, factor):

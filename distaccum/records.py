@@ -81,7 +81,8 @@ class UpdateRecord:
 class IntervalRecord:
     """Handed to `callback.on_log` every `log_interval` updates (and after the last update).
 
-    Loss is the sample-weighted mean over every sample of the interval on every worker; metrics
+    Loss is the mean of the interval's window losses, each weighing its samples (on every worker),
+    as Keras's `fit` averages its batches' losses; metrics
     are the running values of the epoch over every worker's samples.
     """
 
@@ -119,7 +120,8 @@ class History(keras.callbacks.History):
 
     @property
     def loss(self) -> list[float]:
-        """Per epoch, the sample-weighted mean training loss over all workers."""
+        """Per epoch, the training loss over all workers: its windows' losses, each weighing its
+        samples (as Keras's `fit` weighs its batches)."""
         return list(self.history.get("loss", []))
 
     @property
@@ -130,21 +132,18 @@ class History(keras.callbacks.History):
                 for i in range(len(self.loss))]
 
 
-def weighted_totals(results: Sequence) -> tuple[float, float, int]:
-    """(weighted loss sum, weight sum, sample count) over `UpdateResult`s, read once: each
-    window's loss weighs as much as its samples' weights."""
+def weighted_totals(results: Sequence) -> tuple[float, int]:
+    """(Σ window loss × its samples, sample count) over `UpdateResult`s, read once: each window's
+    loss weighs as many samples as it has, as each batch's does in the loss Keras's `fit`
+    reports for an epoch."""
     if not results:
-        return 0.0, 0.0, 0
-    loss_sum = float(tf.add_n([r.window_loss * r.weight_sum for r in results]))
-    weight_sum, samples = (
-        float(tf.add_n([getattr(r, name) for r in results]))
-        for name in ("weight_sum", "sample_count")
-    )
-    return loss_sum, weight_sum, int(samples)
+        return 0.0, 0
+    loss_sum = float(tf.add_n([r.window_loss * r.sample_count for r in results]))
+    return loss_sum, int(tf.add_n([r.sample_count for r in results]))
 
 
-def weighted_mean(loss_sum: float, weight_sum: float) -> float:
-    return loss_sum / weight_sum if weight_sum else 0.0
+def weighted_mean(loss_sum: float, samples: float) -> float:
+    return loss_sum / samples if samples else 0.0
 
 
 def one_line(error: Exception) -> str:

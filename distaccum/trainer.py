@@ -20,10 +20,12 @@ import tensorflow as tf
 from distaccum import comm, data, diagnosis, precision, rows
 from distaccum.config import ALLREDUCE_DTYPES, accumulation_steps_for
 from distaccum.accumulate import (
+    UNDIVIDED,
     GradientAccumulator,
     MicroBatchSums,
     mean_gradients,
     objective_value,
+    window_divisors,
 )
 from distaccum.controller import CadenceOptions, Controller
 from distaccum.metrics import GlobalMetrics
@@ -85,9 +87,6 @@ class UpdateResult:
     Attributes:
         window_loss: the objective over the window's samples on all workers (data losses, added
             losses and weight regularization, as Keras's loss on that batch).
-        weight_sum: the first output's normaliser over the same samples (the sum of their
-            sample weights; their count when unweighted): how much the window weighs when losses
-            are averaged over several updates.
         sample_count: number of those samples.
         gradient_norm: global norm of the reduced gradient, before clipping.
         skipped: true when the reduced gradient was not finite on some worker's window, so no
@@ -100,7 +99,6 @@ class UpdateResult:
     """
 
     window_loss: tf.Tensor
-    weight_sum: tf.Tensor
     sample_count: tf.Tensor
     gradient_norm: tf.Tensor
     skipped: tf.Tensor
@@ -408,17 +406,12 @@ class Trainer:
         if self.metrics is not None:
             self.metrics.build(self.model, element_spec)
         # Tracing on the dataset's spec (batch axis unknown) finds the objective's normalisers
-        # and creates the sums; every micro-batch size, the ragged tail's too, runs these graphs.
+        # (before XLA's stand-in, whose sizes are all known) and creates the sums; every
+        # micro-batch size, the ragged tail's too, runs these graphs.
         micro_batch = data.unpack(element_spec)
-        if self.jit_compile:
-            self._check_xla_compiles(micro_batch)
-        try:
-            for first in (True, False):
-                self._micro_step.get_concrete_function(*micro_batch, first)
-        except (ValueError, TypeError) as error:  # Keras's shape checks, while tracing
-            stand_in = _stand_in(micro_batch, self.micro_batch_size)
-            raise diagnosis.mismatch(self.refusing_part(*stand_in), error,
-                                     diagnosis.DATA_SHAPES, traced=True) from error
+        self._trace_micro_step(micro_batch)
+        if self.jit_compile and not self._check_xla_compiles(micro_batch):
+            self._trace_micro_step(micro_batch)
         if self.accumulation_steps > 2:  # fit's windows: k - 1 micro-batches in one call
             self._micro_steps.get_concrete_function(_stacked_spec(micro_batch), True)
         votes = tf.TensorSpec([2 + self.backend.num_workers()], tf.float32)
@@ -433,17 +426,26 @@ class Trainer:
                 "exact (allreduce_dtype=float32 is exact)", InexactWarning, stacklevel=3)
         self.broadcast_from_chief()
 
-    def _check_xla_compiles(self, micro_batch) -> None:
-        """Compile a micro-step for XLA, running nothing. An op XLA has no kernel for (a
-        `tf.numpy_function`, a string op) turns XLA off, with one warning naming it; any other
-        error is left for the first step to raise, where it names the micro-batch."""
+    def _trace_micro_step(self, micro_batch) -> None:
+        try:
+            for first in (True, False):
+                self._micro_step.get_concrete_function(*micro_batch, first)
+        except (ValueError, TypeError) as error:  # Keras's shape checks, while tracing
+            stand_in = _stand_in(micro_batch, self.micro_batch_size)
+            raise diagnosis.mismatch(self.refusing_part(*stand_in), error,
+                                     diagnosis.DATA_SHAPES, traced=True) from error
+
+    def _check_xla_compiles(self, micro_batch) -> bool:
+        """Compile a micro-step for XLA, running nothing; whether XLA stays on. An op XLA has no
+        kernel for (a `tf.numpy_function`, a string op) turns XLA off, with one warning naming
+        it; any other error is left for the first step to raise, where it names the micro-batch."""
         try:
             self._micro_step.experimental_get_compiler_ir(
                 *_stand_in(micro_batch, self.micro_batch_size), True)(stage="hlo")
         except (ValueError, tf.errors.OpError) as error:
             message = str(error)
             if "XLA" not in message:
-                return
+                return True
             # "... on XLA_CPU_JIT: PyFunc (No registered 'PyFunc' OpKernel ... {{node a/b/PyFunc}}"
             unsupported = re.search(r"on XLA_\w+: (\w+) \(.*?\{\{node ([^}]+)\}\}", message)
             reason = (f"it has no kernel for op {unsupported[1]} (in {unsupported[2]})"
@@ -452,6 +454,8 @@ class Trainer:
             warnings.warn(XLAWarning(f"jit_compile: training without XLA, which cannot compile "
                                      f"this model: {reason}"), stacklevel=4)
             self._compile_steps(False)
+            return False
+        return True
 
     @property
     def state_variables(self) -> list:
@@ -656,7 +660,7 @@ class Trainer:
             )
         tf.cond(cancelled, lambda: tf.constant(False), lambda: precision.apply(
             self.optimizer, gradients, self.model.trainable_variables, finite, scale))
-        return (window_loss, divisors[0], sample_count, gradient_norm, tf.logical_not(finite),
+        return (window_loss, sample_count, gradient_norm, tf.logical_not(finite),
                 votes[0], votes[1], votes[2:])
 
     def _as_sent(self, totals: list[tf.Tensor]) -> list[tf.Tensor]:
@@ -694,8 +698,8 @@ class Trainer:
         with comm.collective("validation"):
             [totals, *metric_states] = self.backend.sum_all(
                 [totals] + self._metric_states(), "validation")
-        numerators, divisors = tf.split(totals, 2)
-        loss = objective_value(tf.unstack(numerators), tf.unstack(divisors))
+        numerators, divisors, undivided = (tf.unstack(t) for t in tf.split(totals, 3))
+        loss = objective_value(numerators, window_divisors(divisors, [float(u) > 0 for u in undivided]))
         results = {"loss": float(loss + self.objective.regularization())}
         if self.metrics is not None:
             results.update(self.metrics.evaluation_results(metric_states))
@@ -707,7 +711,8 @@ class Trainer:
         terms = self.objective.terms(y, y_pred, sample_weight, batch_size)
         if self.metrics is not None:
             self.metrics.update(y, y_pred, sample_weight)
-        return tf.stack([t.numerator for t in terms] + [t.divisor for t in terms])
+        return tf.stack([t.numerator for t in terms] + [t.divisor for t in terms]
+                        + [float(t.normaliser == UNDIVIDED) for t in terms])
 
     def fit(
         self,

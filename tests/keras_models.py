@@ -156,17 +156,7 @@ micro_batches = scenarios.split_micro_batches
 as_dataset = scenarios.as_dataset
 
 
-def windows(shards_micro_batches, k: int, epochs: int):
-    """Each window's micro-batches of every worker, concatenated, `(x, y, w or None)`, epoch after
-    epoch (window rule: micro-batches u*k … u*k+k-1)."""
-    count = math.ceil(max(len(m) for m in shards_micro_batches) / k)
-    for _ in range(epochs):
-        for u in range(count):
-            parts = [b for shard in shards_micro_batches for b in shard[u * k:u * k + k]]
-            x, y = (tf.nest.map_structure(lambda *p: np.concatenate(p), *[p[i] for p in parts])
-                    for i in (0, 1))
-            w = None if parts[0][2] is None else np.concatenate([p[2] for p in parts])
-            yield x, y, w
+windows = scenarios.windows
 
 
 def keras_reference(model: keras.Model, shards_micro_batches, k: int, epochs: int, **train_options

@@ -106,12 +106,14 @@ def write_record_files(directory, sizes, x, y, w) -> RecordSet:
     return RecordSet(str(directory / "part-*.tfrecord"), tuple(paths), as_objects, x, y, w)
 
 
+def take(values, part: slice):
+    """Samples `part` of an array, or of a dict of arrays by output (None stays None)."""
+    return None if values is None else tf.nest.map_structure(lambda v: v[part], values)
+
+
 def split_micro_batches(x, y, w, micro_batch_size: int = MICRO_BATCH_SIZE) -> list[tuple]:
     """`(x, y, w)` cut into micro-batches; each may be an array or a dict of arrays by output."""
-    def take(values, i):
-        return tf.nest.map_structure(lambda v: v[i : i + micro_batch_size], values)
-
-    return [(take(x, i), take(y, i), None if w is None else take(w, i))
+    return [tuple(take(values, slice(i, i + micro_batch_size)) for values in (x, y, w))
             for i in range(0, len(tf.nest.flatten(x)[0]), micro_batch_size)]
 
 
@@ -120,34 +122,51 @@ def as_dataset(x, y, w, micro_batch_size: int = MICRO_BATCH_SIZE) -> tf.data.Dat
     return tf.data.Dataset.from_tensor_slices(tensors).batch(micro_batch_size)
 
 
+def windows(shards_micro_batches, k: int, epochs: int):
+    """Each window's micro-batches of every worker, concatenated, `(x, y, w or None)`, epoch after
+    epoch (window rule: micro-batches u*k … u*k+k-1)."""
+    count = math.ceil(max(len(m) for m in shards_micro_batches) / k)
+    for _ in range(epochs):
+        for u in range(count):
+            parts = [b for shard in shards_micro_batches for b in shard[u * k:u * k + k]]
+            x, y, w = (None if parts[0][i] is None else tf.nest.map_structure(
+                lambda *p: np.concatenate(p), *[p[i] for p in parts]) for i in (0, 1, 2))
+            yield x, y, w
+
+
 def reference_training(
     model, optimizer, loss, shards_micro_batches, k: int, epochs: int, densify: bool = False
 ) -> int:
-    """Large-batch training by the window definition; returns the number of updates applied.
+    """Large-batch training by the window definition: Keras's `loss` (a `Loss` object), under its
+    own reduction, on each window's concatenated batch, one optimizer step per window. Returns
+    the number of updates applied.
 
     `densify` hands the optimizer dense gradients, as distaccum does for sparse ones: Keras's
     sparse path (lazy moments, squares of per-occurrence pieces for repeated ids) is not a
     function of the gradient alone.
     """
-    summed_loss = loss.__class__(**{**loss.get_config(), "reduction": "sum"})
-    windows = math.ceil(max(len(m) for m in shards_micro_batches) / k)
     updates = 0
-    for _ in range(epochs):
-        for u in range(windows):
-            parts = [b for shard in shards_micro_batches for b in shard[u * k : u * k + k]]
-            x = np.concatenate([p[0] for p in parts])
-            y = np.concatenate([p[1] for p in parts])
-            w = np.concatenate(
-                [np.ones(len(p[0]), "float32") if p[2] is None else p[2] for p in parts]
-            )
-            with tf.GradientTape() as tape:
-                batch_loss = summed_loss(y, model(x, training=True), sample_weight=w) / w.sum()
-            gradients = tape.gradient(batch_loss, model.trainable_variables)
-            if densify:
-                gradients = [tf.convert_to_tensor(g) for g in gradients]
-            optimizer.apply_gradients(zip(gradients, model.trainable_variables))
-            updates += 1
+    for x, y, w in windows(shards_micro_batches, k, epochs):
+        with tf.GradientTape() as tape:
+            batch_loss = loss(y, model(x, training=True), sample_weight=w)
+        gradients = tape.gradient(batch_loss, model.trainable_variables)
+        if densify:
+            gradients = [tf.convert_to_tensor(g) for g in gradients]
+        optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+        updates += 1
     return updates
+
+
+def flat(variables) -> np.ndarray:
+    """Weights (variables or arrays) as one vector."""
+    return np.concatenate([np.asarray(v).ravel() for v in variables])
+
+
+def distance(trained, reference, start: np.ndarray) -> float:
+    """How far `trained`'s weights are from `reference`'s, as a share of how far the reference
+    moved from `start` (`flat` weights): the error of a training against its oracle."""
+    moved = flat(reference) - start
+    return float(np.linalg.norm(flat(trained) - flat(reference)) / np.linalg.norm(moved))
 
 
 def weights_of(model) -> list[np.ndarray]:

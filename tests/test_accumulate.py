@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from distaccum.accumulate import GradientAccumulator, MicroBatchSums, mean_gradients
-from distaccum.objective import OutputLoss, data_term, unreduced_loss
+from distaccum.objective import OutputLoss, data_term, resolve_losses, unreduced_loss
 
 Y_TRUE = np.array([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0]], "float32")
 Y_PRED = np.array([[0.2, 0.8], [0.6, 0.4], [0.3, 0.7]], "float32")
@@ -22,9 +22,9 @@ Y_PRED = np.array([[0.2, 0.8], [0.6, 0.4], [0.3, 0.7]], "float32")
 )
 def test_unreduced_loss_ignores_reduction_when_loss_object_reduces(loss_class, reduction):
     expected = loss_class(reduction=None)(Y_TRUE, Y_PRED).numpy()
-    got = unreduced_loss(loss_class(reduction=reduction), Y_TRUE, Y_PRED).numpy()
-    assert got.shape == (3,)
-    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    got, mask = unreduced_loss(loss_class(reduction=reduction), Y_TRUE, Y_PRED)
+    assert got.shape == (3,) and mask is None
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-6)
 
 
 @pytest.mark.rounding
@@ -32,29 +32,68 @@ def test_unreduced_loss_casts_integer_labels_when_sparse_crossentropy():
     labels = np.array([1, 0, 0], "int64")
     loss = keras.losses.SparseCategoricalCrossentropy()
     expected = -np.log(Y_PRED[np.arange(3), labels])
-    np.testing.assert_allclose(unreduced_loss(loss, labels, Y_PRED).numpy(), expected, rtol=1e-5)
+    np.testing.assert_allclose(unreduced_loss(loss, labels, Y_PRED)[0].numpy(), expected, rtol=1e-5)
+
+
+# A `[2, 3]` loss: mean squared errors 1, 0, 1 and 4, 9, 16 (their sum 31).
+Y_SEQUENCE, PREDICTED_SEQUENCE = (np.ones((2, 3, 1), "float32"),
+                                  np.arange(6, dtype="float32").reshape(2, 3, 1))
+PER_SAMPLE = np.array([1.0, 2.0], "float32")  # Σ w·l = 2 + 2 * 29 = 60
+PER_ELEMENT = np.array([[1, 1, 0], [1, 0, 0]], "float32")  # Σ w·l = 1 + 0 + 4 = 5
+
+
+def _term(reduction, weights, loss_weight=1.0):
+    loss = keras.losses.MeanSquaredError(reduction=reduction)
+    return data_term(OutputLoss("out", loss, loss_weight), Y_SEQUENCE, PREDICTED_SEQUENCE,
+                     weights, shared_weights=True, ragged=set())
 
 
 @pytest.mark.rounding
-def test_data_term_averages_extra_axes_when_weights_are_per_sample():
-    y_true = np.ones((2, 3, 1), "float32")
-    y_pred = np.arange(6, dtype="float32").reshape(2, 3, 1)
-    weights = np.array([1.0, 2.0], "float32")
-    term = data_term(OutputLoss("out", keras.losses.mean_squared_error, 0.5), y_true, y_pred,
-                     weights, per_output_weights=False)
-    assert term.normaliser == "sample_weight"
-    assert float(term.numerator) == pytest.approx(0.5 * (np.mean([1, 0, 1]) + 2 * np.mean([4, 9, 16])))
-    assert float(term.divisor) == 3.0
+@pytest.mark.parametrize("reduction, weights, normaliser, ratio", [
+    # Keras's default divides by the 6 loss elements, weighted or not: the sample count (2)
+    # divides a numerator already divided by each sample's 3 elements.
+    ("sum_over_batch_size", None, "samples", (31 / 3, 2)),
+    ("sum_over_batch_size", PER_SAMPLE, "samples", (60 / 3, 2)),
+    ("mean", PER_ELEMENT, "samples", (5 / 3, 2)),
+    # Σ w as given: a `[batch]` weight on a `[batch, time]` loss sums over the batch only.
+    ("mean_with_sample_weight", PER_SAMPLE, "sample_weight", (60, 3)),
+    ("mean_with_sample_weight", PER_ELEMENT, "sample_weight", (5, 3)),
+    ("mean_with_sample_weight", None, "samples", (31 / 3, 2)),
+    # `sum` divides by nothing: no divisor accumulates.
+    ("sum", PER_SAMPLE, "sum", (60, 0)),
+], ids=["default", "default_weighted", "mean_per_element", "weighted_mean_per_sample",
+        "weighted_mean_per_element", "weighted_mean_unweighted", "sum"])
+def test_data_term_is_the_reductions_numerator_and_divisor(reduction, weights, normaliser, ratio):
+    term = _term(reduction, weights, loss_weight=0.5)
+    assert term.normaliser == normaliser
+    assert float(term.numerator) == pytest.approx(0.5 * ratio[0])
+    assert float(term.divisor) == ratio[1]
+    keras_value = keras.losses.MeanSquaredError(reduction=reduction)(
+        Y_SEQUENCE, PREDICTED_SEQUENCE, None if weights is None else
+        (weights[:, None] if weights.ndim == 1 else weights))
+    assert float(term.numerator) / (float(term.divisor) or 1) == pytest.approx(
+        0.5 * float(keras_value))
 
 
-def test_data_term_weighs_each_element_when_weights_are_per_element():
-    y_true = np.ones((2, 3, 1), "float32")
-    y_pred = np.arange(6, dtype="float32").reshape(2, 3, 1)
-    mask = np.array([[1, 1, 0], [1, 0, 0]], "float32")
-    term = data_term(OutputLoss("out", keras.losses.mean_squared_error), y_true, y_pred, mask,
-                     per_output_weights=False)
-    assert term.normaliser == "element_weight:out"
-    assert float(term.numerator) == 1 + 0 + 4 and float(term.divisor) == 3.0
+@pytest.mark.rounding
+def test_data_term_counts_the_windows_elements_when_the_loss_has_no_fixed_size_per_sample():
+    ragged = set()
+    loss = OutputLoss("out", keras.losses.MeanSquaredError())
+    spec = tf.TensorSpec([None, None, 1], tf.float32)
+    traced = tf.function(lambda y, p: data_term(loss, y, p, None, True, ragged).normaliser)
+    traced.get_concrete_function(spec, spec)
+    assert ragged == {"out"}
+    # Later calls keep the element count, even with sizes known (XLA's stand-in).
+    term = data_term(loss, Y_SEQUENCE, PREDICTED_SEQUENCE, None, True, ragged)
+    assert (term.normaliser, float(term.numerator), float(term.divisor)) == ("elements:out", 31, 6)
+
+
+def test_reduction_none_is_refused_in_one_line_naming_it():
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    with pytest.raises(ValueError, match=r"reduction=None, which leaves nothing to minimise.*"
+                                         r"Received: reduction=None$") as raised:
+        resolve_losses(model, keras.losses.MeanSquaredError(reduction=None))
+    assert "\n" not in str(raised.value)
 
 
 def test_mean_gradients_gives_zero_not_nan_when_weights_sum_to_zero():

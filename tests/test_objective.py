@@ -103,9 +103,11 @@ def test_per_token_loss_is_sum_over_window_tokens_not_mean_of_micro_batch_means(
     # One window: the reported loss equals sum(w * l) / sum(w) over every token of the window.
     x, y, mask = cases.sequence_data(size=10)
     model = cases.sequence_model()
-    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
-    per_token = loss(y, model(x)).numpy()
+    per_token = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)(
+        y, model(x)).numpy()
     expected = float(np.sum(per_token * mask) / np.sum(mask))
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True,
+                                                      reduction="mean_with_sample_weight")
     trainer = distaccum.Trainer(model, keras.optimizers.SGD(0.0), loss=loss, accumulation_steps=3)
     records = []
 
@@ -115,7 +117,30 @@ def test_per_token_loss_is_sum_over_window_tokens_not_mean_of_micro_batch_means(
 
     trainer.fit(cases.as_dataset(x, y, mask), epochs=1, callbacks=[Record()])
     assert records[0].result.loss == pytest.approx(expected, rel=1e-5)
-    assert float(records[0].result.weight_sum) == float(mask.sum())
+    assert float(records[0].result.sample_count) == 10
+
+
+@pytest.mark.rounding
+def test_default_reduction_divides_by_the_windows_loss_elements_when_micro_batches_differ_in_length():
+    # Micro-batches padded to their own longest sequence: no concatenated batch exists, and the
+    # window's loss is Σ l over every element of its micro-batches / their count.
+    rng = np.random.default_rng(4)
+    sequences = [rng.integers(1, cases.VOCABULARY, size=n) for n in (2, 3, 2, 6, 5, 4, 1, 2, 3)]
+    labels = [rng.integers(0, 3, size=len(s)) for s in sequences]
+    dataset = tf.data.Dataset.from_generator(
+        lambda: zip(sequences, labels), output_signature=(tf.TensorSpec([None], tf.int32),
+                                                         tf.TensorSpec([None], tf.int32))
+    ).padded_batch(3)
+    model = keras.Sequential([keras.Input((None,), dtype="int32"),
+                              keras.layers.Embedding(cases.VOCABULARY, 4), keras.layers.Dense(3)])
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    per_element = [keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)(
+        y, model(x)).numpy() for x, y in dataset]
+    assert [p.shape for p in per_element] == [(3, 3), (3, 6), (3, 3)]
+    expected = sum(p.sum() for p in per_element) / sum(p.size for p in per_element)
+    trainer = distaccum.Trainer(model, keras.optimizers.SGD(0.0), loss=loss, accumulation_steps=3)
+    history = trainer.fit(dataset, epochs=1)
+    assert history.loss[0] == pytest.approx(float(expected), rel=1e-5)
 
 
 def test_weight_shape_that_cannot_broadcast_is_one_error_naming_both_shapes():

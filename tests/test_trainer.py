@@ -140,12 +140,13 @@ def test_jit_compile_auto_follows_keras_and_true_compiles_on_the_cpu():
 
 
 @pytest.mark.rounding
-def test_history_loss_is_global_weighted_mean_when_weights_differ():
+def test_window_loss_is_keras_default_reduction_and_epoch_loss_weighs_windows_by_samples():
     x, y, w = scenarios.make_shard(0, 22, weighted=True)
     model = scenarios.make_model()
     predictions = model(x).numpy()
+    # Keras's default reduction: Σ w·l over the window's 12 samples, divided by 12 (not by Σ w).
     expected_first_window = float(np.sum(w[:12] * np.mean((predictions[:12] - y[:12]) ** 2, axis=1))
-                                  / np.sum(w[:12]))
+                                  / 12)
     records = []
 
     class Recorder(distaccum.Callback):
@@ -160,6 +161,9 @@ def test_history_loss_is_global_weighted_mean_when_weights_differ():
     assert [r.micro_steps for r in records] == [3, 3]
     assert records[0].result.loss == pytest.approx(expected_first_window, rel=1e-5)
     assert history.samples == 22 and history.update_steps == 2
+    # As Keras's fit averages its batches' losses: each window weighs its samples (12 and 10).
+    assert history.loss[0] == pytest.approx(
+        (records[0].result.loss * 12 + records[1].result.loss * 10) / 22, rel=1e-6)
 
 
 def test_micro_step_is_not_traced_again_when_last_batch_is_ragged():

@@ -1,0 +1,70 @@
+"""Every loss reduction × every weighting (tests/reductions.py): distaccum's update is Keras's own
+`train_on_batch` on the window's concatenated batch, in one process (under XLA too, in the suite's
+second run) and on two workers with uneven shards under each backend (Horovod: every case;
+mpi4py under XLA: `reductions.xla_cases()`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import distaccum
+import reductions
+import scenarios
+from conftest import WORKERS_DIR, run_script
+
+CASES = reductions.cases()
+
+
+def _assert_keras_step(case_name: str, trained, iterations: int, workers: int) -> None:
+    start = scenarios.flat(CASES[case_name].build().trainable_variables)
+    reference, steps = reductions.keras_step(case_name, workers)
+    assert iterations == steps, case_name
+    error = scenarios.distance(trained, reference.trainable_variables, start)
+    assert error <= reductions.TOLERANCE, f"{case_name}: {error:.2e} of the weights' movement"
+
+
+@pytest.mark.rounding
+@pytest.mark.parametrize("kind", ["sequence", "classifier", "two_output"])
+def test_every_reduction_and_weighting_takes_keras_step_on_the_window_when_accumulated(kind):
+    # One process, every case of the kind of model in turn (windows of 6, 6 and a ragged 2).
+    names = [name for name, case in CASES.items() if case.model == kind]
+    assert len(names) >= 4
+    for name in names:
+        case = CASES[name]
+        model = case.build()
+        trainer = distaccum.Trainer(model, reductions.optimizer(), loss=case.loss,
+                                    loss_weights=case.loss_weights,
+                                    accumulation_steps=reductions.K)
+        trainer.fit(scenarios.as_dataset(*case.data(), reductions.MICRO_BATCH_SIZE),
+                    epochs=reductions.EPOCHS, **case.train_options())
+        _assert_keras_step(name, model.trainable_variables, int(trainer.optimizer.iterations),
+                           workers=1)
+
+
+# launcher, backend, distaccum's steps under XLA
+LAUNCHES = {"horovod": ("horovodrun", "horovod", False), "mpi4py_xla": ("mpirun", "mpi", True)}
+
+
+@pytest.fixture(scope="module", params=list(LAUNCHES))
+def two_worker_run(request, tmp_path_factory):
+    launcher, backend, xla = LAUNCHES[request.param]
+    out = tmp_path_factory.mktemp(f"reductions_{request.param}")
+    run_script(launcher, WORKERS_DIR / "train_reductions.py", "--out", str(out),
+               *(["--jit-compile"] if xla else []), extra_env={"DISTACCUM_BACKEND": backend})
+    return out, backend, xla
+
+
+@pytest.mark.multiworker
+def test_every_reduction_and_weighting_takes_keras_step_when_two_workers_have_uneven_shards(
+        two_worker_run):
+    out, backend, xla = two_worker_run
+    names = reductions.xla_cases() if xla else CASES
+    for rank in range(2):
+        with np.load(out / f"rank{rank}.npz") as saved:
+            assert str(saved["backend"]).lower().startswith(backend), saved["backend"]
+            assert sorted(n[:-len("/count")] for n in saved if n.endswith("/count")) == sorted(names)
+            for name in names:
+                trained = [saved[f"{name}/{i}"] for i in range(saved[f"{name}/count"])]
+                _assert_keras_step(name, trained, int(saved[f"{name}/iterations"]),
+                                   workers=2)
