@@ -54,15 +54,19 @@ class BenchmarkError(Exception):
     """A benchmark could not produce its figure; the message is the one line the user sees."""
 
 
-def parse_arguments(description: str, *, default_repeats: int | None) -> argparse.Namespace:
+def parse_arguments(description: str, *, default_repeats: int | None,
+                    flags: dict[str, str] | None = None) -> argparse.Namespace:
     """`--smoke` (a tiny run proving the script works), `--json FILE`, and `--repeats N` for
-    figures that take a median over runs (`default_repeats=None` for exact counts)."""
+    figures that take a median over runs (`default_repeats=None` for exact counts); `flags`: a
+    script's own on/off options, by name with their help."""
     parser = argparse.ArgumentParser(description=description.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="a tiny run, for the test suite")
     parser.add_argument("--json", type=Path, help="also write the figure as JSON for report.py")
     if default_repeats is not None:
         parser.add_argument("--repeats", type=positive_int, default=default_repeats,
                             help=f"runs to take the median of (default {default_repeats})")
+    for flag, help_text in (flags or {}).items():
+        parser.add_argument(flag, action="store_true", help=help_text)
     return parser.parse_args()
 
 

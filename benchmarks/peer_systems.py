@@ -3,19 +3,21 @@
 
 Exactness: every system trains the case of `peers/case.py` (2 workers, uneven shards of 120 and 83
 samples, a ragged last micro-batch, sample weights, SGD with momentum, k = 4, micro-batch 8, 2
-epochs) from the same initial weights, each with the script its users would write
-(`peers/*.py`); the table gives each final weights' largest error against the exact large-batch
-reference (float64, `case.reference`), relative to how far training moved the weights, and its
+epochs) from the same initial weights, each with the script its users would write (`peers/*.py`);
+the table gives each final weights' largest error against the exact large-batch reference (float64,
+`case.reference`: Keras's loss on each window's joined batch under the loss's own reduction, here
+the default `sum_over_batch_size`), relative to how far training moved the weights, and its
 optimizer's `iterations` (8 updates in the exact run). Throughput: 2 workers (one intra-op thread
 each) inside the rate-limited namespaces of figure 2 (100 Mbit/s and 1 Gbit/s), the synthetic
 ≈2.1 M-parameter MLP, micro-batch 32, k = 1, 4, 16, global batch 2 × k × 32 for all: distaccum on
 Horovod (and (b), its compute limit, in the same processes), Horovod's own accumulation on Keras 2
 (`tf-keras`, the only Keras Horovod's API runs with), and a `MultiWorkerMirroredStrategy` custom
 loop with per-replica batch b (an allreduce every micro-batch, distaccum's memory) and k·b (one
-allreduce per update, k× the activation memory). Each system runs in its own pair of processes,
-one after the other on the same link; ratios are of medians within one run of this script.
-Needs root for the namespaces; `--smoke` runs a few systems on the host loopback instead (the
-MWMS loop's b and k·b in one pair of processes).
+allreduce per update, k× the activation memory). Each system runs in its own pair of processes, one
+after the other on the same link; ratios are of medians within one run of this script. Needs root
+for the namespaces; `--smoke` runs a few systems on the host loopback instead (the MWMS loop's b
+and k·b in one pair of processes); `--exactness-only` prints the exactness table and writes no
+figure.
 """
 
 from __future__ import annotations
@@ -98,6 +100,9 @@ def run_exactness(label: str, module, arguments: list[str], env: dict,
             return {"label": label, "status": "error", "error": failure, "iterations": None,
                     "error_vs_exact": None, "note": ""}
         result = json.loads(result_file.read_text())
+    if result.get("reduction", case.REDUCTION) != case.REDUCTION:
+        raise common.BenchmarkError(f"{label} trained with reduction {result['reduction']!r}; "
+                                    f"the reference uses {case.REDUCTION!r} (case.REDUCTION)")
     weights = result.get("weights")
     return {"label": label, "status": result["status"], "error": result.get("error", ""),
             "iterations": result.get("iterations"), "note": result.get("note", ""),
@@ -206,10 +211,16 @@ def figure(exactness: list[dict], links: dict[str, dict], smoke: bool, skipped: 
 
 
 def main() -> None:
-    args = common.parse_arguments(__doc__, default_repeats=3)
+    args = common.parse_arguments(__doc__, default_repeats=3, flags={
+        "--exactness-only": "only the exactness runs: print their table, write no figure"})
+    if args.exactness_only and args.json:
+        raise common.BenchmarkError("--exactness-only writes no figure: leave out --json")
     runs = [EXACTNESS_RUNS[i] for i in SMOKE_EXACTNESS] if args.smoke else EXACTNESS_RUNS
     exact, _ = case.reference()  # the float64 large-batch run, once
     exactness = [run_exactness(*run, exact) for run in runs]
+    if args.exactness_only:
+        print(exactness_table(exactness))
+        return
     if args.smoke:
         links = {slow_link.SMOKE_LINK: summarize_throughput(
             measure_throughput([], SMOKE_SETTINGS, args.repeats))}

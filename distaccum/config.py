@@ -63,6 +63,9 @@ class TrainConfig:
     loss: str | None = _help(
         "a Keras loss name or package.module:name (default: the model's compiled loss; "
         "cross-entropy on logits for bundled models)", default=None)
+    loss_args: dict = _help(
+        "keyword arguments for the loss, e.g. {reduction: sum, from_logits: true} (with no "
+        "loss: the model's compiled loss with these changed)", default_factory=dict)
     metrics: list | None = _help(
         "Keras metric names or package.module:name entries (default: the model's compiled "
         "metrics; accuracy for bundled models)", default=None)

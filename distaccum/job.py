@@ -17,7 +17,7 @@ import keras
 import tensorflow as tf
 
 from distaccum import comm, data, devices, sources
-from distaccum.checkpoint import CheckpointError, CheckpointManager
+from distaccum.checkpoint import OBJECTIVE, CheckpointError, CheckpointManager
 from distaccum.config import ConfigError, TrainConfig
 from distaccum.progress import ProgressReporter, loss_first
 from distaccum.records import Position
@@ -186,7 +186,7 @@ def _resume_settings(config: TrainConfig, shape: BatchShape) -> dict:
     """The config as this run applies it: what a checkpoint records and a resume checks."""
     return {**config.to_dict(), "num_workers": shape.num_workers,
             "accumulation_steps": shape.accumulation_steps,
-            "global_batch_size": shape.global_batch_size}
+            "global_batch_size": shape.global_batch_size, "objective": OBJECTIVE}
 
 
 def _resize_notes(job_data: sources.JobData, shape: BatchShape,

@@ -9,12 +9,15 @@ every bad one is a `ConfigError`: one line naming the key and the value.
 from __future__ import annotations
 
 import importlib
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import keras
 import numpy as np
 import tensorflow as tf
+from keras.src.losses.losses import LossFunctionWrapper  # how Keras's compile wraps a function
 
 from distaccum import catalog, comm, data, recordfiles
 from distaccum.microbatches import MicroBatches, micro_batches
@@ -208,11 +211,9 @@ def load_model(config: TrainConfig, job_data: JobData) -> keras.Model:
                       f"(package.module:factory) or a .keras file. Received: model={value!r}")
 
 
-def compile_arguments(config: TrainConfig, model: keras.Model) -> dict:
-    """What `Trainer` takes as `compile` would: the config's `loss` and `metrics` (Keras names or
-    import paths) where given, else what the model was compiled with (its loss weights and
-    weighted metrics too), else the bundled models' cross-entropy on logits and accuracy."""
-    compiled = compiled_arguments(model)
+def _loss(config: TrainConfig, compiled: dict) -> tuple:
+    """(loss, loss_weights): the config's `loss`, else the model's compiled one, else the bundled
+    models' cross-entropy on logits; with `loss_args` applied."""
     if config.loss is not None:
         loss = import_object("loss", config.loss) if is_import_path(config.loss) else config.loss
         loss_weights = None
@@ -224,6 +225,44 @@ def compile_arguments(config: TrainConfig, model: keras.Model) -> dict:
         raise ConfigError(f"loss: required, since the model is not compiled with one (a Keras "
                           f"loss name or package.module:name). Received: loss=None for model="
                           f"{config.model!r}")
+    return (with_loss_args(loss, config.loss_args) if config.loss_args else loss), loss_weights
+
+
+# What Keras's `Loss` itself takes; a function's other keywords are its own.
+_LOSS_OPTIONS = ("reduction", "name", "dtype")
+
+
+def with_loss_args(loss, loss_args: dict) -> keras.losses.Loss:
+    """`loss` (a Keras loss name, function, `Loss` class or object) as a `Loss` with `loss_args`:
+    a class is constructed with them, an object rebuilt from its config with them changed, and
+    a function wrapped as Keras's `compile` wraps it, its own keywords passed to it (Keras's
+    `LossFunctionWrapper`). A `ConfigError` in one line when they do not fit."""
+    received = f"Received: loss_args={loss_args!r} for loss={loss!r}"
+    if isinstance(loss, (Mapping, list, tuple)) or hasattr(loss, "keys"):
+        raise ConfigError(f"loss_args: the model has one loss per output; set each in the model's "
+                          f"compile instead. {received}")
+    if isinstance(loss, str):
+        loss = keras.losses.get(loss)
+    try:
+        if isinstance(loss, type) and issubclass(loss, keras.losses.Loss):
+            return loss(**loss_args)
+        if isinstance(loss, keras.losses.Loss):
+            return type(loss).from_config({**loss.get_config(), **loss_args})
+        own = {k: v for k, v in loss_args.items() if k not in _LOSS_OPTIONS}
+        unknown = sorted(set(own) - set(inspect.signature(loss).parameters))
+        if unknown:
+            raise TypeError(f"{getattr(loss, '__name__', loss)!r} takes no {', '.join(unknown)}")
+        return LossFunctionWrapper(loss, **loss_args)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"loss_args: {str(error).splitlines()[0]}. {received}") from None
+
+
+def compile_arguments(config: TrainConfig, model: keras.Model) -> dict:
+    """What `Trainer` takes as `compile` would: the config's `loss` and `metrics` (Keras names or
+    import paths) where given, else what the model was compiled with (its loss weights and
+    weighted metrics too), else the bundled models' cross-entropy on logits and accuracy."""
+    compiled = compiled_arguments(model)
+    loss, loss_weights = _loss(config, compiled)
     if config.metrics is not None:
         metrics = [import_object("metrics", m) if is_import_path(m) else m for m in config.metrics]
         weighted_metrics = None

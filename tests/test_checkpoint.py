@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import scenarios
-from distaccum.checkpoint import CheckpointError, CheckpointManager
+from distaccum.checkpoint import OBJECTIVE, CheckpointError, CheckpointManager
 from distaccum.config import ConfigError
 from distaccum.records import Position
 
@@ -119,3 +119,29 @@ def test_check_writable_names_directory_when_it_is_a_file(tmp_path):
     blocker.write_text("")
     with pytest.raises(CheckpointError, match="not writable.*checkpoints"):
         CheckpointManager(blocker).check_writable()
+
+
+def test_checkpoint_of_the_sum_of_weights_rule_resumes_with_one_line_saying_the_objective_changed(
+        tmp_path, capsys):
+    manager = CheckpointManager(tmp_path)
+    now = {**SETTINGS, "objective": OBJECTIVE}
+    manager.save(Position(5, 1, 5), _state(), SETTINGS)  # written before the record existed
+    assert manager.restore_latest(_state(), now).position == Position(5, 1, 5)
+    warning = capsys.readouterr().err.strip()
+    assert warning.startswith("distaccum: warning: the checkpoint in ") and "\n" not in warning
+    assert "divided by the sum of their weights" in warning and "Keras reduction" in warning
+    manager.save(Position(10, 1, 10), _state(), now)
+    assert manager.restore_latest(_state(), now).position == Position(10, 1, 10)
+    assert capsys.readouterr().err == ""
+
+
+def test_checkpoint_refuses_another_loss_and_takes_a_missing_loss_args_as_none(tmp_path):
+    manager = CheckpointManager(tmp_path)
+    manager.save(Position(5, 1, 5), _state(), {**SETTINGS, "loss": "mse"})  # before loss_args
+    assert manager.restore_latest(_state(), {**SETTINGS, "loss": "mse", "loss_args": {}})
+    with pytest.raises(ConfigError, match=r"^loss_args: the checkpoint .* written with "
+                                          r"loss_args=\{\}.*Received: loss_args=\{'reduction': 'sum'\}"):
+        manager.restore_latest(_state(), {**SETTINGS, "loss": "mse",
+                                          "loss_args": {"reduction": "sum"}})
+    with pytest.raises(ConfigError, match=r"^loss: .*loss='mse'.*Received: loss='mae'"):
+        manager.restore_latest(_state(), {**SETTINGS, "loss": "mae", "loss_args": {}})

@@ -12,7 +12,8 @@ import pytest
 import tensorflow as tf
 
 from conftest import REPO_ROOT
-from distaccum import cli
+from distaccum import cli, sources
+from distaccum.config import ConfigError, TrainConfig
 from test_recordfiles import RECORD_FEATURES, write_records
 
 EXAMPLE = REPO_ROOT / "examples" / "my_project"
@@ -208,3 +209,41 @@ def test_bad_record_files_or_parse_exit_2_with_one_line_before_training(
     assert all(fragment.format(**places) in err for fragment in fragments), err
     assert err.count("Received:") == 1 and err.endswith(f". Received: {key}={value!r}\n"), err
     assert out == ""  # not started: the start-up block comes after the data is checked
+
+
+def _uncompiled() -> keras.Model:
+    return keras.Sequential([keras.Input((2,)), keras.layers.Dense(3)])
+
+
+@pytest.mark.parametrize("loss, loss_args, expected", [
+    # A name, a function, the bundled models' default (no loss:), a Loss class by import path.
+    ("sparse_categorical_crossentropy", {"from_logits": True, "reduction": "sum"},
+     ("sum", {"from_logits": True})),
+    ("keras.losses:sparse_categorical_crossentropy", {"reduction": "mean_with_sample_weight"},
+     ("mean_with_sample_weight", {})),
+    (None, {"reduction": "sum"}, ("sum", {"from_logits": True})),
+    ("keras.losses:SparseCategoricalCrossentropy", {"ignore_class": 0},
+     ("sum_over_batch_size", {"ignore_class": 0})),
+], ids=["name", "function", "compiled_default", "class"])
+def test_loss_args_make_the_loss_keras_would_build(loss, loss_args, expected):
+    config = TrainConfig(epochs=1, loss=loss, loss_args=loss_args)
+    built = sources.compile_arguments(config, _uncompiled())["loss"]
+    assert isinstance(built, keras.losses.Loss)
+    reduction, options = expected
+    assert built.reduction == reduction
+    config_of = built.get_config()
+    given = {**config_of, **config_of.get("fn_kwargs", {})}  # a wrapped function's own keywords
+    for key, value in options.items():
+        assert (getattr(built, "_fn_kwargs", {}).get(key, given.get(key))) == value, key
+
+
+@pytest.mark.parametrize("loss_args, named", [
+    ({"from_logit": True}, "from_logit"),
+    ({"reduction": "average"}, "average"),
+])
+def test_loss_args_that_do_not_fit_are_one_line_naming_them(loss_args, named):
+    config = TrainConfig(epochs=1, loss="sparse_categorical_crossentropy", loss_args=loss_args)
+    with pytest.raises(ConfigError) as raised:
+        sources.compile_arguments(config, _uncompiled())
+    message = str(raised.value)
+    assert message.startswith("loss_args: ") and named in message and "\n" not in message

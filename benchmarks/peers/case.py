@@ -7,9 +7,12 @@ The case has the shapes that break hand-written accumulation: 2 workers with **u
 is a small MLP: Dense(16, tanh) then Dense(3) logits, sparse categorical cross-entropy on logits.
 
 Large-batch training with global batch `workers × k × b` means, for update `u` of an epoch, one
-SGD-with-momentum step on the weighted mean loss `Σ w·l / Σ w` over window `u` of every worker
-(micro-batches `u·k … u·k+k−1` of each shard, whatever each shard has left; a worker with nothing
-left contributes nothing), in float64 here. Each epoch has `ceil(15 / 4) = 4` such updates, so 8 in
+SGD-with-momentum step on the loss Keras computes on window `u` of every worker joined into one
+batch (micro-batches `u·k … u·k+k−1` of each shard, whatever each shard has left; a worker with
+nothing left contributes nothing), under the loss's own `reduction`, in float64 here. The case's
+loss, `SparseCategoricalCrossentropy(from_logits=True)` as the scripts pass it, has Keras's default
+`sum_over_batch_size`: `Σ w·l / n`, n the window's samples (64, and 51 and 24 in each epoch's last
+two, partial windows), not `Σ w·l / Σ w`. Each epoch has `ceil(15 / 4) = 4` such updates, so 8 in
 all; `iterations` should read 8.
 """
 
@@ -28,6 +31,9 @@ FEATURES, HIDDEN, CLASSES = 12, 16, 3
 LEARNING_RATE = 0.1
 MOMENTUM = 0.9
 SEED = 20261128
+# The reduction of the case's loss: the scripts leave it unset, so it is Keras's default (the
+# distaccum script reports its loss's own; `peer_systems.py` checks the two agree).
+REDUCTION = "sum_over_batch_size"
 
 
 def shard(rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -66,8 +72,22 @@ def window(update: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
 
 
-def gradient(weights: list[np.ndarray], x, y, w) -> list[np.ndarray]:
-    """Gradient of Σ w·l / Σ w (l: cross-entropy of softmax(logits)) by backpropagation."""
+def divisor(reduction: str, w: np.ndarray, elements: int) -> float:
+    """What Keras's `reduction` divides the weighted loss sum `Σ w·l` by, on one batch of
+    `elements` loss elements with sample weights `w` (`keras.losses.Loss`'s `reduce_values`)."""
+    if reduction in ("sum_over_batch_size", "mean"):
+        return float(elements)
+    if reduction == "mean_with_sample_weight":
+        return float(w.sum())
+    if reduction == "sum":
+        return 1.0
+    raise ValueError(f"no large-batch reference for reduction {reduction!r}")
+
+
+def gradient(weights: list[np.ndarray], x, y, w,
+             reduction: str = REDUCTION) -> list[np.ndarray]:
+    """Gradient of Σ w·l / D (l: cross-entropy of softmax(logits), one loss element per sample;
+    D: what `reduction` divides by, `divisor`) by backpropagation."""
     kernel1, bias1, kernel2, bias2 = weights
     hidden = np.tanh(x @ kernel1 + bias1)
     logits = hidden @ kernel2 + bias2
@@ -75,20 +95,25 @@ def gradient(weights: list[np.ndarray], x, y, w) -> list[np.ndarray]:
     probabilities /= probabilities.sum(axis=1, keepdims=True)
     d_logits = probabilities
     d_logits[np.arange(len(y)), y] -= 1.0
-    d_logits *= (w / w.sum())[:, None]
+    d_logits *= (w / divisor(reduction, w, len(y)))[:, None]
     d_hidden = (d_logits @ kernel2.T) * (1.0 - hidden ** 2)
     return [x.T @ d_hidden, d_hidden.sum(axis=0), hidden.T @ d_logits, d_logits.sum(axis=0)]
 
 
-def reference() -> tuple[list[np.ndarray], int]:
-    """Final weights of exact large-batch training, in float64, and its number of updates."""
+def reference(reduction: str = REDUCTION) -> tuple[list[np.ndarray], int]:
+    """Final weights of exact large-batch training, in float64, and its number of updates.
+
+    Exact means what Keras computes on each window's concatenated batch under the loss's
+    `reduction`, as distaccum trains it: under the default `sum_over_batch_size` that is
+    Σ w·l / (the window's loss elements), not Σ w·l / Σ w (`mean_with_sample_weight`); so an
+    epoch's partial windows are divided by their own sample counts, not the full window's."""
     weights = [w.astype("float64") for w in initial_weights()]
     velocity = [np.zeros_like(w) for w in weights]
     updates = 0
     for _ in range(EPOCHS):
         for update in range(updates_per_epoch()):
             x, y, w = window(update)
-            grads = gradient(weights, x.astype("float64"), y, w.astype("float64"))
+            grads = gradient(weights, x.astype("float64"), y, w.astype("float64"), reduction)
             # Keras's SGD with momentum: v = m·v − lr·g; θ += v.
             velocity = [MOMENTUM * v - LEARNING_RATE * g for v, g in zip(velocity, grads)]
             weights = [p + v for p, v in zip(weights, velocity)]

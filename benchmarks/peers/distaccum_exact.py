@@ -2,7 +2,8 @@
 
 Each worker trains its own shard of `case` (uneven, ragged, sample-weighted) with the compiled
 model's SGD with momentum, k micro-batches per update, for 2 epochs; rank 0 writes the final
-weights and `iterations` to `OUT/result.json`. Runs under `mpirun` (mpi4py's collectives).
+weights, `iterations` and its loss's `reduction` (the one `case.reference` must use) to
+`OUT/result.json`. Runs under `mpirun` (mpi4py's collectives).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def command(arguments: list[str]) -> list[str]:
             str(PYTHON), str(Path(__file__).resolve()), *arguments]
 
 
-def train() -> tuple[list, int]:
+def train() -> tuple[list, int, str]:
     import keras
     import tensorflow as tf
 
@@ -36,25 +37,27 @@ def train() -> tuple[list, int]:
                               keras.layers.Dense(case.HIDDEN, activation="tanh"),
                               keras.layers.Dense(case.CLASSES)])
     model.set_weights(case.initial_weights())
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)  # default reduction
     model.compile(optimizer=keras.optimizers.SGD(case.LEARNING_RATE, momentum=case.MOMENTUM),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+                  loss=loss)
     trainer = distaccum.Trainer.from_compiled(model, accumulation_steps=case.ACCUMULATION_STEPS)
     micro_batches = tf.data.Dataset.from_tensor_slices((x, y, sample_weight)).batch(case.MICRO_BATCH)
     trainer.fit(micro_batches, epochs=case.EPOCHS)
-    return model.get_weights(), int(trainer.optimizer.iterations)
+    return model.get_weights(), int(trainer.optimizer.iterations), loss.reduction
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    weights, iterations = train()
+    weights, iterations, reduction = train()
     import distaccum
 
     if distaccum.rank() == 0:
         (args.out / "result.json").write_text(json.dumps({
             "system": "distaccum", "variant": "exact", "status": "ok", "error": "",
             "iterations": iterations, "weights": [w.tolist() for w in weights],
+            "reduction": reduction,
             "note": "each worker its own shard; the epoch's last, partial window is an update"}))
 
 

@@ -330,10 +330,11 @@ def custom_loop(strategy, per_replica_batch: int, notes, make_optimizer):
     global_batch_size = per_replica_batch * strategy.num_replicas_in_sync
     notes.append(
         f"custom loop; loss: tf.nn.compute_average_loss(l, sample_weight=w, global_batch_size="
-        f"{global_batch_size}) = Σw·l/{global_batch_size}, not the case's Σw·l/Σw; uneven "
-        "shards: `for batch in dist_dataset` (MWMS partial batches: empty batches on the worker "
-        "out of data, a has-data all-reduce per step; stepping each worker through its own "
-        "batch count instead: UnavailableError on the longer one); memory: "
+        f"{global_batch_size}) = Σw·l/{global_batch_size} on every step, partial ones too "
+        "(the case's sum_over_batch_size: Σw·l/n, n the step's samples on both workers); "
+        "uneven shards: `for batch in dist_dataset` (MWMS partial batches: empty batches on the "
+        "worker out of data, a has-data all-reduce per step; stepping each worker through its "
+        "own batch count instead: UnavailableError on the longer one); memory: "
         f"activations of {per_replica_batch} samples per replica")
     for _ in range(case.EPOCHS):
         for batch in dataset:
