@@ -194,7 +194,12 @@ def test_micro_batches_in_one_call_add_up_as_one_call_each():
         one_by_one.update_step(last_micro_batch=window[-1])
     for got, expected in zip(scenarios.weights_of(together.model),
                              scenarios.weights_of(one_by_one.model)):
-        np.testing.assert_array_equal(got, expected)
+        if together.jit_compile:
+            # XLA compiles the loop and the single step as different programs and may fuse
+            # (and so round) their sums differently: float32 round-off, as README's XLA line says.
+            np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-8)
+        else:
+            np.testing.assert_array_equal(got, expected)
     assert together._micro_steps.experimental_get_tracing_count() == 1  # at prepare
 
 
