@@ -1,9 +1,9 @@
 """Real Keras models for the exactness tests, and Keras's own step as their oracle.
 
 Each case is a model builder, its data and how it is compiled. The oracle is Keras's
-`train_on_batch` on the concatenation of a window's micro-batches (of every worker); losses that
-take sample weights use Keras's `mean_with_sample_weight` reduction, which is distaccum's
-definition (sum(w * l) / sum(w)); unweighted ones keep Keras's default.
+`train_on_batch` on the concatenation of a window's micro-batches (of every worker), under each
+loss's own reduction: the weighted regularized case under Keras's default, the others under
+`mean_with_sample_weight` (every reduction × weighting: tests/reductions.py).
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ def setup(case: str, rank: int = 0, size: int = SAMPLES, seed: int = 3):
             "loss": TWO_OUTPUT_LOSSES, "loss_weights": TWO_OUTPUT_LOSS_WEIGHTS}
     weighted_mse = {"loss": keras.losses.MeanSquaredError(reduction="mean_with_sample_weight")}
     if case == "regularized":
-        return regularized_model(seed), regularized_data(rank, size), weighted_mse
+        return regularized_model(seed), regularized_data(rank, size), {
+            "loss": keras.losses.MeanSquaredError()}
     if case in ("mixed_precision", "mixed_float16_overflow"):
         # No activity regularizer: Keras's own step fails on one under mixed_bfloat16.
         x, y, w = regularized_data(rank, size)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import distaccum
+import keras_models
 import reductions
 import scenarios
 from conftest import WORKERS_DIR, run_script
@@ -68,3 +69,37 @@ def test_every_reduction_and_weighting_takes_keras_step_when_two_workers_have_un
                 trained = [saved[f"{name}/{i}"] for i in range(saved[f"{name}/count"])]
                 _assert_keras_step(name, trained, int(saved[f"{name}/iterations"]),
                                    workers=2)
+
+
+@pytest.mark.rounding
+@pytest.mark.parametrize("name", ["sequence-{}-mask_and_per_element",
+                                  "classifier-{}-class_weight_and_per_sample"])
+@pytest.mark.parametrize("reduction", reductions.REDUCTIONS)
+def test_validation_loss_is_keras_loss_on_the_whole_validation_set(name, reduction):
+    # Validation has no windows: its loss is Keras's on all of it as one batch (under `sum`,
+    # its sum), whatever the micro-batches.
+    case = CASES[name.format(reduction)]
+    model = case.build()
+    trainer = distaccum.Trainer(model, reductions.optimizer(), loss=case.loss)
+    (x, y, w), _ = case.keras_batch(*case.data())  # class weights multiplied into w
+    got = trainer.evaluate(scenarios.as_dataset(x, y, w, reductions.MICRO_BATCH_SIZE))["loss"]
+    expected = case.loss(y, model(x), sample_weight=w)
+    assert got == pytest.approx(float(expected), rel=1e-5)
+
+
+@pytest.mark.parametrize("name, normalisers", [
+    # One output under Keras's default with weights, beside an activity regularizer's added loss.
+    ("regularized", ["samples"]),
+    ("two_output-weighted_means-per_sample", ["sample_weight"]),  # one Σ w for both outputs
+    ("two_output-mixed_reductions-per_sample", ["samples", "sum"]),
+])
+def test_denominators_that_are_the_same_sum_share_one_gradient_sum(name, normalisers):
+    if name == "regularized":
+        model, (x, y, w), options = keras_models.setup("regularized")
+    else:
+        case = CASES[name]
+        model, (x, y, w) = case.build(), case.data()
+        options = {"loss": case.loss, "loss_weights": case.loss_weights}
+    trainer = distaccum.Trainer(model, reductions.optimizer(), accumulation_steps=2, **options)
+    trainer.prepare(scenarios.as_dataset(x, y, w).element_spec)
+    assert sorted(trainer._accumulator.normalisers) == normalisers
