@@ -2,9 +2,10 @@
 trained once per run named on the command line, each from the same start.
 
 A run's name is `rows` or `dense` (`row_exchange` on or off), then optionally `-<dtype>` (the
-allreduce dtype), `-xla`, and `-mixed`: under `mixed_float16`, with sample weights and an
-activity regularizer on the pooled embedding, so the objective has two normalisers and the
-embedding two sparse sums. Each rank saves OUT/<run>/rank<r>.npz: final weights, optimizer
+allreduce dtype), `-xla`, and `-mixed`: under `mixed_float16`, with sample weights under
+`mean_with_sample_weight` (divided by their sum) and an activity regularizer on the pooled
+embedding (divided by the sample count), so the objective has two normalisers and the embedding
+two sparse sums. Each rank saves OUT/<run>/rank<r>.npz: final weights, optimizer
 iterations, and the mpi4py backend's counts of its collectives and the bytes it sent in them;
 with --timelines, each run under Horovod records OUT/<run>/timeline.json.
 """
@@ -83,7 +84,9 @@ def main() -> None:
         model = (mixed_model(5 + rank) if mixed
                  else scenarios.text_classifier(VOCABULARY, WIDTH, LENGTH, seed=5 + rank))
         trainer = distaccum.Trainer(
-            model, optimizer(), loss=keras.losses.BinaryCrossentropy(from_logits=True),
+            model, optimizer(), loss=keras.losses.BinaryCrossentropy(
+                from_logits=True, reduction="mean_with_sample_weight" if mixed else
+                "sum_over_batch_size"),
             accumulation_steps=K, clip_global_norm=CLIP, row_exchange=exchange == "rows",
             allreduce_dtype=next((o for o in options if o not in ("xla", "mixed")), "float32"),
             jit_compile="xla" in options)
