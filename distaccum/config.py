@@ -43,7 +43,8 @@ class TrainConfig:
         "package.module:function returning a tf.data.Dataset of (x, y[, sample_weight]) samples "
         "(or a (train, validation) pair of them), or an .npz file (x, y[, sample_weight, x_val, "
         "y_val])", default="digits")
-    dataset_args: dict = _help("keyword arguments for a dataset function", default_factory=dict)
+    dataset_args: dict = _help("keyword arguments for a dataset function (refused for any other "
+                               "dataset)", default_factory=dict)
     parse: str | None = _help(
         "with it, dataset (and validation_dataset) is a glob of TFRecord files (any path "
         "tf.io.gfile reads) and this an import path package.module:function turning one "
@@ -59,7 +60,8 @@ class TrainConfig:
     model: str = _help(
         f"a bundled model ({', '.join(BUNDLED_MODELS)}), an import path package.module:factory "
         "returning a keras.Model (compiled or not), or a .keras file", default="digits_mlp")
-    model_args: dict = _help("keyword arguments for a model factory", default_factory=dict)
+    model_args: dict = _help("keyword arguments for a model factory (refused for any other model)",
+                             default_factory=dict)
     loss: str | None = _help(
         "a Keras loss name or package.module:name (default: the model's compiled loss; "
         "cross-entropy on logits for bundled models)", default=None)
@@ -82,7 +84,8 @@ class TrainConfig:
         "lr_schedule and optimizer_args (default: the model's compiled optimizer, as compiled; "
         "else adam)", default=None)
     optimizer_args: dict = _help(
-        "keyword arguments for the optimizer (sgd gets momentum 0.9 unless given)",
+        "keyword arguments for the optimizer (sgd gets momentum 0.9 unless given; not "
+        "learning_rate, which is its own key)",
         default_factory=dict)
     learning_rate: float = _help("peak learning rate (>= 0)", default=1e-3)
     lr_schedule: str = _help(
@@ -139,6 +142,7 @@ class TrainConfig:
             _fail("dataset", self.dataset, f"must be a glob of TFRecord files when parse is set "
                   f"(parse={self.parse!r})")
         self._check_named("model", BUNDLED_MODELS, ".keras")
+        self._check_arguments()
         if self.metrics is not None and not all(isinstance(m, str) for m in self.metrics):
             _fail("metrics", self.metrics, "must be a list of names or import paths")
         for name, allowed in (
@@ -172,6 +176,22 @@ class TrainConfig:
             _fail("clip_global_norm", self.clip_global_norm, "must be > 0")
         if not self.logdir:
             _fail("logdir", self.logdir, "must not be empty")
+
+    def _check_arguments(self) -> None:
+        """A `*_args` entry is applied exactly or refused: only a factory or function named by
+        import path takes `model_args`/`dataset_args` (a bundled name, a file or record files
+        would ignore them), and `optimizer_args` must not carry what has its own key."""
+        for args, key, takes in (("model_args", "model", is_import_path(self.model)),
+                                 ("dataset_args", "dataset",
+                                  self.parse is None and is_import_path(self.dataset))):
+            value = getattr(self, key)
+            if getattr(self, args) and not takes:
+                _fail(args, getattr(self, args), f"only a {key} given as an import path "
+                      f"(package.module:function) takes arguments; {key}={value!r} would ignore "
+                      "them")
+        if "learning_rate" in self.optimizer_args:
+            _fail("optimizer_args", self.optimizer_args, "holds learning_rate, which has a key of "
+                  "its own (with lr_schedule and warmup_steps): set learning_rate instead")
 
     def _check_named(self, name: str, bundled: tuple, suffix: str) -> None:
         value = getattr(self, name)

@@ -83,8 +83,9 @@ def test_keras_file_model_trains_with_the_loss_it_was_compiled_with(train, tmp_p
         (["model_args={depth: 3}"], "model: calling it failed (TypeError"),
         (["dataset=my_project.models:build_model", "dataset_args={}"],
          "dataset: the training data must be a tf.data.Dataset of (x, y)"),
-        (["model=absent.keras"], "model: no such file"),
-        (["model=resnet"], "model: must be one of digits_mlp, synthetic_mlp, an import path"),
+        (["model=absent.keras", "model_args={}"], "model: no such file"),
+        (["model=resnet", "model_args={}"],
+         "model: must be one of digits_mlp, synthetic_mlp, an import path"),
         (["optimizer=adamm"], "optimizer: cannot build it"),
         (["loss=msee"], "msee"),
     ],
@@ -247,3 +248,29 @@ def test_loss_args_that_do_not_fit_are_one_line_naming_them(loss_args, named):
         sources.compile_arguments(config, _uncompiled())
     message = str(raised.value)
     assert message.startswith("loss_args: ") and named in message and "\n" not in message
+
+
+@pytest.mark.parametrize("settings, named", [
+    # Each was ignored before (issue 35, rows 0 and 4): now refused in one line.
+    ({"model_args": {"units": 7}}, "model_args: only a model given as an import path"),
+    ({"model": "saved.keras", "model_args": {"units": 7}}, "model_args: only a model given as an "
+     "import path (package.module:function) takes arguments; model='saved.keras' would ignore"),
+    ({"dataset_args": {"n_samples": 100}}, "dataset_args: only a dataset given as an import path"),
+    ({"dataset": "/data/train-*.tfrecord", "parse": "my.data:parse", "dataset_args": {"a": 1}},
+     "dataset_args: only a dataset given as an import path"),
+    ({"optimizer": "adam", "optimizer_args": {"learning_rate": 0.01}},
+     "optimizer_args: holds learning_rate, which has a key of its own"),
+], ids=["bundled_model", "model_file", "bundled_dataset", "record_files", "learning_rate"])
+def test_args_a_setting_would_ignore_or_override_are_refused_in_one_line(settings, named):
+    with pytest.raises(ConfigError) as raised:
+        TrainConfig(epochs=1, **settings)
+    message = str(raised.value)
+    assert message.startswith(named.split(" ")[0]) and named in message, message
+    assert "Received: " in message and "\n" not in message
+
+
+def test_args_are_taken_where_an_import_path_takes_them():
+    config = TrainConfig(epochs=1, model="my.models:build", model_args={"units": 7},
+                         dataset="my.data:load", dataset_args={"n": 3},
+                         optimizer_args={"momentum": 0.5})
+    assert (config.model_args, config.dataset_args) == ({"units": 7}, {"n": 3})

@@ -580,3 +580,25 @@ def test_round_off_check_fails_when_mixed_float16_leaves_out_loss_scaling(mixed_
     ours, _, _ = _mixed_precision_runs("small_gradients", unscaled)
     with pytest.raises(AssertionError, match="units per unit of path from float64"):
         cases.assert_within_round_off(mixed_policy, ours, keras_step, training)
+
+
+@pytest.mark.rounding
+def test_ema_weights_replace_the_trained_ones_at_the_end_as_keras_fit_does():
+    # Issue 35, row 5: use_ema was trained but never swapped in. k = 1 on batches of 4: each
+    # update is Keras's step on the same batch, and fit ends with the moving average.
+    x, y, w = scenarios.make_shard(0, 24, weighted=True)
+
+    def ema_sgd():
+        return keras.optimizers.SGD(0.1, use_ema=True, ema_momentum=0.5)
+
+    model, reference = scenarios.make_model(), scenarios.make_model()
+    trainer = distaccum.Trainer(model, ema_sgd(), loss=MSE)
+    trainer.fit(scenarios.as_dataset(x, y, w), epochs=2)
+    reference.compile(optimizer=ema_sgd(), loss=MSE)
+    reference.fit(scenarios.as_dataset(x, y, w), epochs=2, shuffle=False, verbose=0)
+    scenarios.assert_weights_close(model.trainable_variables, reference.trainable_variables,
+                                   rtol=1e-5)
+    trained_without = scenarios.make_model()
+    distaccum.Trainer(trained_without, keras.optimizers.SGD(0.1), loss=MSE).fit(
+        scenarios.as_dataset(x, y, w), epochs=2)
+    assert not np.allclose(scenarios.weights_of(model)[0], scenarios.weights_of(trained_without)[0])
