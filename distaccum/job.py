@@ -77,14 +77,18 @@ def build_trainer(config: TrainConfig, job_data: sources.JobData, total_update_s
     arguments = sources.compile_arguments(config, model)
     optimizer = build_optimizer(config, model, total_update_steps)
     try:
-        return Trainer(model, optimizer, **arguments,
-                       accumulation_steps=accumulation_steps,
-                       clip_global_norm=config.clip_global_norm,
-                       allreduce_dtype=config.allreduce_dtype,
-                       jit_compile={"true": True, "false": False}.get(config.jit_compile, "auto"))
+        trainer = Trainer(model, optimizer, **arguments,
+                          accumulation_steps=accumulation_steps,
+                          clip_global_norm=config.clip_global_norm,
+                          allreduce_dtype=config.allreduce_dtype,
+                          jit_compile={"true": True, "false": False}.get(config.jit_compile, "auto"))
     except (ValueError, TypeError) as error:  # a loss or metric name Keras does not know, or an
         # allreduce_dtype this backend cannot sum: the message names the value
         raise ConfigError(str(error).splitlines()[0]) from None
+    # The model holds what trains it: Keras callbacks then find this optimizer, and the saved
+    # model.keras continues it (`load_model(..., compile=True)`: its state and iterations).
+    model.compile(optimizer=trainer.optimizer, jit_compile=trainer.jit_compile, **arguments)
+    return trainer
 
 
 def prepare_logdir(logdir: str) -> Path:

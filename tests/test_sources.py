@@ -274,3 +274,23 @@ def test_args_are_taken_where_an_import_path_takes_them():
                          dataset="my.data:load", dataset_args={"n": 3},
                          optimizer_args={"momentum": 0.5})
     assert (config.model_args, config.dataset_args) == ({"units": 7}, {"n": 3})
+
+
+@pytest.mark.parametrize("compiled_first", [True, False], ids=["compiled_file", "bundled"])
+def test_saved_model_continues_the_optimizer_that_trained(train, tmp_path, compiled_first):
+    # Issue 35, row 2: a compiled file's own SGD was saved instead of the configured Adam; a
+    # bundled model was saved without any optimizer.
+    arguments = ["--set", "optimizer=adam", "--set", "learning_rate=0.002", *SHORT_RUN]
+    if compiled_first:
+        model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(10)])
+        model.compile(keras.optimizers.SGD(0.5), loss=keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True), weighted_metrics=["accuracy"])
+        model.save(tmp_path / "m_sgd.keras")
+        arguments += ["--set", f"model={tmp_path / 'm_sgd.keras'}"]
+    code, _, err = train(*arguments)
+    assert code == 0, err
+    saved = keras.saving.load_model(tmp_path / "run" / "model.keras", compile=True)
+    assert type(saved.optimizer).__name__ == "Adam"
+    assert int(saved.optimizer.iterations) == 3
+    assert float(saved.optimizer.learning_rate) == pytest.approx(0.002)
+    assert any(np.any(v.numpy() != 0) for v in saved.optimizer.variables if "momentum" in v.path)
