@@ -213,14 +213,15 @@ def load_model(config: TrainConfig, job_data: JobData) -> keras.Model:
 
 def _loss(config: TrainConfig, compiled: dict) -> tuple:
     """(loss, loss_weights): the config's `loss`, else the model's compiled one, else the bundled
-    models' cross-entropy on logits; with `loss_args` applied."""
+    models' cross-entropy on logits; with `loss_args` applied. The compiled `loss_weights` stay
+    whichever loss applies (the config has no key for them)."""
+    loss_weights = compiled.get("loss_weights")
     if config.loss is not None:
         loss = import_object("loss", config.loss) if is_import_path(config.loss) else config.loss
-        loss_weights = None
     elif compiled.get("loss") is not None:
-        loss, loss_weights = compiled["loss"], compiled["loss_weights"]
+        loss = compiled["loss"]
     elif config.model in BUNDLED_MODELS:
-        loss, loss_weights = keras.losses.SparseCategoricalCrossentropy(from_logits=True), None
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     else:
         raise ConfigError(f"loss: required, since the model is not compiled with one (a Keras "
                           f"loss name or package.module:name). Received: loss=None for model="
@@ -259,17 +260,17 @@ def with_loss_args(loss, loss_args: dict) -> keras.losses.Loss:
 
 def compile_arguments(config: TrainConfig, model: keras.Model) -> dict:
     """What `Trainer` takes as `compile` would: the config's `loss` and `metrics` (Keras names or
-    import paths) where given, else what the model was compiled with (its loss weights and
-    weighted metrics too), else the bundled models' cross-entropy on logits and accuracy."""
+    import paths) where given, else what the model was compiled with, else the bundled models'
+    cross-entropy on logits and accuracy. A compiled model's settings the config has no key for
+    (its loss weights and weighted metrics) are kept either way."""
     compiled = compiled_arguments(model)
     loss, loss_weights = _loss(config, compiled)
+    weighted_metrics = compiled.get("weighted_metrics")
     if config.metrics is not None:
         metrics = [import_object("metrics", m) if is_import_path(m) else m for m in config.metrics]
-        weighted_metrics = None
     elif compiled:
-        metrics, weighted_metrics = compiled["metrics"], compiled["weighted_metrics"]
+        metrics = compiled["metrics"]
     else:
         metrics = list(BUNDLED_METRICS) if config.model in BUNDLED_MODELS else None
-        weighted_metrics = None
     return {"loss": loss, "loss_weights": loss_weights, "metrics": metrics,
             "weighted_metrics": weighted_metrics}

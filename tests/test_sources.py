@@ -294,3 +294,17 @@ def test_saved_model_continues_the_optimizer_that_trained(train, tmp_path, compi
     assert int(saved.optimizer.iterations) == 3
     assert float(saved.optimizer.learning_rate) == pytest.approx(0.002)
     assert any(np.any(v.numpy() != 0) for v in saved.optimizer.variables if "momentum" in v.path)
+
+
+def test_config_loss_and_metrics_replace_only_what_they_name_on_a_compiled_model():
+    # Issue 35, row 7: `metrics:` dropped the compiled weighted metrics, `loss:` its loss weights.
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, {"a": keras.layers.Dense(1, name="a")(inputs),
+                                 "b": keras.layers.Dense(2, name="b")(inputs)})
+    model.compile("sgd", loss={"a": "mse", "b": "mse"}, loss_weights={"a": 0.5, "b": 2.0},
+                  metrics=["mae"], weighted_metrics=["mse"])
+    config = TrainConfig(epochs=1, model="my.models:build", loss="mae", metrics=["mse"])
+    arguments = sources.compile_arguments(config, model)
+    assert arguments["loss"] == "mae" and arguments["metrics"] == ["mse"]
+    assert arguments["loss_weights"] == {"a": 0.5, "b": 2.0}
+    assert arguments["weighted_metrics"] == ["mse"]
