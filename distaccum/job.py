@@ -151,7 +151,10 @@ def describe_start(config: TrainConfig, shape: BatchShape, updates_per_epoch, to
         f"distaccum: {updates_per_epoch} updates per epoch, {total} update steps in all",
         *notes,
         f"distaccum: training on {devices.describe(device_codes)} ({comm.current().name} "
-        f"collectives, gradient sums in {config.allreduce_dtype}"
+        f"collectives, precision {config.precision}"
+        f"{' with loss scaling' if config.precision == 'mixed_float16' else ''}"
+        # With one worker no sum travels, so none is rounded to allreduce_dtype.
+        f"{f', gradient sums in {config.allreduce_dtype}' if shape.num_workers > 1 else ''}"
         f"{', XLA' if jit_compiled else ''})",
         f"distaccum: TensorBoard logs in {logdir}, trained model to {logdir / 'model.keras'}",
         f"distaccum: checkpoints in {logdir / 'checkpoints'} every {config.checkpoint_interval} "

@@ -186,8 +186,26 @@ def _check_samples(key: str, value: str, which: str, dataset) -> None:
 
 
 def load_model(config: TrainConfig, job_data: JobData) -> keras.Model:
-    """The model the config's `model` names, built; compiled settings kept (.keras files and
-    factories that compile)."""
+    """The model the config's `model` names, built under the configured `precision` (set as the
+    global policy before); compiled settings kept (.keras files and factories that compile). A
+    model that computes in another policy (a .keras file keeps the one it was saved with; a
+    factory may set its own) is refused: the precision would not apply."""
+    model = _built_model(config, job_data)
+    # The layers that hold weights compute in their own policy, whatever the model's says.
+    layers = model._flatten_layers(include_self=False)
+    policies = sorted({layer.dtype_policy.name for layer in layers if layer.weights}
+                      or {model.dtype_policy.name})
+    if policies != [config.precision]:
+        found = " and ".join(policies)
+        raise ConfigError(
+            f"precision: the model computes in {found} (a .keras file keeps the policy it was "
+            f"saved with), so {config.precision} would not apply; build or save it under "
+            f"{config.precision}, or set precision: {policies[0]}. Received: "
+            f"precision={config.precision!r} for model={config.model!r}")
+    return model
+
+
+def _built_model(config: TrainConfig, job_data: JobData) -> keras.Model:
     value = config.model
     if value in BUNDLED_MODELS:
         features = tf.nest.flatten(job_data.train.element_spec[0])[0].shape[-1]

@@ -45,8 +45,8 @@ def test_launcher_trains_with_two_workers_when_run_from_readme(tmp_path, mode, c
     completed = _launch(*mode, "--config", DIGITS, *SHORT_RUN, "--set", f"logdir={tmp_path}/run")
     assert "num_workers 2," in completed.stdout
     backend = "mpi" if mode[0] == "hostfile" else "horovod"
-    assert (f"distaccum: training on CPU (2 ranks) ({backend} collectives, gradient sums in "
-            "float32)") in completed.stdout
+    assert (f"distaccum: training on CPU (2 ranks) ({backend} collectives, precision float32, "
+            "gradient sums in float32)") in completed.stdout
     # The chief alone reports: one start line, one summary.
     assert completed.stdout.count("distaccum: done: 4 update steps") == 1
     if chief_tag:

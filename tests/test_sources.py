@@ -308,3 +308,19 @@ def test_config_loss_and_metrics_replace_only_what_they_name_on_a_compiled_model
     assert arguments["loss"] == "mae" and arguments["metrics"] == ["mse"]
     assert arguments["loss_weights"] == {"a": 0.5, "b": 2.0}
     assert arguments["weighted_metrics"] == ["mse"]
+
+
+def test_precision_a_saved_model_would_not_apply_is_refused_in_one_line(train, tmp_path):
+    # Issue 35, row 3: a float32 .keras file trained in float32 under precision: mixed_float16.
+    model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(10)])
+    model.compile("sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.save(tmp_path / "m.keras")
+    code, _, err = train("--set", f"model={tmp_path / 'm.keras'}", "--set",
+                         "precision=mixed_float16", *SHORT_RUN)
+    assert code == cli.EXIT_BAD_INPUT
+    # (Keras's loader may warn first about the optimizer it cannot fill.)
+    assert err.strip().splitlines()[-1].startswith(
+        "distaccum: error: precision: the model computes in float32 (a .keras file keeps"), err
+    code, out, err = train("--set", f"model={tmp_path / 'm.keras'}", *SHORT_RUN)
+    assert code == 0, err
+    assert "precision float32)" in out  # one worker: no gradient sums travel, none named
