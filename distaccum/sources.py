@@ -188,14 +188,17 @@ def _check_samples(key: str, value: str, which: str, dataset) -> None:
 def load_model(config: TrainConfig, job_data: JobData) -> keras.Model:
     """The model the config's `model` names, built under the configured `precision` (set as the
     global policy before); compiled settings kept (.keras files and factories that compile). A
-    model that computes in another policy (a .keras file keeps the one it was saved with; a
-    factory may set its own) is refused: the precision would not apply."""
+    model the precision would not apply to is refused: under float32 no layer may compute in 16
+    bits; under a mixed policy some must compute in it (a .keras file keeps the policies it was
+    saved with, a factory may set its own; layers kept in float32 on purpose, such as logits,
+    may stay)."""
     model = _built_model(config, job_data)
     # The layers that hold weights compute in their own policy, whatever the model's says.
     layers = model._flatten_layers(include_self=False)
     policies = sorted({layer.dtype_policy.name for layer in layers if layer.weights}
                       or {model.dtype_policy.name})
-    if policies != [config.precision]:
+    if (policies != ["float32"] if config.precision == "float32"
+            else config.precision not in policies):
         found = " and ".join(policies)
         raise ConfigError(
             f"precision: the model computes in {found} (a .keras file keeps the policy it was "

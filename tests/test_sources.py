@@ -324,3 +324,17 @@ def test_precision_a_saved_model_would_not_apply_is_refused_in_one_line(train, t
     code, out, err = train("--set", f"model={tmp_path / 'm.keras'}", *SHORT_RUN)
     assert code == 0, err
     assert "precision float32)" in out  # one worker: no gradient sums travel, none named
+
+
+def test_model_saved_in_mixed_precision_is_refused_under_float32(train, tmp_path):
+    try:
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+        model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(10)])
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    model.compile("sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.save(tmp_path / "m.keras")
+    code, _, err = train("--set", f"model={tmp_path / 'm.keras'}", *SHORT_RUN)
+    assert code == cli.EXIT_BAD_INPUT
+    assert err.strip().splitlines()[-1].startswith(
+        "distaccum: error: precision: the model computes in mixed_bfloat16 (a .keras file"), err
