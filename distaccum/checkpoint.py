@@ -29,8 +29,9 @@ _PREFIX = "update-"
 # worker count, micro-batch size or k: with the same global batch, update u of an epoch takes the
 # same samples on any of them (`order`), so a run may resume on more or fewer workers.
 RESUME_MUST_MATCH = ("dataset", "dataset_args", "parse", "model", "model_args", "loss",
-                     "loss_args", "optimizer", "optimizer_args", "global_batch_size", "seed",
-                     "partitions", "shuffle_buffer", "precision")
+                     "loss_args", "optimizer", "optimizer_args", "learning_rate", "lr_schedule",
+                     "warmup_steps", "global_batch_size", "seed", "partitions", "shuffle_buffer",
+                     "precision")
 # Settings later formats added, as a checkpoint without them was written.
 _ADDED_SETTINGS = {"loss_args": {}}
 # What an update minimises (`objective`): recorded so that a resume never silently changes it.

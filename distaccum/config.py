@@ -177,6 +177,13 @@ class TrainConfig:
         if not self.logdir:
             _fail("logdir", self.logdir, "must not be empty")
 
+    def changed(self, keys: typing.Iterable[str]) -> list[str]:
+        """Which of `keys` the configuration sets to other than their defaults."""
+        fields = {spec.name: spec for spec in dataclasses.fields(self)}
+        return [key for key in keys if getattr(self, key) != (
+            fields[key].default_factory() if fields[key].default is dataclasses.MISSING
+            else fields[key].default)]
+
     def _check_arguments(self) -> None:
         """A `*_args` entry is applied exactly or refused: only a factory or function named by
         import path takes `model_args`/`dataset_args` (a bundled name, a file or record files
@@ -189,6 +196,9 @@ class TrainConfig:
                 _fail(args, getattr(self, args), f"only a {key} given as an import path "
                       f"(package.module:function) takes arguments; {key}={value!r} would ignore "
                       "them")
+        if self.warmup_steps and self.lr_schedule != "cosine":
+            _fail("warmup_steps", self.warmup_steps, f"needs lr_schedule: cosine (the "
+                  f"{self.lr_schedule} schedule has no warm-up)")
         if "learning_rate" in self.optimizer_args:
             _fail("optimizer_args", self.optimizer_args, "holds learning_rate, which has a key of "
                   "its own (with lr_schedule and warmup_steps): set learning_rate instead")

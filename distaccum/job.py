@@ -38,6 +38,8 @@ class JobResult:
 
 # Mini-batch SGD without momentum rarely trains well; `optimizer_args` can set another value.
 SGD_DEFAULTS = {"momentum": 0.9}
+# What configures the optimizer `build_optimizer` builds (not a compiled model's own).
+OPTIMIZER_SETTINGS = ("learning_rate", "lr_schedule", "warmup_steps", "optimizer_args")
 # Beside the checkpoints: the record files' index, so that a restart does not scan them again.
 RECORD_INDEX = "record-index.json"
 
@@ -48,6 +50,13 @@ def build_optimizer(config: TrainConfig, model: keras.Model,
     whole run in update steps); with no `optimizer` key, a compiled model's own optimizer as
     compiled, else Adam."""
     if config.optimizer is None and getattr(model, "compiled", False):
+        ignored = config.changed(OPTIMIZER_SETTINGS)
+        if ignored:
+            raise ConfigError(
+                f"{ignored[0]}: the model's compiled optimizer ({type(model.optimizer).__name__}) "
+                f"trains as compiled when no optimizer is named, so {', '.join(ignored)} would "
+                f"not apply; name one (optimizer: {type(model.optimizer).__name__.lower()}) to "
+                f"set them. Received: {ignored[0]}={getattr(config, ignored[0])!r}")
         return model.optimizer
     learning_rate = config.learning_rate
     if config.lr_schedule == "cosine":

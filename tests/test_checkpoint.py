@@ -145,3 +145,12 @@ def test_checkpoint_refuses_another_loss_and_takes_a_missing_loss_args_as_none(t
                                           "loss_args": {"reduction": "sum"}})
     with pytest.raises(ConfigError, match=r"^loss: .*loss='mse'.*Received: loss='mae'"):
         manager.restore_latest(_state(), {**SETTINGS, "loss": "mae", "loss_args": {}})
+
+
+def test_resume_with_another_learning_rate_is_refused_naming_both(tmp_path):
+    # Issue 35, row 6: the checkpoint's rate went on while the config asked another.
+    manager = CheckpointManager(tmp_path)
+    manager.save(Position(5, 1, 5), _state(), {**SETTINGS, "learning_rate": 0.003})
+    with pytest.raises(ConfigError, match=r"^learning_rate: .* written with "
+                                          r"learning_rate=0.003.*Received: learning_rate=0.0001"):
+        manager.restore_latest(_state(), {**SETTINGS, "learning_rate": 0.0001})

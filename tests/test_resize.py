@@ -76,7 +76,8 @@ def train(monkeypatch, capsys):
 
     def run(logdir: Path, *overrides: str) -> tuple[int, str, str]:
         arguments = ["train", "--config", DIGITS, "--set", f"logdir={logdir}",
-                     "--set", "update_steps=8", "--set", "lr_schedule=constant"]
+                     "--set", "update_steps=8", "--set", "lr_schedule=constant",
+                     "--set", "warmup_steps=0"]
         for override in overrides:
             arguments += ["--set", override]
         code = cli.main(arguments)
@@ -135,7 +136,7 @@ RUNS = {
     "arrays": (["micro_batch_size=32", "global_batch_size=128"], 12, (5, 9, 17)),
 }
 STAGE_WORKERS = (4, 2, 1, 2)  # k = 1, 2, 4, 2
-SCHEDULE = ["lr_schedule=constant", "checkpoint_interval=5", "log_interval=5"]
+SCHEDULE = ["lr_schedule=constant", "warmup_steps=0", "checkpoint_interval=5", "log_interval=5"]
 
 
 def _environment(backend: str) -> dict:

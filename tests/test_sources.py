@@ -338,3 +338,30 @@ def test_model_saved_in_mixed_precision_is_refused_under_float32(train, tmp_path
     assert code == cli.EXIT_BAD_INPUT
     assert err.strip().splitlines()[-1].startswith(
         "distaccum: error: precision: the model computes in mixed_bfloat16 (a .keras file"), err
+
+
+def test_warmup_without_a_schedule_that_warms_up_is_refused():
+    with pytest.raises(ConfigError, match=r"^warmup_steps: needs lr_schedule: cosine .*"
+                                          r"Received: warmup_steps=5$"):
+        TrainConfig(epochs=1, warmup_steps=5)
+    assert TrainConfig(epochs=1, warmup_steps=5, lr_schedule="cosine").warmup_steps == 5
+
+
+@pytest.mark.parametrize("setting", ["learning_rate=0.01", "optimizer_args={momentum: 0.9}",
+                                     "lr_schedule=cosine"])
+def test_optimizer_settings_a_compiled_optimizer_would_ignore_are_refused(train, tmp_path,
+                                                                           setting):
+    # Issue 35, row 1: the file's SGD trained at its own rate while the config asked another.
+    model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(10)])
+    model.compile(keras.optimizers.SGD(0.5), loss=keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True))
+    model.save(tmp_path / "m_sgd.keras")
+    code, _, err = train("--set", f"model={tmp_path / 'm_sgd.keras'}", "--set", setting,
+                         *SHORT_RUN)
+    assert code == cli.EXIT_BAD_INPUT, err
+    key = setting.split("=")[0]
+    assert err.strip().splitlines()[-1].startswith(
+        f"distaccum: error: {key}: the model's compiled optimizer (SGD) trains as compiled"), err
+    code, _, err = train("--set", f"model={tmp_path / 'm_sgd.keras'}", "--set", setting,
+                         "--set", "optimizer=sgd", *SHORT_RUN)
+    assert code == 0, err

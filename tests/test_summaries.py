@@ -24,7 +24,8 @@ def frozen_run(tmp_path_factory):
     logdir = tmp_path_factory.mktemp("run")
     run_script(
         "horovodrun", "-m", "distaccum.cli", "train", "--config", DIGITS,
-        "--set", "learning_rate=0", "--set", "lr_schedule=constant", "--set", "epochs=2",
+        "--set", "learning_rate=0", "--set", "lr_schedule=constant", "--set", "warmup_steps=0",
+        "--set", "epochs=2",
         "--set", f"log_interval={UPDATES_PER_EPOCH}", "--set", f"logdir={logdir}",
     )
     events = event_accumulator.EventAccumulator(
