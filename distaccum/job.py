@@ -22,7 +22,7 @@ from distaccum.config import ConfigError, TrainConfig
 from distaccum.progress import ProgressReporter, loss_first
 from distaccum.records import Position
 from distaccum.summaries import TensorBoardWriter
-from distaccum.trainer import Trainer
+from distaccum.trainer import Trainer, compiled_arguments
 
 
 @dataclass(frozen=True)
@@ -150,14 +150,41 @@ def describe_resume(start: Position, shape: BatchShape, previous: BatchShape | N
             f"{shape.global_batch_size} unchanged")
 
 
+def applied_training(trainer: Trainer) -> dict:
+    """What trains, as built rather than as asked: the optimizer with its learning rate or
+    schedule, each output's loss with its reduction, the metrics. The start-up block prints it
+    and TensorBoard's `config` text records it."""
+    optimizer = getattr(trainer.optimizer, "inner_optimizer", trainer.optimizer)
+    rate = optimizer._learning_rate  # a schedule, or the variable holding a constant rate
+    if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
+        config = {k: v for k, v in rate.get_config().items() if k != "name"}
+        learning_rate = f"{type(rate).__name__}({', '.join(f'{k}={v}' for k, v in config.items())})"
+    else:
+        learning_rate = f"{float(optimizer.learning_rate):g}"
+    compiled = compiled_arguments(trainer.model)
+    metrics = [m for key in ("metrics", "weighted_metrics")
+               for m in tf.nest.flatten(compiled.get(key) or [])]
+    return {
+        "optimizer": f"{type(optimizer).__name__} (learning rate {learning_rate})",
+        "loss": ", ".join(f"{o.output}: {o.loss if isinstance(o.loss, str) else o.loss.name} "
+                          f"({'sum_over_batch_size' if isinstance(o.loss, str) else o.loss.reduction}"
+                          f"{f', weight {o.weight:g}' if o.weight != 1 else ''})"
+                          for o in trainer.objective.losses),
+        "metrics": ", ".join(getattr(m, "name", None) or str(m) for m in metrics) or "none",
+        "precision": trainer.model.dtype_policy.name,
+    }
+
+
 def describe_start(config: TrainConfig, shape: BatchShape, updates_per_epoch, total: int,
                    logdir: Path, resumed: str, device_codes: list[int],
-                   notes: tuple[str, ...], jit_compiled: bool = False) -> str:
+                   notes: tuple[str, ...], applied: dict, jit_compiled: bool = False) -> str:
     return "\n".join([
         f"distaccum: num_workers {shape.num_workers}, micro_batch_size {shape.micro_batch_size}, "
         f"accumulation_steps {shape.accumulation_steps}, global_batch_size "
         f"{shape.global_batch_size}",
         f"distaccum: {updates_per_epoch} updates per epoch, {total} update steps in all",
+        f"distaccum: optimizer {applied['optimizer']}; loss {applied['loss']}; metrics "
+        f"{applied['metrics']}",
         *notes,
         f"distaccum: training on {devices.describe(device_codes)} ({comm.current().name} "
         f"collectives, precision {config.precision}"
@@ -246,7 +273,8 @@ def run(config: TrainConfig, stream: TextIO | None = None) -> JobResult:
     total = config.update_steps or config.epochs * plan.updates_per_epoch
     trainer = build_trainer(config, job_data, total, shape.accumulation_steps)
     trainer.prepare(job_data.train.element_spec)
-    settings = _resume_settings(config, shape)
+    # As applied: the worker count, k and the global batch, and what trains (as built).
+    settings = {**_resume_settings(config, shape), "applied": applied_training(trainer)}
     start, saved = _resume(trainer, manager if chief else None, settings)
     previous = BatchShape.of(saved) if saved and "num_workers" in saved else None
     device_codes = comm.gather_device_codes()
@@ -264,10 +292,10 @@ def run(config: TrainConfig, stream: TextIO | None = None) -> JobResult:
         print(describe_start(config, shape, plan.updates_per_epoch, total, logdir,
                              describe_resume(start, shape, previous), device_codes,
                              job_data.notes + _resize_notes(job_data, shape, previous),
-                             trainer.jit_compile),
+                             settings["applied"], trainer.jit_compile),
               file=stream, flush=True)
         writer = TensorBoardWriter(str(logdir), trainer.allreduce_per_update, start.update_step)
-        writer.write_config(settings)  # as applied: the worker count, k and the global batch too
+        writer.write_config(settings)
         callbacks = [ProgressReporter(total, stream), writer]
     history = trainer.fit(
         job_data.train,

@@ -3,6 +3,7 @@ example project in examples/my_project), .keras and .npz files; every bad value 
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 
@@ -287,8 +288,12 @@ def test_saved_model_continues_the_optimizer_that_trained(train, tmp_path, compi
             from_logits=True), weighted_metrics=["accuracy"])
         model.save(tmp_path / "m_sgd.keras")
         arguments += ["--set", f"model={tmp_path / 'm_sgd.keras'}"]
-    code, _, err = train(*arguments)
+    code, out, err = train(*arguments)
     assert code == 0, err
+    # What trains, as built, in the start-up block and beside the config the checkpoint records.
+    assert "distaccum: optimizer Adam (learning rate 0.002); loss " in out
+    meta = json.loads(next((tmp_path / "run" / "checkpoints").glob("*/meta.json")).read_text())
+    assert meta["settings"]["applied"]["optimizer"] == "Adam (learning rate 0.002)"
     saved = keras.saving.load_model(tmp_path / "run" / "model.keras", compile=True)
     assert type(saved.optimizer).__name__ == "Adam"
     assert int(saved.optimizer.iterations) == 3
