@@ -166,13 +166,20 @@ def applied_training(trainer: Trainer) -> dict:
                for m in tf.nest.flatten(compiled.get(key) or [])]
     return {
         "optimizer": f"{type(optimizer).__name__} (learning rate {learning_rate})",
-        "loss": ", ".join(f"{o.output}: {o.loss if isinstance(o.loss, str) else o.loss.name} "
-                          f"({'sum_over_batch_size' if isinstance(o.loss, str) else o.loss.reduction}"
-                          f"{f', weight {o.weight:g}' if o.weight != 1 else ''})"
-                          for o in trainer.objective.losses),
+        "loss": ", ".join(_loss_text(o) for o in trainer.objective.losses),
         "metrics": ", ".join(getattr(m, "name", None) or str(m) for m in metrics) or "none",
         "precision": trainer.model.dtype_policy.name,
     }
+
+
+def _loss_text(output_loss) -> str:
+    """`output: name (reduction, weight w)`; a name Keras resolves by the labels ("ce") keeps
+    Keras's default reduction."""
+    loss = output_loss.loss
+    name, reduction = ((loss, "sum_over_batch_size") if isinstance(loss, str)
+                       else (loss.name, loss.reduction))
+    weight = f", weight {output_loss.weight:g}" if output_loss.weight != 1 else ""
+    return f"{output_loss.output}: {name} ({reduction}{weight})"
 
 
 def describe_start(config: TrainConfig, shape: BatchShape, updates_per_epoch, total: int,

@@ -142,15 +142,15 @@ def resolve_losses(model: keras.Model, loss, loss_weights=None) -> list[OutputLo
     return resolved
 
 
-def unreduced_loss(loss, y_true, y_pred) -> tuple[tf.Tensor, tf.Tensor | None]:
+def unreduced_loss(loss: keras.losses.Loss, y_true, y_pred
+                   ) -> tuple[tf.Tensor, tf.Tensor | None]:
     """The loss per sample (`[batch]`) or per element (`[batch, time, ...]`) as float32, and the
     Keras mask that applies to it (the prediction's and the loss's own, as `Loss.__call__` merges
     them), or None.
 
-    Keras `Loss` objects are asked for `Loss.call`, their unreduced values, after the same dtype
-    conversion `Loss.__call__` does.
+    The `Loss` is asked for `Loss.call`, its unreduced values, after the same dtype conversion
+    `Loss.__call__` does.
     """
-    loss = get_loss(loss, y_true, y_pred)
     in_mask = getattr(y_pred, "_keras_mask", None)
     y_true = tf.nest.map_structure(lambda t: tf.cast(t, loss.dtype), y_true)
     y_pred = tf.nest.map_structure(lambda t: tf.cast(t, loss.dtype), y_pred)

@@ -263,9 +263,9 @@ def with_loss_args(loss, loss_args: dict) -> keras.losses.Loss:
     if isinstance(loss, (Mapping, list, tuple)) or hasattr(loss, "keys"):
         raise ConfigError(f"loss_args: the model has one loss per output; set each in the model's "
                           f"compile instead. {received}")
-    if isinstance(loss, str):
-        loss = keras.losses.get(loss)
     try:
+        if isinstance(loss, str):
+            loss = keras.losses.get(loss)
         if isinstance(loss, type) and issubclass(loss, keras.losses.Loss):
             return loss(**loss_args)
         if isinstance(loss, keras.losses.Loss):

@@ -95,18 +95,19 @@ class Case:
             lengths = rng.integers(1, TIME + 1, size=SAMPLES)
             x[np.arange(TIME)[None] >= lengths[:, None]] = 0.0  # padding, masked when Masking is in
             y = rng.integers(0, CLASSES, size=(SAMPLES, TIME)).astype("int32")
-            w = {"unweighted": None, "per_sample": weights[:, 0], "per_element": weights,
-                 "mask": None, "mask_and_per_element": weights}.get(
-                     self.weighting, weights[:, :1])
+            w = {"unweighted": None, "per_sample": weights[:, 0],
+                 "per_sample_column": weights[:, :1], "per_element": weights, "mask": None,
+                 "mask_and_per_element": weights,
+                 "mask_and_per_sample_column": weights[:, :1]}[self.weighting]
         else:
             x = rng.normal(size=(SAMPLES, FEATURES)).astype("float32")
             y = rng.integers(0, CLASSES, size=SAMPLES).astype("int32")
-            w = {"per_sample": weights[:, 0], "per_sample_column": weights[:, :1],
-                 "class_weight_and_per_sample": weights[:, 0]}.get(self.weighting)
+            w = {"unweighted": None, "per_sample": weights[:, 0],
+                 "per_sample_column": weights[:, :1], "class_weight": None,
+                 "class_weight_and_per_sample": weights[:, 0],
+                 "per_output": {"score": weights[:, 0], "label": weights[:, 1]}}[self.weighting]
             if self.model == "two_output":
                 y = {"score": np.sign(x[:, :2]).astype("float32"), "label": y}
-                if self.weighting == "per_output":
-                    w = {"score": weights[:, 0], "label": weights[:, 1]}
         return tuple(None if v is None else scenarios.take(v, part) for v in (x, y, w))
 
     def micro_batches(self, part: slice = slice(None)) -> list[tuple]:

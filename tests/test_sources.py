@@ -370,3 +370,9 @@ def test_optimizer_settings_a_compiled_optimizer_would_ignore_are_refused(train,
     code, _, err = train("--set", f"model={tmp_path / 'm_sgd.keras'}", "--set", setting,
                          "--set", "optimizer=sgd", *SHORT_RUN)
     assert code == 0, err
+
+
+def test_loss_args_on_a_name_keras_resolves_by_the_labels_is_one_line():
+    config = TrainConfig(epochs=1, loss="ce", loss_args={"reduction": "sum"})
+    with pytest.raises(ConfigError, match=r"^loss_args: .*Received: loss_args="):
+        sources.compile_arguments(config, _uncompiled())
