@@ -106,7 +106,7 @@ def synthetic_trainer(accumulation_steps: int, *, communicate: bool = True,
                                 accumulation_steps=accumulation_steps,
                                 allreduce_dtype=allreduce_dtype)
     if not communicate:
-        trainer.backend = comm.SingleProcessBackend()
+        trainer._steps.backend = comm.SingleProcessBackend()  # the steps sum through it
     return trainer
 
 

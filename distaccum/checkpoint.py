@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from distaccum.config import ConfigError
-from distaccum.records import Position
+from distaccum.history import Position
 
 FORMAT_VERSION = 1
 _PREFIX = "update-"

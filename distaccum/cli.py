@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     console.import_tensorflow_quietly()
     from distaccum import comm, job
-    from distaccum.records import ModelDataMismatch, TrainingInterrupted
+    from distaccum.errors import ModelDataMismatch, TrainingInterrupted
 
     try:
         job.run(config)

@@ -19,15 +19,12 @@ import tensorflow as tf
 
 from distaccum import callbacks as keras_callbacks
 from distaccum import data, diagnosis
-from distaccum.records import (
-    BadMicroBatch,
+from distaccum.errors import NonFiniteGradients, TrainingInterrupted
+from distaccum.history import (
     History,
     IntervalRecord,
-    NonFiniteGradients,
     Position,
-    TrainingInterrupted,
     UpdateRecord,
-    one_line,
     weighted_mean,
     weighted_totals,
 )
@@ -128,28 +125,6 @@ def _advance(position: Position, windows: int, updates_per_epoch) -> Position:
     if done >= updates_per_epoch:
         return Position(position.update_step + windows, position.epoch + 1, 0)
     return Position(position.update_step + windows, position.epoch, done)
-
-
-def _raise_if_bad(record: UpdateRecord, own, origin: str = "",
-                  part: diagnosis.Refusal | None = None, first_of_run: bool = False) -> None:
-    """`BadMicroBatch` on every worker when any reported one in this update (none applied it);
-    `own` is this worker's (micro-batch, error), if it was one of them, `origin` where that
-    micro-batch was read from (a record file, say), if known, `part` what in the step refused it
-    (`diagnosis.refusing_part`), and `first_of_run` whether it was the first this run trained.
-    `ModelDataMismatch` instead when every worker failed on that first micro-batch: then the
-    model, loss or metrics do not fit the data, whatever the batch."""
-    reports = [int(n) for n in record.result.bad_micro_batches.numpy()]
-    if not any(reports):
-        return
-    if first_of_run and own and all(n == own[0] for n in reports):
-        raise diagnosis.mismatch(part, own[1], diagnosis.FIRST_MICRO_BATCH)
-    where = ", ".join(f"rank {rank}: micro-batch {n} of epoch {record.epoch}"
-                      for rank, n in enumerate(reports) if n)
-    why = (f" (here: {part})" if part else
-           f" (here: {type(own[1]).__name__}: {one_line(own[1])})" if own else "")
-    why += f"; it holds {origin}" if own and origin else ""
-    raise BadMicroBatch(f"{where} (counted from 1) cannot be trained on; every rank stopped at "
-                        f"update step {record.update_step} without applying it{why}")
 
 
 def _check_duration(epochs, update_steps) -> None:
@@ -326,10 +301,10 @@ class Controller:
         if bad:
             origin = self._source.describe(start.epoch, self._trainer.accumulation_steps, bad[0])
             part = self._trainer.refusing_part(*bad[2]) if bad[2] is not None else None
-            _raise_if_bad(record, bad[:2], origin, part,
+            diagnosis.raise_if_bad(record, bad[:2], origin, part,
                           first_of_run=self._updates_run == 0 and bad[0] == first + 1)
         else:  # another worker's report stops this one too
-            _raise_if_bad(record, None)
+            diagnosis.raise_if_bad(record, None)
         return record
 
     def _stored_micro_steps(self, micro_batches: list, first: int):

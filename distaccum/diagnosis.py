@@ -5,6 +5,9 @@ start with segment_ids.shape = [320]`), not what the user wrote. Run again eager
 time, the refusing part is known, and the innermost Keras object on the error's traceback (a
 layer, a loss, a metric) names it. Nothing changes: the forward pass runs in inference mode and the
 metrics update under a `keras.StatelessScope`. It runs only after a step has failed.
+
+`raise_if_bad` turns the bad micro-batches workers reported in an update into one error on every
+worker: `BadMicroBatch`, or `ModelDataMismatch` when every worker failed on its first.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import keras
 import tensorflow as tf
 from keras.src.losses.losses import LossFunctionWrapper  # how Keras wraps a loss function
 
-from distaccum.records import ModelDataMismatch, one_line
+from distaccum.errors import BadMicroBatch, ModelDataMismatch, one_line
+from distaccum.history import UpdateRecord
 
 # Why a failure is the model's and not one micro-batch's, as `mismatch` says it.
 FIRST_MICRO_BATCH = "Every rank failed on its first micro-batch"
@@ -73,6 +77,28 @@ def mismatch(refusal: Refusal | None, error: BaseException, why: str, *,
         what = f"{refusal.part} fails: {_error(error)}" if traced else str(refusal)
     return ModelDataMismatch(f"{what.rstrip('.')}. {why}, so the model, loss or metrics do not fit "
                              "the data's shapes or label format; nothing was trained")
+
+
+def raise_if_bad(record: UpdateRecord, own, origin: str = "", part: Refusal | None = None,
+                 first_of_run: bool = False) -> None:
+    """`BadMicroBatch` on every worker when any reported one in this update (none applied it);
+    `own` is this worker's (micro-batch, error), if it was one of them, `origin` where that
+    micro-batch was read from (a record file, say), if known, `part` what in the step refused it
+    (`refusing_part`), and `first_of_run` whether it was the first this run trained.
+    `ModelDataMismatch` instead when every worker failed on that first micro-batch: then the
+    model, loss or metrics do not fit the data, whatever the batch."""
+    reports = [int(n) for n in record.result.bad_micro_batches.numpy()]
+    if not any(reports):
+        return
+    if first_of_run and own and all(n == own[0] for n in reports):
+        raise mismatch(part, own[1], FIRST_MICRO_BATCH)
+    where = ", ".join(f"rank {rank}: micro-batch {n} of epoch {record.epoch}"
+                      for rank, n in enumerate(reports) if n)
+    why = (f" (here: {part})" if part else
+           f" (here: {type(own[1]).__name__}: {one_line(own[1])})" if own else "")
+    why += f"; it holds {origin}" if own and origin else ""
+    raise BadMicroBatch(f"{where} (counted from 1) cannot be trained on; every rank stopped at "
+                        f"update step {record.update_step} without applying it{why}")
 
 
 def _innermost(error: BaseException, kind: type):

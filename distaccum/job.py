@@ -20,7 +20,7 @@ from distaccum import comm, data, devices, sources
 from distaccum.checkpoint import OBJECTIVE, CheckpointError, CheckpointManager
 from distaccum.config import ConfigError, TrainConfig
 from distaccum.progress import ProgressReporter, loss_first
-from distaccum.records import Position
+from distaccum.history import Position
 from distaccum.summaries import TensorBoardWriter
 from distaccum.trainer import Trainer, compiled_arguments
 

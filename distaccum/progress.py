@@ -13,7 +13,7 @@ from typing import TextIO
 
 from distaccum import comm
 from distaccum.callbacks import Callback
-from distaccum.records import IntervalRecord, UpdateRecord
+from distaccum.history import IntervalRecord, UpdateRecord
 
 _BAR_WIDTH = 30
 

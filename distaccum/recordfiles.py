@@ -27,7 +27,7 @@ import tensorflow as tf
 
 from distaccum import comm
 from distaccum.order import CHUNK_RECORDS
-from distaccum.records import one_line
+from distaccum.errors import one_line
 
 _HEADER = 12  # length (8) + its checksum (4)
 _FOOTER = 4  # the data's checksum

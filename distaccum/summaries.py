@@ -27,7 +27,7 @@ from tensorboard.compat.proto import event_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter
 
 from distaccum.callbacks import Callback
-from distaccum.records import IntervalRecord, UpdateRecord
+from distaccum.history import IntervalRecord, UpdateRecord
 
 
 class TensorBoardWriter(Callback):

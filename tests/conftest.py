@@ -26,10 +26,10 @@ def every_trainer_under_xla(monkeypatch):
     """launch/test.sh runs the tolerance tests once more with distaccum's own steps under XLA
     (DISTACCUM_TEST_JIT_COMPILE=true): every Trainer the test makes compiles them, whatever its
     jit_compile says."""
-    from distaccum import trainer
+    from distaccum import xla
 
-    resolve = trainer.resolve_jit_compile
-    monkeypatch.setattr(trainer, "resolve_jit_compile", lambda model, _: resolve(model, True))
+    resolve = xla.resolve_jit_compile
+    monkeypatch.setattr(xla, "resolve_jit_compile", lambda model, _: resolve(model, True))
 
 
 def remove_stale_open_mpi_session_dirs() -> None:

@@ -9,7 +9,7 @@ import pytest
 import scenarios
 from distaccum.checkpoint import OBJECTIVE, CheckpointError, CheckpointManager
 from distaccum.config import ConfigError
-from distaccum.records import Position
+from distaccum.history import Position
 
 SETTINGS = {"accumulation_steps": 2, "micro_batch_size": 4, "num_workers": 1,
             "global_batch_size": 8, "seed": 0}

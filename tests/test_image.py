@@ -18,14 +18,14 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO_ROOT
-from distaccum import k8s
+from distaccum import k8s, k8s_pods
 
 IMAGE_DIR = REPO_ROOT / "k8s" / "image"
 DOCKERFILE = REPO_ROOT / "k8s" / "Dockerfile"
 SSHD = Path("/usr/sbin/sshd")
 # The Secret's files as the kubelet writes them (mode, group): root owns them. mpi-operator leaves
 # defaultMode unset (0644); Trainer sets 0640 and the pod's fsGroup makes mpiuser's group theirs.
-SECRET_FILES = {"mpi-operator": (0o644, 0), "trainer": (0o640, k8s.USER_ID)}
+SECRET_FILES = {"mpi-operator": (0o644, 0), "trainer": (0o640, k8s_pods.USER_ID)}
 # security.capability as `setcap cap_net_raw+ep` writes it (VFS_CAP_REVISION_2).
 NET_RAW_CAPABILITY = struct.pack("<5I", 0x02000001, 1 << 13, 0, 0, 0)
 
@@ -120,15 +120,16 @@ def _locked_down_pod(tmp_path: Path, secret: str, script: str, job_files: dict[s
     shutil.copy(source / "id_rsa.pub", source / "authorized_keys")
     for name in ("sshd_config", "ssh_config"):
         shutil.copy(IMAGE_DIR / name, source / name)
-    for name, entry in (("passwd", f"mpiuser:x:{k8s.USER_ID}:{k8s.USER_ID}::{k8s.HOME}:/bin/bash"),
-                        ("group", f"mpiuser:x:{k8s.USER_ID}:")):
+    for name, entry in (("passwd",
+                         f"mpiuser:x:{k8s_pods.USER_ID}:{k8s_pods.USER_ID}::{k8s_pods.HOME}:/bin/bash"),
+                        ("group", f"mpiuser:x:{k8s_pods.USER_ID}:")):
         kept = [line for line in Path("/etc", name).read_text().splitlines()
-                if line.split(":")[2] != str(k8s.USER_ID) and not line.startswith("mpiuser:")]
+                if line.split(":")[2] != str(k8s_pods.USER_ID) and not line.startswith("mpiuser:")]
         (source / name).write_text("\n".join([*kept, entry]) + "\n")
     mode, group = SECRET_FILES[secret]
     hidden, hidden_child = _hidden_ancestor(Path(sys.executable).resolve())
     env = {"PATH": os.environ["PATH"], "SRC": str(source), "PORT": str(_free_port()),
-           "SECRET_MODE": f"{mode:o}", "SECRET_GROUP": str(group), "USER_ID": str(k8s.USER_ID),
+           "SECRET_MODE": f"{mode:o}", "SECRET_GROUP": str(group), "USER_ID": str(k8s_pods.USER_ID),
            "VENV": sys.prefix,
            "HIDDEN": hidden, "HIDDEN_CHILD": hidden_child,
            "CHECKOUT_IN_TMP": str(REPO_ROOT) if REPO_ROOT.is_relative_to("/tmp") else "",
@@ -147,7 +148,7 @@ def test_ssh_runs_command_through_sshd_when_pod_is_locked_down(tmp_path, secret)
     assert completed.returncode != 0, "the home directory should be read-only"
     assert "Read-only file system" in completed.stderr, completed.stderr
     assert completed.stdout.split("\n")[:6] == [
-        str(k8s.USER_ID), "PATH=/opt/distaccum/.venv/bin:/usr/local/bin:/usr/bin:/bin",
+        str(k8s_pods.USER_ID), "PATH=/opt/distaccum/.venv/bin:/usr/local/bin:/usr/bin:/bin",
         "KERAS_HOME=/tmp/keras", "CapEff:\t0000000000000000", "CapBnd:\t0000000000000000",
         "NoNewPrivs:\t1"], completed.stderr
 
@@ -161,9 +162,9 @@ def test_mpirun_trains_through_sshd_when_pod_is_locked_down(tmp_path):
     launcher = next(d for d in documents if d["kind"] == "MPIJob")["spec"]["mpiReplicaSpecs"][
         "Launcher"]["template"]["spec"]["containers"][0]
     # 127.0.0.2 is not one of this machine's addresses to Open MPI: it starts prted through ssh.
-    local = {k8s.HOSTFILE: "/home/job/hostfile",
-             f"{k8s.CONFIG_DIR}/config.yaml": "/home/job/config.yaml",
-             f"logdir={k8s.DATA_DIR}/runs/distaccum": "logdir=/home/data/runs/distaccum"}
+    local = {k8s_pods.HOSTFILE: "/home/job/hostfile",
+             f"{k8s_pods.CONFIG_DIR}/config.yaml": "/home/job/config.yaml",
+             f"logdir={k8s_pods.DATA_DIR}/runs/distaccum": "logdir=/home/data/runs/distaccum"}
     command = " ".join(local.get(part, part) for part in launcher["command"])
     script = (f'as_mpiuser PRTE_MCA_plm_ssh_args="-p $PORT" KERAS_HOME=/tmp/keras {command}\n'
               "ls -A /tmp /home/data/runs/distaccum\n")
@@ -186,7 +187,7 @@ def test_sshd_accepts_config_when_sshd_is_installed(tmp_path):
                     str(tmp_path / "id_rsa")], check=True)
     config = tmp_path / "sshd_config"
     config.write_text((IMAGE_DIR / "sshd_config").read_text().replace(
-        f"{k8s.HOME}/.ssh/id_rsa", str(tmp_path / "id_rsa")))
+        f"{k8s_pods.HOME}/.ssh/id_rsa", str(tmp_path / "id_rsa")))
     checked = subprocess.run([str(SSHD), "-t", "-f", str(config)], capture_output=True, text=True)
     assert checked.returncode == 0, checked.stderr
 
@@ -278,9 +279,9 @@ def test_dockerfile_builds_with_readme_setup_as_non_root_user():
     assert any("bash launch/setup.sh" in run for run in runs)
     users = [argument for keyword, argument in instructions if keyword == "USER"]
     assert users and users[-1] == "mpiuser"
-    assert f"--uid {k8s.USER_ID}" in " ".join(runs)
-    assert ("EXPOSE", str(k8s.SSH_PORT)) in instructions
-    assert k8s.HOME == "/home/mpiuser"
+    assert f"--uid {k8s_pods.USER_ID}" in " ".join(runs)
+    assert ("EXPOSE", str(k8s_pods.SSH_PORT)) in instructions
+    assert k8s_pods.HOME == "/home/mpiuser"
     assert "openssh-server" in " ".join(runs)
 
 

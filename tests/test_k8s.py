@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from conftest import REPO_ROOT, VENV_BIN
-from distaccum import k8s
+from distaccum import k8s, k8s_pods
 from distaccum.config import load_config
 
 CRD_DIR = REPO_ROOT.parent / "shared" / "k8s" / "crds"
@@ -171,10 +171,10 @@ def test_gpu_manifests_name_only_the_gpu_image_and_forward_nccl_settings():
     }
     for name, documents in gpu_renders.items():
         images = _images(documents)
-        assert len(images) == 1 and images.pop().endswith(k8s.GPU_TAG_SUFFIX), name
+        assert len(images) == 1 and images.pop().endswith(k8s_pods.GPU_TAG_SUFFIX), name
         assert "NCCL_SOCKET_IFNAME" in k8s.to_yaml(documents), name
     cpu_render = _rendered_by_cli()
-    assert _images(cpu_render) == {k8s.IMAGE}
+    assert _images(cpu_render) == {k8s_pods.IMAGE}
     assert "NCCL" not in k8s.to_yaml(cpu_render)  # NCCL is built only into the GPU image
 
 
@@ -253,7 +253,7 @@ def test_example_dockerfile_extends_distaccum_image_with_the_project_where_manif
     lines = [line.split(None, 1) for line in (EXAMPLE / "Dockerfile").read_text().splitlines()
              if line.strip() and not line.startswith("#")]
     [base] = [argument for keyword, argument in lines if keyword == "FROM"]
-    assert base == k8s.IMAGE
+    assert base == k8s_pods.IMAGE
     for keyword, argument in lines:
         if keyword == "COPY":
             *sources, _ = [a for a in argument.split() if not a.startswith("--")]
@@ -395,7 +395,7 @@ def test_rendered_names_differ_from_what_mpi_operator_creates_when_options_vary(
 
 
 def test_name_check_catches_the_configmap_mpi_operator_owns(monkeypatch):
-    monkeypatch.setattr(k8s, "CONFIG_MAP_SUFFIX", "-config")  # the name before the fix
+    monkeypatch.setattr(k8s_pods, "CONFIG_MAP_SUFFIX", "-config")  # the name before the fix
     documents = k8s.render(k8s.ClusterOptions(), _config_text())
     assert rendered_objects(documents) & mpi_operator_objects(_by_kind(documents)["MPIJob"]) \
         == {("ConfigMap", "distaccum-config")}
@@ -441,11 +441,11 @@ SSHD_CONFIG = REPO_ROOT / "k8s" / "image" / "sshd_config"
 def test_sshd_config_listens_where_manifests_probe():
     settings = dict(line.split(None, 1) for line in SSHD_CONFIG.read_text().splitlines()
                     if line.strip() and not line.startswith("#"))
-    assert settings["Port"] == str(k8s.SSH_PORT)
+    assert settings["Port"] == str(k8s_pods.SSH_PORT)
     job = _by_kind(k8s.render(k8s.ClusterOptions(), _config_text()))["MPIJob"]
     assert settings["AuthorizedKeysFile"].startswith(job["spec"]["sshAuthMountPath"] + "/")
     worker = job["spec"]["mpiReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
-    assert worker["command"][-1] == f"{k8s.HOME}/.sshd_config"
+    assert worker["command"][-1] == f"{k8s_pods.HOME}/.sshd_config"
 
 
 # --- resizing: the same job (name, claim, logdir) on another number of workers ---
@@ -584,7 +584,7 @@ def test_resized_mpijob_validates_and_differs_only_in_workers_and_slots(workers,
     validate(after, mpijob_schema)
     assert render_differences(before, after) == expected_differences(MPIJOB_COUNTS, workers, gpus)
     assert _name_claims_logdir(before) == _name_claims_logdir(after) == (
-        RESIZE_NAME, {f"{RESIZE_NAME}-data"}, [f"logdir={k8s.DATA_DIR}/runs/{RESIZE_NAME}"])
+        RESIZE_NAME, {f"{RESIZE_NAME}-data"}, [f"logdir={k8s_pods.DATA_DIR}/runs/{RESIZE_NAME}"])
     job = _by_kind(after)["MPIJob"]["spec"]
     ranks = job["mpiReplicaSpecs"]["Worker"]["replicas"] * job["slotsPerWorker"]
     assert ranks == workers * gpus
@@ -707,8 +707,8 @@ def test_readme_submit_commands_build_the_images_the_render_names_and_reach_its_
             assert variant == "gpu" and "ARG DISTACCUM_VARIANT=cpu" in (
                 REPO_ROOT / "k8s" / "Dockerfile").read_text(), words
         tags[variant] = words[words.index("-t") + 1]
-    assert tags == {"cpu": f"REGISTRY/{k8s.IMAGE}",
-                    "gpu": f"REGISTRY/{k8s.IMAGE}{k8s.GPU_TAG_SUFFIX}"}
+    assert tags == {"cpu": f"REGISTRY/{k8s_pods.IMAGE}",
+                    "gpu": f"REGISTRY/{k8s_pods.IMAGE}{k8s_pods.GPU_TAG_SUFFIX}"}
     [render] = [w for w in commands if w[0] == ".venv/bin/distaccum"]
     completed = run_shown_render(render)
     assert completed.returncode == 0, completed.stderr
@@ -790,11 +790,11 @@ def test_network_policies_admit_only_the_jobs_own_pods_and_tensorboard_from_the_
     for pod in tensorboards:
         sources = {source: ports for (target, source), ports in reach.items() if target == pod}
         # Every pod of the namespace, on TensorBoard's port only.
-        assert sources == {source: {k8s.TENSORBOARD_PORT} for source in {p for p, _ in reach}}
+        assert sources == {source: {k8s_pods.TENSORBOARD_PORT} for source in {p for p, _ in reach}}
     [tensorboard] = [d for d in documents if d["kind"] == "Deployment"
                      and d["metadata"]["name"] == "one-tensorboard"]
     assert tensorboard["spec"]["template"]["spec"]["containers"][0]["ports"] == [
-        {"name": "http", "containerPort": k8s.TENSORBOARD_PORT}]
+        {"name": "http", "containerPort": k8s_pods.TENSORBOARD_PORT}]
 
 
 def test_network_policy_check_fails_when_a_policy_admits_another_job():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from distaccum.records import IntervalRecord, UpdateRecord
+from distaccum.history import IntervalRecord, UpdateRecord
 from distaccum.progress import ProgressReporter
 
 

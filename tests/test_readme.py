@@ -68,10 +68,10 @@ def test_metric_that_cannot_take_the_labels_is_named_on_every_rank_when_the_read
                                capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert completed.returncode != 0
     errors = [line for line in completed.stderr.splitlines()
-              if line.startswith("distaccum.records.ModelDataMismatch: ")]
+              if line.startswith("distaccum.ModelDataMismatch: ")]
     assert len(errors) == ranks, completed.stderr[-3000:]
     for line in errors:
-        assert line.startswith("distaccum.records.ModelDataMismatch: the metric 'auc' (AUC) fails "
+        assert line.startswith("distaccum.ModelDataMismatch: the metric 'auc' (AUC) fails "
                                "on y (32,) and model output (32, 10): "), line
         assert line.endswith(". Every rank failed on its first micro-batch, so the model, loss or "
                              "metrics do not fit the data's shapes or label format; nothing was "

@@ -102,4 +102,4 @@ def test_denominators_that_are_the_same_sum_share_one_gradient_sum(name, normali
         options = {"loss": case.loss, "loss_weights": case.loss_weights}
     trainer = distaccum.Trainer(model, reductions.optimizer(), accumulation_steps=2, **options)
     trainer.prepare(scenarios.as_dataset(x, y, w).element_spec)
-    assert sorted(trainer._accumulator.normalisers) == normalisers
+    assert sorted(trainer._steps.accumulator.normalisers) == normalisers

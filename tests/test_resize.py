@@ -29,7 +29,7 @@ import scenarios
 from conftest import (MPI_ROOT_VARIABLES, REPO_ROOT, VENV_BIN, WORKERS_DIR, launcher_command,
                       worker_processes)
 from distaccum import cli, data, job, microbatches, sources
-from distaccum.records import Position
+from distaccum.history import Position
 
 DIGITS = str(REPO_ROOT / "distaccum" / "configs" / "digits.yaml")
 

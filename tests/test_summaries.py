@@ -99,7 +99,7 @@ def test_config_is_logged_once_as_text(frozen_run):
 def test_resumed_writer_hides_steps_logged_after_checkpoint(tmp_path):
     import time
 
-    from distaccum.records import IntervalRecord
+    from distaccum.history import IntervalRecord
     from distaccum.summaries import TensorBoardWriter
 
     def log(writer, steps, loss):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import distaccum
+from distaccum import data
 import keras_models as cases
 import scenarios
 
@@ -125,6 +128,24 @@ def test_model_xla_cannot_compile_trains_without_it_with_one_warning_naming_it(l
     assert not trainer.jit_compile and int(trainer.optimizer.iterations) == 2  # 6 micro-batches
 
 
+@pytest.mark.rounding
+def test_every_trainer_compiles_its_steps_with_xla_when_the_test_command_reruns_under_xla():
+    # The test command's second part puts every Trainer under XLA by patching the one place XLA
+    # is chosen (tests/conftest.py). Were that patch to stop reaching the Trainer, the rerun
+    # would test nothing under XLA and pass: this fails instead. Outside the rerun, False holds.
+    under_xla = os.environ.get("DISTACCUM_TEST_JIT_COMPILE") == "true"
+    x, y, _ = scenarios.make_shard(0, 8, weighted=False)
+    dataset = scenarios.as_dataset(x, y, None)
+    trainer = distaccum.Trainer(scenarios.make_model(), keras.optimizers.SGD(0.1), loss=MSE,
+                                accumulation_steps=2, jit_compile=False)
+    trainer.fit(dataset, epochs=1)
+    assert trainer.jit_compile is under_xla
+    # What TensorFlow runs: the traced micro-step carries XLA's must-compile mark, or not.
+    micro_step = trainer._steps._micro_step.get_concrete_function(
+        *data.unpack(dataset.element_spec), True)
+    assert micro_step.function_def.attr["_XlaMustCompile"].b is under_xla
+
+
 def test_jit_compile_auto_follows_keras_and_true_compiles_on_the_cpu():
     model = scenarios.make_model()
     keras_model = scenarios.make_model()
@@ -200,7 +221,7 @@ def test_micro_batches_in_one_call_add_up_as_one_call_each():
             np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-8)
         else:
             np.testing.assert_array_equal(got, expected)
-    assert together._micro_steps.experimental_get_tracing_count() == 1  # at prepare
+    assert together._steps._micro_steps.experimental_get_tracing_count() == 1  # at prepare
 
 
 class _RefuseInfinity(keras.layers.Layer):
@@ -223,7 +244,7 @@ def test_bad_micro_batch_inside_a_window_trained_in_one_call_is_named_and_not_ap
     assert message.startswith("rank 0: micro-batch 3 of epoch 1 (counted from 1) cannot be "
                               "trained on; every rank stopped at update step 1 without applying it")
     assert "not finite" in message
-    assert trainer._micro_steps.experimental_get_tracing_count() == 1  # the one call was tried
+    assert trainer._steps._micro_steps.experimental_get_tracing_count() == 1  # the one call was tried
     assert int(trainer.optimizer.iterations) == 0
     for got, expected in zip(scenarios.weights_of(model), initial):
         np.testing.assert_array_equal(got, expected)

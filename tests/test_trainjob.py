@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from conftest import REPO_ROOT
-from distaccum import k8s, trainjob
+from distaccum import k8s, k8s_pods, trainjob
 from test_k8s import (CRD_DIR, KUBERNETES_VERSION, RESIZE_NAME, RESIZED_FROM, RESIZES, _by_kind,
                       _config_text, _strict, expected_differences, mpi_operator_objects,
                       render_differences, rendered_objects, resize_command_api, resize_render,
@@ -387,7 +387,7 @@ def test_launcher_runs_mpirun_over_trainers_hostfile_after_the_nodes_are_ready(o
     by_kind = _by_kind(_render(options, with_config))
     runtime, job = by_kind["ClusterTrainingRuntime"], by_kind["TrainJob"]
     command = job["spec"]["trainer"]["command"]
-    assert command == k8s.launcher_command(options)
+    assert command == k8s_pods.launcher_command(options)
     assert "-np" not in command and "-n" not in command  # mpirun fills every hostfile slot
     assert command[command.index("--hostfile") + 1] == trainjob.HOSTFILE == "/etc/mpi/hostfile"
     spec = runtime["spec"]["template"]["spec"]
@@ -400,7 +400,7 @@ def test_launcher_runs_mpirun_over_trainers_hostfile_after_the_nodes_are_ready(o
     assert "command" not in launcher_container  # the TrainJob's command is the one that runs
     environment = {e["name"]: e["value"] for e in launcher_container["env"]}
     # Open MPI 5 reads this one; Trainer overwrites only Open MPI 4's OMPI_MCA_plm_rsh_args.
-    assert environment["PRTE_MCA_plm_ssh_args"] == f"-p {k8s.SSH_PORT}"
+    assert environment["PRTE_MCA_plm_ssh_args"] == f"-p {k8s_pods.SSH_PORT}"
 
 
 @pytest.mark.parametrize("options, with_config", list(RENDERED.values()), ids=list(RENDERED))
@@ -429,7 +429,7 @@ def test_pods_stop_the_job_with_a_checkpoint_when_kubernetes_stops_them(options,
 def test_nodes_serve_ssh_where_trainer_mounts_the_keys(options, with_config):
     runtime = _by_kind(_render(options, with_config))["ClusterTrainingRuntime"]
     node = _pods(runtime)[trainjob.NODE]["containers"][0]
-    assert node["command"] == ["/usr/sbin/sshd", "-De", "-f", f"{k8s.HOME}/.sshd_config"]
+    assert node["command"] == ["/usr/sbin/sshd", "-De", "-f", f"{k8s_pods.HOME}/.sshd_config"]
     assert node["ports"] == [{"name": "ssh", "containerPort": 2222}]
     assert node["readinessProbe"]["tcpSocket"]["port"] == 2222
     settings = dict(line.split(None, 1) for line in SSHD_CONFIG.read_text().splitlines()
@@ -440,8 +440,8 @@ def test_nodes_serve_ssh_where_trainer_mounts_the_keys(options, with_config):
     for name, pod in _pods(runtime).items():
         assert [c["name"] for c in pod["containers"]] == [trainjob.NODE], name
         security = pod["securityContext"]
-        assert security["runAsNonRoot"] and security["runAsUser"] == k8s.USER_ID, name
-        assert security["fsGroup"] == k8s.USER_ID, name  # reads the 0640 key Secret
+        assert security["runAsNonRoot"] and security["runAsUser"] == k8s_pods.USER_ID, name
+        assert security["fsGroup"] == k8s_pods.USER_ID, name  # reads the 0640 key Secret
 
 
 @pytest.mark.parametrize("options, with_config", list(RENDERED.values()), ids=list(RENDERED))
@@ -451,13 +451,13 @@ def test_nodes_mount_the_claim_and_the_config_the_render_creates(options, with_c
     pod = _pods(by_kind["ClusterTrainingRuntime"])[trainjob.NODE]
     mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
-    claim = volumes[mounts[k8s.DATA_DIR]]["persistentVolumeClaim"]["claimName"]
+    claim = volumes[mounts[k8s_pods.DATA_DIR]]["persistentVolumeClaim"]["claimName"]
     assert claim == by_kind["PersistentVolumeClaim"]["metadata"]["name"]
     if with_config:
-        config_map = volumes[mounts[k8s.CONFIG_DIR]]["configMap"]["name"]
+        config_map = volumes[mounts[k8s_pods.CONFIG_DIR]]["configMap"]["name"]
         assert config_map == by_kind["ConfigMap"]["metadata"]["name"]
     else:
-        assert k8s.CONFIG_DIR not in mounts and "ConfigMap" not in by_kind
+        assert k8s_pods.CONFIG_DIR not in mounts and "ConfigMap" not in by_kind
     assert [d["kind"] for d in documents] == [
         *(["ConfigMap"] if with_config else []), "PersistentVolumeClaim", "NetworkPolicy",
         "ClusterTrainingRuntime", "TrainJob", "Deployment", "Service", "NetworkPolicy"]
@@ -586,7 +586,7 @@ def test_resized_trainjob_validates_and_differs_only_in_nodes_and_processes_per_
         assert validate(documents, strict_schemas, schemas) == EXPECTED_CEL
     assert render_differences(before, after) == expected_differences(TRAINJOB_COUNTS, workers, gpus)
     assert _name_claims_logdir(before) == _name_claims_logdir(after) == (
-        RESIZE_NAME, {f"{RESIZE_NAME}-data"}, [f"logdir={k8s.DATA_DIR}/runs/{RESIZE_NAME}"])
+        RESIZE_NAME, {f"{RESIZE_NAME}-data"}, [f"logdir={k8s_pods.DATA_DIR}/runs/{RESIZE_NAME}"])
 
 
 @pytest.mark.parametrize("workers, gpus", list(RESIZES.values()), ids=list(RESIZES))

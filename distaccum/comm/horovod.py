@@ -1,0 +1,126 @@
+"""The Horovod backend: `horovodrun`, or `mpirun` with Horovod installed.
+
+The one module that imports Horovod, and only when `HorovodBackend` is constructed (the package
+imports this module in `init()` alone), so the other backends run where Horovod is absent or
+broken. Its helpers are here because they work around Horovod's own rules: one dtype per grouped
+collective, negotiations cached by name, and collectives not marked stateful.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Sequence
+
+import tensorflow as tf
+
+from distaccum.comm.gather import row_counts
+
+
+def _per_dtype(tensors: Sequence, collective) -> list[tf.Tensor]:
+    """`collective` (group → results in its order) on each dtype's tensors, in the order the
+    dtypes first appear (the same on every worker), with the results put back in `tensors`'
+    order: Horovod takes one dtype per collective."""
+    tensors = [tf.convert_to_tensor(t) for t in tensors]
+    result: list[tf.Tensor | None] = [None] * len(tensors)
+    for dtype in dict.fromkeys(t.dtype for t in tensors):
+        indices = [i for i, t in enumerate(tensors) if t.dtype == dtype]
+        for i, value in zip(indices, collective([tensors[i] for i in indices])):
+            result[i] = value
+    return result
+
+
+def _signature(tensors: Sequence[tf.Tensor]) -> str:
+    """A short name for a group's dtypes and shapes. Horovod caches what it negotiated under a
+    collective's name, so one name must always mean one group (a float16 run's float32 group,
+    statistics only, differs from a float32 run's)."""
+    shapes = ";".join(f"{t.dtype.name}{t.shape}" for t in tensors)
+    return f"{tensors[0].dtype.name}_{hashlib.sha1(shapes.encode()).hexdigest()[:10]}"
+
+
+def _never_constant(group: list[tf.Tensor]) -> list[tf.Tensor]:
+    """The group, with a run-time zero added to its smallest tensor when in a graph.
+
+    Horovod's collectives are not marked stateful (horovod#3229), so TensorFlow's constant
+    folding runs one whose inputs are all constants (the zeros of a worker's empty window) once,
+    while it optimises the graph, and bakes in that result: later calls skip the collective and
+    the workers' collectives stop pairing up. A zero made from `tf.timestamp` (stateful, finite)
+    keeps it a run-time op, for a few bytes of work.
+    """
+    if tf.executing_eagerly():
+        return group
+    smallest = min(range(len(group)), key=lambda i: group[i].shape.num_elements() or 0)
+    zero = tf.cast(tf.timestamp() * 0.0, group[smallest].dtype)
+    return [t + zero if i == smallest else t for i, t in enumerate(group)]
+
+
+class HorovodBackend:
+    """Horovod collectives (Gloo or MPI controller) on plain `tf.Tensor`s.
+
+    Works inside `tf.function`. Tensor names are fixed so Horovod's timeline shows one row per
+    tensor and every worker's graph negotiates the same names.
+    """
+
+    name = "horovod"
+    # Horovod 0.28.1 has no bfloat16 collectives (its tensor types stop at float16).
+    summable_dtypes = ("float32", "float16")
+
+    def __init__(self) -> None:
+        import horovod.tensorflow as hvd  # imported here only: single-process mode must not need it
+
+        hvd.init()
+        self._hvd = hvd
+
+    def num_workers(self) -> int:
+        return self._hvd.size()
+
+    def rank(self) -> int:
+        return self._hvd.rank()
+
+    def local_rank(self) -> int:
+        return self._hvd.local_rank()
+
+    def sum_all(self, tensors: Sequence[tf.Tensor], name: str) -> list[tf.Tensor]:
+        # Horovod groups only tensors of one dtype: one grouped allreduce per dtype (one in all
+        # unless gradient sums travel narrower than the float32 statistics). Named, not named
+        # after the tensors (Horovod's default), which differ between forms of a step.
+        def grouped_sum(group: list[tf.Tensor]) -> list[tf.Tensor]:
+            group = _never_constant(group)
+            return self._hvd.grouped_allreduce(
+                group, op=self._hvd.Sum, ignore_name_scope=True,
+                name=f"HorovodGroupedAllreduce_distaccum_{name}_{_signature(group)}")
+
+        return _per_dtype(tensors, grouped_sum)
+
+    def max_all(self, value: tf.Tensor) -> tf.Tensor:
+        return self._hvd.allreduce(value, op=self._hvd.Max, name="distaccum.max")
+
+    def gather_all(self, tensors: Sequence[tf.Tensor], name: str) -> list[list[tf.Tensor]]:
+        # One grouped allgather of the tensors and their row counts, which cut the
+        # concatenations into pieces. The counts travel bit for bit in the tensors' dtype:
+        # Horovod's groups take one.
+        tensors = [tf.convert_to_tensor(t) for t in tensors]
+        dtype = tensors[0].dtype
+        counts = tf.reshape(tf.bitcast(row_counts(tensors), dtype), [1, -1])
+        gathered = self._hvd.grouped_allgather(
+            [counts, *tensors], ignore_name_scope=True,
+            name=f"HorovodGroupedAllgather_distaccum_{name}_{_signature(tensors)}")
+        all_counts = tf.bitcast(tf.reshape(gathered[0], [self.num_workers(), len(tensors), -1])
+                                if dtype.size < 4 else gathered[0], tf.int32)
+        all_counts = tf.reshape(all_counts, [self.num_workers(), len(tensors)])
+        return [tf.split(whole, all_counts[:, i], num=self.num_workers())
+                for i, whole in enumerate(gathered[1:])]
+
+    def broadcast_from_chief(self, tensors: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+        # One broadcast per dtype of all values flattened together: start-up pays one collective,
+        # not one per variable.
+        def broadcast(group: list[tf.Tensor]) -> list[tf.Tensor]:
+            flat = tf.concat([tf.reshape(t, [-1]) for t in group], axis=0)
+            flat = self._hvd.broadcast(flat, root_rank=0,
+                                       name=f"distaccum.broadcast.{group[0].dtype.name}")
+            pieces = tf.split(flat, [int(tf.size(t)) for t in group])
+            return [tf.reshape(piece, t.shape) for piece, t in zip(pieces, group)]
+
+        return _per_dtype(tensors, broadcast)
+
+    def shutdown(self) -> None:
+        self._hvd.shutdown()
