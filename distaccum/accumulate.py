@@ -35,11 +35,13 @@ def mean_gradients(gradient_sums: Sequence[Sequence[tf.Tensor]], divisors: Seque
 
     A normaliser whose weights sum to zero (all sample weights zero) contributes zero, not NaN.
     """
-    per_normaliser = [
-        [tf.math.divide_no_nan(g, tf.cast(divisor, g.dtype)) for g in sums]
-        for sums, divisor in zip(gradient_sums, divisors)
-    ]
-    return [tf.add_n(list(parts)) if len(parts) > 1 else parts[0] for parts in zip(*per_normaliser)]
+    return [_mean_of(parts, divisors) for parts in zip(*gradient_sums)]
+
+
+def _mean_of(parts: Sequence[tf.Tensor], divisors: Sequence[tf.Tensor]) -> tf.Tensor:
+    """One variable's gradient: each normaliser's sum of it over its divisor, added up."""
+    quotients = [tf.math.divide_no_nan(g, tf.cast(d, g.dtype)) for g, d in zip(parts, divisors)]
+    return tf.add_n(quotients) if len(quotients) > 1 else quotients[0]
 
 
 def window_divisors(divisors: Sequence[tf.Tensor], undivided: Sequence[bool]) -> list[tf.Tensor]:
@@ -73,9 +75,9 @@ class GradientAccumulator:
     `mean_gradients`.
 
     The sums are touched as little as a window needs: its first micro-batch overwrites them (no
-    pass zeroes them between windows), and its last micro-batch is not stored at all but added to
-    them on the way to the reduction (`totals(last=...)`), so a window of one micro-batch never
-    reads or writes them.
+    pass zeroes them between windows), and its last micro-batch is added to them in place in the
+    update step's own call (`totals(last=...)`), while a window of one micro-batch never reads or
+    writes them. They are what the reduction reads: no second copy of them is made.
 
     Sparse gradients (`tf.IndexedSlices`, e.g. from `keras.layers.Embedding`) are scattered into a
     dense sum (`scatter_add`, which costs only the rows touched); the sum is reduced and applied
@@ -140,19 +142,34 @@ class GradientAccumulator:
         divisors and the sample count.
 
         Args:
-            last: the window's last micro-batch, added to the stored sums without storing it.
+            last: the window's last micro-batch. With stored micro-batches it is added to the
+                stored sums in place, which are then read: a new tensor of every sum would be
+                one more copy of the gradients at the update, the step's peak of memory.
             stored: whether the window has stored micro-batches; if not, the stored sums (the
                 previous window's) are not read: the totals are `last`'s alone, or zeros.
         """
         variables = [t for sums in self._gradient_sums for t in sums] + self._statistics
-        values = ([t.read_value() for t in variables] if stored else
-                  [tf.zeros(t.shape, tf.float32) for t in variables])
+        if stored:
+            if last is not None:
+                self.add(last, first=False)
+            return [t.read_value() for t in variables]
         if last is None:
-            return values
+            return [tf.zeros(t.shape, tf.float32) for t in variables]
         gradients = [g for per_normaliser in last.gradients for g in per_normaliser]
-        return [_plus(total, gradient) for total, gradient in zip(values, gradients)] + [
-            total + tf.cast(value, tf.float32)
-            for total, value in zip(values[len(gradients):], _statistics_of(last))]
+        return [_dense(gradient, total.shape) for gradient, total in zip(gradients, variables)] + [
+            tf.cast(value, tf.float32) for value in _statistics_of(last)]
+
+    def mean_in_place(self, gradient_sums: Sequence[Sequence[tf.Tensor]],
+                      divisors: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+        """`mean_gradients`, each variable's written over its first normaliser's stored sum, one
+        variable after the other: the update's gradient then needs no memory beside the sums
+        (every variable's mean at once would be one more copy of the gradient, the update's
+        peak). `gradient_sums` may be the sums' own values (one worker) or their reduction."""
+        means: list[tf.Tensor] = []
+        for stored, parts in zip(self._gradient_sums[0], zip(*gradient_sums)):
+            with tf.control_dependencies(means[-1:]):
+                means.append(stored.assign(_mean_of(parts, divisors), read_value=True))
+        return means
 
     def split(self, totals: Sequence[tf.Tensor]):
         """`totals()` (or their reduction) as (gradient sums per normaliser, numerators, the
@@ -170,11 +187,12 @@ def _statistics_of(sums: MicroBatchSums) -> list:
     return [*sums.numerators, *sums.divisors, sums.sample_count]
 
 
-def _plus(total: tf.Tensor, gradient) -> tf.Tensor:
-    """`total` plus one gradient as the stored sums would add it (a sparse one scattered)."""
+def _dense(gradient, shape) -> tf.Tensor:
+    """One micro-batch's gradient as a float32 sum of `shape` (a sparse one scattered)."""
     if gradient is None:
-        return total
+        return tf.zeros(shape, tf.float32)
     if isinstance(gradient, tf.IndexedSlices):
-        return tf.tensor_scatter_nd_add(total, tf.expand_dims(gradient.indices, -1),
+        return tf.tensor_scatter_nd_add(tf.zeros(shape, tf.float32),
+                                        tf.expand_dims(gradient.indices, -1),
                                         tf.cast(gradient.values, tf.float32))
-    return total + tf.cast(gradient, tf.float32)
+    return tf.cast(gradient, tf.float32)

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import sys
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -128,7 +129,7 @@ class CheckpointManager:
         staging.mkdir(parents=True)
         state = staging / "state.npz"
         with state.open("wb") as handle:
-            np.savez(handle, *[np.asarray(v.numpy()) for v in variables])
+            _save_arrays(handle, variables)
         meta = {"format": FORMAT_VERSION, "position": asdict(position), "settings": settings,
                 "variables": len(variables), "sha256": _sha256(state)}
         (staging / "meta.json").write_text(json.dumps(meta, indent=2))
@@ -166,17 +167,46 @@ class CheckpointManager:
             raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT_VERSION}")
         if _sha256(path / "state.npz") != meta["sha256"]:
             raise ValueError("state.npz does not match its checksum (truncated or modified)")
-        with np.load(path / "state.npz") as arrays:
-            values = [arrays[f"arr_{i}"] for i in range(meta["variables"])]
-        if len(values) != len(variables):
-            raise ValueError(f"{len(values)} variables saved, this model has {len(variables)}")
-        for variable, value in zip(variables, values):
-            if tuple(variable.shape) != value.shape:
-                raise ValueError(f"shape {value.shape} saved for {variable.path}, "
+        shapes = _saved_shapes(path / "state.npz", meta["variables"])
+        if len(shapes) != len(variables):
+            raise ValueError(f"{len(shapes)} variables saved, this model has {len(variables)}")
+        for variable, shape in zip(variables, shapes):
+            if tuple(variable.shape) != shape:
+                raise ValueError(f"shape {shape} saved for {variable.path}, "
                                  f"expected {tuple(variable.shape)}")
-        for variable, value in zip(variables, values):
-            variable.assign(value)
+        with np.load(path / "state.npz") as arrays:
+            for i, variable in enumerate(variables):  # one array in memory at a time
+                variable.assign(arrays[_member(i)])
         return Restored(path, Position(**meta["position"]), meta["settings"])
+
+
+def _member(index: int) -> str:
+    return f"arr_{index}"  # the names `np.savez` gives positional arrays
+
+
+def _save_arrays(handle, variables: list) -> None:
+    """`np.savez(handle, *values)`, one variable's value in memory at a time: the state is not
+    copied whole before it is written (np.savez takes every array at once)."""
+    with zipfile.ZipFile(handle, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for i, variable in enumerate(variables):
+            with archive.open(f"{_member(i)}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asarray(variable.numpy()),
+                                          allow_pickle=False)
+
+
+def _saved_shapes(path: Path, count: int) -> list[tuple]:
+    """The shapes of a state file's first `count` arrays, read from their headers alone (a
+    missing one raises `KeyError`, as `np.load` does)."""
+    with zipfile.ZipFile(path) as archive:
+        shapes = []
+        for i in range(count):
+            with archive.open(f"{_member(i)}.npy") as member:
+                header = (np.lib.format.read_array_header_1_0
+                          if np.lib.format.read_magic(member) == (1, 0)
+                          else np.lib.format.read_array_header_2_0)
+                shape, _, _ = header(member)
+            shapes.append(tuple(shape))
+    return shapes
 
 
 def global_batch_size(settings: dict) -> int | None:

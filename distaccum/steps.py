@@ -285,7 +285,7 @@ class WindowSteps:
         everything = sums + self.metric_states() + [votes]
         totals = (self.backend.sum_all(everything, "update") if self._rows is None
                   else self._rows.sum_all(everything, "update"))
-        return self._apply_totals(totals[:len(sums)], totals[len(sums):-1], totals[-1])
+        return self._apply_totals(totals[:len(sums)], totals[len(sums):-1], totals[-1], stored)
 
     def _window_sums_body(self, last_micro_batch, stored):
         """The window's sums as they travel, the last micro-batch's trained on the way."""
@@ -293,8 +293,10 @@ class WindowSteps:
                 if last_micro_batch is not None else None)
         return self._as_sent(self.accumulator.totals(last, stored=stored))
 
-    def _apply_totals_body(self, totals, metric_states, votes):
-        """From every worker's totals: the update, applied unless a vote cancels it."""
+    def _apply_totals_body(self, totals, metric_states, votes, stored):
+        """From every worker's totals: the update, applied unless a vote cancels it. A window
+        with stored micro-batches divides in the sums' memory (`mean_in_place`); one without
+        never touches them."""
         totals = [tf.cast(t, tf.float32) for t in totals]
         cancelled = (votes[1] > 0) | tf.reduce_any(votes[2:] > 0)
         if self.metrics is not None:
@@ -305,7 +307,8 @@ class WindowSteps:
             tf.cond(cancelled, lambda: tf.constant(False), add_metric_states)
         gradient_sums, numerators, divisors, sample_count = self.accumulator.split(totals)
         variables = self.model.trainable_variables
-        gradients = mean_gradients(gradient_sums, divisors)
+        gradients = (self.accumulator.mean_in_place(gradient_sums, divisors) if stored
+                     else mean_gradients(gradient_sums, divisors))
         scale = precision.loss_scale(self.optimizer)
         if scale is not None:
             gradients = [g / scale for g in gradients]

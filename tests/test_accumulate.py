@@ -108,7 +108,7 @@ def test_mean_gradients_divides_each_normaliser_by_its_own_sum():
     np.testing.assert_allclose(result[0].numpy(), [0.5 + 3.0])
 
 
-def test_accumulator_sums_a_window_and_its_unstored_last_micro_batch():
+def test_accumulator_sums_a_window_and_its_last_micro_batch_in_place():
     dense = keras.Variable(np.zeros((2,), "float32"))
     table = keras.Variable(np.zeros((4, 2), "float32"))
     accumulator = GradientAccumulator([dense, table])
@@ -122,9 +122,10 @@ def test_accumulator_sums_a_window_and_its_unstored_last_micro_batch():
     np.testing.assert_array_equal(gradient_sums[0].numpy(), [2.5, 2.5])
     np.testing.assert_array_equal(gradient_sums[1].numpy(), [[0, 0], [6, 6], [0, 0], [0, 0]])
     assert [float(s) for s in (*numerators, *divisors, count)] == [5.0, 3.5, 8.0]
-    # The last micro-batch was not stored; the next window's first overwrites the stored sums.
+    # The last micro-batch was added to the stored sums in place (the reduction reads them: no
+    # second copy of the gradients); the next window's first overwrites them.
     [gradient_sums], *_ = accumulator.split(accumulator.totals())
-    np.testing.assert_array_equal(gradient_sums[1].numpy(), [[0, 0], [3, 3], [0, 0], [0, 0]])
+    np.testing.assert_array_equal(gradient_sums[1].numpy(), [[0, 0], [6, 6], [0, 0], [0, 0]])
     accumulator.add(MicroBatchSums([[tf.constant([4.0, 4.0]), None]], [1.0], [1.0], 1),
                     first=True)
     [gradient_sums], numerators, divisors, count = accumulator.split(accumulator.totals())
@@ -136,6 +137,22 @@ def test_accumulator_sums_a_window_and_its_unstored_last_micro_batch():
                for t in accumulator.totals(stored=False))
     [gradient_sums], *_ = accumulator.split(accumulator.totals(last, stored=False))
     np.testing.assert_array_equal(gradient_sums[1].numpy(), [[0, 0], [3, 3], [0, 0], [0, 0]])
+
+
+def test_mean_in_place_equals_mean_gradients_and_is_written_over_the_first_sums():
+    variables = [keras.Variable(np.zeros((2,), "float32")), keras.Variable(np.zeros((3,), "float32"))]
+    accumulator = GradientAccumulator(variables, ["samples", "sum"])
+    sums = [[tf.constant([2.0, 4.0]), tf.constant([1.0, 0.0, 3.0])],
+            [tf.constant([9.0, 0.0]), tf.constant([0.0, 5.0, 1.0])]]
+    divisors = [tf.constant(2.0), tf.constant(1.0)]
+    accumulator.add(MicroBatchSums(sums, [0.0, 0.0], [1.0, 1.0], 1), first=True)
+    expected = [g.numpy() for g in mean_gradients(sums, divisors)]
+    means = accumulator.mean_in_place(accumulator.split(accumulator.totals())[0], divisors)
+    for got, want in zip(means, expected):
+        np.testing.assert_array_equal(got.numpy(), want)
+    [first, _], *_ = accumulator.split(accumulator.totals())
+    for stored, want in zip(first, expected):
+        np.testing.assert_array_equal(stored.numpy(), want)
 
 
 def test_accumulator_refuses_no_variables():

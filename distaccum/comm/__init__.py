@@ -10,7 +10,7 @@ on plain tensors (Horovod's Keras and optimizer wrappers do not work with Keras 
 else mpi4py); `DISTACCUM_BACKEND` (`single`, `horovod` or `mpi`) overrides the guess.
 
 Its modules: `single`, `horovod` (the only one that imports Horovod), `mpi` (the only one that
-imports mpi4py), `gather` (what those two share) and `watchdog` (`collective_timeout` and
+imports mpi4py), `pieces` (how what they send is cut up) and `watchdog` (`collective_timeout` and
 `WorkerLost`, the same whatever the backend). `init()` imports `horovod` or `mpi` only once it has
 chosen that backend, so importing the package imports neither library. The package itself holds
 the choice and this process's backend, and re-exports what the rest of distaccum reads as `comm.X`.
@@ -89,7 +89,8 @@ class Backend(Protocol):
         and its dtype (one for all `tensors`) may not. `name` as for `sum_all`."""
 
     def broadcast_from_chief(self, tensors: Sequence[tf.Tensor]) -> list[tf.Tensor]:
-        """Rank 0's values of `tensors` on every worker."""
+        """Rank 0's values of `tensors` on every worker, as one collective (the caller bounds
+        its size: `pieces.bounded_groups`)."""
 
     def shutdown(self) -> None:
         """End this worker's part in the collectives (a process about to exit)."""

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import tensorflow as tf
 
-from distaccum.comm.gather import row_counts
+from distaccum.comm.pieces import row_counts
 
 
 def _per_dtype(tensors: Sequence, collective) -> list[tf.Tensor]:
@@ -111,12 +111,12 @@ class HorovodBackend:
                 for i, whole in enumerate(gathered[1:])]
 
     def broadcast_from_chief(self, tensors: Sequence[tf.Tensor]) -> list[tf.Tensor]:
-        # One broadcast per dtype of all values flattened together: start-up pays one collective,
-        # not one per variable.
+        # One broadcast per dtype of all values flattened together: start-up pays one collective
+        # per group, not one per variable. Named by the group's shapes (`sum_all`'s reason).
         def broadcast(group: list[tf.Tensor]) -> list[tf.Tensor]:
             flat = tf.concat([tf.reshape(t, [-1]) for t in group], axis=0)
             flat = self._hvd.broadcast(flat, root_rank=0,
-                                       name=f"distaccum.broadcast.{group[0].dtype.name}")
+                                       name=f"distaccum.broadcast.{_signature(group)}")
             pieces = tf.split(flat, [int(tf.size(t)) for t in group])
             return [tf.reshape(piece, t.shape) for piece, t in zip(pieces, group)]
 

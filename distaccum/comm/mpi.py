@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
-from distaccum.comm.gather import row_counts
+from distaccum.comm.pieces import row_counts
 
 
 class MPIBackend:
@@ -53,17 +53,22 @@ class MPIBackend:
     def local_rank(self) -> int:
         return self._local_rank
 
-    def _allreduce(self, buffer: np.ndarray, operation) -> np.ndarray:
-        result = np.empty_like(buffer)
-        self._world.Allreduce(buffer, result, op=operation)
+    def _allreduce(self, buffer: np.ndarray, operation, owned: bool) -> np.ndarray:
+        # In place when `buffer` is a concatenation made for this call alone (`owned`): its
+        # memory then holds the result, where a second buffer would be one more copy of every
+        # gradient sum. Otherwise it may be a tensor's own memory (a constant's, say): copied.
+        if not (owned and buffer.flags.writeable):
+            buffer = buffer.copy()
+        self._world.Allreduce(self._mpi.IN_PLACE, buffer, op=operation)
         self.collective_counts["allreduce"] += 1
         self.collective_bytes["allreduce"] += buffer.nbytes
-        return result
+        return buffer
 
     def _reduce(self, tensors: Sequence[tf.Tensor], operation, dtype) -> list[tf.Tensor]:
         tensors = [tf.convert_to_tensor(t) for t in tensors]
         flat = tf.concat([tf.reshape(tf.cast(t, dtype), [-1]) for t in tensors], axis=0)
-        reduced = tf.numpy_function(lambda b: self._allreduce(b, operation), [flat], dtype,
+        owned = len(tensors) > 1  # a concatenation of one tensor may be that tensor itself
+        reduced = tf.numpy_function(lambda b: self._allreduce(b, operation, owned), [flat], dtype,
                                     stateful=True)
         reduced.set_shape(flat.shape)
         pieces = tf.split(reduced, [t.shape.num_elements() for t in tensors])
@@ -172,10 +177,20 @@ class MPIBackend:
             for parts, a in zip(pieces, arrays)]
 
     def broadcast_from_chief(self, tensors: Sequence[tf.Tensor]) -> list[tf.Tensor]:
-        # Eager (start-up only): every value of every dtype in one pickled broadcast.
-        values = self._world.bcast([np.asarray(t) for t in tensors], root=0)
+        # Eager (start-up only): every value's bytes in one `Bcast` into one buffer, whose views
+        # become the results (every rank knows the shapes and dtypes: the same model's).
+        arrays = [np.asarray(t) for t in tensors]
+        sizes = [a.nbytes for a in arrays]
+        if self.rank() == 0:
+            buffer = np.concatenate([a.reshape(-1).view(np.uint8) for a in arrays]
+                                    + [np.zeros(0, np.uint8)])
+        else:
+            buffer = np.empty(sum(sizes), np.uint8)
+        self._world.Bcast(buffer, root=0)
         self.collective_counts["broadcast"] += 1
-        return [tf.convert_to_tensor(v) for v in values]
+        pieces = np.split(buffer, np.cumsum(sizes)[:-1])
+        return [tf.convert_to_tensor(piece.view(a.dtype).reshape(a.shape))
+                for piece, a in zip(pieces, arrays)]
 
     def shutdown(self) -> None:
         if not self._mpi.Is_finalized():
