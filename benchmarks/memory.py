@@ -1,4 +1,4 @@
-"""Figure 4, memory: peak resident memory of distaccum (micro-batch b, k = 8) vs one step on 8b.
+"""Figure 4, memory: distaccum's peak (micro-batch b, k = 8) vs one step on 8b; bytes per parameter.
 
 An activation-heavy convolutional model: six full-resolution 3×3 convolutions of 16 filters on
 64×64×3 images (≈12 k parameters, but 64×64×16 activations per layer and sample). distaccum runs
@@ -7,6 +7,17 @@ Each measurement is a fresh process with one intra-op thread (`ru_maxrss`, the p
 down), the two kinds alternating. The target's figure is the whole process's peak, TensorFlow's
 own ≈0.6 GB included; the training part alone (peak minus the peak before the first step) is
 shown too.
+
+Memory per parameter: a model that is nearly all weights, 8 Dense(3072) layers on a 3072-wide input
+(W = 288 MB of float32 trainable weights), with Adam, trains 3 updates of global batch 32, in a
+fresh launch per run: Keras's own `fit`; distaccum on micro-batches of 8 (`Trainer.from_compiled`,
+`micro_batches`), 1 process (k = 4), and 2 workers (k = 2) on mpi4py under `mpirun` and on Horovod
+under `horovodrun --gloo`. Each figure is a worker's RSS growth over its built, compiled model, in
+units of W (1 W = 4 bytes per parameter): "steady" is the RSS after the last update, "peak" the
+`ru_maxrss` of the whole run; the larger rank's. Keras and 1 process run again at
+8 Dense(1536) (W = 72 MB): the growth between the two sizes, per parameter added, is the slope.
+The target, Keras's own peak + 1.25 W (one W for the accumulated sums), is judged on the peak,
+which holds the steady figure (but for the kernel's page counts lagging by a few pages).
 """
 
 from __future__ import annotations
@@ -18,6 +29,19 @@ TARGET = 0.5
 FULL_MODEL = {"micro_batch": 64, "conv_layers": 6, "conv_filters": 16}
 SMOKE_MODEL = {"micro_batch": 2, "conv_layers": 1, "conv_filters": 4}
 MODES = {"direct": "one Keras step on 8b", "accumulate": "distaccum, b × 8 micro-steps"}
+# Memory per parameter: each run's label, then the worker's mode, workers, launcher and backend.
+GROWTH_RUNS = {
+    "keras": ("Keras's own `fit`", "keras", 1, "horovodrun", None),
+    "single": ("distaccum, 1 process", "distaccum", 1, "horovodrun", None),
+    "mpi4py": ("distaccum, 2 workers, mpi4py", "distaccum", 2, "mpirun",
+               {"DISTACCUM_BACKEND": "mpi"}),
+    "horovod": ("distaccum, 2 workers, Horovod", "distaccum", 2, "horovodrun", None),
+}
+# Widths of the Dense stack and the runs at each; the first width's runs are judged.
+FULL_WIDTHS = {3072: tuple(GROWTH_RUNS), 1536: ("keras", "single")}
+SMOKE_WIDTHS = {256: tuple(GROWTH_RUNS)}
+GROWTH_MODEL = {"layers": 8, "micro_batch": 8, "global_batch": 32, "updates": 3}
+GROWTH_ALLOWANCE = 1.25  # W over Keras's own peak: the accumulated sums, and a quarter W to spare
 
 
 def measure_once(mode: str, model: dict) -> dict:
@@ -30,6 +54,86 @@ def measure_once(mode: str, model: dict) -> dict:
         common.run_command(command, work / "worker.log", timeout=600)
         result = common.read_json(work / common.CHIEF_RESULT)
     return {**result, "training_mb": result["peak_mb"] - result["before_training_mb"]}
+
+
+def measure_growth(run: str, width: int) -> dict:
+    """RSS growth per worker of one run on the Dense stack of `width`, in units of W, in a launch
+    of its own: each rank's, and the larger rank's."""
+    _, mode, num_workers, launcher, backend = GROWTH_RUNS[run]
+    with common.work_directory(f"memory-{run}-{width}") as work:
+        command = common.worker_command(
+            "memory-per-parameter", "--mode", mode, "--width", width,
+            "--layers", GROWTH_MODEL["layers"], "--micro-batch", GROWTH_MODEL["micro_batch"],
+            "--global-batch", GROWTH_MODEL["global_batch"], "--updates", GROWTH_MODEL["updates"],
+            "--out", work, num_workers=num_workers, launcher=launcher)
+        common.run_command(command, work / "workers.log", extra_env=backend, timeout=900)
+        ranks = [common.read_json(work / f"rank{rank}.json") for rank in range(num_workers)]
+    growth = {part: [(rank[f"{part}_mb"] - rank["base_mb"]) / rank["weights_mb"]
+                     for rank in ranks] for part in ("steady", "peak")}
+    return {"workers": num_workers, "k": ranks[0]["k"], "weights_mb": ranks[0]["weights_mb"],
+            **{f"{part}_w": max(values) for part, values in growth.items()},
+            **{f"{part}_w_ranks": values for part, values in growth.items()}}
+
+
+def summarize_growth(runs: list[dict], widths: dict) -> list[dict]:
+    """One row per run and width: its workers, k and W, the steady and peak growth over the
+    repeats (each repeat's larger rank), and each rank's median."""
+    rows = []
+    for width, names in widths.items():
+        for name in names:
+            measured = [run[name, width] for run in runs]
+            rows.append({
+                "run": name, "label": GROWTH_RUNS[name][0], "width": width,
+                **{key: measured[0][key] for key in ("workers", "k", "weights_mb")},
+                **{part: common.summarize(m[part] for m in measured)
+                   for part in ("steady_w", "peak_w")},
+                **{f"{part}_ranks": [common.summarize(ranks).median for ranks in
+                                     zip(*(m[f"{part}_ranks"] for m in measured))]
+                   for part in ("steady_w", "peak_w")}})
+    return rows
+
+
+def growth_table(rows: list[dict]) -> str:
+    """The rows, then the slope between the two widths of each run measured at both."""
+    text = common.markdown_table(
+        ["run", "W, MB", "workers", "k", "steady growth, W", "peak growth, W",
+         "peak growth by rank, W"],
+        [[row["label"], f"{row['weights_mb']:,.0f}", row["workers"], row["k"] or "—",
+          row["steady_w"].format(2), row["peak_w"].format(2),
+          ", ".join(f"{peak:.2f}" for peak in row["peak_w_ranks"])] for row in rows])
+    slopes = []
+    for name, (label, *_) in GROWTH_RUNS.items():
+        sizes = sorted((row for row in rows if row["run"] == name), key=lambda r: r["weights_mb"])
+        if len(sizes) == 2:
+            small, large = sizes
+            # MB of growth per MB of weights added, times 4 bytes a float32 parameter.
+            slope = [4 * (large[part].median * large["weights_mb"] -
+                          small[part].median * small["weights_mb"]) /
+                     (large["weights_mb"] - small["weights_mb"]) for part in ("steady_w", "peak_w")]
+            slopes.append(f"{label} {slope[0]:.1f} steady, {slope[1]:.1f} peak")
+    if slopes:
+        text += ("\n\nSlope, the growth per parameter added from the smaller model to the larger, "
+                 f"in bytes: {'; '.join(slopes)}.")
+    return text
+
+
+def growth_checks(rows: list[dict], smoke: bool) -> list[dict]:
+    """Each distaccum run's peak at the first width against Keras's own peak there."""
+    judged = [row for row in rows if row["width"] == rows[0]["width"]]
+    keras_peak = next(row["peak_w"] for row in judged if row["run"] == "keras")
+    return [common.check(
+        f"memory per parameter: {row['label']}, peak growth ÷ W",
+        f"≤ Keras + {GROWTH_ALLOWANCE}",
+        f"{row['peak_w'].format(2)} (Keras {keras_peak.format(2)})",
+        None if smoke else row["peak_w"].median <= keras_peak.median + GROWTH_ALLOWANCE)
+        for row in judged if row["run"] != "keras"]
+
+
+def growth_plot(rows: list[dict]) -> dict:
+    bars = [{"label": f"{row['label'].replace('`', '')}\nW = {row['weights_mb']:,.0f} MB",
+             **row["peak_w"].as_dict()} for row in rows]
+    return {"kind": "bars", "title": "4. Memory per parameter: peak growth", "ylabel": "W",
+            "bars": bars}
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -62,17 +166,29 @@ def plot(summary: dict) -> dict:
 def main() -> None:
     args = common.parse_arguments(__doc__, default_repeats=3)
     model = SMOKE_MODEL if args.smoke else FULL_MODEL
-    runs = [{mode: measure_once(mode, model) for mode in MODES} for _ in range(args.repeats)]
+    widths = SMOKE_WIDTHS if args.smoke else FULL_WIDTHS
+    runs, growth_runs = [], []
+    for _ in range(args.repeats):
+        runs.append({mode: measure_once(mode, model) for mode in MODES})
+        growth_runs.append({(name, width): measure_growth(name, width)
+                            for width, names in widths.items() for name in names})
     summary = summarize(runs)
+    growth = summarize_growth(growth_runs, widths)
     ratio = summary["ratio_peak"]
     common.emit({
         "figure": "memory", "smoke": args.smoke,
-        "title": "4. Memory: peak resident memory, k = 8 vs one direct step on 8b",
+        "title": "4. Memory: peak resident memory, k = 8 vs one direct step on 8b; memory per "
+                 "parameter",
         "how": __doc__.split("\n\n", 1)[1].strip(),
-        "table": table(summary, model["micro_batch"]),
+        "table": (f"Activation memory, conv model:\n\n{table(summary, model['micro_batch'])}\n\n"
+                  f"Memory per parameter, Dense stack with Adam, global batch "
+                  f"{GROWTH_MODEL['global_batch']}:\n\n{growth_table(growth)}"),
         "checks": [common.check("memory: distaccum peak ÷ direct step peak", f"≤ {TARGET}",
-                                ratio.format(3), None if args.smoke else ratio.median <= TARGET)],
-        "plots": [plot(summary)],
+                                ratio.format(3), None if args.smoke else ratio.median <= TARGET),
+                   *growth_checks(growth, args.smoke)],
+        "plots": [plot(summary), growth_plot(growth)],
+        "per_parameter": [{**row, **{part: row[part].as_dict() for part in ("steady_w", "peak_w")}}
+                          for row in growth],
     }, args.json)
 
 

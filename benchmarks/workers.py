@@ -255,6 +255,52 @@ def memory(args) -> None:
     write_chief(args.out, {"peak_mb": peak_rss_mb(), "before_training_mb": before_training})
 
 
+def resident_mb() -> float:
+    """This process's resident memory now (resident pages in /proc/self/statm): unlike the peak,
+    it goes down again when memory is freed, so it shows what a run keeps."""
+    with open("/proc/self/statm") as statm:
+        resident_pages = int(statm.read().split()[1])
+    return resident_pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def dense_stack(width: int, layers: int) -> keras.Model:
+    """`layers` Dense layers of `width` units on a `width`-wide input: nearly all its memory is
+    weights (≈ layers × width² floats), so growth over it reads as bytes per parameter."""
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([keras.Input((width,)),
+                             *(keras.layers.Dense(width) for _ in range(layers))])
+
+
+def memory_per_parameter(args) -> None:
+    """RSS growth over the built, compiled model (Adam, mse) of one run, Keras's own `fit` or
+    distaccum's, in a fresh process: what it keeps after the last update, and its peak.
+
+    Every rank holds `--updates` global batches of its own random samples; distaccum's
+    `micro_batches` reads this worker's share of them, Keras's `fit` (one process) all of them.
+    """
+    distaccum.init()
+    model = dense_stack(args.width, args.layers)
+    weights_mb = sum(math.prod(variable.shape) * np.dtype(variable.dtype).itemsize
+                     for variable in model.trainable_variables) / 2**20
+    rng = np.random.default_rng(distaccum.rank())
+    x, y = (rng.normal(size=(args.global_batch * args.updates, args.width)).astype("float32")
+            for _ in range(2))
+    model.compile(optimizer=keras.optimizers.Adam(1e-4), loss="mse")
+    base_mb = resident_mb()
+    if args.mode == "keras":
+        model.fit(x, y, batch_size=args.global_batch, epochs=1, verbose=0, shuffle=False)
+        accumulation_steps = None
+    else:
+        trainer = distaccum.Trainer.from_compiled(model, global_batch_size=args.global_batch)
+        trainer.fit(distaccum.micro_batches((x, y), args.micro_batch), epochs=1,
+                    log_interval=10**9)
+        accumulation_steps = trainer.accumulation_steps
+    (args.out / f"rank{distaccum.rank()}.json").write_text(json.dumps({
+        "workers": distaccum.num_workers(), "k": accumulation_steps, "weights_mb": weights_mb,
+        "base_mb": base_mb, "steady_mb": resident_mb(), "peak_mb": peak_rss_mb(),
+    }))
+
+
 class FirstUpdateClock(distaccum.Callback):
     """Callback noting the wall-clock time of the first update."""
 
@@ -502,7 +548,8 @@ def parse_arguments() -> argparse.Namespace:
     commands = parser.add_subparsers(dest="command", required=True)
     figures = {}
     for name, run in (("communication", communication), ("slow-link", slow_link),
-                      ("memory", memory), ("startup", startup),
+                      ("memory", memory), ("memory-per-parameter", memory_per_parameter),
+                      ("startup", startup),
                       ("record-files", record_files), ("data-share", data_share),
                       ("data-throughput", data_throughput),
                       ("sparse-exchange", sparse_exchange)):
@@ -520,6 +567,13 @@ def parse_arguments() -> argparse.Namespace:
     figures["memory"].add_argument("--mode", choices=("accumulate", "direct"), required=True)
     for option in ("--micro-batch", "--accumulation-steps", "--conv-layers", "--conv-filters"):
         figures["memory"].add_argument(option, type=positive_int, required=True)
+    figures["memory-per-parameter"].add_argument("--mode", choices=("keras", "distaccum"),
+                                                 required=True)
+    for option in ("--width", "--layers", "--global-batch", "--updates"):
+        figures["memory-per-parameter"].add_argument(option, type=positive_int, required=True)
+    figures["memory-per-parameter"].add_argument(
+        "--micro-batch", type=positive_int, required=True,
+        help="distaccum's, per worker (Keras's `fit` trains on whole global batches)")
     figures["startup"].add_argument("--accumulation-steps", type=positive_int, required=True)
     figures["record-files"].add_argument("--samples", type=positive_int, nargs="+",
                                          required=True, help="one set of files per size")

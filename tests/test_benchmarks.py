@@ -7,6 +7,7 @@ measures those). The slow-link smoke run uses the host loopback, so no root or n
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import sys
 
@@ -87,11 +88,25 @@ def test_overhead_smoke_times_keras_and_distaccum_steps_with_and_without_xla(tmp
     assert [check["passed"] for check in figure["checks"]] == [None] * 6
 
 
-def test_memory_smoke_measures_the_peak_of_both_kinds_of_update(tmp_path):
+@pytest.mark.multiworker
+def test_memory_smoke_measures_both_kinds_of_update_and_the_growth_per_parameter(tmp_path):
     figure = run_benchmark(tmp_path, "memory", "--repeats", "1")
     peaks = [bar["median"] for bar in figure["plots"][0]["bars"] if bar["label"].endswith("peak")]
     # TensorFlow alone holds hundreds of MB: a smaller peak would mean a wrong unit.
     assert len(peaks) == 2 and all(peak > 100 for peak in peaks)
+    # Memory per parameter (smoke: one tiny width): Keras's own fit, then distaccum in 1 process
+    # (k = 4) and on 2 workers (k = 2) under mpirun (mpi4py) and horovodrun, each rank measured.
+    rows = figure["per_parameter"]
+    assert [(row["run"], row["workers"], row["k"]) for row in rows] == [
+        ("keras", 1, None), ("single", 1, 4), ("mpi4py", 2, 2), ("horovod", 2, 2)]
+    for row in rows:
+        by_rank = [*row["steady_w_ranks"], *row["peak_w_ranks"]]
+        assert len(by_rank) == 2 * row["workers"] and all(math.isfinite(w) for w in by_rank)
+        assert row["peak_w"]["median"] == max(row["peak_w_ranks"]) > 0  # Adam's slots, at least
+    table = _table_rows(figure["table"])
+    assert table["distaccum, 2 workers, Horovod"][1:3] == ["2", "2"]
+    assert [check["target"] for check in figure["checks"]] == ["≤ 0.5"] + ["≤ Keras + 1.25"] * 3
+    assert [check["passed"] for check in figure["checks"]] == [None] * 4  # smoke: not judged
 
 
 def test_startup_smoke_times_launch_to_first_update(tmp_path):

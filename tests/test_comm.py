@@ -33,6 +33,33 @@ def test_choose_backend_name_refuses_unknown_override():
         comm.choose_backend_name({"DISTACCUM_BACKEND": "nccl"})
 
 
+@pytest.mark.multiworker
+@pytest.mark.parametrize("launcher, backend, workers",
+                         [("python", "single", 1), ("horovodrun", "horovod", 2),
+                          ("mpirun", "mpi", 2)])
+def test_every_backend_meets_the_collective_contract_when_ranks_give_different_values(
+        tmp_path, launcher, backend, workers):
+    # One contract for every backend (`comm.Backend`): rank r gives r + 1, so each result has a
+    # closed form in the worker count. A collective added to one backend file is added here.
+    run_script(launcher, WORKERS_DIR / "collectives.py", "--out", str(tmp_path),
+               num_workers=workers, extra_env={"DISTACCUM_BACKEND": backend}, timeout=120)
+    total = workers * (workers + 1) / 2
+    for rank in range(workers):
+        got = np.load(tmp_path / f"rank{rank}.npz")
+        assert (str(got["backend"]), int(got["workers"])) == (backend, workers)
+        np.testing.assert_array_equal(got["sum_vector"], [total] * 3)
+        np.testing.assert_array_equal(got["sum_matrix"], [[0, total], [2 * total, 3 * total]])
+        assert str(got["narrow_dtype"]) == "float16"  # each part keeps its dtype
+        np.testing.assert_array_equal(got["narrow_vector"], [total] * 3)
+        np.testing.assert_array_equal(got["narrow_matrix"], [[0, total], [2 * total, 3 * total]])
+        np.testing.assert_array_equal(got["max"], [workers, -1])
+        np.testing.assert_array_equal(got["gathered_rows"], np.arange(1, workers + 1))
+        np.testing.assert_array_equal(
+            got["gathered"], np.concatenate([[r + 1.0] * 2 * (r + 1) for r in range(workers)]))
+        np.testing.assert_array_equal(got["broadcast_vector"], [1.0] * 3)
+        np.testing.assert_array_equal(got["broadcast_int"], [[0, 0]])
+
+
 def test_single_process_backend_is_identity():
     backend = comm.SingleProcessBackend()
     assert backend.sum_all([1, 2], "update") == [1, 2]

@@ -29,11 +29,12 @@ def _per_dtype(tensors: Sequence, collective) -> list[tf.Tensor]:
     return result
 
 
-def _signature(tensors: Sequence[tf.Tensor]) -> str:
+def _signature(tensors: Sequence[tf.Tensor], *, first_axis: bool = True) -> str:
     """A short name for a group's dtypes and shapes. Horovod caches what it negotiated under a
     collective's name, so one name must always mean one group (a float16 run's float32 group,
-    statistics only, differs from a float32 run's)."""
-    shapes = ";".join(f"{t.dtype.name}{t.shape}" for t in tensors)
+    statistics only, differs from a float32 run's). A gather's first axis may differ between
+    workers (`first_axis=False`): it is left out, or their names would differ and never pair."""
+    shapes = ";".join(f"{t.dtype.name}{t.shape if first_axis else t.shape[1:]}" for t in tensors)
     return f"{tensors[0].dtype.name}_{hashlib.sha1(shapes.encode()).hexdigest()[:10]}"
 
 
@@ -103,7 +104,8 @@ class HorovodBackend:
         counts = tf.reshape(tf.bitcast(row_counts(tensors), dtype), [1, -1])
         gathered = self._hvd.grouped_allgather(
             [counts, *tensors], ignore_name_scope=True,
-            name=f"HorovodGroupedAllgather_distaccum_{name}_{_signature(tensors)}")
+            name=(f"HorovodGroupedAllgather_distaccum_{name}_"
+                  f"{_signature(tensors, first_axis=False)}"))
         all_counts = tf.bitcast(tf.reshape(gathered[0], [self.num_workers(), len(tensors), -1])
                                 if dtype.size < 4 else gathered[0], tf.int32)
         all_counts = tf.reshape(all_counts, [self.num_workers(), len(tensors)])

@@ -1,0 +1,52 @@
+"""Every collective of this launch's backend on rank-dependent inputs, eager and inside a
+`tf.function`: each rank saves what it got, for tests/test_comm.py to compare with closed forms.
+
+    python collectives.py --out DIR   (under horovodrun or mpirun; or alone, single-process)
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from distaccum import comm
+
+
+def run(backend) -> dict[str, np.ndarray]:
+    """Rank r contributes r + 1 (and r + 1 rows to a gather), so every result has a closed form
+    in the worker count alone."""
+    r = backend.rank()
+    one = float(r + 1)
+    vector = tf.fill([3], one)
+    matrix = tf.reshape(tf.range(4, dtype=tf.float32), [2, 2]) * one
+    summed = tf.function(lambda: backend.sum_all([vector, matrix], "contract"))()
+    narrow = backend.sum_all([tf.cast(vector, tf.float16), matrix], "contract_narrow")
+    rows = tf.fill([r + 1, 2], one)
+    gathered = tf.function(lambda: backend.gather_all([rows], "contract"))()
+    broadcast = backend.broadcast_from_chief([vector, tf.constant([[r, -r]], tf.int64)])
+    return {
+        "sum_vector": summed[0].numpy(), "sum_matrix": summed[1].numpy(),
+        "narrow_vector": narrow[0].numpy(), "narrow_dtype": np.array(narrow[0].dtype.name),
+        "narrow_matrix": narrow[1].numpy(),
+        "max": backend.max_all(tf.constant([one, -one])).numpy(),
+        "gathered": np.concatenate([piece.numpy().reshape(-1) for piece in gathered[0]]),
+        "gathered_rows": np.array([int(piece.shape[0]) for piece in gathered[0]]),
+        "broadcast_vector": broadcast[0].numpy(), "broadcast_int": broadcast[1].numpy(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    backend = comm.init()
+    results = run(backend)
+    np.savez(args.out / f"rank{backend.rank()}.npz", backend=np.array(backend.name),
+             workers=np.array(backend.num_workers()), **results)
+
+
+if __name__ == "__main__":
+    main()
