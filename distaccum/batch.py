@@ -10,7 +10,8 @@ from distaccum.config import accumulation_steps_for
 
 
 def check_count(name: str, value) -> int | None:
-    """`value` if it is None or an int >= 1; else a one-line error naming it."""
+    """`value` if it is None or an int >= 1; else a one-line error naming it. Every count a
+    user gives (k, the batch sizes, epochs, intervals) is checked here."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):

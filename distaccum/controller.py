@@ -19,6 +19,7 @@ import tensorflow as tf
 
 from distaccum import callbacks as keras_callbacks
 from distaccum import data, diagnosis
+from distaccum.batch import check_count
 from distaccum.errors import NonFiniteGradients, TrainingInterrupted
 from distaccum.history import (
     History,
@@ -65,11 +66,6 @@ class StepRunner(Protocol):
 _DATA_ERRORS = (tf.errors.InvalidArgumentError, ValueError, TypeError)
 
 
-def _positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1. Received: {name}={value!r}")
-
-
 @dataclass(frozen=True)
 class CadenceOptions:
     """How often things happen, in update steps.
@@ -85,10 +81,9 @@ class CadenceOptions:
     max_consecutive_skips: int = 5
 
     def __post_init__(self) -> None:
-        _positive_int("log_interval", self.log_interval)
-        _positive_int("max_consecutive_skips", self.max_consecutive_skips)
-        if self.checkpoint_interval is not None:
-            _positive_int("checkpoint_interval", self.checkpoint_interval)
+        check_count("log_interval", self.log_interval)
+        check_count("max_consecutive_skips", self.max_consecutive_skips)
+        check_count("checkpoint_interval", self.checkpoint_interval)
 
 
 # SIGTERM is what schedulers send. SIGUSR1 is what a launcher passes on unchanged where it would
@@ -133,9 +128,8 @@ def _check_duration(epochs, update_steps) -> None:
             f"give exactly one of epochs and update_steps. Received: epochs={epochs!r}, "
             f"update_steps={update_steps!r}"
         )
-    for name, value in (("epochs", epochs), ("update_steps", update_steps)):
-        if value is not None:
-            _positive_int(name, value)
+    check_count("epochs", epochs)
+    check_count("update_steps", update_steps)
 
 
 class Controller:

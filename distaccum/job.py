@@ -16,7 +16,7 @@ from typing import TextIO
 import keras
 import tensorflow as tf
 
-from distaccum import comm, data, devices, sources
+from distaccum import comm, data, devices, precision, sources
 from distaccum.checkpoint import OBJECTIVE, CheckpointError, CheckpointManager
 from distaccum.config import ConfigError, TrainConfig
 from distaccum.progress import ProgressReporter, loss_first
@@ -154,7 +154,7 @@ def applied_training(trainer: Trainer) -> dict:
     """What trains, as built rather than as asked: the optimizer with its learning rate or
     schedule, each output's loss with its reduction, the metrics. The start-up block prints it
     and TensorBoard's `config` text records it."""
-    optimizer = getattr(trainer.optimizer, "inner_optimizer", trainer.optimizer)
+    optimizer = precision.unscaled(trainer.optimizer)
     rate = optimizer._learning_rate  # a schedule, or the variable holding a constant rate
     if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
         config = {k: v for k, v in rate.get_config().items() if k != "name"}

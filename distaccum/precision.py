@@ -28,6 +28,12 @@ def with_loss_scaling(model: keras.Model, optimizer):
     return optimizer
 
 
+def unscaled(optimizer):
+    """The optimizer a `LossScaleOptimizer` wraps (the one holding the learning rate), or
+    `optimizer` itself."""
+    return getattr(optimizer, "inner_optimizer", optimizer)
+
+
 def loss_scale(optimizer):
     """The factor `optimizer.scale_loss` multiplies by (None when it does not scale)."""
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):

@@ -220,8 +220,7 @@ class Trainer:
 
     def learning_rate_at(self, update_step: int) -> float:
         """The learning rate the optimizer used for update `update_step` (1-based)."""
-        optimizer = getattr(self.optimizer, "inner_optimizer", self.optimizer)
-        rate = optimizer._learning_rate  # the schedule itself, not its current value
+        rate = precision.unscaled(self.optimizer)._learning_rate  # the schedule, not its value
         if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
             return float(rate(update_step - 1))
         return float(keras.ops.convert_to_numpy(rate))
