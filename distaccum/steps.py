@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import keras
 import tensorflow as tf
 
-from distaccum import comm, data, diagnosis, precision, rows, xla
+from distaccum import comm, data, diagnosis, precision, rows, updates, xla
 from distaccum.accumulate import (
     UNDIVIDED,
     GradientAccumulator,
@@ -331,8 +331,9 @@ class WindowSteps:
             gradients, _ = tf.clip_by_global_norm(
                 gradients, self.clip_global_norm, use_norm=gradient_norm
             )
-        tf.cond(cancelled, lambda: tf.constant(False), lambda: precision.apply(
-            self.optimizer, gradients, self.model.trainable_variables, finite, scale))
+        with updates.in_bounded_groups(self.optimizer):
+            tf.cond(cancelled, lambda: tf.constant(False), lambda: precision.apply(
+                self.optimizer, gradients, self.model.trainable_variables, finite, scale))
         return (window_loss, sample_count, gradient_norm, tf.logical_not(finite),
                 votes[0], votes[1], votes[2:])
 
