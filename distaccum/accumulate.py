@@ -148,7 +148,7 @@ class GradientAccumulator:
             stored: whether the window has stored micro-batches; if not, the stored sums (the
                 previous window's) are not read: the totals are `last`'s alone, or zeros.
         """
-        variables = [t for sums in self._gradient_sums for t in sums] + self._statistics
+        variables = self.gradient_sum_variables + self._statistics
         if stored:
             if last is not None:
                 self.add(last, first=False)
@@ -158,6 +158,23 @@ class GradientAccumulator:
         gradients = [g for per_normaliser in last.gradients for g in per_normaliser]
         return [_dense(gradient, total.shape) for gradient, total in zip(gradients, variables)] + [
             tf.cast(value, tf.float32) for value in _statistics_of(last)]
+
+    @property
+    def gradient_sum_variables(self) -> list[tf.Variable]:
+        """The stored gradient sums, flat in `totals()`' order (a reduction in place writes
+        them: `comm.sum_in_place`)."""
+        return [t for sums in self._gradient_sums for t in sums]
+
+    def store_window(self, last: MicroBatchSums | None, *, stored: bool) -> list[tf.Tensor]:
+        """The whole window in the stored sums, for a reduction in their own memory: `last`
+        added to them (written over them when the window has no `stored` micro-batches; without
+        either, zeros). Returns the statistics: `totals()` after the gradient sums."""
+        if last is not None:
+            self.add(last, first=not stored)
+        elif not stored:
+            for total in self.gradient_sum_variables + self._statistics:
+                total.assign(tf.zeros_like(total))
+        return [t.read_value() for t in self._statistics]
 
     def mean_in_place(self, gradient_sums: Sequence[Sequence[tf.Tensor]],
                       divisors: Sequence[tf.Tensor]) -> list[tf.Tensor]:

@@ -136,6 +136,8 @@ class WindowSteps:
         split = jit_compile and self.backend.num_workers() > 1
         self._update_step = step(self._update_step_body, jit=jit_compile and not split)
         self._window_sums = step(self._window_sums_body) if split else self._window_sums_body
+        self._stored_window = (step(self._stored_window_body) if split
+                               else self._stored_window_body)
         self._apply_totals = step(self._apply_totals_body) if split else self._apply_totals_body
 
     def trace(self, micro_batch, micro_batch_size: int | None) -> None:
@@ -280,18 +282,36 @@ class WindowSteps:
 
     def _update_step_body(self, votes, last_micro_batch, stored):
         # The only sync point of a window: gradient, loss and weight sums, metric states (and the
-        # votes) in one grouped allreduce; sparse sums may go as rows beside it (`rows`).
+        # votes) in one grouped allreduce; sparse sums may go as rows beside it (`rows`). Dense
+        # sums between workers are reduced in their own memory, in bounded groups.
+        if self.backend.num_workers() > 1 and self._rows is None:
+            statistics = self._stored_window(last_micro_batch, stored)
+            states = self.metric_states()
+            reduced = comm.sum_in_place(self.backend, self.accumulator.gradient_sum_variables,
+                                        statistics + states + [votes], "update",
+                                        self.allreduce_dtype)
+            sums = self.accumulator.totals()[:self.accumulator.gradient_sum_count]
+            return self._apply_totals(sums + reduced[:len(statistics)],
+                                      reduced[len(statistics):-1], reduced[-1], True)
         sums = self._window_sums(last_micro_batch, stored)
         everything = sums + self.metric_states() + [votes]
         totals = (self.backend.sum_all(everything, "update") if self._rows is None
                   else self._rows.sum_all(everything, "update"))
         return self._apply_totals(totals[:len(sums)], totals[len(sums):-1], totals[-1], stored)
 
+    def _stored_window_body(self, last_micro_batch, stored):
+        """The window in the stored sums, the last micro-batch trained on the way; its
+        statistics."""
+        return self.accumulator.store_window(self._last_sums(last_micro_batch), stored=stored)
+
     def _window_sums_body(self, last_micro_batch, stored):
         """The window's sums as they travel, the last micro-batch's trained on the way."""
-        last = (self._micro_batch_sums(*last_micro_batch)
+        return self._as_sent(self.accumulator.totals(self._last_sums(last_micro_batch),
+                                                     stored=stored))
+
+    def _last_sums(self, last_micro_batch) -> MicroBatchSums | None:
+        return (self._micro_batch_sums(*last_micro_batch)
                 if last_micro_batch is not None else None)
-        return self._as_sent(self.accumulator.totals(last, stored=stored))
 
     def _apply_totals_body(self, totals, metric_states, votes, stored):
         """From every worker's totals: the update, applied unless a vote cancels it. A window

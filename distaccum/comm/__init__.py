@@ -28,6 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from distaccum import devices
+from distaccum.comm import pieces
 from distaccum.comm.single import SingleProcessBackend
 from distaccum.comm.watchdog import (DEFAULT_COLLECTIVE_TIMEOUT, EXIT_COLLECTIVE_TIMEOUT,
                                      WorkerLost, guarded, set_collective_timeout)
@@ -36,7 +37,7 @@ __all__ = [
     "BACKENDS", "DEFAULT_COLLECTIVE_TIMEOUT", "EXIT_COLLECTIVE_TIMEOUT", "Backend",
     "HostMemoryWarning", "SingleProcessBackend", "WorkerLost", "barrier", "choose_backend_name",
     "collective", "current", "gather_device_codes", "init", "is_chief", "launched_by_launcher",
-    "local_rank", "num_workers", "rank", "set_collective_timeout", "shutdown",
+    "local_rank", "num_workers", "rank", "set_collective_timeout", "shutdown", "sum_in_place",
     "warn_if_gpus_sum_through_host",
 ]
 
@@ -214,6 +215,29 @@ def shutdown() -> None:
     if _backend is not None:
         _backend.shutdown()
         _backend = None
+
+
+def sum_in_place(backend: Backend, variables: Sequence[tf.Variable], others: Sequence[tf.Tensor],
+                 name: str, dtype: tf.DType) -> list[tf.Tensor]:
+    """Sum `variables` over workers into themselves, sent as `dtype`, and return `others` summed
+    (small tensors: they travel with the first group). In a graph.
+
+    The variables go in `pieces.bounded_groups`, one collective each, each group once the one
+    before is written back: the reduction then never holds more than one group beside the
+    variables (one collective of everything held a full copy of them, or two).
+    """
+    written: list = []
+    reduced_others: list[tf.Tensor] = []
+    for index, group in enumerate(pieces.bounded_groups(variables)):
+        with tf.control_dependencies(written):
+            extra = list(others) if index == 0 else []
+            sums = backend.sum_all([tf.cast(v, dtype) for v in group] + extra, f"{name}{index}")
+            written = [v.assign(tf.cast(s, v.dtype), read_value=False)
+                       for v, s in zip(group, sums)]
+        if index == 0:
+            reduced_others = sums[len(group):]
+    with tf.control_dependencies(written):
+        return [tf.identity(t) for t in reduced_others]
 
 
 def gather_device_codes() -> list[int]:
