@@ -28,18 +28,9 @@ import tensorflow as tf
 UNDIVIDED = "sum"
 
 
-def mean_gradients(gradient_sums: Sequence[Sequence[tf.Tensor]], divisors: Sequence[tf.Tensor]
-                   ) -> list[tf.Tensor]:
-    """Divide each normaliser's summed gradients by its summed divisor and add them up: the one
-    division per update.
-
-    A normaliser whose weights sum to zero (all sample weights zero) contributes zero, not NaN.
-    """
-    return [_mean_of(parts, divisors) for parts in zip(*gradient_sums)]
-
-
 def _mean_of(parts: Sequence[tf.Tensor], divisors: Sequence[tf.Tensor]) -> tf.Tensor:
-    """One variable's gradient: each normaliser's sum of it over its divisor, added up."""
+    """One variable's gradient: each normaliser's sum of it over its divisor, added up (a
+    normaliser whose weights sum to zero, all sample weights zero, contributes zero, not NaN)."""
     quotients = [tf.math.divide_no_nan(g, tf.cast(d, g.dtype)) for g, d in zip(parts, divisors)]
     return tf.add_n(quotients) if len(quotients) > 1 else quotients[0]
 
@@ -70,14 +61,13 @@ class GradientAccumulator:
     """Owns one worker's running sums over the current window.
 
     Holds, as non-trainable float32 `tf.Variable`s: per normaliser, one gradient sum per trainable
-    variable, a loss numerator and a divisor; and the window's sample count. Does not communicate,
-    normalise or apply anything: the trainer reduces `totals()` across workers and calls
-    `mean_gradients`.
+    variable, a loss numerator and a divisor; and the window's sample count. Does not communicate
+    or apply anything: the update step reduces the sums across workers in their own memory and
+    divides them there (`mean_in_place`).
 
-    The sums are touched as little as a window needs: its first micro-batch overwrites them (no
-    pass zeroes them between windows), and its last micro-batch is added to them in place in the
-    update step's own call (`totals(last=...)`), while a window of one micro-batch never reads or
-    writes them. They are what the reduction reads: no second copy of them is made.
+    The sums are the only copy of the window's gradient: its first micro-batch overwrites them (no
+    pass zeroes them between windows), its last micro-batch is added to them in the update step's
+    own call (`store_window`), and the reduction, the division and the optimizer read them there.
 
     Sparse gradients (`tf.IndexedSlices`, e.g. from `keras.layers.Embedding`) are scattered into a
     dense sum (`scatter_add`, which costs only the rows touched); the sum is reduced and applied
@@ -136,28 +126,10 @@ class GradientAccumulator:
         """How many of `totals()` come first as gradient sums (the rest are statistics)."""
         return sum(len(sums) for sums in self._gradient_sums)
 
-    def totals(self, last: MicroBatchSums | None = None, *, stored: bool = True
-               ) -> list[tf.Tensor]:
-        """The window's sums, flat: every normaliser's gradient sums, then the numerators, the
-        divisors and the sample count.
-
-        Args:
-            last: the window's last micro-batch. With stored micro-batches it is added to the
-                stored sums in place, which are then read: a new tensor of every sum would be
-                one more copy of the gradients at the update, the step's peak of memory.
-            stored: whether the window has stored micro-batches; if not, the stored sums (the
-                previous window's) are not read: the totals are `last`'s alone, or zeros.
-        """
-        variables = self.gradient_sum_variables + self._statistics
-        if stored:
-            if last is not None:
-                self.add(last, first=False)
-            return [t.read_value() for t in variables]
-        if last is None:
-            return [tf.zeros(t.shape, tf.float32) for t in variables]
-        gradients = [g for per_normaliser in last.gradients for g in per_normaliser]
-        return [_dense(gradient, total.shape) for gradient, total in zip(gradients, variables)] + [
-            tf.cast(value, tf.float32) for value in _statistics_of(last)]
+    def totals(self) -> list[tf.Tensor]:
+        """The window's sums, flat, as stored: every normaliser's gradient sums, then the
+        numerators, the divisors and the sample count (reads, not copies)."""
+        return [t.read_value() for t in self.gradient_sum_variables + self._statistics]
 
     @property
     def gradient_sum_variables(self) -> list[tf.Variable]:
@@ -178,10 +150,12 @@ class GradientAccumulator:
 
     def mean_in_place(self, gradient_sums: Sequence[Sequence[tf.Tensor]],
                       divisors: Sequence[tf.Tensor]) -> list[tf.Tensor]:
-        """`mean_gradients`, each variable's written over its first normaliser's stored sum, one
+        """The one division per update: each normaliser's summed gradients over its summed
+        divisor, added up; each variable's written over its first normaliser's stored sum, one
         variable after the other: the update's gradient then needs no memory beside the sums
         (every variable's mean at once would be one more copy of the gradient, the update's
-        peak). `gradient_sums` may be the sums' own values (one worker) or their reduction."""
+        peak). `gradient_sums` may be the sums' own values or a reduction of them (the row
+        exchange's)."""
         means: list[tf.Tensor] = []
         for stored, parts in zip(self._gradient_sums[0], zip(*gradient_sums)):
             with tf.control_dependencies(means[-1:]):
@@ -202,14 +176,3 @@ class GradientAccumulator:
 
 def _statistics_of(sums: MicroBatchSums) -> list:
     return [*sums.numerators, *sums.divisors, sums.sample_count]
-
-
-def _dense(gradient, shape) -> tf.Tensor:
-    """One micro-batch's gradient as a float32 sum of `shape` (a sparse one scattered)."""
-    if gradient is None:
-        return tf.zeros(shape, tf.float32)
-    if isinstance(gradient, tf.IndexedSlices):
-        return tf.tensor_scatter_nd_add(tf.zeros(shape, tf.float32),
-                                        tf.expand_dims(gradient.indices, -1),
-                                        tf.cast(gradient.values, tf.float32))
-    return tf.cast(gradient, tf.float32)

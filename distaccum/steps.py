@@ -18,7 +18,6 @@ from distaccum.accumulate import (
     UNDIVIDED,
     GradientAccumulator,
     MicroBatchSums,
-    mean_gradients,
     objective_value,
     window_divisors,
 )
@@ -91,9 +90,10 @@ class WindowSteps:
     how many micro-batches the sums hold.
 
     A micro-step runs forward and backward on one micro-batch and adds to the sums; it never
-    communicates. The update step trains the window's last micro-batch on the way into one
-    grouped allreduce of the sums, the statistics, the metrics' states and the votes, divides
-    once per normaliser, optionally clips, and applies unless a vote cancels.
+    communicates. The update step trains the window's last micro-batch into the sums, reduces
+    them in their own memory with the statistics, the metrics' states and the votes
+    (`comm.sum_in_place`), divides once per normaliser in place, optionally clips, and applies (in
+    bounded groups, `updates`) unless a vote cancels.
 
     Does not own the arguments' checks, the model's build or the start-up broadcast (`Trainer`),
     nor the loop (`Controller`).
@@ -135,7 +135,6 @@ class WindowSteps:
         # is nothing to reduce and the whole step is one cluster (4% faster at k = 1).
         split = jit_compile and self.backend.num_workers() > 1
         self._update_step = step(self._update_step_body, jit=jit_compile and not split)
-        self._window_sums = step(self._window_sums_body) if split else self._window_sums_body
         self._stored_window = (step(self._stored_window_body) if split
                                else self._stored_window_body)
         self._apply_totals = step(self._apply_totals_body) if split else self._apply_totals_body
@@ -281,42 +280,37 @@ class WindowSteps:
         return self.accumulator
 
     def _update_step_body(self, votes, last_micro_batch, stored):
-        # The only sync point of a window: gradient, loss and weight sums, metric states (and the
-        # votes) in one grouped allreduce; sparse sums may go as rows beside it (`rows`). Dense
-        # sums between workers are reduced in their own memory, in bounded groups.
-        if self.backend.num_workers() > 1 and self._rows is None:
-            statistics = self._stored_window(last_micro_batch, stored)
-            states = self.metric_states()
-            reduced = comm.sum_in_place(self.backend, self.accumulator.gradient_sum_variables,
-                                        statistics + states + [votes], "update",
-                                        self.allreduce_dtype)
-            sums = self.accumulator.totals()[:self.accumulator.gradient_sum_count]
-            return self._apply_totals(sums + reduced[:len(statistics)],
-                                      reduced[len(statistics):-1], reduced[-1], True)
-        sums = self._window_sums(last_micro_batch, stored)
-        everything = sums + self.metric_states() + [votes]
-        totals = (self.backend.sum_all(everything, "update") if self._rows is None
-                  else self._rows.sum_all(everything, "update"))
-        return self._apply_totals(totals[:len(sums)], totals[len(sums):-1], totals[-1], stored)
+        # The window lands in the stored sums (the last micro-batch added on the way), which the
+        # reduction and the division then work in: no other copy of the gradient is made. The
+        # only sync point of a window: gradient, loss and weight sums, metric states and the
+        # votes, summed in place in bounded groups (`comm.sum_in_place`); sparse sums may go as
+        # rows beside them instead (`rows`).
+        statistics = self._stored_window(last_micro_batch, stored)
+        others = statistics + self.metric_states() + [votes]
+        count = self.accumulator.gradient_sum_count
+        if self._rows is not None:
+            totals = self._rows.sum_all(self._as_sent(self.accumulator.totals()[:count]) + others,
+                                        "update")
+            sums, others = totals[:count], totals[count:]
+        else:
+            if self.backend.num_workers() > 1:
+                others = comm.sum_in_place(self.backend, self.accumulator.gradient_sum_variables,
+                                           others, "update", self.allreduce_dtype)
+            sums = self.accumulator.totals()[:count]
+        statistics, metric_states, votes = (others[:len(statistics)],
+                                            others[len(statistics):-1], others[-1])
+        return self._apply_totals(sums + statistics, metric_states, votes)
 
     def _stored_window_body(self, last_micro_batch, stored):
         """The window in the stored sums, the last micro-batch trained on the way; its
         statistics."""
-        return self.accumulator.store_window(self._last_sums(last_micro_batch), stored=stored)
-
-    def _window_sums_body(self, last_micro_batch, stored):
-        """The window's sums as they travel, the last micro-batch's trained on the way."""
-        return self._as_sent(self.accumulator.totals(self._last_sums(last_micro_batch),
-                                                     stored=stored))
-
-    def _last_sums(self, last_micro_batch) -> MicroBatchSums | None:
-        return (self._micro_batch_sums(*last_micro_batch)
+        last = (self._micro_batch_sums(*last_micro_batch)
                 if last_micro_batch is not None else None)
+        return self.accumulator.store_window(last, stored=stored)
 
-    def _apply_totals_body(self, totals, metric_states, votes, stored):
-        """From every worker's totals: the update, applied unless a vote cancels it. A window
-        with stored micro-batches divides in the sums' memory (`mean_in_place`); one without
-        never touches them."""
+    def _apply_totals_body(self, totals, metric_states, votes):
+        """From every worker's totals: the update, applied unless a vote cancels it. The mean
+        gradient is divided in the sums' memory (`mean_in_place`)."""
         totals = [tf.cast(t, tf.float32) for t in totals]
         cancelled = (votes[1] > 0) | tf.reduce_any(votes[2:] > 0)
         if self.metrics is not None:
@@ -327,8 +321,7 @@ class WindowSteps:
             tf.cond(cancelled, lambda: tf.constant(False), add_metric_states)
         gradient_sums, numerators, divisors, sample_count = self.accumulator.split(totals)
         variables = self.model.trainable_variables
-        gradients = (self.accumulator.mean_in_place(gradient_sums, divisors) if stored
-                     else mean_gradients(gradient_sums, divisors))
+        gradients = self.accumulator.mean_in_place(gradient_sums, divisors)
         scale = precision.loss_scale(self.optimizer)
         if scale is not None:
             gradients = [g / scale for g in gradients]

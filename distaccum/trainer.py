@@ -63,12 +63,13 @@ class Trainer:
     micro-batches on every worker.
 
     A micro-step runs forward and backward on one micro-batch and adds to this worker's sums; it
-    never communicates. An update step reduces the sums over workers in one grouped allreduce
-    (beside which sparse gradient sums may travel as rows, `rows`), divides once by the total
+    never communicates. An update step reduces the sums over workers in their own memory, one
+    grouped allreduce per 32 MiB of them (beside which sparse gradient sums may travel as rows,
+    `rows`), divides once by the total
     sample weight, optionally clips by global norm, and applies. So `optimizer.iterations` counts
     updates and LR schedules see large-batch steps. `fit` runs a window as two compiled calls:
     its first k-1 micro-batches (`micro_steps`), then the update step, which trains the last
-    micro-batch itself and adds its gradient on the way into the allreduce.
+    micro-batch itself and adds its gradient to the sums on the way into the allreduce.
 
     Owns the arguments and their checks, the build and the start-up broadcast (`prepare`), and
     the calls a loop makes. Does not own the compiled steps (`steps.WindowSteps`), nor the loop
@@ -294,9 +295,8 @@ class Trainer:
                 not train on (0: none); if any worker reports one, no worker applies the update.
             step: this update's number, for messages (a timeout names it).
             last_micro_batch: the window's last micro-batch `(x, y, sample_weight or None)`, if
-                not given to `micro_step`: trained in the same compiled call, its sums go
-                straight into the reduction instead of through the stored sums (so a window of
-                one micro-batch never touches them). If it cannot be trained on (its error is
+                not given to `micro_step`: trained in the same compiled call, its gradient added
+                to the stored sums as it is computed (one call per window less). If it cannot be trained on (its error is
                 raised), nothing was reduced or applied: call `update_step` again without it,
                 reporting it as `bad_micro_batch`.
         """

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from distaccum.accumulate import GradientAccumulator, MicroBatchSums, mean_gradients
+from distaccum.accumulate import GradientAccumulator, MicroBatchSums
 from distaccum.objective import OutputLoss, data_term, resolve_losses, unreduced_loss
 
 Y_TRUE = np.array([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0]], "float32")
@@ -96,16 +96,24 @@ def test_reduction_none_is_refused_in_one_line_naming_it():
     assert "\n" not in str(raised.value)
 
 
-def test_mean_gradients_gives_zero_not_nan_when_weights_sum_to_zero():
-    result = mean_gradients([[tf.constant([0.0, 0.0])]], [tf.constant(0.0)])
-    np.testing.assert_array_equal(result[0].numpy(), [0.0, 0.0])
+def _means(gradient_sums, divisors):
+    """`mean_in_place` on sums of the given shapes, as arrays."""
+    accumulator = GradientAccumulator([keras.Variable(np.zeros(g.shape, "float32"))
+                                       for g in gradient_sums[0]],
+                                      [f"normaliser{i}" for i in range(len(gradient_sums))])
+    return [m.numpy() for m in accumulator.mean_in_place(gradient_sums, divisors)]
+
+
+def test_mean_gives_zero_not_nan_when_weights_sum_to_zero():
+    [result] = _means([[tf.constant([0.0, 0.0])]], [tf.constant(0.0)])
+    np.testing.assert_array_equal(result, [0.0, 0.0])
 
 
 @pytest.mark.rounding
-def test_mean_gradients_divides_each_normaliser_by_its_own_sum():
-    result = mean_gradients([[tf.constant([2.0])], [tf.constant([9.0])]],
-                            [tf.constant(4.0), tf.constant(3.0)])
-    np.testing.assert_allclose(result[0].numpy(), [0.5 + 3.0])
+def test_mean_divides_each_normaliser_by_its_own_sum():
+    [result] = _means([[tf.constant([2.0])], [tf.constant([9.0])]],
+                      [tf.constant(4.0), tf.constant(3.0)])
+    np.testing.assert_allclose(result, [0.5 + 3.0])
 
 
 def test_accumulator_sums_a_window_and_its_last_micro_batch_in_place():
@@ -118,35 +126,39 @@ def test_accumulator_sums_a_window_and_its_last_micro_batch_in_place():
     accumulator.add(MicroBatchSums([[tf.constant([1.0, 0.0]), None]], [1.0], [0.5], 1),
                     first=False)
     last = MicroBatchSums([[tf.constant([0.5, 0.5]), sparse]], [1.0], [1.0], 2)
-    [gradient_sums], numerators, divisors, count = accumulator.split(accumulator.totals(last))
+    statistics = accumulator.store_window(last, stored=True)
+    assert [float(s) for s in statistics] == [5.0, 3.5, 8.0]
+    # The last micro-batch was added to the stored sums in place: the reduction, the division
+    # and the optimizer read them there (no second copy of the gradients).
+    [gradient_sums], numerators, divisors, count = accumulator.split(accumulator.totals())
     np.testing.assert_array_equal(gradient_sums[0].numpy(), [2.5, 2.5])
     np.testing.assert_array_equal(gradient_sums[1].numpy(), [[0, 0], [6, 6], [0, 0], [0, 0]])
     assert [float(s) for s in (*numerators, *divisors, count)] == [5.0, 3.5, 8.0]
-    # The last micro-batch was added to the stored sums in place (the reduction reads them: no
-    # second copy of the gradients); the next window's first overwrites them.
-    [gradient_sums], *_ = accumulator.split(accumulator.totals())
-    np.testing.assert_array_equal(gradient_sums[1].numpy(), [[0, 0], [6, 6], [0, 0], [0, 0]])
+    # The next window's first micro-batch overwrites them.
     accumulator.add(MicroBatchSums([[tf.constant([4.0, 4.0]), None]], [1.0], [1.0], 1),
                     first=True)
     [gradient_sums], numerators, divisors, count = accumulator.split(accumulator.totals())
     np.testing.assert_array_equal(gradient_sums[0].numpy(), [4.0, 4.0])
     assert float(tf.reduce_sum(tf.abs(gradient_sums[1]))) == 0
     assert [float(s) for s in (*numerators, *divisors, count)] == [1.0, 1.0, 1.0]
-    # A window with nothing stored (its worker ran out, or k = 1) never reads the stored sums.
-    assert all(float(tf.reduce_sum(tf.abs(t))) == 0
-               for t in accumulator.totals(stored=False))
-    [gradient_sums], *_ = accumulator.split(accumulator.totals(last, stored=False))
+    # A window of one micro-batch (k = 1, or an epoch's last) is written over them; a window
+    # with nothing at all (its worker ran out) is zeros.
+    accumulator.store_window(last, stored=False)
+    [gradient_sums], *statistics = accumulator.split(accumulator.totals())
     np.testing.assert_array_equal(gradient_sums[1].numpy(), [[0, 0], [3, 3], [0, 0], [0, 0]])
+    assert [float(s) for s in (*statistics[0], *statistics[1], statistics[2])] == [1.0, 1.0, 2.0]
+    accumulator.store_window(None, stored=False)
+    assert all(float(tf.reduce_sum(tf.abs(t))) == 0 for t in accumulator.totals())
 
 
-def test_mean_in_place_equals_mean_gradients_and_is_written_over_the_first_sums():
+def test_mean_in_place_is_written_over_the_first_normalisers_sums():
     variables = [keras.Variable(np.zeros((2,), "float32")), keras.Variable(np.zeros((3,), "float32"))]
     accumulator = GradientAccumulator(variables, ["samples", "sum"])
     sums = [[tf.constant([2.0, 4.0]), tf.constant([1.0, 0.0, 3.0])],
             [tf.constant([9.0, 0.0]), tf.constant([0.0, 5.0, 1.0])]]
     divisors = [tf.constant(2.0), tf.constant(1.0)]
     accumulator.add(MicroBatchSums(sums, [0.0, 0.0], [1.0, 1.0], 1), first=True)
-    expected = [g.numpy() for g in mean_gradients(sums, divisors)]
+    expected = [[1.0 + 9.0, 2.0 + 0.0], [0.5 + 0.0, 0.0 + 5.0, 1.5 + 1.0]]
     means = accumulator.mean_in_place(accumulator.split(accumulator.totals())[0], divisors)
     for got, want in zip(means, expected):
         np.testing.assert_array_equal(got.numpy(), want)
