@@ -21,6 +21,7 @@ import tensorflow as tf
 
 import distaccum
 from distaccum import comm, order, recordfiles
+from distaccum.checkpoint import CheckpointManager
 import workload
 from common import (
     ALLREDUCE_EVERY_MICRO_BATCH, CHIEF_RESULT, DISTACCUM, DISTACCUM_BFLOAT16, LAUNCHED_AT_VARIABLE,
@@ -271,20 +272,44 @@ def dense_stack(width: int, layers: int) -> keras.Model:
                              *(keras.layers.Dense(width) for _ in range(layers))])
 
 
+# The embedding-dominated model: tokens per sample, and the width of its vectors.
+TOKENS, EMBEDDING_WIDTH = 16, 256
+
+
+def embedding_table(width: int, layers: int) -> keras.Model:
+    """As many parameters as `dense_stack(width, layers)`, nearly all in one `Embedding` (a
+    GPT-2's table holds most of its weights): `TOKENS` token ids in, their mean vector through
+    one Dense layer out. Its gradient is sparse (`tf.IndexedSlices`)."""
+    keras.utils.set_random_seed(0)
+    vocabulary = layers * width * width // EMBEDDING_WIDTH
+    return keras.Sequential([keras.Input((TOKENS,), dtype="int32"),
+                             keras.layers.Embedding(vocabulary, EMBEDDING_WIDTH),
+                             keras.layers.GlobalAveragePooling1D(),
+                             keras.layers.Dense(EMBEDDING_WIDTH)])
+
+
+MODELS = {"dense": dense_stack, "embedding": embedding_table}
+
+
 def memory_per_parameter(args) -> None:
     """RSS growth over the built, compiled model (Adam, mse) of one run, Keras's own `fit` or
-    distaccum's, in a fresh process: what it keeps after the last update, and its peak.
+    distaccum's, in a fresh process: what it keeps after the last update, and its peak, a
+    checkpoint written at the end (distaccum's) included.
 
     Every rank holds `--updates` global batches of its own random samples; distaccum's
     `micro_batches` reads this worker's share of them, Keras's `fit` (one process) all of them.
     """
     distaccum.init()
-    model = dense_stack(args.width, args.layers)
+    model = MODELS[args.model](args.width, args.layers)
     weights_mb = sum(math.prod(variable.shape) * np.dtype(variable.dtype).itemsize
                      for variable in model.trainable_variables) / 2**20
     rng = np.random.default_rng(distaccum.rank())
-    x, y = (rng.normal(size=(args.global_batch * args.updates, args.width)).astype("float32")
-            for _ in range(2))
+    samples = args.global_batch * args.updates
+    if args.model == "embedding":
+        x = rng.integers(0, model.layers[0].input_dim, size=(samples, TOKENS), dtype=np.int32)
+    else:
+        x = rng.normal(size=(samples, args.width)).astype("float32")
+    y = rng.normal(size=(samples, model.output_shape[-1])).astype("float32")
     model.compile(optimizer=keras.optimizers.Adam(1e-4), loss="mse")
     base_mb = resident_mb()
     if args.mode == "keras":
@@ -292,8 +317,14 @@ def memory_per_parameter(args) -> None:
         accumulation_steps = None
     else:
         trainer = distaccum.Trainer.from_compiled(model, global_batch_size=args.global_batch)
+        checkpoints = CheckpointManager(args.out / f"checkpoints{distaccum.rank()}")
+
+        def save_checkpoint(position):
+            if distaccum.is_chief():
+                checkpoints.save(position, trainer.state_variables, {})
+
         trainer.fit(distaccum.micro_batches((x, y), args.micro_batch), epochs=1,
-                    log_interval=10**9)
+                    log_interval=10**9, save_checkpoint=save_checkpoint)
         accumulation_steps = trainer.accumulation_steps
     (args.out / f"rank{distaccum.rank()}.json").write_text(json.dumps({
         "workers": distaccum.num_workers(), "k": accumulation_steps, "weights_mb": weights_mb,
@@ -571,6 +602,8 @@ def parse_arguments() -> argparse.Namespace:
                                                  required=True)
     for option in ("--width", "--layers", "--global-batch", "--updates"):
         figures["memory-per-parameter"].add_argument(option, type=positive_int, required=True)
+    figures["memory-per-parameter"].add_argument("--model", choices=tuple(MODELS),
+                                                 default="dense")
     figures["memory-per-parameter"].add_argument(
         "--micro-batch", type=positive_int, required=True,
         help="distaccum's, per worker (Keras's `fit` trains on whole global batches)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from distaccum.comm.pieces import pieces_of
 from distaccum.config import ConfigError
 from distaccum.history import Position
 
@@ -174,9 +176,7 @@ class CheckpointManager:
             if tuple(variable.shape) != shape:
                 raise ValueError(f"shape {shape} saved for {variable.path}, "
                                  f"expected {tuple(variable.shape)}")
-        with np.load(path / "state.npz") as arrays:
-            for i, variable in enumerate(variables):  # one array in memory at a time
-                variable.assign(arrays[_member(i)])
+        _load_arrays(path / "state.npz", variables)
         return Restored(path, Position(**meta["position"]), meta["settings"])
 
 
@@ -185,13 +185,39 @@ def _member(index: int) -> str:
 
 
 def _save_arrays(handle, variables: list) -> None:
-    """`np.savez(handle, *values)`, one variable's value in memory at a time: the state is not
-    copied whole before it is written (np.savez takes every array at once)."""
+    """`np.savez(handle, *values)`, one piece of one variable in memory at a time
+    (`pieces.pieces_of`: a large variable in ranges of its rows): the state, or one large
+    variable, is not copied whole before it is written (np.savez takes every array at once)."""
     with zipfile.ZipFile(handle, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
         for i, variable in enumerate(variables):
             with archive.open(f"{_member(i)}.npy", "w", force_zip64=True) as member:
-                np.lib.format.write_array(member, np.asarray(variable.numpy()),
-                                          allow_pickle=False)
+                np.lib.format.write_array_header_2_0(member, {
+                    "descr": np.lib.format.dtype_to_descr(np.dtype(variable.dtype)),
+                    "fortran_order": False, "shape": tuple(variable.shape)})
+                for piece in pieces_of(variable):
+                    member.write(np.ascontiguousarray(piece.read().numpy()).data)
+
+
+def _load_arrays(path: Path, variables: list) -> None:
+    """Assign each array of a state file to its variable, a piece at a time (`_save_arrays`),
+    from the member's bytes: never a whole large array in memory."""
+    with zipfile.ZipFile(path) as archive:
+        for i, variable in enumerate(variables):
+            with archive.open(f"{_member(i)}.npy") as member:
+                _, fortran_order, dtype = _read_header(member)
+                if fortran_order:
+                    raise ValueError(f"{_member(i)} is stored in Fortran order")
+                for piece in pieces_of(variable):
+                    data = member.read(math.prod(piece.shape) * dtype.itemsize)
+                    piece.write(np.frombuffer(data, dtype).reshape(piece.shape))
+
+
+def _read_header(member) -> tuple:
+    """(shape, fortran_order, dtype) of an `.npy` member, its bytes read up to the data."""
+    version = np.lib.format.read_magic(member)
+    header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+              else np.lib.format.read_array_header_2_0)
+    return header(member)
 
 
 def _saved_shapes(path: Path, count: int) -> list[tuple]:
@@ -201,11 +227,7 @@ def _saved_shapes(path: Path, count: int) -> list[tuple]:
         shapes = []
         for i in range(count):
             with archive.open(f"{_member(i)}.npy") as member:
-                header = (np.lib.format.read_array_header_1_0
-                          if np.lib.format.read_magic(member) == (1, 0)
-                          else np.lib.format.read_array_header_2_0)
-                shape, _, _ = header(member)
-            shapes.append(tuple(shape))
+                shapes.append(tuple(_read_header(member)[0]))
     return shapes
 
 

@@ -18,7 +18,6 @@ import tensorflow as tf
 
 from distaccum import comm, data, diagnosis, precision, xla
 from distaccum.batch import BatchSizes
-from distaccum.comm.pieces import bounded_groups
 from distaccum.controller import CadenceOptions, Controller
 from distaccum.history import Position
 from distaccum.metrics import GlobalMetrics
@@ -258,15 +257,12 @@ class Trainer:
         return list(self.model.variables) + list(self.optimizer.variables)
 
     def broadcast_from_chief(self) -> None:
-        """Overwrite model and optimizer state with rank 0's, a bounded group at a time, each
-        assigned before the next travels: no copy of the whole state is ever made."""
+        """Overwrite model and optimizer state with rank 0's (`comm.broadcast_in_place`: no copy
+        of the whole state, or of one large variable, is ever made)."""
         if self.backend.num_workers() == 1:
             return
         with comm.collective("the start-up broadcast"):
-            for group in bounded_groups(self.state_variables):
-                values = self.backend.broadcast_from_chief([v.value for v in group])
-                for variable, value in zip(group, values):
-                    variable.assign(value)
+            comm.broadcast_in_place(self.backend, self.state_variables)
 
     def micro_step(self, x, y, sample_weight=None) -> None:
         """Forward, backward and accumulate one micro-batch on this worker. No communication."""

@@ -8,6 +8,7 @@ import pytest
 
 import scenarios
 from distaccum.checkpoint import OBJECTIVE, CheckpointError, CheckpointManager
+from distaccum.comm import pieces
 from distaccum.config import ConfigError
 from distaccum.history import Position
 
@@ -34,6 +35,23 @@ def test_restore_gives_back_bitwise_state_and_position_when_saved(tmp_path):
     target = _state(seed=8)
     restored = manager.restore_latest(target, SETTINGS)
     assert restored.position == Position(12, 2, 3)
+    for got, expected in zip(_values(target), _values(saved)):
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_large_variables_are_written_and_read_in_pieces_as_npz_of_whole_arrays(tmp_path,
+                                                                            monkeypatch):
+    # 64-byte pieces: every kernel goes in ranges of its rows, and no whole copy of one is made.
+    monkeypatch.setattr(pieces, "GROUP_BYTES", 64)
+    manager = CheckpointManager(tmp_path)
+    saved = _state(seed=7)
+    assert max(len(pieces.pieces_of(v)) for v in saved) > 1
+    path = manager.save(Position(12, 2, 3), saved, SETTINGS)
+    with np.load(path / "state.npz") as arrays:  # what np.savez would have written
+        for i, expected in enumerate(_values(saved)):
+            np.testing.assert_array_equal(arrays[f"arr_{i}"], expected)
+    target = _state(seed=8)
+    manager.restore_latest(target, SETTINGS)
     for got, expected in zip(_values(target), _values(saved)):
         np.testing.assert_array_equal(got, expected)
 

@@ -58,6 +58,12 @@ def test_every_backend_meets_the_collective_contract_when_ranks_give_different_v
             got["gathered"], np.concatenate([[r + 1.0] * 2 * (r + 1) for r in range(workers)]))
         np.testing.assert_array_equal(got["broadcast_vector"], [1.0] * 3)
         np.testing.assert_array_equal(got["broadcast_int"], [[0, 0]])
+        np.testing.assert_array_equal(got["in_place_table"],
+                                      np.arange(10.0).reshape(5, 2) * total)
+        assert float(got["in_place_scalar"]) == total
+        np.testing.assert_array_equal(got["in_place_others"], [total] * 3)
+        np.testing.assert_array_equal(got["broadcast_in_place_table"], np.ones([5, 2]))
+        assert int(got["broadcast_in_place_int"]) == 0
 
 
 def test_single_process_backend_is_identity():

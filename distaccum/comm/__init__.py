@@ -35,7 +35,8 @@ from distaccum.comm.watchdog import (DEFAULT_COLLECTIVE_TIMEOUT, EXIT_COLLECTIVE
 
 __all__ = [
     "BACKENDS", "DEFAULT_COLLECTIVE_TIMEOUT", "EXIT_COLLECTIVE_TIMEOUT", "Backend",
-    "HostMemoryWarning", "SingleProcessBackend", "WorkerLost", "barrier", "choose_backend_name",
+    "HostMemoryWarning", "SingleProcessBackend", "WorkerLost", "barrier", "broadcast_in_place",
+    "choose_backend_name",
     "collective", "current", "gather_device_codes", "init", "is_chief", "launched_by_launcher",
     "local_rank", "num_workers", "rank", "set_collective_timeout", "shutdown", "sum_in_place",
     "warn_if_gpus_sum_through_host",
@@ -91,7 +92,7 @@ class Backend(Protocol):
 
     def broadcast_from_chief(self, tensors: Sequence[tf.Tensor]) -> list[tf.Tensor]:
         """Rank 0's values of `tensors` on every worker, as one collective (the caller bounds
-        its size: `pieces.bounded_groups`)."""
+        its size: `broadcast_in_place`)."""
 
     def shutdown(self) -> None:
         """End this worker's part in the collectives (a process about to exit)."""
@@ -222,22 +223,32 @@ def sum_in_place(backend: Backend, variables: Sequence[tf.Variable], others: Seq
     """Sum `variables` over workers into themselves, sent as `dtype`, and return `others` summed
     (small tensors: they travel with the first group). In a graph.
 
-    The variables go in `pieces.bounded_groups`, one collective each, each group once the one
-    before is written back: the reduction then never holds more than one group beside the
-    variables (one collective of everything held a full copy of them, or two).
+    The variables go in `pieces.bounded_groups` (a large one in ranges of its rows), one
+    collective each, each group once the one before is written back: the reduction then never
+    holds more than one group beside the variables (one collective of everything held a full
+    copy of them, or two).
     """
     written: list = []
     reduced_others: list[tf.Tensor] = []
     for index, group in enumerate(pieces.bounded_groups(variables)):
         with tf.control_dependencies(written):
             extra = list(others) if index == 0 else []
-            sums = backend.sum_all([tf.cast(v, dtype) for v in group] + extra, f"{name}{index}")
-            written = [v.assign(tf.cast(s, v.dtype), read_value=False)
-                       for v, s in zip(group, sums)]
+            sums = backend.sum_all([tf.cast(p.read(), dtype) for p in group] + extra,
+                                   f"{name}{index}")
+            written = [p.write(tf.cast(s, p.variable.dtype)) for p, s in zip(group, sums)]
         if index == 0:
             reduced_others = sums[len(group):]
     with tf.control_dependencies(written):
         return [tf.identity(t) for t in reduced_others]
+
+
+def broadcast_in_place(backend: Backend, variables: Sequence) -> None:
+    """Overwrite `variables` with rank 0's values, eagerly: in `pieces.bounded_groups` (a large
+    variable in ranges of its rows), each group assigned before the next travels."""
+    for group in pieces.bounded_groups(variables):
+        values = backend.broadcast_from_chief([piece.read() for piece in group])
+        for piece, value in zip(group, values):
+            piece.write(value)
 
 
 def gather_device_codes() -> list[int]:

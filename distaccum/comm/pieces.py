@@ -1,10 +1,13 @@
 """How the backends cut what they send into pieces: a gather's row counts, which cut each worker's
-piece out of a gathered tensor, and the groups of variables that the start-up broadcast and the
-update's reduction send one after another, which keep their copies small. Kept in one place that
+piece out of a gathered tensor, and the groups of pieces of variables that the start-up
+broadcast, the update's reduction and a checkpoint handle one after another, which keep their
+copies small. Kept in one place that
 every backend imports."""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import tensorflow as tf
@@ -26,17 +29,67 @@ def row_counts(tensors: Sequence[tf.Tensor]) -> tf.Tensor:
     return counts + tf.cast(tf.timestamp() * 0.0, tf.int32)
 
 
-def bounded_groups(variables: Sequence, limit: int = GROUP_BYTES) -> Iterator[list]:
-    """`variables` in order, as consecutive groups of at most `limit` bytes each (one variable
-    larger than that is a group of its own)."""
-    group: list = []
+@dataclass(frozen=True)
+class Piece:
+    """A variable, or a range of its first axis (`rows`): as much of it as one collective or one
+    write handles, so that a variable larger than `GROUP_BYTES` (an `Embedding` that holds most
+    of the weights) is never copied whole."""
+
+    variable: object  # a `keras.Variable` or a `tf.Variable`
+    rows: tuple[int, int] | None = None  # [start, stop); None: the whole variable
+
+    @property
+    def _target(self):
+        # A Keras variable's TensorFlow variable, which slices can be read from and assigned to.
+        value = getattr(self.variable, "value", self.variable)
+        return value if isinstance(value, tf.Variable) else self.variable
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        shape = tuple(self.variable.shape)
+        return shape if self.rows is None else (self.rows[1] - self.rows[0], *shape[1:])
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * tf.as_dtype(self.variable.dtype).size
+
+    def read(self) -> tf.Tensor:
+        target = self._target
+        return tf.convert_to_tensor(target) if self.rows is None else target[slice(*self.rows)]
+
+    def write(self, value):
+        """Assign `value` to the piece; in a graph, returns the assignment (to wait for)."""
+        target = self._target
+        if self.rows is None:
+            return target.assign(value, read_value=False)
+        return target[slice(*self.rows)].assign(value)
+
+
+def pieces_of(variable, limit: int | None = None) -> list[Piece]:
+    """`variable` whole, or, when it holds more than `limit` bytes (`GROUP_BYTES`), as ranges
+    of its rows of at most `limit` bytes each (at least one row)."""
+    limit = GROUP_BYTES if limit is None else limit
+    whole = Piece(variable)
+    shape = whole.shape
+    if whole.nbytes <= limit or len(shape) == 0 or shape[0] <= 1:
+        return [whole]
+    rows = max(1, limit // (whole.nbytes // shape[0]))
+    return [Piece(variable, (start, min(start + rows, shape[0])))
+            for start in range(0, shape[0], rows)]
+
+
+def bounded_groups(variables: Sequence, limit: int | None = None) -> Iterator[list[Piece]]:
+    """`variables` in order, as consecutive groups of pieces (`pieces_of`) of at most `limit`
+    bytes (`GROUP_BYTES`) each."""
+    limit = GROUP_BYTES if limit is None else limit
+    group: list[Piece] = []
     size = 0
     for variable in variables:
-        nbytes = tf.TensorShape(variable.shape).num_elements() * tf.as_dtype(variable.dtype).size
-        if group and size + nbytes > limit:
-            yield group
-            group, size = [], 0
-        group.append(variable)
-        size += nbytes
+        for piece in pieces_of(variable, limit):
+            if group and size + piece.nbytes > limit:
+                yield group
+                group, size = [], 0
+            group.append(piece)
+            size += piece.nbytes
     if group:
         yield group

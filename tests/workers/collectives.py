@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import keras
 import numpy as np
 import tensorflow as tf
 
 from distaccum import comm
+from distaccum.comm import pieces
 
 
 def run(backend) -> dict[str, np.ndarray]:
@@ -27,6 +29,13 @@ def run(backend) -> dict[str, np.ndarray]:
     rows = tf.fill([r + 1, 2], one)
     gathered = tf.function(lambda: backend.gather_all([rows], "contract"))()
     broadcast = backend.broadcast_from_chief([vector, tf.constant([[r, -r]], tf.int64)])
+    # In place, in pieces: 16-byte groups cut the 5 x 2 table into ranges of 2 rows.
+    pieces.GROUP_BYTES = 16
+    table, scalar = tf.Variable(tf.reshape(tf.range(10.0), [5, 2]) * one), tf.Variable(one)
+    others = tf.function(lambda: comm.sum_in_place(backend, [table, scalar], [vector],
+                                                   "contract_in_place", tf.float32))()
+    owned = [keras.Variable(np.full([5, 2], one, "float32")), keras.Variable(r, dtype="int64")]
+    comm.broadcast_in_place(backend, owned)
     return {
         "sum_vector": summed[0].numpy(), "sum_matrix": summed[1].numpy(),
         "narrow_vector": narrow[0].numpy(), "narrow_dtype": np.array(narrow[0].dtype.name),
@@ -35,6 +44,9 @@ def run(backend) -> dict[str, np.ndarray]:
         "gathered": np.concatenate([piece.numpy().reshape(-1) for piece in gathered[0]]),
         "gathered_rows": np.array([int(piece.shape[0]) for piece in gathered[0]]),
         "broadcast_vector": broadcast[0].numpy(), "broadcast_int": broadcast[1].numpy(),
+        "in_place_table": table.numpy(), "in_place_scalar": scalar.numpy(),
+        "in_place_others": others[0].numpy(),
+        "broadcast_in_place_table": owned[0].numpy(), "broadcast_in_place_int": owned[1].numpy(),
     }
 
 
