@@ -24,6 +24,8 @@ from typing import Sequence
 
 import tensorflow as tf
 
+from distaccum.comm.pieces import pieces_of, zero_in_place
+
 # The normaliser of losses reduced by `sum`: Keras's loss on the window is the sum itself.
 UNDIVIDED = "sum"
 
@@ -105,10 +107,10 @@ class GradientAccumulator:
             for total, gradient in zip(totals, gradients):
                 if gradient is None:
                     if first:
-                        total.assign(tf.zeros_like(total))
+                        zero_in_place(total)
                 elif isinstance(gradient, tf.IndexedSlices):
                     if first:
-                        total.assign(tf.zeros_like(total))
+                        zero_in_place(total)
                     total.scatter_add(tf.IndexedSlices(tf.cast(gradient.values, tf.float32),
                                                        gradient.indices, gradient.dense_shape))
                 elif first:
@@ -145,33 +147,32 @@ class GradientAccumulator:
             self.add(last, first=not stored)
         elif not stored:
             for total in self.gradient_sum_variables + self._statistics:
-                total.assign(tf.zeros_like(total))
+                zero_in_place(total)
         return [t.read_value() for t in self._statistics]
 
-    def mean_in_place(self, gradient_sums: Sequence[Sequence[tf.Tensor]],
-                      divisors: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+    def mean_in_place(self, divisors: Sequence[tf.Tensor]) -> list[tf.Tensor]:
         """The one division per update: each normaliser's summed gradients over its summed
-        divisor, added up; each variable's written over its first normaliser's stored sum, one
-        variable after the other: the update's gradient then needs no memory beside the sums
+        divisor, added up, written over the first normaliser's sums a piece at a time, one after
+        the other (`pieces_of`): the update's gradient then needs no memory beside the sums
         (every variable's mean at once would be one more copy of the gradient, the update's
-        peak). `gradient_sums` may be the sums' own values or a reduction of them (the row
-        exchange's)."""
+        peak). Returns each variable's mean (reads of the sums, once written)."""
         means: list[tf.Tensor] = []
-        for stored, parts in zip(self._gradient_sums[0], zip(*gradient_sums)):
-            with tf.control_dependencies(means[-1:]):
-                means.append(stored.assign(_mean_of(parts, divisors), read_value=True))
+        written: list = []
+        for index, first in enumerate(self._gradient_sums[0]):
+            for parts in zip(*(pieces_of(sums[index]) for sums in self._gradient_sums)):
+                with tf.control_dependencies(written):
+                    written = [parts[0].write(_mean_of([p.read() for p in parts], divisors))]
+            with tf.control_dependencies(written):
+                means.append(first.read_value())
         return means
 
-    def split(self, totals: Sequence[tf.Tensor]):
-        """`totals()` (or their reduction) as (gradient sums per normaliser, numerators, the
+    def split(self, statistics: Sequence[tf.Tensor]):
+        """The statistics `store_window` returns (or their reduction) as (numerators, the
         divisors the window divides by, sample count)."""
         count = len(self.normalisers)
-        variables = len(self._gradient_sums[0])
-        gradients = [list(totals[i * variables:(i + 1) * variables]) for i in range(count)]
-        statistics = list(totals[count * variables:])
         divisors = window_divisors(statistics[count:2 * count],
                                    [n == UNDIVIDED for n in self.normalisers])
-        return gradients, statistics[:count], divisors, statistics[-1]
+        return list(statistics[:count]), divisors, statistics[-1]
 
 
 def _statistics_of(sums: MicroBatchSums) -> list:

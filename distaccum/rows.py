@@ -3,12 +3,12 @@
 An `Embedding`'s gradient (`tf.IndexedSlices`) touches only the rows of the tokens a window saw.
 The accumulator adds it into a dense sum, and between workers that sum can travel two ways:
 
-- dense, in the update's one grouped allreduce: a ring allreduce sends each of its V·D values
-  about 2(N − 1)/N times per rank, whatever the data;
+- dense, in the update's grouped allreduce (in place, `comm.sum_in_place`): a ring allreduce
+  sends each of its V·D values about 2(N − 1)/N times per rank, whatever the data;
 - as rows: each worker's rows that hold a nonzero value, each with its int32 index, in one grouped
   allgather beside the allreduce of everything else. A ring allgather sends (N − 1)/N of all
-  workers' rows per rank. Every worker then adds all workers' rows into a table of zeros, one
-  worker's rows at a time in rank order (no index repeats within one worker's rows, so no
+  workers' rows per rank. Every worker then zeroes its sum and adds all workers' rows into it,
+  one worker's rows at a time in rank order (no index repeats within one worker's rows, so no
   addition order is left to the device), and every worker gets the same sum.
 
 So rows send fewer bytes when the U rows of all workers satisfy U·(4 + b·D) < 2·b·V·D, b being
@@ -31,6 +31,8 @@ import math
 from typing import Sequence
 
 import tensorflow as tf
+
+from distaccum import comm
 
 INDEX_BYTES = 4  # int32 row indices: tables of up to 2**31 rows
 # Bytes per rank a row exchange must save over the dense one to be worth its extra collective:
@@ -78,32 +80,31 @@ class RowExchange:
                                                  for width in widths], tf.float32))
         return sent + MIN_SAVING_BYTES <= dense
 
-    def sum_all(self, totals: Sequence[tf.Tensor], name: str) -> list[tf.Tensor]:
-        """`backend.sum_all(totals, name)`, the sparse sums (at `positions`) as float32 and sent
-        as rows or dense, whichever the expected rows say is fewer bytes."""
-        totals = list(totals)
-        touched = tf.stack([rows_touched(totals[i]) for i in self.positions])
+    def sum_in_place(self, sums: Sequence[tf.Variable], others: Sequence[tf.Tensor],
+                     name: str) -> list[tf.Tensor]:
+        """`comm.sum_in_place(backend, sums, others, name, dtype)`, the sparse sums (at
+        `positions`) sent as rows or dense, whichever the expected rows say is fewer bytes; as
+        rows, each is written over with the table of every worker's rows."""
+        sums, others = list(sums), list(others)
+        touched = tf.stack([rows_touched(sums[i]) for i in self.positions])
 
         def dense():
-            *sums, rows = self.backend.sum_all(totals + [touched], name)
-            return [tf.cast(s, tf.float32) if i in self.positions else s
-                    for i, s in enumerate(sums)] + [rows]
+            return comm.sum_in_place(self.backend, sums, others + [touched], name, self._dtype)
 
         def as_rows():
-            others = [t for i, t in enumerate(totals) if i not in self.positions]
-            *sums, rows = self.backend.sum_all(others + [touched], name)
+            dense_sums = [s for i, s in enumerate(sums) if i not in self.positions]
+            reduced = comm.sum_in_place(self.backend, dense_sums, others + [touched], name,
+                                        self._dtype)
             gathered = self.backend.gather_all(
-                [payload(totals[i], self._dtype) for i in self.positions], f"{name}_rows")
-            tables = iter([table(pieces, shape)
-                           for pieces, shape in zip(gathered, self._shapes)])
-            sums = iter(sums)
-            return [next(tables) if i in self.positions else next(sums)
-                    for i in range(len(totals))] + [rows]
+                [payload(sums[i], self._dtype) for i in self.positions], f"{name}_rows")
+            written = [write_table(sums[i], pieces) for i, pieces in zip(self.positions, gathered)]
+            with tf.control_dependencies(written):
+                return [tf.identity(t) for t in reduced]
 
-        *sums, rows = tf.cond(self.rows_pay(self._expected_rows), as_rows, dense)
+        *reduced, rows = tf.cond(self.rows_pay(self._expected_rows), as_rows, dense)
         recent = tf.where(tf.math.is_inf(self._expected_rows), 0.0, self._expected_rows)
         self._expected_rows.assign(tf.maximum(rows, FORGET * recent))
-        return sums
+        return reduced
 
 
 def rows_touched(total: tf.Tensor) -> tf.Tensor:
@@ -126,14 +127,16 @@ def payload(total: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
     return tf.concat([columns, values], axis=1)
 
 
-def table(pieces: Sequence[tf.Tensor], shape: tf.TensorShape) -> tf.Tensor:
-    """The float32 sum of every worker's `payload`s (`pieces`, in rank order), as a dense table
-    of `shape`: each worker's rows added in turn."""
-    total = tf.zeros(shape, tf.float32)
+def write_table(total: tf.Variable, pieces: Sequence[tf.Tensor]):
+    """Write the float32 sum of every worker's `payload`s (`pieces`, in rank order) over
+    `total`, in its own memory: zeros, then each worker's rows added in turn. Returns the last
+    addition (to wait for)."""
+    written = comm.pieces.zero_in_place(total)
     for piece in pieces:
         columns = INDEX_BYTES // piece.dtype.size
         index_bits = piece[:, :columns] if columns > 1 else piece[:, 0]
         indices = tf.bitcast(index_bits, tf.int32)
-        values = tf.reshape(tf.cast(piece[:, columns:], tf.float32), [-1, *shape[1:]])
-        total = tf.tensor_scatter_nd_add(total, indices[:, None], values)
-    return total
+        values = tf.reshape(tf.cast(piece[:, columns:], tf.float32), [-1, *total.shape[1:]])
+        with tf.control_dependencies(written):
+            written = [total.scatter_nd_add(indices[:, None], values)]
+    return written[-1]

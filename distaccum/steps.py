@@ -287,19 +287,13 @@ class WindowSteps:
         # rows beside them instead (`rows`).
         statistics = self._stored_window(last_micro_batch, stored)
         others = statistics + self.metric_states() + [votes]
-        count = self.accumulator.gradient_sum_count
+        sums = self.accumulator.gradient_sum_variables
         if self._rows is not None:
-            totals = self._rows.sum_all(self._as_sent(self.accumulator.totals()[:count]) + others,
-                                        "update")
-            sums, others = totals[:count], totals[count:]
-        else:
-            if self.backend.num_workers() > 1:
-                others = comm.sum_in_place(self.backend, self.accumulator.gradient_sum_variables,
-                                           others, "update", self.allreduce_dtype)
-            sums = self.accumulator.totals()[:count]
-        statistics, metric_states, votes = (others[:len(statistics)],
-                                            others[len(statistics):-1], others[-1])
-        return self._apply_totals(sums + statistics, metric_states, votes)
+            others = self._rows.sum_in_place(sums, others, "update")
+        elif self.backend.num_workers() > 1:
+            others = comm.sum_in_place(self.backend, sums, others, "update", self.allreduce_dtype)
+        return self._apply_totals(others[:len(statistics)], others[len(statistics):-1],
+                                  others[-1])
 
     def _stored_window_body(self, last_micro_batch, stored):
         """The window in the stored sums, the last micro-batch trained on the way; its
@@ -308,10 +302,9 @@ class WindowSteps:
                 if last_micro_batch is not None else None)
         return self.accumulator.store_window(last, stored=stored)
 
-    def _apply_totals_body(self, totals, metric_states, votes):
-        """From every worker's totals: the update, applied unless a vote cancels it. The mean
-        gradient is divided in the sums' memory (`mean_in_place`)."""
-        totals = [tf.cast(t, tf.float32) for t in totals]
+    def _apply_totals_body(self, statistics, metric_states, votes):
+        """From the window's sums and statistics over every worker: the update, applied unless
+        a vote cancels it. The mean gradient is divided in the sums' memory (`mean_in_place`)."""
         cancelled = (votes[1] > 0) | tf.reduce_any(votes[2:] > 0)
         if self.metrics is not None:
             def add_metric_states():
@@ -319,9 +312,9 @@ class WindowSteps:
                 return tf.constant(True)
 
             tf.cond(cancelled, lambda: tf.constant(False), add_metric_states)
-        gradient_sums, numerators, divisors, sample_count = self.accumulator.split(totals)
+        numerators, divisors, sample_count = self.accumulator.split(statistics)
         variables = self.model.trainable_variables
-        gradients = self.accumulator.mean_in_place(gradient_sums, divisors)
+        gradients = self.accumulator.mean_in_place(divisors)
         scale = precision.loss_scale(self.optimizer)
         if scale is not None:
             gradients = [g / scale for g in gradients]

@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 from distaccum.accumulate import GradientAccumulator, MicroBatchSums
+from distaccum.comm import pieces
 from distaccum.objective import OutputLoss, data_term, resolve_losses, unreduced_loss
 
 Y_TRUE = np.array([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0]], "float32")
@@ -97,11 +98,20 @@ def test_reduction_none_is_refused_in_one_line_naming_it():
 
 
 def _means(gradient_sums, divisors):
-    """`mean_in_place` on sums of the given shapes, as arrays."""
+    """`mean_in_place` on these sums (per normaliser, per variable), as arrays."""
+    count = len(gradient_sums)
     accumulator = GradientAccumulator([keras.Variable(np.zeros(g.shape, "float32"))
                                        for g in gradient_sums[0]],
-                                      [f"normaliser{i}" for i in range(len(gradient_sums))])
-    return [m.numpy() for m in accumulator.mean_in_place(gradient_sums, divisors)]
+                                      [f"normaliser{i}" for i in range(count)])
+    accumulator.add(MicroBatchSums(gradient_sums, [0.0] * count, [1.0] * count, 1), first=True)
+    return [m.numpy() for m in accumulator.mean_in_place(divisors)]
+
+
+def _stored(accumulator) -> tuple[list[np.ndarray], list[float]]:
+    """The stored gradient sums (every normaliser's, flat) and statistics."""
+    totals = accumulator.totals()
+    count = accumulator.gradient_sum_count
+    return [t.numpy() for t in totals[:count]], [float(t) for t in totals[count:]]
 
 
 def test_mean_gives_zero_not_nan_when_weights_sum_to_zero():
@@ -130,41 +140,43 @@ def test_accumulator_sums_a_window_and_its_last_micro_batch_in_place():
     assert [float(s) for s in statistics] == [5.0, 3.5, 8.0]
     # The last micro-batch was added to the stored sums in place: the reduction, the division
     # and the optimizer read them there (no second copy of the gradients).
-    [gradient_sums], numerators, divisors, count = accumulator.split(accumulator.totals())
-    np.testing.assert_array_equal(gradient_sums[0].numpy(), [2.5, 2.5])
-    np.testing.assert_array_equal(gradient_sums[1].numpy(), [[0, 0], [6, 6], [0, 0], [0, 0]])
-    assert [float(s) for s in (*numerators, *divisors, count)] == [5.0, 3.5, 8.0]
+    gradient_sums, statistics = _stored(accumulator)
+    np.testing.assert_array_equal(gradient_sums[0], [2.5, 2.5])
+    np.testing.assert_array_equal(gradient_sums[1], [[0, 0], [6, 6], [0, 0], [0, 0]])
+    assert statistics == [5.0, 3.5, 8.0]
     # The next window's first micro-batch overwrites them.
     accumulator.add(MicroBatchSums([[tf.constant([4.0, 4.0]), None]], [1.0], [1.0], 1),
                     first=True)
-    [gradient_sums], numerators, divisors, count = accumulator.split(accumulator.totals())
-    np.testing.assert_array_equal(gradient_sums[0].numpy(), [4.0, 4.0])
-    assert float(tf.reduce_sum(tf.abs(gradient_sums[1]))) == 0
-    assert [float(s) for s in (*numerators, *divisors, count)] == [1.0, 1.0, 1.0]
+    gradient_sums, statistics = _stored(accumulator)
+    np.testing.assert_array_equal(gradient_sums[0], [4.0, 4.0])
+    assert not gradient_sums[1].any()
+    assert statistics == [1.0, 1.0, 1.0]
     # A window of one micro-batch (k = 1, or an epoch's last) is written over them; a window
     # with nothing at all (its worker ran out) is zeros.
     accumulator.store_window(last, stored=False)
-    [gradient_sums], *statistics = accumulator.split(accumulator.totals())
-    np.testing.assert_array_equal(gradient_sums[1].numpy(), [[0, 0], [3, 3], [0, 0], [0, 0]])
-    assert [float(s) for s in (*statistics[0], *statistics[1], statistics[2])] == [1.0, 1.0, 2.0]
+    gradient_sums, statistics = _stored(accumulator)
+    np.testing.assert_array_equal(gradient_sums[1], [[0, 0], [3, 3], [0, 0], [0, 0]])
+    assert statistics == [1.0, 1.0, 2.0]
     accumulator.store_window(None, stored=False)
     assert all(float(tf.reduce_sum(tf.abs(t))) == 0 for t in accumulator.totals())
 
 
-def test_mean_in_place_is_written_over_the_first_normalisers_sums():
-    variables = [keras.Variable(np.zeros((2,), "float32")), keras.Variable(np.zeros((3,), "float32"))]
+@pytest.mark.parametrize("group_bytes", [pieces.GROUP_BYTES, 8], ids=["whole", "in pieces"])
+def test_mean_in_place_is_written_over_the_first_normalisers_sums(monkeypatch, group_bytes):
+    monkeypatch.setattr(pieces, "GROUP_BYTES", group_bytes)  # 8: pieces of 2 rows or fewer
+    variables = [keras.Variable(np.zeros((2,), "float32")),
+                 keras.Variable(np.zeros((5, 1), "float32"))]
     accumulator = GradientAccumulator(variables, ["samples", "sum"])
-    sums = [[tf.constant([2.0, 4.0]), tf.constant([1.0, 0.0, 3.0])],
-            [tf.constant([9.0, 0.0]), tf.constant([0.0, 5.0, 1.0])]]
+    sums = [[tf.constant([2.0, 4.0]), tf.constant([[1.0], [0.0], [3.0], [2.0], [8.0]])],
+            [tf.constant([9.0, 0.0]), tf.constant([[0.0], [5.0], [1.0], [1.0], [1.0]])]]
     divisors = [tf.constant(2.0), tf.constant(1.0)]
     accumulator.add(MicroBatchSums(sums, [0.0, 0.0], [1.0, 1.0], 1), first=True)
-    expected = [[1.0 + 9.0, 2.0 + 0.0], [0.5 + 0.0, 0.0 + 5.0, 1.5 + 1.0]]
-    means = accumulator.mean_in_place(accumulator.split(accumulator.totals())[0], divisors)
-    for got, want in zip(means, expected):
+    expected = [[1.0 + 9.0, 2.0 + 0.0], [[0.5 + 0.0], [0.0 + 5.0], [1.5 + 1.0], [1 + 1], [4 + 1]]]
+    means = accumulator.mean_in_place(divisors)
+    stored, _ = _stored(accumulator)
+    for got, first, want in zip(means, stored[:2], expected):
         np.testing.assert_array_equal(got.numpy(), want)
-    [first, _], *_ = accumulator.split(accumulator.totals())
-    for stored, want in zip(first, expected):
-        np.testing.assert_array_equal(stored.numpy(), want)
+        np.testing.assert_array_equal(first, want)
 
 
 def test_accumulator_refuses_no_variables():

@@ -54,15 +54,25 @@ class Piece:
         return math.prod(self.shape) * tf.as_dtype(self.variable.dtype).size
 
     def read(self) -> tf.Tensor:
+        """The piece's values. Rows are gathered (a copy of them alone): a slice of the whole
+        variable's read would share its buffer, and writing to the variable while a read shares
+        it copies the whole variable first."""
         target = self._target
-        return tf.convert_to_tensor(target) if self.rows is None else target[slice(*self.rows)]
+        if self.rows is None:
+            return tf.convert_to_tensor(target)
+        return target.sparse_read(tf.range(*self.rows))
 
     def write(self, value):
-        """Assign `value` to the piece; in a graph, returns the assignment (to wait for)."""
+        """Assign `value` to the piece, in the variable's own memory (a slice assignment made
+        through a slice of the variable would read the whole variable first, the copy `read`
+        avoids); in a graph, returns the assignment (to wait for)."""
         target = self._target
         if self.rows is None:
             return target.assign(value, read_value=False)
-        return target[slice(*self.rows)].assign(value)
+        start, stop = self.rows
+        return tf.raw_ops.ResourceStridedSliceAssign(
+            ref=target.handle, begin=[start], end=[stop], strides=[1],
+            value=tf.convert_to_tensor(value, target.dtype))
 
 
 def pieces_of(variable, limit: int | None = None) -> list[Piece]:
@@ -93,3 +103,11 @@ def bounded_groups(variables: Sequence, limit: int | None = None) -> Iterator[li
             size += piece.nbytes
     if group:
         yield group
+
+
+def zero_in_place(variable) -> list:
+    """Set `variable` to zeros a piece at a time (`pieces_of`): assigning a whole tensor of zeros
+    would hold a second copy of a large variable while it is written. Returns the assignments
+    (in a graph, to wait for)."""
+    return [piece.write(tf.zeros(piece.shape, piece.variable.dtype))
+            for piece in pieces_of(variable)]
