@@ -8,14 +8,17 @@ down), the two kinds alternating. The target's figure is the whole process's pea
 own ≈0.6 GB included; the training part alone (peak minus the peak before the first step) is
 shown too.
 
-Memory per parameter: a model that is nearly all weights, 8 Dense(3072) layers on a 3072-wide input
-(W = 288 MB of float32 trainable weights), with Adam, trains 3 updates of global batch 32, in a
-fresh launch per run: Keras's own `fit`; distaccum on micro-batches of 8 (`Trainer.from_compiled`,
+Memory per parameter: two models that are nearly all weights, W = 288 MB of float32 trainable
+weights each: 8 Dense(3072) layers on a 3072-wide input, and one Embedding of 294,912 × 256 (16
+tokens per sample, their mean through one Dense(256): one variable holds nearly all of W, as a
+GPT-2's table holds most of its weights). Each, with Adam, trains 3 updates of global batch 32 in
+a fresh launch per run, distaccum writing a checkpoint at the end: Keras's own `fit`; distaccum on micro-batches of 8 (`Trainer.from_compiled`,
 `micro_batches`), 1 process (k = 4), and 2 workers (k = 2) on mpi4py under `mpirun` and on Horovod
 under `horovodrun --gloo`. Each figure is a worker's RSS growth over its built, compiled model, in
-units of W (1 W = 4 bytes per parameter): "steady" is the RSS after the last update, "peak" the
-`ru_maxrss` of the whole run; the larger rank's. Keras and 1 process run again at
-8 Dense(1536) (W = 72 MB): the growth between the two sizes, per parameter added, is the slope.
+units of W (1 W = 4 bytes per parameter): "steady" is the RSS after the last update (and the
+checkpoint), "peak" the `ru_maxrss` of the whole run; the larger rank's. Keras and 1 process run
+again at 8 Dense(1536) (W = 72 MB): the growth between the two sizes, per parameter added, is the
+slope.
 The target, Keras's own peak + 1.25 W (one W for the accumulated sums), is judged on the peak,
 which holds the steady figure (but for the kernel's page counts lagging by a few pages).
 """
@@ -37,9 +40,12 @@ GROWTH_RUNS = {
                {"DISTACCUM_BACKEND": "mpi"}),
     "horovod": ("distaccum, 2 workers, Horovod", "distaccum", 2, "horovodrun", None),
 }
-# Widths of the Dense stack and the runs at each; the first width's runs are judged.
-FULL_WIDTHS = {3072: tuple(GROWTH_RUNS), 1536: ("keras", "single")}
-SMOKE_WIDTHS = {256: tuple(GROWTH_RUNS)}
+# The models (workers.py: `dense_stack`, `embedding_table`), each at a width and with its runs;
+# the cases that run all of them are judged (each run against Keras's own on the same model).
+MODEL_LABELS = {"dense": "Dense stack", "embedding": "one Embedding"}
+FULL_CASES = (("dense", 3072, tuple(GROWTH_RUNS)), ("embedding", 3072, tuple(GROWTH_RUNS)),
+              ("dense", 1536, ("keras", "single")))
+SMOKE_CASES = (("dense", 256, tuple(GROWTH_RUNS)), ("embedding", 256, tuple(GROWTH_RUNS)))
 GROWTH_MODEL = {"layers": 8, "micro_batch": 8, "global_batch": 32, "updates": 3}
 GROWTH_ALLOWANCE = 1.25  # W over Keras's own peak: the accumulated sums, and a quarter W to spare
 
@@ -56,13 +62,13 @@ def measure_once(mode: str, model: dict) -> dict:
     return {**result, "training_mb": result["peak_mb"] - result["before_training_mb"]}
 
 
-def measure_growth(run: str, width: int) -> dict:
-    """RSS growth per worker of one run on the Dense stack of `width`, in units of W, in a launch
-    of its own: each rank's, and the larger rank's."""
+def measure_growth(run: str, model: str, width: int) -> dict:
+    """RSS growth per worker of one run on `model` at `width`, in units of W, in a launch of its
+    own: each rank's, and the larger rank's."""
     _, mode, num_workers, launcher, backend = GROWTH_RUNS[run]
-    with common.work_directory(f"memory-{run}-{width}") as work:
+    with common.work_directory(f"memory-{run}-{model}-{width}") as work:
         command = common.worker_command(
-            "memory-per-parameter", "--mode", mode, "--width", width,
+            "memory-per-parameter", "--mode", mode, "--model", model, "--width", width,
             "--layers", GROWTH_MODEL["layers"], "--micro-batch", GROWTH_MODEL["micro_batch"],
             "--global-batch", GROWTH_MODEL["global_batch"], "--updates", GROWTH_MODEL["updates"],
             "--out", work, num_workers=num_workers, launcher=launcher)
@@ -75,15 +81,16 @@ def measure_growth(run: str, width: int) -> dict:
             **{f"{part}_w_ranks": values for part, values in growth.items()}}
 
 
-def summarize_growth(runs: list[dict], widths: dict) -> list[dict]:
-    """One row per run and width: its workers, k and W, the steady and peak growth over the
+def summarize_growth(runs: list[dict], cases: tuple) -> list[dict]:
+    """One row per case and run: its workers, k and W, the steady and peak growth over the
     repeats (each repeat's larger rank), and each rank's median."""
     rows = []
-    for width, names in widths.items():
+    for model, width, names in cases:
         for name in names:
-            measured = [run[name, width] for run in runs]
+            measured = [run[name, model, width] for run in runs]
             rows.append({
-                "run": name, "label": GROWTH_RUNS[name][0], "width": width,
+                "run": name, "label": GROWTH_RUNS[name][0], "model": model, "width": width,
+                "judged": names == tuple(GROWTH_RUNS),
                 **{key: measured[0][key] for key in ("workers", "k", "weights_mb")},
                 **{part: common.summarize(m[part] for m in measured)
                    for part in ("steady_w", "peak_w")},
@@ -94,16 +101,19 @@ def summarize_growth(runs: list[dict], widths: dict) -> list[dict]:
 
 
 def growth_table(rows: list[dict]) -> str:
-    """The rows, then the slope between the two widths of each run measured at both."""
+    """The rows, then the slope between the two sizes of the Dense stack, for each run measured
+    at both."""
     text = common.markdown_table(
-        ["run", "W, MB", "workers", "k", "steady growth, W", "peak growth, W",
+        ["run", "model", "W, MB", "workers", "k", "steady growth, W", "peak growth, W",
          "peak growth by rank, W"],
-        [[row["label"], f"{row['weights_mb']:,.0f}", row["workers"], row["k"] or "—",
+        [[row["label"], MODEL_LABELS[row["model"]], f"{row['weights_mb']:,.0f}", row["workers"],
+          row["k"] or "—",
           row["steady_w"].format(2), row["peak_w"].format(2),
           ", ".join(f"{peak:.2f}" for peak in row["peak_w_ranks"])] for row in rows])
     slopes = []
     for name, (label, *_) in GROWTH_RUNS.items():
-        sizes = sorted((row for row in rows if row["run"] == name), key=lambda r: r["weights_mb"])
+        sizes = sorted((row for row in rows if row["run"] == name and row["model"] == "dense"),
+                       key=lambda r: r["weights_mb"])
         if len(sizes) == 2:
             small, large = sizes
             # MB of growth per MB of weights added, times 4 bytes a float32 parameter.
@@ -118,19 +128,21 @@ def growth_table(rows: list[dict]) -> str:
 
 
 def growth_checks(rows: list[dict], smoke: bool) -> list[dict]:
-    """Each distaccum run's peak at the first width against Keras's own peak there."""
-    judged = [row for row in rows if row["width"] == rows[0]["width"]]
-    keras_peak = next(row["peak_w"] for row in judged if row["run"] == "keras")
+    """Each judged distaccum run's peak against Keras's own peak on the same model."""
+    keras_peak = {row["model"]: row["peak_w"] for row in rows
+                  if row["judged"] and row["run"] == "keras"}
     return [common.check(
-        f"memory per parameter: {row['label']}, peak growth ÷ W",
+        f"memory per parameter, {MODEL_LABELS[row['model']]}: {row['label']}, peak growth ÷ W",
         f"≤ Keras + {GROWTH_ALLOWANCE}",
-        f"{row['peak_w'].format(2)} (Keras {keras_peak.format(2)})",
-        None if smoke else row["peak_w"].median <= keras_peak.median + GROWTH_ALLOWANCE)
-        for row in judged if row["run"] != "keras"]
+        f"{row['peak_w'].format(2)} (Keras {keras_peak[row['model']].format(2)})",
+        None if smoke else
+        row["peak_w"].median <= keras_peak[row["model"]].median + GROWTH_ALLOWANCE)
+        for row in rows if row["judged"] and row["run"] != "keras"]
 
 
 def growth_plot(rows: list[dict]) -> dict:
-    bars = [{"label": f"{row['label'].replace('`', '')}\nW = {row['weights_mb']:,.0f} MB",
+    bars = [{"label": (f"{row['label'].replace('`', '')}\n{MODEL_LABELS[row['model']]}, "
+                       f"W = {row['weights_mb']:,.0f} MB"),
              **row["peak_w"].as_dict()} for row in rows]
     return {"kind": "bars", "title": "4. Memory per parameter: peak growth", "ylabel": "W",
             "bars": bars}
@@ -166,14 +178,14 @@ def plot(summary: dict) -> dict:
 def main() -> None:
     args = common.parse_arguments(__doc__, default_repeats=3)
     model = SMOKE_MODEL if args.smoke else FULL_MODEL
-    widths = SMOKE_WIDTHS if args.smoke else FULL_WIDTHS
+    cases = SMOKE_CASES if args.smoke else FULL_CASES
     runs, growth_runs = [], []
     for _ in range(args.repeats):
         runs.append({mode: measure_once(mode, model) for mode in MODES})
-        growth_runs.append({(name, width): measure_growth(name, width)
-                            for width, names in widths.items() for name in names})
+        growth_runs.append({(name, model, width): measure_growth(name, model, width)
+                            for model, width, names in cases for name in names})
     summary = summarize(runs)
-    growth = summarize_growth(growth_runs, widths)
+    growth = summarize_growth(growth_runs, cases)
     ratio = summary["ratio_peak"]
     common.emit({
         "figure": "memory", "smoke": args.smoke,
@@ -181,7 +193,7 @@ def main() -> None:
                  "parameter",
         "how": __doc__.split("\n\n", 1)[1].strip(),
         "table": (f"Activation memory, conv model:\n\n{table(summary, model['micro_batch'])}\n\n"
-                  f"Memory per parameter, Dense stack with Adam, global batch "
+                  f"Memory per parameter, Adam, global batch "
                   f"{GROWTH_MODEL['global_batch']}:\n\n{growth_table(growth)}"),
         "checks": [common.check("memory: distaccum peak ÷ direct step peak", f"≤ {TARGET}",
                                 ratio.format(3), None if args.smoke else ratio.median <= TARGET),

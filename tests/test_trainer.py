@@ -11,6 +11,7 @@ import tensorflow as tf
 
 import distaccum
 from distaccum import data
+from distaccum.comm import pieces
 import keras_models as cases
 import scenarios
 
@@ -347,6 +348,31 @@ def test_sparse_embedding_gradients_match_reference_when_accumulated(make_optimi
         densify=densify,
     )
     scenarios.assert_weights_close(model.trainable_variables, reference.trainable_variables)
+
+
+@pytest.mark.rounding
+def test_sums_handled_in_pieces_train_as_when_whole(monkeypatch):
+    # 16-byte pieces: every kernel's sums, the Embedding's too, are zeroed, added and divided in
+    # ranges of their rows; the same arithmetic on the same values, so the same weights.
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 20, size=(14, 3)).astype("int32")
+    labels = rng.normal(size=(14, 1)).astype("float32")
+
+    def trained():
+        keras.utils.set_random_seed(5)
+        model = keras.Sequential([keras.Input((3,), dtype="int32"), keras.layers.Embedding(20, 4),
+                                  keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(3),
+                                  keras.layers.Dense(1)])
+        trainer = distaccum.Trainer(model, keras.optimizers.Adam(0.1), loss=MSE,
+                                    accumulation_steps=2)
+        trainer.fit(tf.data.Dataset.from_tensor_slices((tokens, labels)).batch(4), epochs=2)
+        return [v.numpy() for v in model.trainable_variables]
+
+    whole = trained()
+    monkeypatch.setattr(pieces, "GROUP_BYTES", 16)
+    assert len(pieces.pieces_of(keras.Variable(np.zeros((20, 4), "float32")))) == 20
+    for got, expected in zip(trained(), whole):
+        np.testing.assert_array_equal(got, expected)
 
 
 @pytest.mark.rounding
