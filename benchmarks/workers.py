@@ -21,6 +21,7 @@ import tensorflow as tf
 
 import distaccum
 from distaccum import comm, order, recordfiles
+from distaccum.comm import pieces
 from distaccum.checkpoint import CheckpointManager
 import workload
 from common import (
@@ -559,6 +560,10 @@ def sparse_exchange(args) -> None:
                 "width": width, "row_exchange": row_exchange, "parameters": model.count_params(),
                 "embedding_parameters": args.vocabulary * width,
                 "allreduces_per_update": per_update["allreduces"],
+                # The sums in groups of 32 MiB (`comm.sum_in_place`); as rows, all but the table.
+                "expected_allreduces": len(list(pieces.bounded_groups(
+                    model.trainable_variables[1:] if row_exchange else
+                    model.trainable_variables))),
                 "allgathers_per_update": per_update["allgathers"],
                 "bytes_per_update": per_update["allreduce_bytes"] + per_update["allgather_bytes"],
                 "allgather_bytes_per_update": per_update["allgather_bytes"],

@@ -1,4 +1,5 @@
-"""distaccum: exact gradient accumulation for Keras 3, with one allreduce per update step.
+"""distaccum: exact gradient accumulation for Keras 3, with one allreduce per update step (one per
+32 MiB of gradients beyond that).
 
     import distaccum
     distaccum.init()

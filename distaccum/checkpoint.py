@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import sys
@@ -186,7 +185,7 @@ def _member(index: int) -> str:
 
 def _save_arrays(handle, variables: list) -> None:
     """`np.savez(handle, *values)`, one piece of one variable in memory at a time
-    (`pieces.pieces_of`: a large variable in ranges of its rows): the state, or one large
+    (`pieces.pieces_of`: a large variable read in ranges of its rows): the state, or one large
     variable, is not copied whole before it is written (np.savez takes every array at once)."""
     with zipfile.ZipFile(handle, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
         for i, variable in enumerate(variables):
@@ -199,17 +198,15 @@ def _save_arrays(handle, variables: list) -> None:
 
 
 def _load_arrays(path: Path, variables: list) -> None:
-    """Assign each array of a state file to its variable, a piece at a time (`_save_arrays`),
-    from the member's bytes: never a whole large array in memory."""
+    """Assign each array of a state file to its variable, one array in memory at a time, read
+    from the member's bytes (whole: assigning ranges of rows made TensorFlow hold more)."""
     with zipfile.ZipFile(path) as archive:
         for i, variable in enumerate(variables):
             with archive.open(f"{_member(i)}.npy") as member:
-                _, fortran_order, dtype = _read_header(member)
+                shape, fortran_order, dtype = _read_header(member)
                 if fortran_order:
                     raise ValueError(f"{_member(i)} is stored in Fortran order")
-                for piece in pieces_of(variable):
-                    data = member.read(math.prod(piece.shape) * dtype.itemsize)
-                    piece.write(np.frombuffer(data, dtype).reshape(piece.shape))
+                variable.assign(np.frombuffer(member.read(), dtype).reshape(shape))
 
 
 def _read_header(member) -> tuple:

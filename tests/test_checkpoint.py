@@ -39,9 +39,8 @@ def test_restore_gives_back_bitwise_state_and_position_when_saved(tmp_path):
         np.testing.assert_array_equal(got, expected)
 
 
-def test_large_variables_are_written_and_read_in_pieces_as_npz_of_whole_arrays(tmp_path,
-                                                                            monkeypatch):
-    # 64-byte pieces: every kernel goes in ranges of its rows, and no whole copy of one is made.
+def test_large_variables_are_written_in_pieces_as_npz_of_whole_arrays(tmp_path, monkeypatch):
+    # 64-byte pieces: every kernel is read in ranges of its rows, and no whole copy of one is made.
     monkeypatch.setattr(pieces, "GROUP_BYTES", 64)
     manager = CheckpointManager(tmp_path)
     saved = _state(seed=7)

@@ -223,10 +223,9 @@ def sum_in_place(backend: Backend, variables: Sequence[tf.Variable], others: Seq
     """Sum `variables` over workers into themselves, sent as `dtype`, and return `others` summed
     (small tensors: they travel with the first group). In a graph.
 
-    The variables go in `pieces.bounded_groups` (a large one in ranges of its rows), one
-    collective each, each group once the one before is written back: the reduction then never
-    holds more than one group beside the variables (one collective of everything held a full
-    copy of them, or two).
+    The variables go in `pieces.bounded_groups`, one collective each, each group once the one
+    before is written back: the reduction then never holds more than one group beside the
+    variables (one collective of everything held a full copy of them, or two).
     """
     written: list = []
     reduced_others: list[tf.Tensor] = []
@@ -243,8 +242,8 @@ def sum_in_place(backend: Backend, variables: Sequence[tf.Variable], others: Seq
 
 
 def broadcast_in_place(backend: Backend, variables: Sequence) -> None:
-    """Overwrite `variables` with rank 0's values, eagerly: in `pieces.bounded_groups` (a large
-    variable in ranges of its rows), each group assigned before the next travels."""
+    """Overwrite `variables` with rank 0's values, eagerly: in `pieces.bounded_groups`, each
+    group assigned before the next travels."""
     for group in pieces.bounded_groups(variables):
         values = backend.broadcast_from_chief([piece.read() for piece in group])
         for piece, value in zip(group, values):

@@ -29,7 +29,7 @@ def run(backend) -> dict[str, np.ndarray]:
     rows = tf.fill([r + 1, 2], one)
     gathered = tf.function(lambda: backend.gather_all([rows], "contract"))()
     broadcast = backend.broadcast_from_chief([vector, tf.constant([[r, -r]], tf.int64)])
-    # In place, in pieces: 16-byte groups cut the 5 x 2 table into ranges of 2 rows.
+    # In place, in groups: 16-byte groups put each variable in a group of its own.
     pieces.GROUP_BYTES = 16
     table, scalar = tf.Variable(tf.reshape(tf.range(10.0), [5, 2]) * one), tf.Variable(one)
     others = tf.function(lambda: comm.sum_in_place(backend, [table, scalar], [vector],
