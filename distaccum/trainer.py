@@ -257,8 +257,8 @@ class Trainer:
         return list(self.model.variables) + list(self.optimizer.variables)
 
     def broadcast_from_chief(self) -> None:
-        """Overwrite model and optimizer state with rank 0's (`comm.broadcast_in_place`: no copy
-        of the whole state, or of one large variable, is ever made)."""
+        """Overwrite model and optimizer state with rank 0's (`comm.broadcast_in_place`: in groups
+        of at most 32 MiB, a larger variable alone; no copy of the whole state is ever made)."""
         if self.backend.num_workers() == 1:
             return
         with comm.collective("the start-up broadcast"):
@@ -292,9 +292,9 @@ class Trainer:
             step: this update's number, for messages (a timeout names it).
             last_micro_batch: the window's last micro-batch `(x, y, sample_weight or None)`, if
                 not given to `micro_step`: trained in the same compiled call, its gradient added
-                to the stored sums as it is computed (one call per window less). If it cannot be trained on (its error is
-                raised), nothing was reduced or applied: call `update_step` again without it,
-                reporting it as `bad_micro_batch`.
+                to the stored sums as it is computed (one call per window less). If it cannot
+                be trained on (its error is raised), nothing was reduced or applied: call
+                `update_step` again without it, reporting it as `bad_micro_batch`.
         """
         bad = [0.0] * self.backend.num_workers()
         bad[self.backend.rank()] = float(bad_micro_batch)

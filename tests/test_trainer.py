@@ -352,8 +352,8 @@ def test_sparse_embedding_gradients_match_reference_when_accumulated(make_optimi
 
 @pytest.mark.rounding
 def test_sums_handled_in_pieces_train_as_when_whole(monkeypatch):
-    # 16-byte pieces: every kernel's sums, the Embedding's too, are zeroed, added and divided in
-    # ranges of their rows; the same arithmetic on the same values, so the same weights.
+    # 16-byte pieces: the Embedding's sum is zeroed in ranges of its rows at each window's first
+    # micro-batch; the same arithmetic on the same values, so the same weights.
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 20, size=(14, 3)).astype("int32")
     labels = rng.normal(size=(14, 1)).astype("float32")
