@@ -124,31 +124,25 @@ class GradientAccumulator:
                 total.assign_add(tf.cast(value, tf.float32))
 
     @property
-    def gradient_sum_count(self) -> int:
-        """How many of `totals()` come first as gradient sums (the rest are statistics)."""
-        return sum(len(sums) for sums in self._gradient_sums)
-
-    def totals(self) -> list[tf.Tensor]:
-        """The window's sums, flat, as stored: every normaliser's gradient sums, then the
-        numerators, the divisors and the sample count (reads, not copies)."""
-        return [t.read_value() for t in self.gradient_sum_variables + self._statistics]
-
-    @property
     def gradient_sum_variables(self) -> list[tf.Variable]:
-        """The stored gradient sums, flat in `totals()`' order (a reduction in place writes
+        """The stored gradient sums, every normaliser's in turn (a reduction in place writes
         them: `comm.sum_in_place`)."""
         return [t for sums in self._gradient_sums for t in sums]
+
+    def statistics(self) -> list[tf.Tensor]:
+        """The stored numerators, then divisors (one per normaliser), then the sample count."""
+        return [t.read_value() for t in self._statistics]
 
     def store_window(self, last: MicroBatchSums | None, *, stored: bool) -> list[tf.Tensor]:
         """The whole window in the stored sums, for a reduction in their own memory: `last`
         added to them (written over them when the window has no `stored` micro-batches; without
-        either, zeros). Returns the statistics: `totals()` after the gradient sums."""
+        either, zeros). Returns the `statistics()`."""
         if last is not None:
             self.add(last, first=not stored)
         elif not stored:
             for total in self.gradient_sum_variables + self._statistics:
                 zero_in_place(total)
-        return [t.read_value() for t in self._statistics]
+        return self.statistics()
 
     def mean_in_place(self, divisors: Sequence[tf.Tensor]) -> list[tf.Tensor]:
         """The one division per update: each normaliser's summed gradients over its summed

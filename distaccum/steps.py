@@ -343,14 +343,6 @@ class WindowSteps:
         return (window_loss, sample_count, gradient_norm, tf.logical_not(finite),
                 votes[0], votes[1], votes[2:])
 
-    def _as_sent(self, totals: list[tf.Tensor]) -> list[tf.Tensor]:
-        """The window's sums as they travel: gradient sums in `allreduce_dtype` (unless nothing
-        travels, with one worker), statistics in float32."""
-        if self.backend.num_workers() == 1:
-            return totals
-        count = self.accumulator.gradient_sum_count
-        return [tf.cast(t, self.allreduce_dtype) for t in totals[:count]] + totals[count:]
-
     def metric_states(self) -> list[tf.Tensor]:
         return self.metrics.window_states() if self.metrics is not None else []
 
@@ -358,13 +350,17 @@ class WindowSteps:
         """(tensors, bytes) one update step allreduces (`Trainer.allreduce_per_update`)."""
         if self.accumulator is None or self.backend.num_workers() == 1:
             return 0, 0
-        totals = self._as_sent(self.accumulator.totals()) + self.metric_states()
-        # The stop and cancel votes and each rank's bad micro-batch: one float32 tensor.
-        small = [2 + self.backend.num_workers()]
-        if self._rows is not None:  # the touched rows: one float32 tensor
+        # Counted from shapes: the sums are not read (that would copy them).
+        sums = self.accumulator.gradient_sum_variables
+        states = self.metric_states()
+        # Per normaliser a numerator and a divisor, and the sample count; the stop and cancel
+        # votes and each rank's bad micro-batch (one tensor); the touched rows (one tensor).
+        small = [1] * (2 * len(self.accumulator.normalisers) + 1) + [2 + self.backend.num_workers()]
+        if self._rows is not None:
             small.append(len(self._rows.positions))
-        return (len(totals) + len(small),
-                sum(int(tf.size(t)) * t.dtype.size for t in totals) + 4 * sum(small))
+        return (len(sums) + len(states) + len(small),
+                sum(v.shape.num_elements() for v in sums) * self.allreduce_dtype.size
+                + sum(int(tf.size(t)) * t.dtype.size for t in states) + 4 * sum(small))
 
     def evaluation_totals(self, dataset: tf.data.Dataset) -> tf.Tensor:
         """This worker's loss statistics over `dataset` (metrics updated), as
