@@ -144,19 +144,24 @@ class GradientAccumulator:
                 zero_in_place(total)
         return self.statistics()
 
-    def mean_in_place(self, divisors: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+    def mean_in_place(self, divisors: Sequence[tf.Tensor],
+                      indices: Sequence[int] | None = None) -> list[tf.Tensor]:
         """The one division per update: each normaliser's summed gradients over its summed
         divisor, added up, written over the first normaliser's sums one variable after the
         other: the update's gradient then needs no memory beside the sums but one variable's
         mean while it is written (every variable's mean at once would be one more copy of the
         gradient, the update's peak). Returns each variable's mean (reads of the sums).
 
+        Only the variables at `indices` (default: all), those whose sums were reduced here
+        (`shards`).
+
         Whole variables, not pieces: writing ranges of rows into a variable made TensorFlow
         copy it whole first (measured: 1 W more on the Dense stack of Figure 4)."""
         means: list[tf.Tensor] = []
-        for index, first in enumerate(self._gradient_sums[0]):
+        first = self._gradient_sums[0]
+        for index in range(len(first)) if indices is None else indices:
             with tf.control_dependencies(means[-1:]):
-                means.append(first.assign(
+                means.append(first[index].assign(
                     _mean_of([sums[index] for sums in self._gradient_sums], divisors),
                     read_value=True))
         return means

@@ -215,7 +215,7 @@ class Controller:
         if history.update_steps:
             # As Keras's fit ends: the optimizer's final values replace the weights (with
             # use_ema, the moving average); every worker holds the same, so every worker does it.
-            self._trainer.optimizer.finalize_variable_values(self._trainer.model.trainable_variables)
+            self._trainer.finalize_variable_values()
         callbacks.on_train_end()
         # So that running the same job again finds it finished instead of redoing the tail.
         self._checkpoint(position)

@@ -51,10 +51,18 @@ class RowExchange:
         sparse: per gradient sum of the totals, whether its gradient comes as `tf.IndexedSlices`.
         shapes: per gradient sum, its shape (rows first).
         dtype: the type gradient sums travel in (`allreduce_dtype`).
+        reduce: how the dense sums are summed, `(sums, others, name) -> others summed`:
+            `comm.sum_in_place` (the default), or a sharded state's reduce-scatter (`shards`),
+            which sends each value once instead of twice.
     """
 
-    def __init__(self, backend, sparse: Sequence[bool], shapes: Sequence, dtype: tf.DType) -> None:
+    def __init__(self, backend, sparse: Sequence[bool], shapes: Sequence, dtype: tf.DType,
+                 reduce=None) -> None:
         self.backend = backend
+        self._reduce = reduce or (lambda sums, others, name: comm.sum_in_place(
+            backend, sums, others, name, dtype))
+        # A ring allreduce sends each value twice (reduce-scatter, then allgather).
+        self._dense_sends = 2.0 if reduce is None else 1.0
         self.positions = [i for i, is_sparse in enumerate(sparse) if is_sparse]
         self._shapes = [tf.TensorShape(shapes[i]) for i in self.positions]
         self._dtype = tf.as_dtype(dtype)
@@ -75,7 +83,7 @@ class RowExchange:
         `MIN_SAVING_BYTES` per rank over the dense allreduce of the sums."""
         value_bytes = self._dtype.size
         widths = [s[1:].num_elements() for s in self._shapes]
-        dense = sum(2.0 * value_bytes * s[0] * width for s, width in zip(self._shapes, widths))
+        dense = sum(self._dense_sends * value_bytes * s[0] * width for s, width in zip(self._shapes, widths))
         sent = tf.reduce_sum(rows * tf.constant([INDEX_BYTES + value_bytes * width
                                                  for width in widths], tf.float32))
         return sent + MIN_SAVING_BYTES <= dense
@@ -89,12 +97,11 @@ class RowExchange:
         touched = tf.stack([rows_touched(sums[i]) for i in self.positions])
 
         def dense():
-            return comm.sum_in_place(self.backend, sums, others + [touched], name, self._dtype)
+            return self._reduce(sums, others + [touched], name)
 
         def as_rows():
             dense_sums = [s for i, s in enumerate(sums) if i not in self.positions]
-            reduced = comm.sum_in_place(self.backend, dense_sums, others + [touched], name,
-                                        self._dtype)
+            reduced = self._reduce(dense_sums, others + [touched], name)
             gathered = self.backend.gather_all(
                 [payload(sums[i], self._dtype) for i in self.positions], f"{name}_rows")
             written = [write_table(sums[i], pieces) for i, pieces in zip(self.positions, gathered)]

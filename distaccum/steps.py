@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import keras
 import tensorflow as tf
 
-from distaccum import comm, data, diagnosis, precision, rows, updates, xla
+from distaccum import comm, data, diagnosis, precision, rows, shards, updates, xla
 from distaccum.accumulate import (
     UNDIVIDED,
     GradientAccumulator,
@@ -102,7 +102,8 @@ class WindowSteps:
     def __init__(self, model: keras.Model, optimizer, objective: Objective,
                  metrics: GlobalMetrics | None, backend: comm.Backend, *,
                  accumulation_steps: Callable[[], int], clip_global_norm: float | None,
-                 allreduce_dtype: str, row_exchange: bool, jit_compile: bool) -> None:
+                 allreduce_dtype: str, row_exchange: bool, jit_compile: bool,
+                 shard_optimizer_state: bool = False) -> None:
         self.model = model
         self.optimizer = optimizer
         self.objective = objective
@@ -112,6 +113,8 @@ class WindowSteps:
         self.clip_global_norm = clip_global_norm
         self.allreduce_dtype = _checked_allreduce_dtype(allreduce_dtype, backend)
         self.row_exchange = row_exchange
+        self.shard_optimizer_state = shard_optimizer_state
+        self.sharded: shards.ShardedState | None = None  # made by `owned_variables`
         self.accumulator: GradientAccumulator | None = None  # made by the first trace
         self._rows: rows.RowExchange | None = None  # made with the sums, if gradients are sparse
         self._stored_micro_steps = 0  # micro-batches of the current window in the sums
@@ -137,7 +140,22 @@ class WindowSteps:
         self._update_step = step(self._update_step_body, jit=jit_compile and not split)
         self._stored_window = (step(self._stored_window_body) if split
                                else self._stored_window_body)
-        self._apply_totals = step(self._apply_totals_body) if split else self._apply_totals_body
+        # With sharded state the apply has collectives in it (the norm, the new weights'
+        # allgather): it runs beside XLA's clusters, not in one.
+        self._apply_totals = (
+            step(self._apply_totals_body, jit=not self.shard_optimizer_state) if split
+            else self._apply_totals_body)
+
+    def owned_variables(self) -> list:
+        """The trainable variables whose optimizer state this worker keeps: with
+        `shard_optimizer_state` between workers its share (`shards.ShardedState`, made here,
+        before the optimizer is built on them), else all of them."""
+        variables = self.model.trainable_variables
+        if not self.shard_optimizer_state or self.backend.num_workers() == 1:
+            return variables
+        if self.sharded is None:
+            self.sharded = shards.ShardedState(self.backend, variables)
+        return self.sharded.owned_variables
 
     def trace(self, micro_batch, micro_batch_size: int | None) -> None:
         """Trace every step on the dataset's spec (`data.unpack`ed), before any runs.
@@ -267,11 +285,13 @@ class WindowSteps:
             variables = self.model.trainable_variables
             with tf.init_scope():  # created once, outside the traced graph
                 self.accumulator = GradientAccumulator(variables, normalisers)
+            if self.sharded is not None:
+                self.sharded.add_sums(self.accumulator.gradient_sum_variables)
             sparse = [isinstance(g, tf.IndexedSlices) for per in gradients for g in per]
             if self.row_exchange and any(sparse) and self.backend.num_workers() > 1:
-                self._rows = rows.RowExchange(self.backend, sparse,
-                                              [v.shape for v in variables] * len(normalisers),
-                                              self.allreduce_dtype)
+                self._rows = rows.RowExchange(
+                    self.backend, sparse, [v.shape for v in variables] * len(normalisers),
+                    self.allreduce_dtype, self.sharded and self.sharded.sum_in_place)
         elif self.accumulator.normalisers != normalisers:
             raise ValueError(
                 "every micro-batch must have the same structure (sample weights or not, their "
@@ -290,6 +310,8 @@ class WindowSteps:
         sums = self.accumulator.gradient_sum_variables
         if self._rows is not None:
             others = self._rows.sum_in_place(sums, others, "update")
+        elif self.sharded is not None:  # each worker gets its own variables' sums
+            others = self.sharded.sum_in_place(sums, others, "update")
         elif self.backend.num_workers() > 1:
             others = comm.sum_in_place(self.backend, sums, others, "update", self.allreduce_dtype)
         return self._apply_totals(others[:len(statistics)], others[len(statistics):-1],
@@ -313,8 +335,12 @@ class WindowSteps:
 
             tf.cond(cancelled, lambda: tf.constant(False), add_metric_states)
         numerators, divisors, sample_count = self.accumulator.split(statistics)
+        # This worker's share of the variables (all of them unless the state is sharded).
+        owned = None if self.sharded is None else self.sharded.owned
         variables = self.model.trainable_variables
-        gradients = self.accumulator.mean_in_place(divisors)
+        if owned is not None:
+            variables = [variables[i] for i in owned]
+        gradients = self.accumulator.mean_in_place(divisors, owned)
         scale = precision.loss_scale(self.optimizer)
         if scale is not None:
             gradients = [g / scale for g in gradients]
@@ -328,7 +354,8 @@ class WindowSteps:
                          for g, e in zip(gradients, extra)]
             window_loss += penalty
         gradients = [tf.cast(g, v.dtype) for g, v in zip(gradients, variables)]
-        gradient_norm = tf.linalg.global_norm(gradients)
+        gradient_norm = (tf.linalg.global_norm(gradients) if self.sharded is None
+                         else self.sharded.global_norm(gradients))
         # Decided on reduced values, hence identically on every worker: no extra collective. The
         # norm is NaN or Inf when any element is (or when it overflows float32, a gradient no
         # update should apply): one pass over the gradient serves the log, clipping and this.
@@ -338,8 +365,13 @@ class WindowSteps:
                 gradients, self.clip_global_norm, use_norm=gradient_norm
             )
         with updates.in_bounded_groups(self.optimizer):
-            tf.cond(cancelled, lambda: tf.constant(False), lambda: precision.apply(
-                self.optimizer, gradients, self.model.trainable_variables, finite, scale))
+            applied = tf.cond(cancelled, lambda: tf.constant(False), lambda: precision.apply(
+                self.optimizer, gradients, variables, finite, scale))
+        if self.sharded is not None:  # every worker's new weights, from their owners
+            with tf.control_dependencies([applied]):
+                shared = self.sharded.share_weights()
+            with tf.control_dependencies(shared):
+                window_loss = tf.identity(window_loss)
         return (window_loss, sample_count, gradient_norm, tf.logical_not(finite),
                 votes[0], votes[1], votes[2:])
 

@@ -16,7 +16,7 @@ from typing import Sequence
 import keras
 import tensorflow as tf
 
-from distaccum import comm, data, diagnosis, precision, xla
+from distaccum import comm, data, diagnosis, precision, shards, xla
 from distaccum.batch import BatchSizes
 from distaccum.controller import CadenceOptions, Controller
 from distaccum.history import Position
@@ -55,6 +55,24 @@ def _check_optimizer(optimizer) -> None:
             "average micro-batch means and count micro-steps. Received: "
             f"gradient_accumulation_steps={optimizer.gradient_accumulation_steps}"
         )
+
+
+def _check_sharding(shard_optimizer_state, optimizer, allreduce_dtype: str) -> None:
+    if not isinstance(shard_optimizer_state, bool):
+        raise TypeError(f"shard_optimizer_state must be True or False. Received: "
+                        f"shard_optimizer_state={shard_optimizer_state!r}")
+    if not shard_optimizer_state:
+        return
+    if precision.unscaled(optimizer).global_clipnorm is not None:
+        raise ValueError(
+            "with shard_optimizer_state the optimizer sees one worker's share of the gradient, "
+            "so its global_clipnorm would clip by that share's norm: give the Trainer "
+            "clip_global_norm instead. Received: global_clipnorm="
+            f"{precision.unscaled(optimizer).global_clipnorm}")
+    if allreduce_dtype != "float32":
+        raise ValueError(
+            "shard_optimizer_state reduce-scatters the sums in float32 (a 16-bit reduce-scatter "
+            f"is not built). Received: allreduce_dtype={allreduce_dtype!r}")
 
 
 class Trainer:
@@ -112,6 +130,12 @@ class Trainer:
             rows the window touched, with their indices, whenever that is fewer bytes than the
             dense table, decided each update from recent updates' rows (see `rows`); the sum
             is the same either way. False: always dense, one collective per update.
+        shard_optimizer_state: each worker keeps the optimizer state of its share of the
+            variables only (whole variables, balanced by size; see `shards`): per worker 1/N of
+            Adam's 2 W. An update then reduce-scatters the sums, each worker applies its share,
+            and the new weights are allgathered: the bytes of the allreduce. Any Keras optimizer
+            stays exact; its `global_clipnorm` would see one share, so it is refused (use
+            `clip_global_norm`), as is a 16-bit `allreduce_dtype`.
     """
 
     def __init__(
@@ -130,6 +154,7 @@ class Trainer:
         allreduce_dtype: str = "float32",
         jit_compile: bool | str = "auto",
         row_exchange: bool = True,
+        shard_optimizer_state: bool = False,
     ) -> None:
         if not isinstance(model, keras.Model):
             raise TypeError(f"model must be a keras.Model. Received: model={model!r}")
@@ -139,6 +164,7 @@ class Trainer:
         if not isinstance(row_exchange, bool):
             raise TypeError(f"row_exchange must be True or False. Received: "
                             f"row_exchange={row_exchange!r}")
+        _check_sharding(shard_optimizer_state, optimizer, allreduce_dtype)
         self.model = model
         self.optimizer = precision.with_loss_scaling(model, optimizer)
         self.objective = Objective(model, resolve_losses(model, loss, loss_weights))
@@ -155,7 +181,8 @@ class Trainer:
             accumulation_steps=lambda: self.accumulation_steps,
             clip_global_norm=clip_global_norm,
             allreduce_dtype=allreduce_dtype,
-            row_exchange=row_exchange, jit_compile=xla.resolve_jit_compile(model, jit_compile))
+            row_exchange=row_exchange, jit_compile=xla.resolve_jit_compile(model, jit_compile),
+            shard_optimizer_state=shard_optimizer_state)
 
     @property
     def backend(self) -> comm.Backend:
@@ -236,7 +263,13 @@ class Trainer:
         if not self.model.built:
             self.model.build(tf.nest.map_structure(lambda s: s.shape, element_spec[0]))
         data.check_inputs_match_model(element_spec, self.model)
-        self.optimizer.build(self.model.trainable_variables)
+        owned = self._steps.owned_variables()
+        if self._steps.sharded is not None and self.optimizer.built:
+            raise ValueError(
+                "shard_optimizer_state builds the optimizer on this worker's share of the "
+                "variables: give one that has not been built (or used) yet. Received: "
+                f"optimizer {self.optimizer.name!r}, built")
+        self.optimizer.build(owned)
         if self.metrics is not None:
             self.metrics.build(self.model, element_spec)
         self._steps.trace(data.unpack(element_spec), self.micro_batch_size)
@@ -253,8 +286,22 @@ class Trainer:
     @property
     def state_variables(self) -> list:
         """Everything training changes: model variables (weights, layers' RNG states, statistics)
-        and optimizer variables (`iterations`, moments). What workers share and checkpoints hold."""
-        return list(self.model.variables) + list(self.optimizer.variables)
+        and optimizer variables (`iterations`, moments). What workers share and checkpoints hold.
+        With sharded optimizer state, what every worker holds the same: the model's variables
+        and the optimizer's that belong to no one variable (`shards.global_state`)."""
+        if self._steps.sharded is None:
+            return list(self.model.variables) + list(self.optimizer.variables)
+        return list(self.model.variables) + shards.global_state(
+            self.optimizer, self._steps.sharded.owned_variables)
+
+    def finalize_variable_values(self) -> None:
+        """As Keras's `fit` ends: the optimizer's final values replace the weights (with
+        `use_ema`, the moving averages), on every worker; with sharded state each owner
+        replaces its own and shares them."""
+        self.optimizer.finalize_variable_values(self._steps.owned_variables())
+        if self._steps.sharded is not None:
+            with comm.collective("the final weights' allgather"):
+                self._steps.sharded.share_weights("final_weights")
 
     def broadcast_from_chief(self) -> None:
         """Overwrite model and optimizer state with rank 0's (`comm.broadcast_in_place`: in groups

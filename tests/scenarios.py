@@ -39,7 +39,20 @@ def make_optimizer(name: str) -> keras.optimizers.Optimizer:
     if name == "adam_schedule":
         schedule = keras.optimizers.schedules.ExponentialDecay(0.05, decay_steps=2, decay_rate=0.5)
         return keras.optimizers.Adam(learning_rate=schedule)
+    if name == "adafactor_clipped":  # a factored second moment, and a clip that bites
+        return keras.optimizers.Adafactor(learning_rate=0.1, global_clipnorm=0.05)
+    if name == "adamw_ema":  # weight decay, and moving averages written over the weights
+        return keras.optimizers.AdamW(learning_rate=0.05, weight_decay=0.1, use_ema=True,
+                                      ema_momentum=0.5, ema_overwrite_frequency=3)
     raise ValueError(name)
+
+
+def trainer_optimizer(name: str) -> tuple[keras.optimizers.Optimizer, float | None]:
+    """`make_optimizer(name)` as a `Trainer` takes it: Keras's `global_clipnorm` becomes the
+    Trainer's `clip_global_norm` (the same clip), returned beside the optimizer."""
+    optimizer = make_optimizer(name)
+    clip, optimizer.global_clipnorm = optimizer.global_clipnorm, None
+    return optimizer, clip
 
 
 def make_shard(rank: int, size: int, weighted: bool = True, seed: int = 3):

@@ -90,6 +90,11 @@ class Backend(Protocol):
         worker in rank order. A tensor's first axis may differ between workers; its other axes
         and its dtype (one for all `tensors`) may not. `name` as for `sum_all`."""
 
+    def reduce_scatter(self, segments: Sequence[tf.Tensor], name: str) -> tf.Tensor:
+        """The sum over workers of `segments[rank]`, as one collective: `segments[r]` is this
+        worker's float32 part (1-D) of rank r's result, its size the same on every worker (each
+        rank may get a different size). `name` as for `sum_all`."""
+
     def broadcast_from_chief(self, tensors: Sequence[tf.Tensor]) -> list[tf.Tensor]:
         """Rank 0's values of `tensors` on every worker, as one collective (the caller bounds
         its size: `broadcast_in_place`)."""

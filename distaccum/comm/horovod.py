@@ -112,6 +112,18 @@ class HorovodBackend:
         return [tf.split(whole, all_counts[:, i], num=self.num_workers())
                 for i, whole in enumerate(gathered[1:])]
 
+    def reduce_scatter(self, segments: Sequence[tf.Tensor], name: str) -> tf.Tensor:
+        # Horovod's reducescatter gives each rank an equal share of the first axis: every
+        # segment is padded to the longest, and this rank's result cut back to its own size.
+        sizes = [s.shape.num_elements() for s in segments]
+        longest = max(sizes)
+        padded = _never_constant([tf.pad(s, [[0, longest - size]])
+                                  for s, size in zip(segments, sizes)])
+        result = self._hvd.reducescatter(
+            tf.concat(padded, axis=0), op=self._hvd.Sum, ignore_name_scope=True,
+            name=f"HorovodReducescatter_distaccum_{name}_{_signature(segments)}")
+        return result[:sizes[self.rank()]]
+
     def broadcast_from_chief(self, tensors: Sequence[tf.Tensor]) -> list[tf.Tensor]:
         # One broadcast per dtype of all values flattened together: start-up pays one collective
         # per group, not one per variable. Named by the group's shapes (`sum_all`'s reason).

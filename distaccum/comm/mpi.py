@@ -133,6 +133,23 @@ class MPIBackend:
         self.collective_bytes["allreduce"] += buffer.nbytes
         return result
 
+    def reduce_scatter(self, segments: Sequence[tf.Tensor], name: str) -> tf.Tensor:
+        # One `Reduce_scatter` with each rank's count: no padding.
+        sizes = [s.shape.num_elements() for s in segments]
+        mine = sizes[self.rank()]
+
+        def scatter(buffer: np.ndarray) -> np.ndarray:
+            result = np.empty(mine, buffer.dtype)
+            self._world.Reduce_scatter(buffer, result, recvcounts=sizes, op=self._mpi.SUM)
+            self.collective_counts["reducescatter"] += 1
+            self.collective_bytes["reducescatter"] += buffer.nbytes
+            return result
+
+        result = tf.numpy_function(scatter, [tf.concat(list(segments), axis=0)], tf.float32,
+                                   stateful=True)
+        result.set_shape([mine])
+        return result
+
     def max_all(self, value: tf.Tensor) -> tf.Tensor:
         [result] = self._reduce([value], self._mpi.MAX, tf.convert_to_tensor(value).dtype)
         return result

@@ -35,6 +35,9 @@ class SingleProcessBackend:
     def gather_all(self, tensors: Sequence[tf.Tensor], name: str) -> list[list[tf.Tensor]]:
         return [[t] for t in tensors]
 
+    def reduce_scatter(self, segments: Sequence[tf.Tensor], name: str) -> tf.Tensor:
+        return segments[0]
+
     def broadcast_from_chief(self, tensors: Sequence[tf.Tensor]) -> list[tf.Tensor]:
         return list(tensors)
 

@@ -33,6 +33,9 @@ parser.add_argument("--nan-micro-batches", default="", help="comma-separated mic
 parser.add_argument("--max-consecutive-skips", type=int, default=5)
 parser.add_argument("--allreduce-dtypes", default="float32", help="dtype, or dtype1,dtype2,...")
 parser.add_argument("--jit-compile", default="false", help="false, true, or false,true")
+parser.add_argument("--sharded-optimizers", default="",
+                    help="optimizers (scenarios.make_optimizer's names) to train with sharded "
+                         "state too, after the other runs: k<k>-sharded-<name>[-xla]")
 parser.add_argument("--timelines", action="store_true", help="a Horovod timeline per training")
 parser.add_argument("--bad-rank", type=int, default=-1, help="rank that meets a bad micro-batch")
 parser.add_argument("--bad-epoch", type=int, default=2)
@@ -46,9 +49,14 @@ x, y, w = scenarios.make_shard(rank, scenarios.SHARD_SIZES[rank])
 if rank == args.nan_rank:
     for index in map(int, args.nan_micro_batches.split(",")):
         x[index * scenarios.MICRO_BATCH_SIZE, 0] = np.nan
-runs = [(int(k), dtype, jit == "true") for k in args.accumulation_steps.split(",")
+runs = [(int(k), dtype, jit == "true", None) for k in args.accumulation_steps.split(",")
         for dtype in args.allreduce_dtypes.split(",") for jit in args.jit_compile.split(",")
         if dtype == "float32" or jit == "false"]
+sharded = [name for name in args.sharded_optimizers.split(",") if name]
+# Sharded state: every optimizer without XLA, the first with each jit_compile value.
+runs += [(int(k), "float32", jit == "true", name) for k in args.accumulation_steps.split(",")
+         for name in sharded for jit in args.jit_compile.split(",")
+         if jit == "false" or name == sharded[0]]
 
 
 def training_data():
@@ -84,8 +92,9 @@ class RecordSkips(distaccum.Callback):
 # The mpi4py backend counts its own collectives (Horovod's are counted in its timeline).
 counts = getattr(comm.current(), "collective_counts", {})
 sent = getattr(comm.current(), "collective_bytes", {})
-for accumulation_steps, allreduce_dtype, jit_compile in runs:
+for accumulation_steps, allreduce_dtype, jit_compile, sharded_optimizer in runs:
     name = (f"k{accumulation_steps}" + ("" if allreduce_dtype == "float32" else f"-{allreduce_dtype}")
+            + (f"-sharded-{sharded_optimizer}" if sharded_optimizer else "")
             + ("-xla" if jit_compile else ""))
     out = os.path.join(args.out, name) if len(runs) > 1 else args.out
     os.makedirs(out, exist_ok=True)
@@ -96,13 +105,16 @@ for accumulation_steps, allreduce_dtype, jit_compile in runs:
     before, bytes_before = dict(counts), dict(sent)
     # A different initialisation on every rank: training must start from rank 0's weights anyway.
     model = scenarios.make_model(seed=7 + rank)
+    optimizer, clip = scenarios.trainer_optimizer(sharded_optimizer or args.optimizer)
     trainer = distaccum.Trainer(
         model,
-        scenarios.make_optimizer(args.optimizer),
+        optimizer,
         loss=keras.losses.MeanSquaredError(),
         accumulation_steps=accumulation_steps,
         allreduce_dtype=allreduce_dtype,
         jit_compile=jit_compile,
+        clip_global_norm=clip,
+        shard_optimizer_state=sharded_optimizer is not None,
     )
     assert trainer.jit_compile == jit_compile, "XLA fell back"
     skips = RecordSkips()

@@ -1,0 +1,210 @@
+"""Sharded optimizer state (`shard_optimizer_state`): each worker keeps the optimizer's state for
+its share of the trainable variables only, as PyTorch's `ZeroRedundancyOptimizer` and DeepSpeed's
+ZeRO stage 1 do, instead of all of it on every worker (Adam's is 2 W).
+
+An update step then, in place of the allreduce of the window's sums:
+1. reduce-scatters them (`ShardedState.sum_in_place`): each worker gets the sums of the variables
+   it owns, written back into those sums' own memory, in bounded rounds. The statistics, the
+   metrics' states and the votes ride in every rank's segment of the first round, so every
+   worker gets their sums as with the allreduce;
+2. each worker divides, clips and applies its own share; the global norm (for clipping, the log
+   and the finite check) comes from the shards' partial sums of squares: one scalar collective;
+3. allgathers the new weights (`share_weights`), in the same rounds.
+
+A ring allreduce is a reduce-scatter followed by an allgather, so an update sends the bytes of
+the allreduce (plus, under Horovod, the padding its equal shares need).
+
+Ownership is by whole variables, so every Keras optimizer stays exact, those that are not
+element-wise too (Adafactor factors a matrix, LAMB scales by a variable's norm): the largest
+variable goes first, to the least-loaded worker. A variable larger than W / N (an `Embedding`
+holding most of the weights) sets the largest share by itself: its owner holds its state alone.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Sequence
+
+import tensorflow as tf
+
+from distaccum import precision
+from distaccum.comm.pieces import GROUP_BYTES, Piece
+
+
+def owners(sizes: Sequence[int], num_workers: int) -> list[int]:
+    """Each variable's owner: the largest first, each to the worker holding the fewest bytes so
+    far (then the fewest variables, then the lowest rank). Depends only on the sizes and the
+    worker count, so every worker computes the same."""
+    load = [0] * num_workers
+    count = [0] * num_workers
+    owner = [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        rank = min(range(num_workers), key=lambda r: (load[r], count[r], r))
+        owner[i] = rank
+        load[rank] += sizes[i]
+        count[rank] += 1
+    return owner
+
+
+def rounds(sizes: Sequence[int], owner: Sequence[int], num_workers: int,
+           limit: int = GROUP_BYTES) -> list[list[list[int]]]:
+    """The collectives of a reduce-scatter or an allgather: per round, per rank, the indices (into
+    `sizes`, in order) of the variables whose sums or weights that rank's segment holds. A
+    segment holds about `limit / num_workers` bytes, or one larger variable, beside which the
+    other ranks fill theirs up to its size (Horovod pads every segment to the longest)."""
+    queues = [collections.deque(i for i in range(len(sizes)) if owner[i] == rank)
+              for rank in range(num_workers)]
+    plan = []
+    while any(queues):
+        target = max([limit // num_workers] + [sizes[queue[0]] for queue in queues if queue])
+        members = []
+        for queue in queues:
+            taken, size = [], 0
+            while queue and size + sizes[queue[0]] <= target:
+                size += sizes[queue[0]]
+                taken.append(queue.popleft())
+            members.append(taken)
+        plan.append(members)
+    return plan
+
+
+def slot_lists(optimizer, variables: Sequence) -> list[list]:
+    """The optimizer's state per variable, as every Keras optimizer keeps it: lists on the
+    optimizer (`_momentums`, Adafactor's `_r` and `_c`, the EMA's averages, ...) holding, for
+    each of the `variables` it was built on, in order, that variable's state (or None: Keras
+    makes none for a variable overwritten with its gradient). In the order the lists were made.
+    """
+    inner = precision.unscaled(optimizer)
+    state = {id(v) for v in optimizer.variables}
+    lists = []
+    for name, value in vars(inner).items():
+        if name in ("_variables", "_trainable_variables") or not isinstance(value, (list, tuple)):
+            continue
+        if (value and len(value) == len(variables) and any(v is not None for v in value)
+                and all(v is None or id(v) in state for v in value)):
+            lists.append(list(value))
+    return lists
+
+
+def global_state(optimizer, variables: Sequence) -> list:
+    """The optimizer's variables that belong to no one variable (`iterations`, a learning rate,
+    a loss scale), in its order: the same on every worker, sharded or not."""
+    per_variable = {id(v) for slots in slot_lists(optimizer, variables) for v in slots}
+    return [v for v in optimizer.variables if id(v) not in per_variable]
+
+
+def _nbytes(variable) -> int:
+    return Piece(variable).nbytes
+
+
+def _flat(tensors: Sequence[tf.Tensor], dtype: tf.DType) -> tf.Tensor:
+    return tf.concat([tf.zeros([0], dtype)] + [tf.reshape(t, [-1]) for t in tensors], axis=0)
+
+
+def _as_bytes(variable) -> tf.Tensor:
+    value = Piece(variable).read()
+    return tf.reshape(value if value.dtype.size == 1 else tf.bitcast(value, tf.uint8), [-1])
+
+
+def _from_bytes(data: tf.Tensor, variable) -> tf.Tensor:
+    dtype = tf.as_dtype(variable.dtype)
+    shape = list(variable.shape) + ([dtype.size] if dtype.size > 1 else [])
+    return tf.bitcast(tf.reshape(data, shape), dtype)
+
+
+class ShardedState:
+    """Owns which worker holds which trainable variable's optimizer state, and the collectives
+    that take a window's sums to their owners and the owners' new weights to every worker.
+
+    Does not own the optimizer (the `Trainer` builds it on `owned_variables`) nor the update's
+    arithmetic (`steps`).
+
+    Args:
+        backend: the communication backend, with more than one worker.
+        variables: the model's trainable variables, in order.
+    """
+
+    def __init__(self, backend, variables: Sequence) -> None:
+        self.backend = backend
+        self.variables = list(variables)
+        workers = backend.num_workers()
+        if len(self.variables) < workers:
+            raise ValueError(
+                f"shard_optimizer_state gives each worker whole variables: the model has "
+                f"{len(self.variables)} trainable variables for {workers} workers. Received: "
+                "shard_optimizer_state=True")
+        self.owners = owners([_nbytes(v) for v in self.variables], workers)
+        self.owned = [i for i, owner in enumerate(self.owners) if owner == backend.rank()]
+        self._sum_owners: dict[int, int] = {}
+
+    @property
+    def owned_variables(self) -> list:
+        return [self.variables[i] for i in self.owned]
+
+    def owned_bytes(self) -> list[int]:
+        """Per rank, the bytes of the variables it owns."""
+        totals = [0] * self.backend.num_workers()
+        for variable, owner in zip(self.variables, self.owners):
+            totals[owner] += _nbytes(variable)
+        return totals
+
+    def add_sums(self, sums: Sequence) -> None:
+        """The accumulator's gradient sums, every normaliser's in turn: each is owned by its
+        variable's owner."""
+        for index, total in enumerate(sums):
+            self._sum_owners[id(total)] = self.owners[index % len(self.variables)]
+
+    def sum_in_place(self, sums: Sequence[tf.Variable], others: Sequence[tf.Tensor],
+                     name: str) -> list[tf.Tensor]:
+        """`comm.sum_in_place` for owners: each of `sums` is summed over workers into its
+        owner's copy only (the others' copies are left as they were, to be overwritten by the
+        next window), one reduce-scatter per round; `others` summed on every worker. In a graph.
+        """
+        sizes = [s.shape.num_elements() for s in sums]
+        extra = _flat([tf.cast(t, tf.float32) for t in others], tf.float32)
+        plan = rounds([4 * size for size in sizes], [self._sum_owners[id(s)] for s in sums],
+                      self.backend.num_workers())
+        written: list = []
+        reduced_extra = extra
+        for index, members in enumerate(plan or [[[]] * self.backend.num_workers()]):
+            riders = [extra] if index == 0 else []
+            with tf.control_dependencies(written):
+                segments = [_flat([sums[i].read_value() for i in part] + riders, tf.float32)
+                            for part in members]
+                mine = self.backend.reduce_scatter(segments, f"{name}{index}")
+                own = members[self.backend.rank()]
+                counts = [sizes[i] for i in own] + [extra.shape.num_elements()] * len(riders)
+                values = tf.split(mine, counts) if counts else []
+                written += [sums[i].assign(tf.reshape(v, sums[i].shape), read_value=False)
+                            for i, v in zip(own, values)]
+            if riders:
+                reduced_extra = values[-1]
+        with tf.control_dependencies(written):
+            pieces = tf.split(reduced_extra, [t.shape.num_elements() for t in others])
+            return [tf.cast(tf.reshape(p, t.shape), t.dtype) for p, t in zip(pieces, others)]
+
+    def global_norm(self, gradients: Sequence[tf.Tensor]) -> tf.Tensor:
+        """The norm of the whole gradient, from this worker's share of it (`gradients`, those
+        of its variables): the shards' sums of squares, summed over workers."""
+        partial = tf.add_n([tf.zeros([])] + [tf.reduce_sum(tf.square(tf.cast(g, tf.float32)))
+                                            for g in gradients])
+        [total] = self.backend.sum_all([tf.reshape(partial, [1])], "norm")
+        return tf.sqrt(total[0])
+
+    def share_weights(self, name: str = "weights") -> list:
+        """Every owner's values of its variables on every worker: one allgather per round, each
+        written before the next travels. Returns the writes (in a graph, to wait for)."""
+        sizes = [_nbytes(v) for v in self.variables]
+        written: list = []
+        for index, members in enumerate(rounds(sizes, self.owners, self.backend.num_workers())):
+            with tf.control_dependencies(written):
+                mine = _flat([_as_bytes(self.variables[i])
+                              for i in members[self.backend.rank()]], tf.uint8)
+                [pieces] = self.backend.gather_all([mine], f"{name}{index}")
+                for rank, (part, piece) in enumerate(zip(members, pieces)):
+                    if rank == self.backend.rank() or not part:
+                        continue
+                    for i, data in zip(part, tf.split(piece, [sizes[i] for i in part])):
+                        written.append(Piece(self.variables[i]).write(
+                            _from_bytes(data, self.variables[i])))
+        return written
