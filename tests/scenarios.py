@@ -39,8 +39,9 @@ def make_optimizer(name: str) -> keras.optimizers.Optimizer:
     if name == "adam_schedule":
         schedule = keras.optimizers.schedules.ExponentialDecay(0.05, decay_steps=2, decay_rate=0.5)
         return keras.optimizers.Adam(learning_rate=schedule)
-    if name == "adafactor_clipped":  # a factored second moment, and a clip that bites
-        return keras.optimizers.Adafactor(learning_rate=0.1, global_clipnorm=0.05)
+    if name in ("adafactor", "adafactor_clipped"):  # a factored second moment; a clip that bites
+        return keras.optimizers.Adafactor(
+            learning_rate=0.1, global_clipnorm=0.05 if name.endswith("_clipped") else None)
     if name == "adamw_ema":  # weight decay, and moving averages written over the weights
         return keras.optimizers.AdamW(learning_rate=0.05, weight_decay=0.1, use_ema=True,
                                       ema_momentum=0.5, ema_overwrite_frequency=3)

@@ -21,27 +21,29 @@ def _reference(accumulation_steps: int, optimizer: str):
         for rank, size in enumerate(scenarios.SHARD_SIZES)
     ]
     model = scenarios.make_model(seed=7)
+    optimizer = scenarios.make_optimizer(optimizer)
     updates = scenarios.reference_training(
         model,
-        scenarios.make_optimizer(optimizer),
+        optimizer,
         keras.losses.MeanSquaredError(),
         shards,
         accumulation_steps,
         EPOCHS,
     )
+    optimizer.finalize_variable_values(model.trainable_variables)  # as Keras's fit ends
     return scenarios.weights_of(model), updates
 
 
 # Each backend under each launcher it runs under proves the property once: Horovod under
-# horovodrun (k=3, a Horovod timeline per training, float32 and float16 gradient sums) and under
-# mpirun (k=1 and k=3 in one launch, with XLA and without), mpi4py under mpirun (k=1 and k=3,
-# float32 and bfloat16, with XLA and without).
+# horovodrun (k=3, a Horovod timeline per training, float32 and float16 gradient sums, sharded
+# optimizer state) and under mpirun (k=1 and k=3 in one launch, with XLA and without), mpi4py
+# under mpirun (k=1 and k=3, float32 and bfloat16, with XLA and without, sharded state).
 LAUNCHES = {
     "horovodrun": ("horovodrun", "3", ("float32", "float16"), ("false",),
-                   {"HOROVOD_TIMELINE": "DYNAMIC"}),
-    "mpirun": ("mpirun", "1,3", ("float32",), ("false", "true"), {}),
+                   ("sgd", "adafactor_clipped"), {"HOROVOD_TIMELINE": "DYNAMIC"}),
+    "mpirun": ("mpirun", "1,3", ("float32",), ("false", "true"), (), {}),
     "mpirun-mpi4py": ("mpirun", "1,3", ("float32", "bfloat16"), ("false", "true"),
-                      {"DISTACCUM_BACKEND": "mpi"}),
+                      ("sgd", "adamw_ema"), {"DISTACCUM_BACKEND": "mpi"}),
 }
 # Unit round-off of each type gradient sums can travel in.
 ROUND_OFF = {"float16": 2.0**-11, "bfloat16": 2.0**-8}
@@ -49,20 +51,25 @@ ROUND_OFF = {"float16": 2.0**-11, "bfloat16": 2.0**-8}
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """{(launch, k, *variant): directory of rank files}, variant () or some of (dtype, "xla")
-    as train_shards.py names its runs."""
+    """{(launch, k, *variant): directory of rank files}, variant () or some of (dtype,
+    "sharded", optimizer, "xla") as train_shards.py names its runs."""
     found = {}
-    for launch, (launcher, steps, dtypes, jit_values, env) in LAUNCHES.items():
+    for launch, (launcher, steps, dtypes, jit_values, sharded, env) in LAUNCHES.items():
         out = tmp_path_factory.mktemp(launch)
         timelines = ["--timelines"] if "HOROVOD_TIMELINE" in env else []
         run_script(launcher, WORKERS_DIR / "train_shards.py", "--accumulation-steps", steps,
                    "--allreduce-dtypes", ",".join(dtypes), "--jit-compile", ",".join(jit_values),
-                   *timelines, "--epochs", str(EPOCHS), "--out", str(out), extra_env=env)
-        trainings = [(int(k), dtype, jit == "true") for k in steps.split(",")
-                     for dtype in dtypes for jit in jit_values
-                     if dtype == "float32" or jit == "false"]
-        for k, dtype, xla in trainings:
-            variant = (() if dtype == "float32" else (dtype,)) + (("xla",) if xla else ())
+                   "--sharded-optimizers", ",".join(sharded), *timelines,
+                   "--epochs", str(EPOCHS), "--out", str(out), extra_env=env)
+        trainings = [(int(k), (() if dtype == "float32" else (dtype,)) + xla)
+                     for k in steps.split(",") for dtype in dtypes for jit in jit_values
+                     for xla in [("xla",) if jit == "true" else ()]
+                     if dtype == "float32" or not xla]
+        trainings += [(int(k), ("sharded", name) + xla)
+                      for k in steps.split(",") for name in sharded for jit in jit_values
+                      for xla in [("xla",) if jit == "true" else ()]
+                      if name == sharded[0] or not xla]
+        for k, variant in trainings:
             name = "-".join([f"k{k}", *variant])
             found[(launch, k, *variant)] = out / name if len(trainings) > 1 else out
     return found
@@ -157,3 +164,85 @@ def test_narrow_allreduce_halves_gradient_bytes_and_stays_within_its_round_off(r
         assert int(ranks[0]["allreduce_bytes"]) == int(saved_exact["allreduce_bytes"]) - (
             expected_updates * (gradient_values * 4 - padded * 2))
         assert int(ranks[0]["allreduces"]) == int(saved_exact["allreduces"])
+
+
+# On two workers a reduce-scatter adds the same two numbers as the allreduce, so sharded state
+# takes the unsharded run's steps bit for bit (XLA included: the apply then runs outside it, as
+# its elementwise updates round alike).
+@pytest.mark.parametrize("launch, accumulation_steps, variant",
+                         [("horovodrun", 3, ()), ("mpirun-mpi4py", 1, ()),
+                          ("mpirun-mpi4py", 3, ()), ("mpirun-mpi4py", 3, ("xla",))],
+                         ids=["horovodrun-k3", "mpirun-mpi4py-k1", "mpirun-mpi4py-k3",
+                              "mpirun-mpi4py-k3-xla"])
+def test_sharded_optimizer_state_takes_the_unsharded_steps_when_two_workers_sum(
+        runs, launch, accumulation_steps, variant):
+    count = len(scenarios.make_model().trainable_variables)
+    for rank in range(2):
+        whole = np.load(runs[(launch, accumulation_steps, *variant)] / f"rank{rank}.npz")
+        sharded = np.load(runs[(launch, accumulation_steps, "sharded", "sgd", *variant)]
+                          / f"rank{rank}.npz")
+        for index in range(count):
+            np.testing.assert_array_equal(sharded[f"arr_{index}"], whole[f"arr_{index}"])
+        np.testing.assert_array_equal(sharded["loss"], whole["loss"])
+        assert int(sharded["iterations"]) == int(whole["iterations"])
+
+
+@pytest.mark.rounding
+@pytest.mark.parametrize("launch, optimizer", [("horovodrun", "adafactor_clipped"),
+                                               ("mpirun-mpi4py", "adamw_ema")])
+def test_sharded_optimizer_state_matches_the_reference_when_the_optimizer_is_not_elementwise(
+        runs, launch, optimizer):
+    """Adafactor factors each kernel's second moment and is clipped by the global norm of all
+    shards; AdamW decays weights and writes moving averages over them (every third update and
+    at the end). Each worker owns whole variables, so each stays Keras's step."""
+    accumulation_steps = 3
+    expected_weights, expected_updates = _reference(accumulation_steps, optimizer)
+    unclipped = optimizer.replace("_clipped", "")
+    ranks = [np.load(runs[(launch, accumulation_steps, "sharded", optimizer)] / f"rank{r}.npz")
+             for r in range(2)]
+    for saved in ranks:
+        weights = [saved[f"arr_{i}"] for i in range(len(expected_weights))]
+        assert int(saved["iterations"]) == expected_updates
+        scenarios.assert_weights_close(weights, expected_weights)
+        if unclipped != optimizer:  # the clip bit: without it the steps differ
+            start = scenarios.flat(scenarios.weights_of(scenarios.make_model(seed=7)))
+            assert scenarios.distance(weights, _reference(accumulation_steps, unclipped)[0],
+                                      start) > 1e-2
+    for index in range(len(expected_weights)):
+        np.testing.assert_array_equal(ranks[0][f"arr_{index}"], ranks[1][f"arr_{index}"])
+
+
+def test_sharded_optimizer_state_sends_the_allreduces_bytes_when_counted(runs):
+    """Per update, one reduce-scatter of the sums and one allgather of the weights in place of
+    the allreduce: as many bytes as the allreduce sends in a ring (which is a reduce-scatter and
+    an allgather: 2(N-1)/N of its buffer per rank, against (N-1)/N for each of the two), but for
+    the riders every segment carries, the gather's row counts and the norm. Counted by the
+    mpi4py backend, in bytes each rank passes in."""
+    workers, accumulation_steps = 2, 3
+    gradient = 4 * sum(w.size for w in scenarios.weights_of(scenarios.make_model()))
+    riders = 4 * (3 + 2 + workers)  # loss sum, divisor, sample count; stop, cancel, bad per rank
+    whole = [np.load(runs[("mpirun-mpi4py", accumulation_steps)] / f"rank{r}.npz")
+             for r in range(workers)]
+    sharded = [np.load(runs[("mpirun-mpi4py", accumulation_steps, "sharded", "sgd")]
+                       / f"rank{r}.npz") for r in range(workers)]
+    updates = int(whole[0]["iterations"])
+    start_up = int(whole[0]["allreduce_bytes"]) - updates * (gradient + riders)  # the plan's
+    for saved in sharded:
+        assert int(saved["reducescatters"]) == updates
+        assert int(saved["reducescatter_bytes"]) == updates * (gradient + workers * riders)
+        # Per update and as training ends (the final weights, as Keras's fit ends).
+        assert int(saved["allgathers"]) == updates + 1
+        # The norm's partial sums per update; the plan's agreement at start-up.
+        assert int(saved["allreduces"]) == int(whole[0]["allreduces"])
+        assert int(saved["allreduce_bytes"]) == updates * 4 + start_up
+    gathered = sum(int(saved["allgather_bytes"]) for saved in sharded)
+    assert gathered == (updates + 1) * (gradient + 4 * workers)
+    # Both ranks own a share, the larger no more than the largest variable beside the rest.
+    shares = [int(saved["allgather_bytes"]) // (updates + 1) - 4 for saved in sharded]
+    assert min(shares) > 0
+    # Per rank and update, as a ring sends them: the same bytes, but for the riders and counts.
+    share = (workers - 1) / workers
+    ring_whole = 2 * share * (int(whole[0]["allreduce_bytes"]) - start_up) / updates
+    ring_sharded = share * (int(sharded[0]["reducescatter_bytes"]) / updates
+                            + gathered / (updates + 1))
+    assert 0 <= ring_sharded - ring_whole <= share * (workers * riders + 4 * workers)
