@@ -1,8 +1,8 @@
 """Checkpoints at update boundaries: written atomically by the chief, verified when read.
 
 A checkpoint is a directory `update-<step>/` holding `state.npz` (every model variable, including
-the layers' random-generator states, then every optimizer variable, including its iteration
-counter) and `meta.json` (the `Position` in the data, the config, the worker count, and the
+the layers' random-generator states, then the optimizer's, including its iteration counter, in
+`state`'s order, which no worker count or sharding changes) and `meta.json` (the `Position` in the data, the config, the worker count, and the
 SHA-256 of `state.npz`). It is written under a temporary name, flushed to disk and renamed, so a
 crash never leaves a half-written checkpoint under a real name; a damaged one (truncated, edited)
 fails its checksum and the previous checkpoint is used instead, with a warning.
@@ -18,14 +18,18 @@ import sys
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from distaccum.comm.pieces import pieces_of
 from distaccum.config import ConfigError
 from distaccum.history import Position
+from distaccum.state import Elsewhere
 
-FORMAT_VERSION = 1
+# 2: the optimizer's variables in `state.TrainingState`'s order. 1: in `optimizer.variables`'
+# order, which an optimizer built on one worker's share cannot know (read by unsharded runs).
+FORMAT_VERSION = 2
 _PREFIX = "update-"
 # Changing these between a run and its resume would silently change what an update is. Not the
 # worker count, micro-batch size or k: with the same global batch, update u of an epoch takes the
@@ -100,8 +104,11 @@ class CheckpointManager:
         """Complete checkpoints, oldest first."""
         return sorted(p for p in self.directory.glob(f"{_PREFIX}*") if p.is_dir())
 
-    def save(self, position: Position, variables: list, settings: dict) -> Path:
-        """Write `variables` (model, then optimizer) and where training stands; keep the last few.
+    def save(self, position: Position, variables: list, settings: dict,
+             elsewhere: Iterator[dict] = iter(())) -> Path:
+        """Write `variables` (`state.TrainingState.entries()`) and where training stands; keep
+        the last few. Entries other workers hold (`state.Elsewhere`) are taken from `elsewhere`,
+        which yields them by index, a group at a time (`state.SlotTransfer.gather`).
 
         Raises:
             CheckpointError: the write failed (a full disk, say): nothing of it is left behind
@@ -110,7 +117,7 @@ class CheckpointManager:
         final = self.directory / f"{_PREFIX}{position.update_step:09d}"
         staging = self.directory / f".staging-{final.name}-{os.getpid()}"
         try:
-            self._write(staging, position, variables, settings)
+            self._write(staging, position, variables, settings, elsewhere)
         except OSError as error:
             shutil.rmtree(staging, ignore_errors=True)
             raise CheckpointError(
@@ -125,20 +132,24 @@ class CheckpointManager:
         return final
 
     @staticmethod
-    def _write(staging: Path, position: Position, variables: list, settings: dict) -> None:
+    def _write(staging: Path, position: Position, variables: list, settings: dict,
+               elsewhere: Iterator[dict]) -> None:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         state = staging / "state.npz"
         with state.open("wb") as handle:
-            _save_arrays(handle, variables)
+            _save_arrays(handle, variables, elsewhere)
         meta = {"format": FORMAT_VERSION, "position": asdict(position), "settings": settings,
                 "variables": len(variables), "sha256": _sha256(state)}
         (staging / "meta.json").write_text(json.dumps(meta, indent=2))
         for path in (state, staging / "meta.json", staging):
             _fsync(path)
 
-    def restore_latest(self, variables: list, settings: dict) -> Restored | None:
-        """Load the newest readable checkpoint into `variables`; None when there is none.
+    def restore_latest(self, variables: list, settings: dict,
+                       legacy: list | None = None) -> Restored | None:
+        """Load the newest readable checkpoint into `variables` (`state.TrainingState.entries()`;
+        `legacy`, model then optimizer variables, for a checkpoint of format 1, which a run
+        with sharded optimizer state cannot read); None when there is none.
 
         Raises:
             CheckpointError: checkpoints exist but none is readable.
@@ -149,7 +160,7 @@ class CheckpointManager:
         problems = []
         for path in reversed(candidates):
             try:
-                restored = self._load(path, variables)
+                restored = self._load(path, variables, legacy)
             except (OSError, ValueError, KeyError) as error:
                 problems.append(f"{path.name}: {error}")
                 print(f"distaccum: warning: checkpoint {path} is unreadable ({error}); "
@@ -162,9 +173,14 @@ class CheckpointManager:
         return None
 
     @staticmethod
-    def _load(path: Path, variables: list) -> Restored:
+    def _load(path: Path, variables: list, legacy: list | None) -> Restored:
         meta = json.loads((path / "meta.json").read_text())
-        if meta.get("format") != FORMAT_VERSION:
+        if meta.get("format") == 1 and legacy is not None:
+            variables = legacy
+        elif meta.get("format") == 1:
+            raise ValueError("format 1, whose optimizer state a run with shard_optimizer_state "
+                             "cannot place: resume it once without, then switch it on")
+        elif meta.get("format") != FORMAT_VERSION:
             raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT_VERSION}")
         if _sha256(path / "state.npz") != meta["sha256"]:
             raise ValueError("state.npz does not match its checksum (truncated or modified)")
@@ -183,18 +199,33 @@ def _member(index: int) -> str:
     return f"arr_{index}"  # the names `np.savez` gives positional arrays
 
 
-def _save_arrays(handle, variables: list) -> None:
+def _save_arrays(handle, variables: list, elsewhere: Iterator[dict] = iter(())) -> None:
     """`np.savez(handle, *values)`, one piece of one variable in memory at a time
     (`pieces.pieces_of`: a large variable read in ranges of its rows): the state, or one large
-    variable, is not copied whole before it is written (np.savez takes every array at once)."""
+    variable, is not copied whole before it is written (np.savez takes every array at once).
+    An `Elsewhere` entry is written from the group of `elsewhere` that holds it."""
+    arrived: dict[int, np.ndarray] = {}
     with zipfile.ZipFile(handle, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
         for i, variable in enumerate(variables):
             with archive.open(f"{_member(i)}.npy", "w", force_zip64=True) as member:
                 np.lib.format.write_array_header_2_0(member, {
                     "descr": np.lib.format.dtype_to_descr(np.dtype(variable.dtype)),
                     "fortran_order": False, "shape": tuple(variable.shape)})
+                if isinstance(variable, Elsewhere):
+                    while i not in arrived:
+                        arrived.update(next(elsewhere))
+                    member.write(np.ascontiguousarray(arrived.pop(i)).data)
+                    continue
                 for piece in pieces_of(variable):
                     member.write(np.ascontiguousarray(piece.read().numpy()).data)
+
+
+def read_array(path: Path, index: int) -> np.ndarray:
+    """Array `index` of a checkpoint (`Restored.path`)."""
+    with zipfile.ZipFile(path / "state.npz") as archive:
+        with archive.open(f"{_member(index)}.npy") as member:
+            shape, _, dtype = _read_header(member)
+            return np.frombuffer(member.read(), dtype).reshape(shape)
 
 
 def _load_arrays(path: Path, variables: list) -> None:

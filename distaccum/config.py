@@ -107,6 +107,10 @@ class TrainConfig:
     epochs: int | None = _help("passes over the training data (or give update_steps)", default=None)
     update_steps: int | None = _help("total update steps (or give epochs)", default=None)
     clip_global_norm: float | None = _help("clip the reduced gradient to this norm", default=None)
+    shard_optimizer_state: bool = _help(
+        "each worker keeps the optimizer state of its share of the variables (1/N of it); an "
+        "update then sends the allreduce's bytes as a reduce-scatter and an allgather",
+        default=False)
     log_interval: int = _help("update steps between TensorBoard/progress lines", default=10)
     checkpoint_interval: int = _help("update steps between checkpoints", default=100)
     keep_checkpoints: int = _help("how many recent checkpoints to keep", default=3)
@@ -257,7 +261,7 @@ def _check_type(key: str, value, hint) -> None:
     if value is None and type(None) in allowed:
         return
     expected = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
-    if isinstance(value, bool):  # bool is an int subclass: never a valid number here
+    if isinstance(value, bool) and bool not in allowed:  # an int subclass, never a number here
         _fail(key, value, f"must be {expected}")
     if float in allowed and isinstance(value, int):
         return

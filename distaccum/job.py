@@ -7,6 +7,7 @@ logs, checkpoints and the trained model (chief only), and reports.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import keras
 import tensorflow as tf
 
 from distaccum import comm, data, devices, precision, sources
-from distaccum.checkpoint import OBJECTIVE, CheckpointError, CheckpointManager
+from distaccum.checkpoint import OBJECTIVE, CheckpointError, CheckpointManager, read_array
 from distaccum.config import ConfigError, TrainConfig
 from distaccum.progress import ProgressReporter, loss_first
 from distaccum.history import Position
@@ -89,6 +90,7 @@ def build_trainer(config: TrainConfig, job_data: sources.JobData, total_update_s
         trainer = Trainer(model, optimizer, **arguments,
                           accumulation_steps=accumulation_steps,
                           clip_global_norm=config.clip_global_norm,
+                          shard_optimizer_state=config.shard_optimizer_state,
                           allreduce_dtype=config.allreduce_dtype,
                           jit_compile={"true": True, "false": False}.get(config.jit_compile, "auto"))
     except (ValueError, TypeError) as error:  # a loss or metric name Keras does not know, or an
@@ -221,15 +223,21 @@ def _resume(trainer: Trainer, manager: CheckpointManager | None,
     """The chief loads the latest checkpoint; every worker then gets its state and position.
     Also the checkpoint's settings (the chief's; None elsewhere and on a fresh start)."""
     position, restored = Position(), None
+    transfer = trainer.slot_transfer
     if manager is not None:
-        restored = manager.restore_latest(trainer.state_variables, settings)
+        restored = manager.restore_latest(trainer.training_state.entries(), settings,
+                                          legacy=None if transfer else trainer.state_variables)
         if restored is not None:
             position = restored.position
-    encoded = tf.constant([position.update_step, position.epoch, position.windows_done], tf.int64)
+    encoded = tf.constant([position.update_step, position.epoch, position.windows_done,
+                           restored is not None], tf.int64)
     with comm.collective("the start-up broadcast"):
         [encoded] = comm.current().broadcast_from_chief([encoded])
     trainer.broadcast_from_chief()
-    return Position(*(int(v) for v in encoded.numpy())), restored and restored.settings
+    if transfer is not None and encoded[-1]:  # the other workers' optimizer state, to them
+        with comm.collective("the restored optimizer state's broadcast"):
+            transfer.scatter(restored and (lambda index: read_array(restored.path, index)))
+    return Position(*(int(v) for v in encoded[:-1].numpy())), restored and restored.settings
 
 
 def _resume_settings(config: TrainConfig, shape: BatchShape) -> dict:
@@ -287,12 +295,18 @@ def run(config: TrainConfig, stream: TextIO | None = None) -> JobResult:
     device_codes = comm.gather_device_codes()
 
     def save_checkpoint(position: Position) -> None:
-        if not chief:
-            return
-        try:
-            manager.save(position, trainer.state_variables, settings)
-        except CheckpointError as error:  # a full disk: train on, try again at the next one
-            print(f"distaccum: warning: {error}", file=sys.stderr, flush=True)
+        transfer = trainer.slot_transfer
+        with comm.collective(f"the checkpoint at update step {position.update_step}") \
+                if transfer else contextlib.nullcontext():
+            # With sharded state every worker sends the chief its share as it writes.
+            groups = transfer.gather() if transfer else iter(())
+            if chief:
+                try:
+                    manager.save(position, trainer.training_state.entries(), settings, groups)
+                except CheckpointError as error:  # a full disk: train on, try at the next one
+                    print(f"distaccum: warning: {error}", file=sys.stderr, flush=True)
+            for _ in groups:  # what a failed write left, and every group on the others
+                pass
 
     callbacks = []
     if chief:

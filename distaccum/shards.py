@@ -27,8 +27,7 @@ from typing import Sequence
 
 import tensorflow as tf
 
-from distaccum import precision
-from distaccum.comm.pieces import GROUP_BYTES, Piece
+from distaccum.comm.pieces import GROUP_BYTES, Piece, as_bytes, from_bytes
 
 
 def owners(sizes: Sequence[int], num_workers: int) -> list[int]:
@@ -68,48 +67,12 @@ def rounds(sizes: Sequence[int], owner: Sequence[int], num_workers: int,
     return plan
 
 
-def slot_lists(optimizer, variables: Sequence) -> list[list]:
-    """The optimizer's state per variable, as every Keras optimizer keeps it: lists on the
-    optimizer (`_momentums`, Adafactor's `_r` and `_c`, the EMA's averages, ...) holding, for
-    each of the `variables` it was built on, in order, that variable's state (or None: Keras
-    makes none for a variable overwritten with its gradient). In the order the lists were made.
-    """
-    inner = precision.unscaled(optimizer)
-    state = {id(v) for v in optimizer.variables}
-    lists = []
-    for name, value in vars(inner).items():
-        if name in ("_variables", "_trainable_variables") or not isinstance(value, (list, tuple)):
-            continue
-        if (value and len(value) == len(variables) and any(v is not None for v in value)
-                and all(v is None or id(v) in state for v in value)):
-            lists.append(list(value))
-    return lists
-
-
-def global_state(optimizer, variables: Sequence) -> list:
-    """The optimizer's variables that belong to no one variable (`iterations`, a learning rate,
-    a loss scale), in its order: the same on every worker, sharded or not."""
-    per_variable = {id(v) for slots in slot_lists(optimizer, variables) for v in slots}
-    return [v for v in optimizer.variables if id(v) not in per_variable]
-
-
 def _nbytes(variable) -> int:
     return Piece(variable).nbytes
 
 
 def _flat(tensors: Sequence[tf.Tensor], dtype: tf.DType) -> tf.Tensor:
     return tf.concat([tf.zeros([0], dtype)] + [tf.reshape(t, [-1]) for t in tensors], axis=0)
-
-
-def _as_bytes(variable) -> tf.Tensor:
-    value = Piece(variable).read()
-    return tf.reshape(value if value.dtype.size == 1 else tf.bitcast(value, tf.uint8), [-1])
-
-
-def _from_bytes(data: tf.Tensor, variable) -> tf.Tensor:
-    dtype = tf.as_dtype(variable.dtype)
-    shape = list(variable.shape) + ([dtype.size] if dtype.size > 1 else [])
-    return tf.bitcast(tf.reshape(data, shape), dtype)
 
 
 class ShardedState:
@@ -198,7 +161,7 @@ class ShardedState:
         written: list = []
         for index, members in enumerate(rounds(sizes, self.owners, self.backend.num_workers())):
             with tf.control_dependencies(written):
-                mine = _flat([_as_bytes(self.variables[i])
+                mine = _flat([as_bytes(Piece(self.variables[i]).read())
                               for i in members[self.backend.rank()]], tf.uint8)
                 [pieces] = self.backend.gather_all([mine], f"{name}{index}")
                 for rank, (part, piece) in enumerate(zip(members, pieces)):
@@ -206,5 +169,5 @@ class ShardedState:
                         continue
                     for i, data in zip(part, tf.split(piece, [sizes[i] for i in part])):
                         written.append(Piece(self.variables[i]).write(
-                            _from_bytes(data, self.variables[i])))
+                            from_bytes(data, self.variables[i])))
         return written

@@ -16,7 +16,7 @@ from typing import Sequence
 import keras
 import tensorflow as tf
 
-from distaccum import comm, data, diagnosis, precision, shards, xla
+from distaccum import comm, data, diagnosis, precision, state, xla
 from distaccum.batch import BatchSizes
 from distaccum.controller import CadenceOptions, Controller
 from distaccum.history import Position
@@ -173,6 +173,7 @@ class Trainer:
         if getattr(model, "optimizer", None) is None:
             model.optimizer = self.optimizer  # where Keras callbacks (ReduceLROnPlateau) look
         backend = comm.current()
+        self.training_state: state.TrainingState | None = None  # made by `prepare`
         self._batch = BatchSizes(backend.num_workers(), global_batch_size=global_batch_size,
                                  micro_batch_size=micro_batch_size,
                                  accumulation_steps=accumulation_steps)
@@ -270,6 +271,14 @@ class Trainer:
                 "variables: give one that has not been built (or used) yet. Received: "
                 f"optimizer {self.optimizer.name!r}, built")
         self.optimizer.build(owned)
+        sharded = self._steps.sharded
+        if sharded is None:
+            self.training_state = state.TrainingState(self.model, self.optimizer,
+                                                      range(len(owned)))
+        else:
+            with comm.collective("the optimizer state's layout"):
+                self.training_state = state.TrainingState(self.model, self.optimizer,
+                                                          sharded.owned, self.backend)
         if self.metrics is not None:
             self.metrics.build(self.model, element_spec)
         self._steps.trace(data.unpack(element_spec), self.micro_batch_size)
@@ -285,14 +294,22 @@ class Trainer:
 
     @property
     def state_variables(self) -> list:
-        """Everything training changes: model variables (weights, layers' RNG states, statistics)
-        and optimizer variables (`iterations`, moments). What workers share and checkpoints hold.
-        With sharded optimizer state, what every worker holds the same: the model's variables
-        and the optimizer's that belong to no one variable (`shards.global_state`)."""
+        """What every worker holds alike, and rank 0's values of which it takes at start-up:
+        model variables (weights, layers' RNG states, statistics) and optimizer variables
+        (`iterations`, moments); with sharded optimizer state only those of the optimizer's
+        that belong to no one variable (`state.global_state`). Checkpoints hold
+        `training_state.entries()`."""
         if self._steps.sharded is None:
             return list(self.model.variables) + list(self.optimizer.variables)
-        return list(self.model.variables) + shards.global_state(
-            self.optimizer, self._steps.sharded.owned_variables)
+        return self.training_state.model_variables + self.training_state.global_variables
+
+    @property
+    def slot_transfer(self) -> state.SlotTransfer | None:
+        """With sharded optimizer state, what moves the other workers' state to and from the
+        chief's checkpoints; else None."""
+        if self._steps.sharded is None:
+            return None
+        return state.SlotTransfer(self.backend, self.training_state)
 
     def finalize_variable_values(self) -> None:
         """As Keras's `fit` ends: the optimizer's final values replace the weights (with

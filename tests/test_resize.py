@@ -136,6 +136,9 @@ RUNS = {
     "arrays": (["micro_batch_size=32", "global_batch_size=128"], 12, (5, 9, 17)),
 }
 STAGE_WORKERS = (4, 2, 1, 2)  # k = 1, 2, 4, 2
+# Each resume switches sharded optimizer state on or off as well: 4 workers sharded, 2 not, then
+# 2 sharded again (from the 1 worker's checkpoint, whose state the chief sends to its owners).
+STAGE_SHARDED = (True, False, False, True)
 SCHEDULE = ["lr_schedule=constant", "warmup_steps=0", "checkpoint_interval=5", "log_interval=5"]
 
 
@@ -207,11 +210,12 @@ def test_run_resized_4_2_1_2_at_mid_epoch_checkpoints_ends_as_the_uninterrupted_
     monkeypatch.chdir(REPO_ROOT)
     _uninterrupted(whole, keys + ["epochs=2"])
     texts = []
-    for stage, workers in enumerate(STAGE_WORKERS):
+    for stage, (workers, sharded) in enumerate(zip(STAGE_WORKERS, STAGE_SHARDED)):
         preempt = stage == 0 and launcher == "horovodrun"
         end = ["epochs=2"] if stage == len(stops) or preempt else [f"update_steps={stops[stage]}"]
         texts.append(_launch(launcher, backend, workers, tmp_path / f"dump-{stage}",
-                             keys + end + [f"logdir={resized}"],
+                             keys + end + [f"logdir={resized}",
+                                           f"shard_optimizer_state={str(sharded).lower()}"],
                              preempt_after=resized / "checkpoints" if preempt else None))
     assert f"{updates_per_epoch} updates per epoch" in texts[0], texts[0][-3000:]
     for before, after, text in zip(STAGE_WORKERS, STAGE_WORKERS[1:], texts[1:]):

@@ -83,15 +83,21 @@ def bounded_groups(variables: Sequence, limit: int | None = None) -> Iterator[li
     `limit` bytes (`GROUP_BYTES`) each, a larger variable alone. Whole: assigning ranges of rows
     into a variable, at start-up or in the update step, left 1–1.5 W more resident on Figure 4's
     Dense stack than assigning whole variables."""
+    return groups_by_size(list(map(Piece, variables)), lambda piece: piece.nbytes, limit)
+
+
+def groups_by_size(items: Sequence, size, limit: int | None = None) -> Iterator[list]:
+    """`items` in order, as consecutive groups whose `size(item)`s add up to at most `limit`
+    (`GROUP_BYTES`), a larger item alone."""
     limit = GROUP_BYTES if limit is None else limit
-    group: list[Piece] = []
-    size = 0
-    for piece in map(Piece, variables):
-        if group and size + piece.nbytes > limit:
+    group: list = []
+    total = 0
+    for item in items:
+        if group and total + size(item) > limit:
             yield group
-            group, size = [], 0
-        group.append(piece)
-        size += piece.nbytes
+            group, total = [], 0
+        group.append(item)
+        total += size(item)
     if group:
         yield group
 
@@ -102,3 +108,16 @@ def zero_in_place(variable) -> list:
     (in a graph, to wait for)."""
     return [piece.write(tf.zeros(piece.shape, piece.variable.dtype))
             for piece in pieces_of(variable)]
+
+
+def as_bytes(value: tf.Tensor) -> tf.Tensor:
+    """`value`'s bytes, uint8 `[-1]`: what a collective of any mix of dtypes sends."""
+    value = tf.convert_to_tensor(value)
+    return tf.reshape(value if value.dtype.size == 1 else tf.bitcast(value, tf.uint8), [-1])
+
+
+def from_bytes(data: tf.Tensor, variable) -> tf.Tensor:
+    """`as_bytes`' inverse: `data` as a value of `variable`'s shape and dtype."""
+    dtype = tf.as_dtype(variable.dtype)
+    shape = list(variable.shape) + ([dtype.size] if dtype.size > 1 else [])
+    return tf.bitcast(tf.reshape(data, shape), dtype)

@@ -1,0 +1,188 @@
+"""Training state in the order checkpoints hold it, the same whatever the worker count and
+whether the optimizer state is sharded: the model's variables, the optimizer's variables that
+belong to no one variable (`iterations`, a learning rate, a loss scale), then each trainable
+variable's optimizer state in turn (Adam: its momentum, then its velocity).
+
+A checkpoint written by 4 workers with sharded state therefore resumes on 1 worker without it,
+and the other way round. With sharded state the chief holds only its own share: what the others
+hold travels to it while it writes (`SlotTransfer.gather`) and back to their owners from the
+file it reads (`SlotTransfer.scatter`), a bounded group at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from distaccum import precision
+from distaccum.comm.pieces import as_bytes, groups_by_size
+
+_MAX_DIMS = 8  # of an optimizer variable, in the layout the workers exchange
+
+
+def slot_lists(optimizer, variables: Sequence) -> list[list]:
+    """The optimizer's state per variable, as every Keras optimizer keeps it: lists on the
+    optimizer (`_momentums`, Adafactor's `_r` and `_c`, the EMA's averages, ...) holding, for
+    each of the `variables` it was built on, in order, that variable's state (or None: Keras
+    makes none for a variable overwritten with its gradient). In the order the lists were made.
+    """
+    inner = precision.unscaled(optimizer)
+    state = {id(v) for v in optimizer.variables}
+    lists = []
+    for name, value in vars(inner).items():
+        if name in ("_variables", "_trainable_variables") or not isinstance(value, (list, tuple)):
+            continue
+        if (value and len(value) == len(variables) and any(v is not None for v in value)
+                and all(v is None or id(v) in state for v in value)):
+            lists.append(list(value))
+    return lists
+
+
+def global_state(optimizer, variables: Sequence) -> list:
+    """The optimizer's variables that belong to no one of `variables` (those it was built on),
+    in its order: the same on every worker, sharded or not."""
+    per_variable = {id(v) for slots in slot_lists(optimizer, variables) for v in slots}
+    return [v for v in optimizer.variables if id(v) not in per_variable]
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One optimizer variable that belongs to one trainable variable: the `position`-th of
+    trainable variable `variable`'s state, held by worker `owner`."""
+
+    variable: int
+    position: int
+    shape: tuple[int, ...]
+    dtype: str
+    owner: int
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
+@dataclass(frozen=True)
+class Elsewhere:
+    """A slot another worker holds: its place in a checkpoint, written from what travels
+    (`SlotTransfer.gather`) and read back for its owner (`SlotTransfer.scatter`)."""
+
+    slot: Slot
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.slot.shape
+
+    @property
+    def dtype(self) -> str:
+        return self.slot.dtype
+
+    @property
+    def path(self) -> str:
+        return f"optimizer state {self.slot.position} of trainable variable {self.slot.variable}"
+
+    def assign(self, value) -> None:
+        """Nothing here: the owner gets it from `SlotTransfer.scatter`."""
+
+
+class TrainingState:
+    """Owns the checkpoint order of one worker's training state, and which of it lives elsewhere.
+
+    Args:
+        model: the built model.
+        optimizer: the optimizer, built on `owned` of the model's trainable variables.
+        owned: the indices of those variables (all of them unless the state is sharded).
+        backend: with sharded state, the backend through which the workers tell each other
+            what they hold (`exchange_slots`, a collective); None when this worker holds all.
+    """
+
+    def __init__(self, model, optimizer, owned: Sequence[int], backend=None) -> None:
+        trainable = model.trainable_variables
+        mine = [trainable[i] for i in owned]
+        self.model_variables = list(model.variables)
+        self.global_variables = global_state(optimizer, mine)
+        self.local = {(owned[i], position): variable
+                      for i, per in enumerate(per_variable_state(optimizer, mine))
+                      for position, variable in enumerate(per)}
+        self.rank = 0 if backend is None else backend.rank()
+        slots = (local_slots(self.local, self.rank) if backend is None
+                 else exchange_slots(backend, self.local))
+        self.slots = sorted(slots, key=lambda s: (s.variable, s.position))
+
+    def entries(self) -> list:
+        """The checkpoint's arrays in order: variables this worker holds, `Elsewhere` for the
+        rest."""
+        return [*self.model_variables, *self.global_variables,
+                *(self.local[s.variable, s.position] if s.owner == self.rank else Elsewhere(s)
+                  for s in self.slots)]
+
+    def elsewhere(self) -> list[tuple[int, Slot]]:
+        """(index in `entries`, slot) of the slots other workers hold, in order."""
+        start = len(self.model_variables) + len(self.global_variables)
+        return [(start + i, s) for i, s in enumerate(self.slots) if s.owner != self.rank]
+
+
+def per_variable_state(optimizer, variables: Sequence) -> list[list]:
+    """Per variable, its optimizer variables in the order the optimizer's lists were made."""
+    lists = slot_lists(optimizer, variables)
+    return [[per[i] for per in lists if per[i] is not None] for i in range(len(variables))]
+
+
+def local_slots(local: dict, rank: int) -> list[Slot]:
+    return [Slot(i, position, tuple(v.shape), tf.as_dtype(v.dtype).name, rank)
+            for (i, position), v in local.items()]
+
+
+def exchange_slots(backend, local: dict) -> list[Slot]:
+    """Every worker's slots, on every worker: one gather of a row per slot (its variable,
+    position, dtype and shape), so that each knows the shapes it never built."""
+    rows = [[i, position, tf.as_dtype(v.dtype).as_datatype_enum, len(v.shape),
+             *v.shape, *[0] * (_MAX_DIMS - len(v.shape))] for (i, position), v in local.items()]
+    mine = tf.constant(np.array(rows, np.int32).reshape(-1, 4 + _MAX_DIMS))
+    [pieces] = backend.gather_all([mine], "slots")
+    return [Slot(int(r[0]), int(r[1]), tuple(int(d) for d in r[4:4 + r[3]]),
+                 tf.as_dtype(int(r[2])).name, owner)
+            for owner, piece in enumerate(pieces) for r in np.asarray(piece)]
+
+
+class SlotTransfer:
+    """Moves the slots workers other than the chief hold, in bounded groups, one collective
+    each: to the chief as it writes a checkpoint, and from the file it read to their owners.
+    Every worker runs the same groups in the same order."""
+
+    def __init__(self, backend, state: TrainingState) -> None:
+        self.backend = backend
+        self.state = state
+        self._travelling = [(i, s) for i, s in enumerate(state.slots) if s.owner != 0]
+
+    def gather(self) -> Iterator[dict[int, np.ndarray]]:
+        """Per group, on the chief, its arrays by index in `state.entries()` (every worker
+        runs the gathers; the others get them too and drop them)."""
+        start = len(self.state.model_variables) + len(self.state.global_variables)
+        for group in groups_by_size(self._travelling, lambda item: item[1].nbytes):
+            mine = [self.state.local[(s.variable, s.position)] for _, s in group
+                    if s.owner == self.state.rank]
+            data = tf.concat([tf.zeros([0], tf.uint8)] + [as_bytes(v) for v in mine], axis=0)
+            [pieces] = self.backend.gather_all([data], "checkpoint")
+            arrays = {}
+            for owner, piece in enumerate(pieces):
+                held = [(i, s) for i, s in group if s.owner == owner]
+                offsets = np.cumsum([0] + [s.nbytes for _, s in held])
+                raw = np.asarray(piece)
+                for (i, s), begin, end in zip(held, offsets, offsets[1:]):
+                    arrays[start + i] = raw[begin:end].view(s.dtype).reshape(s.shape)
+            yield arrays
+
+    def scatter(self, read) -> None:
+        """Each slot to its owner: `read(index)` gives the array at that index of the entries
+        (on the chief, from the checkpoint it restored; None elsewhere)."""
+        start = len(self.state.model_variables) + len(self.state.global_variables)
+        for group in groups_by_size(self._travelling, lambda item: item[1].nbytes):
+            values = [tf.constant(read(start + i)) if read is not None
+                      else tf.zeros(s.shape, s.dtype) for i, s in group]
+            for (_, s), value in zip(group, self.backend.broadcast_from_chief(values)):
+                if s.owner == self.state.rank:
+                    self.state.local[(s.variable, s.position)].assign(value)
+
