@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import keras
 import numpy as np
 import pytest
@@ -171,3 +173,30 @@ def test_resume_with_another_learning_rate_is_refused_naming_both(tmp_path):
     with pytest.raises(ConfigError, match=r"^learning_rate: .* written with "
                                           r"learning_rate=0.003.*Received: learning_rate=0.0001"):
         manager.restore_latest(_state(), {**SETTINGS, "learning_rate": 0.0001})
+
+
+def _as_format_1(path) -> None:
+    """Mark a checkpoint as the first format wrote it (model, then `optimizer.variables`)."""
+    meta_path = path / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "format": 1}))
+
+
+def test_format_1_checkpoint_restores_model_then_optimizer_variables_when_not_sharded(tmp_path):
+    manager = CheckpointManager(tmp_path)
+    saved = _state(seed=7)  # model, then optimizer.variables: the first format's order
+    _as_format_1(manager.save(Position(5, 1, 5), saved, SETTINGS))
+    target = _state(seed=8)
+    # In today's order the same variables would not fit: the first format's order is used.
+    restored = manager.restore_latest(target[::-1], SETTINGS, legacy=target)
+    assert restored.position == Position(5, 1, 5)
+    for got, expected in zip(_values(target), _values(saved)):
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_format_1_checkpoint_is_refused_naming_the_way_when_sharded(tmp_path):
+    manager = CheckpointManager(tmp_path)
+    _as_format_1(manager.save(Position(5, 1, 5), _state(), SETTINGS))
+    with pytest.raises(CheckpointError, match="format 1.*resume it once without, then switch "
+                                              "it on"):
+        manager.restore_latest(_state(), SETTINGS)

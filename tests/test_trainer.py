@@ -488,11 +488,18 @@ def _trainer(**overrides):
         ({"global_batch_size": 10, "micro_batch_size": 4, "accumulation_steps": None}, ValueError,
          "10 is not a whole number of micro-batches per worker .* Received: "
          "global_batch_size=10, num_workers=1, micro_batch_size=4"),
+        ({"shard_optimizer_state": "yes"}, TypeError, "shard_optimizer_state='yes'"),
+        ({"shard_optimizer_state": True,
+          "optimizer": keras.optimizers.Adam(global_clipnorm=1.0)}, ValueError,
+         "clip_global_norm instead. Received: global_clipnorm=1.0"),
+        ({"shard_optimizer_state": True, "allreduce_dtype": "bfloat16"}, ValueError,
+         "Received: allreduce_dtype='bfloat16'"),
     ],
     ids=["k_zero", "k_negative", "k_float", "k_string", "k_bool", "optimizer_name",
          "keras_accumulation", "loss_name", "loss_number", "clip_zero", "model_name",
          "allreduce_dtype", "global_batch_zero", "global_batch_and_k", "micro_batch_alone",
-         "global_batch_not_whole"],
+         "global_batch_not_whole", "sharded_not_bool", "sharded_keras_global_clip",
+         "sharded_narrow_sums"],
 )
 def test_constructor_names_bad_value_when_argument_is_invalid(overrides, error, message):
     with pytest.raises(error, match=message) as raised:
