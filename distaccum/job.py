@@ -166,8 +166,12 @@ def applied_training(trainer: Trainer) -> dict:
     compiled = compiled_arguments(trainer.model)
     metrics = [m for key in ("metrics", "weighted_metrics")
                for m in tf.nest.flatten(compiled.get(key) or [])]
+    shares = trainer.optimizer_state_shares
+    sharded = "" if shares is None else (
+        f", its state sharded over {len(shares)} workers (shares of the weights: "
+        f"{', '.join(f'{share:.0%}' for share in shares)})")
     return {
-        "optimizer": f"{type(optimizer).__name__} (learning rate {learning_rate})",
+        "optimizer": f"{type(optimizer).__name__} (learning rate {learning_rate}){sharded}",
         "loss": ", ".join(_loss_text(o) for o in trainer.objective.losses),
         "metrics": ", ".join(getattr(m, "name", None) or str(m) for m in metrics) or "none",
         "precision": trainer.model.dtype_policy.name,
@@ -208,12 +212,15 @@ def describe_start(config: TrainConfig, shape: BatchShape, updates_per_epoch, to
     ])
 
 
-def describe_end(result: JobResult) -> str:
+def describe_end(result: JobResult, sharded_state: bool = False) -> str:
     figures = [f"{result.update_steps} update steps", f"{result.samples_per_second:,.0f} samples/s"]
     figures += [f"validation {k} {v:.4f}" for k, v in loss_first(result.validation)]
+    uncompiled = (" uncompiled: its optimizer state was sharded over the workers, and the "
+                  f"checkpoints in {result.logdir / 'checkpoints'} hold it whole (run again with "
+                  "this logdir to continue)") if sharded_state else ""
     return "\n".join([
         f"distaccum: done: {', '.join(figures)}",
-        f"distaccum: model saved to {result.model_path}",
+        f"distaccum: model saved to {result.model_path}{uncompiled}",
         f"distaccum: view the logs with: tensorboard --logdir {result.logdir}",
     ])
 
@@ -343,6 +350,21 @@ def run(config: TrainConfig, stream: TextIO | None = None) -> JobResult:
     )
     if chief:
         writer.close()
-        trainer.model.save(result.model_path)
-        print(describe_end(result), file=stream, flush=True)
+        save_model(trainer, result.model_path)
+        print(describe_end(result, trainer.slot_transfer is not None), file=stream, flush=True)
     return result
+
+
+def save_model(trainer: Trainer, path: Path) -> None:
+    """`model.keras`, compiled with its optimizer state, so that `load_model` continues it; with
+    sharded optimizer state, uncompiled: the chief holds only its share of that state, which
+    Keras would find short of the model's variables and drop with a warning at every load."""
+    model = trainer.model
+    if trainer.slot_transfer is None:
+        model.save(path)
+        return
+    compiled, model.compiled = model.compiled, False
+    try:
+        model.save(path)
+    finally:
+        model.compiled = compiled

@@ -304,6 +304,15 @@ class Trainer:
         return self.training_state.model_variables + self.training_state.global_variables
 
     @property
+    def optimizer_state_shares(self) -> list[float] | None:
+        """With sharded optimizer state, per rank the share of the trainable weights (in bytes)
+        whose optimizer state it keeps; else None."""
+        if self._steps.sharded is None:
+            return None
+        owned = self._steps.sharded.owned_bytes()
+        return [b / sum(owned) for b in owned]
+
+    @property
     def slot_transfer(self) -> state.SlotTransfer | None:
         """With sharded optimizer state, what moves the other workers' state to and from the
         chief's checkpoints; else None."""
