@@ -79,9 +79,10 @@ def _worker_script():
 TEXT = _worker_script()
 LAUNCHES = {
     "horovodrun": ("horovodrun", ("rows", "dense", "rows-xla", "rows-float16", "rows-mixed",
-                                  "dense-mixed"),
+                                  "dense-mixed", "rows-sharded-mixed"),
                    {"HOROVOD_TIMELINE": "DYNAMIC"}),
-    "mpirun-mpi4py": ("mpirun", ("rows", "dense", "rows-xla", "rows-bfloat16"),
+    "mpirun-mpi4py": ("mpirun", ("rows", "dense", "rows-xla", "rows-bfloat16", "rows-sharded",
+                                 "dense-sharded"),
                       {"DISTACCUM_BACKEND": "mpi"}),
 }
 ROUND_OFF = {"float16": 2.0**-11, "bfloat16": 2.0**-8}
@@ -220,3 +221,28 @@ def test_rows_of_two_normalisers_under_mixed_precision_are_one_group_and_the_den
                 .items() if name.startswith("HorovodGroupedAllgather")}
     assert len(gathered) == 3
     assert {c["ALLGATHER"] for c in gathered.values()} == {updates - 1}
+
+
+@pytest.mark.multiworker
+@pytest.mark.rounding
+@pytest.mark.parametrize("launch, run", [("horovodrun", "rows-sharded-mixed"),
+                                         ("mpirun-mpi4py", "rows-sharded"),
+                                         ("mpirun-mpi4py", "dense-sharded")])
+def test_sharded_optimizer_state_takes_the_unsharded_steps_with_rows_and_loss_scaling(
+        text_runs, launch, run):
+    """The row exchange and loss scaling under sharded state: the same updates, none skipped
+    where the unsharded run applied, within round-off (the clipping norm adds the shards'
+    partial sums in another order)."""
+    directory = text_runs[launch]
+    got, whole = _ranks(directory / run), _ranks(directory / run.replace("-sharded", ""))
+    updates = int(whole[0]["iterations"])
+    for saved in got:
+        assert int(saved["iterations"]) == updates > 1
+        scenarios.assert_weights_close(_weights(saved), _weights(whole[0]))
+    for index in range(3):
+        np.testing.assert_array_equal(got[0][f"arr_{index}"], got[1][f"arr_{index}"])
+    if run == "rows-sharded":
+        # Rows after the first update, beside each update's weights; the final weights, and
+        # at start-up what each worker's optimizer state holds (`state.exchange_slots`).
+        assert int(got[0]["allgathers"]) == (updates - 1) + updates + 2
+        assert int(got[0]["reducescatters"]) == updates

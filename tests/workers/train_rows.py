@@ -2,7 +2,7 @@
 trained once per run named on the command line, each from the same start.
 
 A run's name is `rows` or `dense` (`row_exchange` on or off), then optionally `-<dtype>` (the
-allreduce dtype), `-xla`, and `-mixed`: under `mixed_float16`, with sample weights under
+allreduce dtype), `-xla`, `-sharded` (`shard_optimizer_state`), and `-mixed`: under `mixed_float16`, with sample weights under
 `mean_with_sample_weight` (divided by their sum) and an activity regularizer on the pooled
 embedding (divided by the sample count), so the objective has two normalisers and the embedding
 two sparse sums. Each rank saves OUT/<run>/rank<r>.npz: final weights, optimizer
@@ -88,8 +88,9 @@ def main() -> None:
                 from_logits=True, reduction="mean_with_sample_weight" if mixed else
                 "sum_over_batch_size"),
             accumulation_steps=K, clip_global_norm=CLIP, row_exchange=exchange == "rows",
-            allreduce_dtype=next((o for o in options if o not in ("xla", "mixed")), "float32"),
-            jit_compile="xla" in options)
+            allreduce_dtype=next((o for o in options if o not in ("xla", "mixed", "sharded")),
+                                 "float32"),
+            jit_compile="xla" in options, shard_optimizer_state="sharded" in options)
         assert trainer.jit_compile == ("xla" in options), "XLA fell back"
         data = (tokens, labels, weights) if mixed else (tokens, labels)
         trainer.fit(tf.data.Dataset.from_tensor_slices(data).batch(MICRO_BATCH_SIZE),
