@@ -317,12 +317,15 @@ def memory_per_parameter(args) -> None:
         model.fit(x, y, batch_size=args.global_batch, epochs=1, verbose=0, shuffle=False)
         accumulation_steps = None
     else:
-        trainer = distaccum.Trainer.from_compiled(model, global_batch_size=args.global_batch)
-        checkpoints = CheckpointManager(args.out / f"checkpoints{distaccum.rank()}")
+        trainer = distaccum.Trainer.from_compiled(
+            model, global_batch_size=args.global_batch,
+            shard_optimizer_state=args.mode == "distaccum-sharded")
+        checkpoints = CheckpointManager(args.out / "checkpoints")
 
         def save_checkpoint(position):
-            if distaccum.is_chief():
-                checkpoints.save(position, trainer.state_variables, {})
+            checkpoints.save_from_every_worker(position, trainer.training_state, {},
+                                               chief=distaccum.is_chief(),
+                                               transfer=trainer.slot_transfer)
 
         trainer.fit(distaccum.micro_batches((x, y), args.micro_batch), epochs=1,
                     log_interval=10**9, save_checkpoint=save_checkpoint)
@@ -603,8 +606,8 @@ def parse_arguments() -> argparse.Namespace:
     figures["memory"].add_argument("--mode", choices=("accumulate", "direct"), required=True)
     for option in ("--micro-batch", "--accumulation-steps", "--conv-layers", "--conv-filters"):
         figures["memory"].add_argument(option, type=positive_int, required=True)
-    figures["memory-per-parameter"].add_argument("--mode", choices=("keras", "distaccum"),
-                                                 required=True)
+    figures["memory-per-parameter"].add_argument(
+        "--mode", choices=("keras", "distaccum", "distaccum-sharded"), required=True)
     for option in ("--width", "--layers", "--global-batch", "--updates"):
         figures["memory-per-parameter"].add_argument(option, type=positive_int, required=True)
     figures["memory-per-parameter"].add_argument("--model", choices=tuple(MODELS),

@@ -10,6 +10,7 @@ fails its checksum and the previous checkpoint is used instead, with a warning.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -22,6 +23,7 @@ from typing import Iterator
 
 import numpy as np
 
+from distaccum import comm
 from distaccum.comm.pieces import pieces_of
 from distaccum.config import ConfigError
 from distaccum.history import Position
@@ -130,6 +132,23 @@ class CheckpointManager:
         for old in self.checkpoints()[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         return final
+
+    def save_from_every_worker(self, position: Position, state, settings: dict, *,
+                               chief: bool, transfer=None) -> None:
+        """`save`, called on every worker: the chief writes `state` (`state.TrainingState`);
+        with sharded optimizer state (`transfer`, a `state.SlotTransfer`) every worker sends it
+        its share meanwhile. A failed write (a full disk) warns, and training goes on to try
+        again at the next checkpoint; every worker still runs every group's collective."""
+        groups = transfer.gather() if transfer is not None else iter(())
+        with (comm.collective(f"the checkpoint at update step {position.update_step}")
+              if transfer is not None else contextlib.nullcontext()):
+            if chief:
+                try:
+                    self.save(position, state.entries(), settings, groups)
+                except CheckpointError as error:
+                    print(f"distaccum: warning: {error}", file=sys.stderr, flush=True)
+            for _ in groups:  # what a failed write left, and every group on the other workers
+                pass
 
     @staticmethod
     def _write(staging: Path, position: Position, variables: list, settings: dict,

@@ -7,7 +7,6 @@ logs, checkpoints and the trained model (chief only), and reports.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 from dataclasses import dataclass
@@ -302,18 +301,8 @@ def run(config: TrainConfig, stream: TextIO | None = None) -> JobResult:
     device_codes = comm.gather_device_codes()
 
     def save_checkpoint(position: Position) -> None:
-        transfer = trainer.slot_transfer
-        with comm.collective(f"the checkpoint at update step {position.update_step}") \
-                if transfer else contextlib.nullcontext():
-            # With sharded state every worker sends the chief its share as it writes.
-            groups = transfer.gather() if transfer else iter(())
-            if chief:
-                try:
-                    manager.save(position, trainer.training_state.entries(), settings, groups)
-                except CheckpointError as error:  # a full disk: train on, try at the next one
-                    print(f"distaccum: warning: {error}", file=sys.stderr, flush=True)
-            for _ in groups:  # what a failed write left, and every group on the others
-                pass
+        manager.save_from_every_worker(position, trainer.training_state, settings, chief=chief,
+                                       transfer=trainer.slot_transfer)
 
     callbacks = []
     if chief:

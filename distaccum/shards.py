@@ -27,7 +27,7 @@ from typing import Sequence
 
 import tensorflow as tf
 
-from distaccum.comm.pieces import GROUP_BYTES, Piece, as_bytes, from_bytes
+from distaccum.comm.pieces import GROUP_BYTES, Piece, as_bytes, copy_into, from_bytes
 
 
 def owners(sizes: Sequence[int], num_workers: int) -> list[int]:
@@ -48,21 +48,23 @@ def owners(sizes: Sequence[int], num_workers: int) -> list[int]:
 def rounds(sizes: Sequence[int], owner: Sequence[int], num_workers: int,
            limit: int = GROUP_BYTES) -> list[list[list[int]]]:
     """The collectives of a reduce-scatter or an allgather: per round, per rank, the indices (into
-    `sizes`, in order) of the variables whose sums or weights that rank's segment holds. A
-    segment holds about `limit / num_workers` bytes, or one larger variable, beside which the
-    other ranks fill theirs up to its size (Horovod pads every segment to the longest)."""
+    `sizes`, in order) of the variables whose sums or weights that rank's segment holds. The
+    ranks take their next variables in turn while the round holds at most `limit` bytes (one
+    larger variable goes alone): what a round copies stays that small, as the allreduce's
+    groups do."""
     queues = [collections.deque(i for i in range(len(sizes)) if owner[i] == rank)
               for rank in range(num_workers)]
     plan = []
     while any(queues):
-        target = max([limit // num_workers] + [sizes[queue[0]] for queue in queues if queue])
-        members = []
-        for queue in queues:
-            taken, size = [], 0
-            while queue and size + sizes[queue[0]] <= target:
-                size += sizes[queue[0]]
-                taken.append(queue.popleft())
-            members.append(taken)
+        members: list[list[int]] = [[] for _ in range(num_workers)]
+        total, taking = 0, True
+        while taking:
+            taking = False
+            for part, queue in zip(members, queues):
+                if queue and (total == 0 or total + sizes[queue[0]] <= limit):
+                    total += sizes[queue[0]]
+                    part.append(queue.popleft())
+                    taking = True
         plan.append(members)
     return plan
 
@@ -71,8 +73,8 @@ def _nbytes(variable) -> int:
     return Piece(variable).nbytes
 
 
-def _flat(tensors: Sequence[tf.Tensor], dtype: tf.DType) -> tf.Tensor:
-    return tf.concat([tf.zeros([0], dtype)] + [tf.reshape(t, [-1]) for t in tensors], axis=0)
+def _flat(tensors: Sequence[tf.Tensor]) -> tf.Tensor:
+    return tf.concat([tf.zeros([0])] + [tf.reshape(t, [-1]) for t in tensors], axis=0)
 
 
 class ShardedState:
@@ -124,7 +126,7 @@ class ShardedState:
         next window), one reduce-scatter per round; `others` summed on every worker. In a graph.
         """
         sizes = [s.shape.num_elements() for s in sums]
-        extra = _flat([tf.cast(t, tf.float32) for t in others], tf.float32)
+        extra = _flat([tf.cast(t, tf.float32) for t in others])
         plan = rounds([4 * size for size in sizes], [self._sum_owners[id(s)] for s in sums],
                       self.backend.num_workers())
         written: list = []
@@ -132,14 +134,16 @@ class ShardedState:
         for index, members in enumerate(plan or [[[]] * self.backend.num_workers()]):
             riders = [extra] if index == 0 else []
             with tf.control_dependencies(written):
-                segments = [_flat([sums[i].read_value() for i in part] + riders, tf.float32)
+                segments = [_flat([sums[i].read_value() for i in part] + riders)
                             for part in members]
                 mine = self.backend.reduce_scatter(segments, f"{name}{index}")
                 own = members[self.backend.rank()]
                 counts = [sizes[i] for i in own] + [extra.shape.num_elements()] * len(riders)
                 values = tf.split(mine, counts) if counts else []
-                written += [sums[i].assign(tf.reshape(v, sums[i].shape), read_value=False)
-                            for i, v in zip(own, values)]
+                # The collective too: a rank with nothing of its own in this round must still
+                # run it (Horovod's ops are not stateful: unused, they are pruned).
+                written += [mine] + [copy_into(sums[i], tf.reshape(v, sums[i].shape))
+                                     for i, v in zip(own, values)]
             if riders:
                 reduced_extra = values[-1]
         with tf.control_dependencies(written):
@@ -149,25 +153,32 @@ class ShardedState:
     def global_norm(self, gradients: Sequence[tf.Tensor]) -> tf.Tensor:
         """The norm of the whole gradient, from this worker's share of it (`gradients`, those
         of its variables): the shards' sums of squares, summed over workers."""
-        partial = tf.add_n([tf.zeros([])] + [tf.reduce_sum(tf.square(tf.cast(g, tf.float32)))
+        # l2_loss is half the sum of squares, in one kernel: no squared copy of a gradient.
+        partial = tf.add_n([tf.zeros([])] + [2.0 * tf.nn.l2_loss(tf.cast(g, tf.float32))
                                             for g in gradients])
         [total] = self.backend.sum_all([tf.reshape(partial, [1])], "norm")
         return tf.sqrt(total[0])
 
     def share_weights(self, name: str = "weights") -> list:
         """Every owner's values of its variables on every worker: one allgather per round, each
-        written before the next travels. Returns the writes (in a graph, to wait for)."""
-        sizes = [_nbytes(v) for v in self.variables]
+        written before the next travels. Returns the writes (in a graph, to wait for).
+
+        Each variable travels as a tensor of its own (its owner's bytes, nothing from the
+        others), so that each result is a buffer of that variable's size: a variable written
+        from a slice of one buffer for the whole round kept all of that buffer alive (1.3 W more
+        on Figure 4's Dense stack)."""
+        rank = self.backend.rank()
         written: list = []
-        for index, members in enumerate(rounds(sizes, self.owners, self.backend.num_workers())):
+        for index, members in enumerate(rounds([_nbytes(v) for v in self.variables],
+                                               self.owners, self.backend.num_workers())):
+            travelling = [i for part in members for i in part]
             with tf.control_dependencies(written):
-                mine = _flat([as_bytes(Piece(self.variables[i]).read())
-                              for i in members[self.backend.rank()]], tf.uint8)
-                [pieces] = self.backend.gather_all([mine], f"{name}{index}")
-                for rank, (part, piece) in enumerate(zip(members, pieces)):
-                    if rank == self.backend.rank() or not part:
-                        continue
-                    for i, data in zip(part, tf.split(piece, [sizes[i] for i in part])):
-                        written.append(Piece(self.variables[i]).write(
-                            from_bytes(data, self.variables[i])))
+                mine = [as_bytes(Piece(self.variables[i]).read()) if self.owners[i] == rank
+                        else tf.zeros([0], tf.uint8) for i in travelling]
+                gathered = self.backend.gather_all(mine, f"{name}{index}")
+                # The collective too, run even where all it brings is this rank's own.
+                written.append(gathered[0][0])
+                written += [copy_into(self.variables[i],
+                                      from_bytes(pieces[self.owners[i]], self.variables[i]))
+                            for i, pieces in zip(travelling, gathered) if self.owners[i] != rank]
         return written

@@ -56,6 +56,7 @@ def test_every_backend_meets_the_collective_contract_when_ranks_give_different_v
         np.testing.assert_array_equal(got["gathered_rows"], np.arange(1, workers + 1))
         np.testing.assert_array_equal(
             got["gathered"], np.concatenate([[r + 1.0] * 2 * (r + 1) for r in range(workers)]))
+        np.testing.assert_array_equal(got["scattered"], [2 * total] * rank)
         np.testing.assert_array_equal(got["broadcast_vector"], [1.0] * 3)
         np.testing.assert_array_equal(got["broadcast_int"], [[0, 0]])
         np.testing.assert_array_equal(got["in_place_table"],

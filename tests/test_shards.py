@@ -37,9 +37,10 @@ def test_rounds_cover_each_variable_once_with_its_owner_within_the_bound():
         for rank, part in enumerate(members):
             assert all(owner[i] == rank for i in part)
             assert part == sorted(part)
-        # A segment holds at most a share of the bound, or its round's one larger variable.
-        target = max([16] + [sizes[part[0]] for part in members if part])
-        assert all(sum(sizes[i] for i in part) <= target for part in members)
+        # A round holds at most the bound, or one larger variable alone.
+        held = [i for part in members for i in part]
+        assert sum(sizes[i] for i in held) <= 32 or len(held) == 1
+    assert [len(members[0]) + len(members[1]) for members in plan] == [1, 1, 1, 2, 1, 2]
 
 
 class _Workers:

@@ -70,6 +70,21 @@ class HorovodBackend:
 
         hvd.init()
         self._hvd = hvd
+        self._scratch = tf.Variable(0.0, trainable=False)  # what `_kept` writes
+
+    def _kept(self, result: tf.Tensor) -> tf.Tensor:
+        """`result`, with its collective kept in the graph even where nothing reads it.
+
+        Horovod's ops are not stateful, so TensorFlow's graph optimiser turns one whose result is
+        only waited for (sharded state's rounds where this rank owns nothing) into a no-op, on
+        that rank alone, and the others wait for it forever. An assignment (stateful, so always
+        run) of one of its values keeps it."""
+        if tf.executing_eagerly():
+            return result
+        kept = self._scratch.assign(tf.reduce_sum(tf.cast(tf.reshape(result, [-1])[:1],
+                                                          tf.float32)))
+        with tf.control_dependencies([kept]):
+            return tf.identity(result)
 
     def num_workers(self) -> int:
         return self._hvd.size()
@@ -106,6 +121,7 @@ class HorovodBackend:
             [counts, *tensors], ignore_name_scope=True,
             name=(f"HorovodGroupedAllgather_distaccum_{name}_"
                   f"{_signature(tensors, first_axis=False)}"))
+        gathered[0] = self._kept(gathered[0])
         all_counts = tf.bitcast(tf.reshape(gathered[0], [self.num_workers(), len(tensors), -1])
                                 if dtype.size < 4 else gathered[0], tf.int32)
         all_counts = tf.reshape(all_counts, [self.num_workers(), len(tensors)])
@@ -122,7 +138,7 @@ class HorovodBackend:
         result = self._hvd.reducescatter(
             tf.concat(padded, axis=0), op=self._hvd.Sum, ignore_name_scope=True,
             name=f"HorovodReducescatter_distaccum_{name}_{_signature(segments)}")
-        return result[:sizes[self.rank()]]
+        return self._kept(result)[:sizes[self.rank()]]
 
     def broadcast_from_chief(self, tensors: Sequence[tf.Tensor]) -> list[tf.Tensor]:
         # One broadcast per dtype of all values flattened together: start-up pays one collective

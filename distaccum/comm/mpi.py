@@ -182,16 +182,18 @@ class MPIBackend:
                                       self._mpi.BYTE])
         self.collective_counts["allgather"] += 1
         self.collective_bytes["allgather"] += counts.nbytes + mine.nbytes
-        # Each worker's part holds its tensors one after the other: regroup them by tensor.
+        # Each worker's part holds its tensors one after the other: regroup them by tensor (a
+        # tensor only one worker sent, as sharded weights are, is a view: no copy of it).
         starts = np.cumsum(totals) - totals
         pieces = [[] for _ in arrays]
         for worker, start in enumerate(starts):
             for i, size in enumerate(sizes[worker]):
                 pieces[i].append(received[start:start + size])
                 start += size
+        wholes = [[part for part in parts if part.size] or parts[:1] for parts in pieces]
         return [all_counts] + [
-            np.concatenate(parts).view(a.dtype).reshape(-1, *a.shape[1:])
-            for parts, a in zip(pieces, arrays)]
+            (parts[0] if len(parts) == 1 else np.concatenate(parts)).view(a.dtype)
+            .reshape(-1, *a.shape[1:]) for parts, a in zip(wholes, arrays)]
 
     def broadcast_from_chief(self, tensors: Sequence[tf.Tensor]) -> list[tf.Tensor]:
         # Eager (start-up only): every value's bytes in one `Bcast` into one buffer, whose views

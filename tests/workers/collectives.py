@@ -29,6 +29,16 @@ def run(backend) -> dict[str, np.ndarray]:
     rows = tf.fill([r + 1, 2], one)
     gathered = tf.function(lambda: backend.gather_all([rows], "contract"))()
     broadcast = backend.broadcast_from_chief([vector, tf.constant([[r, -r]], tf.int64)])
+    # Rank q's segment holds q values (rank 0's none). The first reduce-scatter is only waited
+    # for, as a round of sharded state's is: every rank must run it all the same.
+    segments = [tf.fill([q], one) for q in range(backend.num_workers())]
+
+    def waited_for():
+        first = backend.reduce_scatter(segments, "contract_waited_for")
+        with tf.control_dependencies([first]):
+            return backend.reduce_scatter([2 * s for s in segments], "contract")
+
+    scattered = tf.function(waited_for)()
     # In place, in groups: 16-byte groups put each variable in a group of its own.
     pieces.GROUP_BYTES = 16
     table, scalar = tf.Variable(tf.reshape(tf.range(10.0), [5, 2]) * one), tf.Variable(one)
@@ -43,6 +53,7 @@ def run(backend) -> dict[str, np.ndarray]:
         "max": backend.max_all(tf.constant([one, -one])).numpy(),
         "gathered": np.concatenate([piece.numpy().reshape(-1) for piece in gathered[0]]),
         "gathered_rows": np.array([int(piece.shape[0]) for piece in gathered[0]]),
+        "scattered": scattered.numpy(),
         "broadcast_vector": broadcast[0].numpy(), "broadcast_int": broadcast[1].numpy(),
         "in_place_table": table.numpy(), "in_place_scalar": scalar.numpy(),
         "in_place_others": others[0].numpy(),
