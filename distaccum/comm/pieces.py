@@ -65,20 +65,6 @@ class Piece:
         return target[slice(*self.rows)].assign(value)
 
 
-def copy_into(variable, value) -> tf.Tensor:
-    """Assign `value` to the whole of `variable` in a graph, copied into the variable's own
-    memory; returns what to wait for.
-
-    An assignment adopts its value's buffer when nothing else holds it. A collective's result
-    lives outside TensorFlow's allocator (numpy's, on the mpi4py backend) or in a buffer it
-    shares: adopted, it stays resident beside the variable's old buffer, which TensorFlow's
-    pool keeps (measured: 0.3–0.5 W on Figure 4's Dense stack under sharded state). Reading
-    `value` once more after the assignment holds it, so the assignment copies instead."""
-    assigned = Piece(variable).write(value)
-    with tf.control_dependencies([assigned]):
-        return tf.reshape(value, [-1])[:1]
-
-
 def pieces_of(variable, limit: int | None = None) -> list[Piece]:
     """`variable` whole, or, when it holds more than `limit` bytes (`GROUP_BYTES`), as ranges
     of its rows of at most `limit` bytes each (at least one row)."""
