@@ -74,7 +74,9 @@ def _nbytes(variable) -> int:
 
 
 def _flat(tensors: Sequence[tf.Tensor]) -> tf.Tensor:
-    return tf.concat([tf.zeros([0])] + [tf.reshape(t, [-1]) for t in tensors], axis=0)
+    """`tensors` as one float32 vector; one tensor is only reshaped (no copy of a large one)."""
+    flat = [tf.reshape(t, [-1]) for t in tensors]
+    return flat[0] if len(flat) == 1 else tf.concat([tf.zeros([0])] + flat, axis=0)
 
 
 class ShardedState:

@@ -145,8 +145,10 @@ class MPIBackend:
             self.collective_bytes["reducescatter"] += buffer.nbytes
             return result
 
-        result = tf.numpy_function(scatter, [tf.concat(list(segments), axis=0)], tf.float32,
-                                   stateful=True)
+        # A round of one large variable has one segment that is not empty: it is the buffer.
+        filled = [s for s, size in zip(segments, sizes) if size]
+        buffer = filled[0] if len(filled) == 1 else tf.concat(list(segments), axis=0)
+        result = tf.numpy_function(scatter, [buffer], tf.float32, stateful=True)
         result.set_shape([mine])
         return result
 
@@ -174,8 +176,8 @@ class MPIBackend:
         row_bytes = np.array([a.dtype.itemsize * int(np.prod(a.shape[1:])) for a in arrays],
                              np.int64)
         sizes = all_counts.astype(np.int64) * row_bytes  # [worker, tensor] bytes
-        mine = np.concatenate([a.reshape(-1).view(np.uint8) for a in arrays] + [
-            np.zeros(0, np.uint8)])
+        mine = [a.reshape(-1).view(np.uint8) for a in arrays if a.size]
+        mine = mine[0] if len(mine) == 1 else np.concatenate(mine + [np.zeros(0, np.uint8)])
         received = np.empty(int(sizes.sum()), np.uint8)
         totals = sizes.sum(axis=1)
         self._world.Allgatherv(mine, [received, totals, np.cumsum(totals) - totals,
