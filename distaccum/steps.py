@@ -356,7 +356,8 @@ class WindowSteps:
         gradients = [tf.cast(g, v.dtype) for g, v in zip(gradients, variables)]
         gradient_norm = (tf.linalg.global_norm(gradients) if self.sharded is None
                          else self.sharded.global_norm(gradients))
-        # Decided on reduced values, hence identically on every worker: no extra collective. The
+        # Decided on reduced values, hence identically on every worker: no extra collective (but
+        # the sharded norm's sum of the shards' squares, which every worker gets alike). The
         # norm is NaN or Inf when any element is (or when it overflows float32, a gradient no
         # update should apply): one pass over the gradient serves the log, clipping and this.
         finite = tf.math.is_finite(gradient_norm) & tf.math.is_finite(window_loss)

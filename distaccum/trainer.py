@@ -242,7 +242,9 @@ class Trainer:
         the votes. With the row exchange (sparse gradients), also each sparse sum's touched rows;
         an update that sends rows allreduces all this but the sparse sums (see `rows`).
 
-        (0, 0) with one worker, where the single-process backend communicates nothing.
+        (0, 0) with one worker, where the single-process backend communicates nothing. With
+        sharded optimizer state the same sums are reduce-scattered instead, and the new weights
+        allgathered (`shards`).
         """
         return self._steps.allreduce_per_update()
 
