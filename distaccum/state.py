@@ -118,11 +118,6 @@ class TrainingState:
                 *(self.local[s.variable, s.position] if s.owner == self.rank else Elsewhere(s)
                   for s in self.slots)]
 
-    def elsewhere(self) -> list[tuple[int, Slot]]:
-        """(index in `entries`, slot) of the slots other workers hold, in order."""
-        start = len(self.model_variables) + len(self.global_variables)
-        return [(start + i, s) for i, s in enumerate(self.slots) if s.owner != self.rank]
-
 
 def per_variable_state(optimizer, variables: Sequence) -> list[list]:
     """Per variable, its optimizer variables in the order the optimizer's lists were made."""
