@@ -179,8 +179,10 @@ class ShardedState:
                         else tf.zeros([0], tf.uint8) for i in travelling]
                 gathered = self.backend.gather_all(mine, f"{name}{index}")
                 # The collective too: the next round waits for it where all it brings is this
-                # rank's own.
-                written.append(gathered[0][0])
+                # rank's own (in a graph; eagerly it has run, and holding it would keep every
+                # round's buffer).
+                if not tf.executing_eagerly():
+                    written.append(gathered[0][0])
                 written += [Piece(self.variables[i]).write(
                                 from_bytes(pieces[self.owners[i]], self.variables[i]))
                             for i, pieces in zip(travelling, gathered) if self.owners[i] != rank]

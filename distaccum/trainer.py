@@ -327,7 +327,8 @@ class Trainer:
         `use_ema`, the moving averages), on every worker; with sharded state each owner
         replaces its own and shares them."""
         self.optimizer.finalize_variable_values(self._steps.owned_variables())
-        if self._steps.sharded is not None:
+        # Keras replaces weights only with use_ema: otherwise every worker holds them already.
+        if self._steps.sharded is not None and precision.unscaled(self.optimizer).use_ema:
             with comm.collective("the final weights' allgather"):
                 self._steps.sharded.share_weights("final_weights")
 

@@ -119,14 +119,16 @@ def test_resume_with_another_global_batch_exits_2_naming_the_one_to_set(train, t
                 "divide it)" in err and "Received: global_batch_size=32" in err), err
 
 
-# --- real workers: 4 -> 2 -> 1 -> 2 -------------------------------------------------------------
+# --- real workers: 2 -> 4 -> 2 -> 1 -------------------------------------------------------------
 
 RECORD_SIZES = (0, 300, 37, 200, 1, 92)  # test_recordfiles' files: 630 records
-# (launcher, backend, data): each chain resizes 4 -> 2 -> 1 -> 2 workers at mid-epoch
-# checkpoints; in the horovodrun chain a SIGTERM ends the first stage, as a preemption would.
+# (launcher, backend, data, each stage's sharded optimizer state): each chain resizes 2 -> 4 -> 2
+# -> 1 workers at mid-epoch checkpoints; in the horovodrun chain a SIGTERM ends the first stage,
+# as a preemption would. Sharded state resumes from 2 workers onto 4 (switched off in one chain,
+# kept in the other, which re-shards it) and onto 1, and is switched on again from 4 workers.
 CHAINS = {
-    "mpirun-records": ("mpirun", "mpi", "records"),
-    "horovodrun-arrays": ("horovodrun", "horovod", "arrays"),
+    "mpirun-records": ("mpirun", "mpi", "records", (True, False, True, False)),
+    "horovodrun-arrays": ("horovodrun", "horovod", "arrays", (True, True, False, False)),
 }
 # Per data: its keys, updates per epoch (2 epochs in all), where the first 3 stages stop.
 # A constant learning rate: a stage's `update_steps` would otherwise be a cosine's length.
@@ -135,10 +137,7 @@ RUNS = {
                 40, (10, 30, 50)),
     "arrays": (["micro_batch_size=32", "global_batch_size=128"], 12, (5, 9, 17)),
 }
-STAGE_WORKERS = (4, 2, 1, 2)  # k = 1, 2, 4, 2
-# Each resume switches sharded optimizer state on or off as well: 4 workers sharded, 2 not, then
-# 2 sharded again (from the 1 worker's checkpoint, whose state the chief sends to its owners).
-STAGE_SHARDED = (True, False, False, True)
+STAGE_WORKERS = (2, 4, 2, 1)  # k = 2, 1, 2, 4
 SCHEDULE = ["lr_schedule=constant", "warmup_steps=0", "checkpoint_interval=5", "log_interval=5"]
 
 
@@ -201,16 +200,16 @@ def record_glob(tmp_path_factory) -> str:
 @pytest.mark.rounding
 @pytest.mark.multiworker
 @pytest.mark.parametrize("chain", list(CHAINS))
-def test_run_resized_4_2_1_2_at_mid_epoch_checkpoints_ends_as_the_uninterrupted_run(
+def test_run_resized_2_4_2_1_at_mid_epoch_checkpoints_ends_as_the_uninterrupted_run(
         chain, tmp_path, record_glob, monkeypatch):
-    launcher, backend, kind = CHAINS[chain]
+    launcher, backend, kind, stage_sharded = CHAINS[chain]
     keys, updates_per_epoch, stops = RUNS[kind]
     keys = keys + SCHEDULE + ([f"dataset={record_glob}"] if kind == "records" else [])
     whole, resized = tmp_path / "whole", tmp_path / "resized"
     monkeypatch.chdir(REPO_ROOT)
     _uninterrupted(whole, keys + ["epochs=2"])
     texts = []
-    for stage, (workers, sharded) in enumerate(zip(STAGE_WORKERS, STAGE_SHARDED)):
+    for stage, (workers, sharded) in enumerate(zip(STAGE_WORKERS, stage_sharded)):
         preempt = stage == 0 and launcher == "horovodrun"
         end = ["epochs=2"] if stage == len(stops) or preempt else [f"update_steps={stops[stage]}"]
         texts.append(_launch(launcher, backend, workers, tmp_path / f"dump-{stage}",

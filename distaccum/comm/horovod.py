@@ -129,16 +129,19 @@ class HorovodBackend:
                 for i, whole in enumerate(gathered[1:])]
 
     def reduce_scatter(self, segments: Sequence[tf.Tensor], name: str) -> tf.Tensor:
-        # Horovod's reducescatter gives each rank an equal share of the first axis: every
-        # segment is padded to the longest, and this rank's result cut back to its own size.
+        # An alltoall (each rank's segment straight to that rank), then this rank's sum of
+        # what it received. Horovod's own reducescatter splits the first axis equally: every
+        # segment padded to the longest, sent in every round (a round of one rank's variable
+        # sends N times its bytes), copied again into a buffer of its own, and it kept 0.65 W
+        # more on Figure 4's Dense stack, sharded. Gloo's alltoall reads the input and writes
+        # the output in place, and sends what a ring's reduce-scatter does: all but its own.
         sizes = [s.shape.num_elements() for s in segments]
-        longest = max(sizes)
-        padded = _never_constant([tf.pad(s, [[0, longest - size]])
-                                  for s, size in zip(segments, sizes)])
-        result = self._hvd.reducescatter(
-            tf.concat(padded, axis=0), op=self._hvd.Sum, ignore_name_scope=True,
-            name=f"HorovodReducescatter_distaccum_{name}_{_signature(segments)}")
-        return self._kept(result)[:sizes[self.rank()]]
+        received = self._hvd.alltoall(
+            tf.concat(list(segments), axis=0), splits=tf.constant(sizes, tf.int32),
+            ignore_name_scope=True,
+            name=f"HorovodAlltoall_distaccum_{name}_{_signature(segments)}")[0]
+        received = tf.reshape(self._kept(received), [self.num_workers(), sizes[self.rank()]])
+        return tf.reduce_sum(received, axis=0)
 
     def broadcast_from_chief(self, tensors: Sequence[tf.Tensor]) -> list[tf.Tensor]:
         # One broadcast per dtype of all values flattened together: start-up pays one collective
