@@ -49,6 +49,13 @@ def load_events(path: str | Path) -> list[dict]:
     raise failure
 
 
+def _tensor_names(events: list[dict]) -> dict[int, str]:
+    """Each row's tensor name, by the row's `pid`."""
+    return {event["pid"]: event["args"]["name"] for event in events
+            if event.get("ph") == "M" and event.get("name") == "process_name"
+            and "name" in event["args"]}
+
+
 def collective_counts(path: str | Path) -> dict[str, Counter]:
     """For each tensor name, how many times each collective ran on it.
 
@@ -56,11 +63,7 @@ def collective_counts(path: str | Path) -> dict[str, Counter]:
         `{tensor_name: Counter({"ALLREDUCE": n, ...})}`.
     """
     events = load_events(path)
-    tensor_names = {
-        event["pid"]: event["args"]["name"]
-        for event in events
-        if event.get("ph") == "M" and event.get("name") == "process_name" and "name" in event["args"]
-    }
+    tensor_names = _tensor_names(events)
     counts: dict[str, Counter] = {name: Counter() for name in tensor_names.values()}
     for event in events:
         if event.get("ph") == "B" and event.get("name") in COLLECTIVES:
@@ -68,18 +71,24 @@ def collective_counts(path: str | Path) -> dict[str, Counter]:
     return counts
 
 
-def allreduce_bytes(path: str | Path) -> Counter:
-    """Bytes allreduced over the whole timeline, by dtype name (`{"float32": n, ...}`): each
-    `ALLREDUCE` activity counts its tensor's size once, read from its end event (the end on its
-    row that carries a dtype and shape after an `ALLREDUCE` began there)."""
+def collective_bytes(path: str | Path, collective: str = "ALLREDUCE",
+                     tensor_prefix: str = "") -> Counter:
+    """Bytes of `collective` over the whole timeline, by dtype name (`{"float32": n, ...}`), on
+    the rows whose tensor name starts with `tensor_prefix`: each activity counts its tensor's
+    size once, read from its end event (the end on its row that carries a dtype and shape after
+    the collective began there). An allreduce's is its tensor's; an allgather's, what it
+    gathered; an alltoall's end carries none."""
+    events = load_events(path)
+    tensor_names = _tensor_names(events)
     top_level: dict[int, str] = {}
     sent: Counter = Counter()
-    for event in load_events(path):
+    for event in events:
         if event.get("ph") == "B" and event.get("name") in COLLECTIVES:
             top_level[event["pid"]] = event["name"]
         elif event.get("ph") == "E" and "dtype" in event.get("args", {}):
             details = event["args"]
-            if top_level.pop(event["pid"], None) == "ALLREDUCE":
+            if (top_level.pop(event["pid"], None) == collective
+                    and tensor_names.get(event["pid"], "").startswith(tensor_prefix)):
                 shape = json.loads(details["shape"])
                 sent[details["dtype"]] += int(np.prod(shape)) * np.dtype(details["dtype"]).itemsize
     return sent

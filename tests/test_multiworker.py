@@ -8,7 +8,7 @@ import pytest
 
 import scenarios
 from conftest import WORKERS_DIR, run_script
-from distaccum.timeline import allreduce_bytes, collective_counts
+from distaccum.timeline import collective_bytes, collective_counts
 
 pytestmark = pytest.mark.multiworker
 
@@ -154,7 +154,7 @@ def test_narrow_allreduce_halves_gradient_bytes_and_stays_within_its_round_off(r
     assert int(ranks[0]["iterations"]) == expected_updates
     gradient_values = sum(w.size for w in initial)
     if launch == "horovodrun":  # bytes from Horovod's timeline
-        sent, sent_exact = allreduce_bytes(narrow / "timeline.json"), allreduce_bytes(
+        sent, sent_exact = collective_bytes(narrow / "timeline.json"), collective_bytes(
             exact / "timeline.json")
         assert sent[dtype] == expected_updates * gradient_values * 2
         assert sent["float32"] == sent_exact["float32"] - expected_updates * gradient_values * 4
@@ -250,3 +250,23 @@ def test_sharded_optimizer_state_sends_the_allreduces_bytes_when_counted(runs):
     ring_sharded = share * (int(sharded[0]["reducescatter_bytes"]) / updates
                             + gathered / updates)
     assert 0 <= ring_sharded - ring_whole <= share * (workers * riders + counts)
+
+
+def test_sharded_optimizer_state_under_horovod_sends_the_sums_and_weights_once_per_update(runs):
+    """Horovod's timeline (rank 0's) of the sharded run: per update, one alltoall of the sums
+    (the reduce-scatter) on the update's row, no allreduce of them, and an allgather that
+    gathers every weight once (what each rank receives: its own and the others' share)."""
+    directory = runs[("horovodrun", 3, "sharded", "sgd")]
+    updates = int(np.load(directory / "rank0.npz")["iterations"])
+    timeline = directory / "timeline.json"
+    counts = collective_counts(timeline)
+    update_rows = {name: c for name, c in counts.items() if "_distaccum_update" in name}
+    # The tiny model is one round.
+    assert [(name.split("_distaccum")[0], dict(c)) for name, c in update_rows.items()] == [
+        ("HorovodAlltoall", {"ALLTOALL": updates})]
+    weights = 4 * sum(w.size for w in scenarios.weights_of(scenarios.make_model()))
+    gathered = collective_bytes(timeline, "ALLGATHER", "HorovodGroupedAllgather_distaccum_weights")
+    # Each weight gathered per update, with every rank's row counts (int32 bytes, a row per
+    # rank: the group's first tensor).
+    variables = len(scenarios.make_model().trainable_variables)
+    assert gathered == {"uint8": updates * (weights + 4 * variables * 2)}

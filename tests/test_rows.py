@@ -13,7 +13,7 @@ import tensorflow as tf
 import scenarios
 from conftest import WORKERS_DIR, run_script
 from distaccum import comm, rows
-from distaccum.timeline import allreduce_bytes, collective_counts
+from distaccum.timeline import collective_bytes, collective_counts
 
 # Indices whose low 16 bits are a float16 Inf or NaN (0x7C00–0x7FFF) or a bfloat16 NaN, and the
 # largest row: each must arrive as the same row.
@@ -201,8 +201,8 @@ def test_horovod_timeline_shows_one_grouped_allgather_per_update_after_the_first
     dense = collective_counts(directory / "dense" / "timeline.json")
     assert not any("ALLGATHER" in c for c in dense.values())
     table_bytes = 4 * TEXT.VOCABULARY * TEXT.WIDTH
-    assert allreduce_bytes(directory / "rows" / "timeline.json")["float32"] == (
-        allreduce_bytes(directory / "dense" / "timeline.json")["float32"] + 4 * updates
+    assert collective_bytes(directory / "rows" / "timeline.json")["float32"] == (
+        collective_bytes(directory / "dense" / "timeline.json")["float32"] + 4 * updates
         - (updates - 1) * table_bytes)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from distaccum.timeline import allreduce_bytes, collective_counts, load_events
+from distaccum.timeline import collective_bytes, collective_counts, load_events
 
 GRADIENTS, WEIGHTS = 1, 2
 EVENTS = [
@@ -55,7 +55,7 @@ def test_each_collective_counts_once_with_its_size_when_ends_have_no_begins(tmp_
     assert counts[NAMES[GRADIENTS]] == {"ALLREDUCE": 2}
     assert counts[NAMES[WEIGHTS]] == {"BROADCAST": 1, "ALLREDUCE": 1}
     # The finished allreduces' sizes; the broadcast's and the unfinished one's are not.
-    assert allreduce_bytes(path) == {"float32": 10 * 4 * 4, "float16": 3 * 2}
+    assert collective_bytes(path) == {"float32": 10 * 4 * 4, "float16": 3 * 2}
 
 
 def test_every_complete_event_is_read_when_the_file_is_cut_anywhere(tmp_path):
