@@ -5,14 +5,14 @@ ZeRO stage 1 do, instead of all of it on every worker (Adam's is 2 W).
 An update step then, in place of the allreduce of the window's sums:
 1. reduce-scatters them (`ShardedState.sum_in_place`): each worker gets the sums of the variables
    it owns, written back into those sums' own memory, in bounded rounds. The statistics, the
-   metrics' states and the votes ride in every rank's segment of the first round, so every
-   worker gets their sums as with the allreduce;
+   metrics' states and the votes ride in every rank's segment of the round of fewest bytes, so
+   every worker gets their sums as with the allreduce;
 2. each worker divides, clips and applies its own share; the global norm (for clipping, the log
    and the finite check) comes from the shards' partial sums of squares: one scalar collective;
 3. allgathers the new weights (`share_weights`), in the same rounds.
 
 A ring allreduce is a reduce-scatter followed by an allgather, so an update sends the bytes of
-the allreduce (plus, under Horovod, the padding its equal shares need).
+the allreduce (under Horovod the reduce-scatter is an alltoall, which sends the same).
 
 Ownership is by whole variables, so every Keras optimizer stays exact, those that are not
 element-wise too (Adafactor factors a matrix, LAMB scales by a variable's norm): the largest
@@ -131,10 +131,15 @@ class ShardedState:
         extra = _flat([tf.cast(t, tf.float32) for t in others])
         plan = rounds([4 * size for size in sizes], [self._sum_owners[id(s)] for s in sums],
                       self.backend.num_workers())
+        plan = plan or [[[]] * self.backend.num_workers()]
+        # The riders go with the round of fewest bytes: a round of one large variable would
+        # otherwise be concatenated with them, a copy of that variable on every rank.
+        riding = min(range(len(plan)),
+                     key=lambda r: sum(sizes[i] for part in plan[r] for i in part))
         written: list = []
         reduced_extra = extra
-        for index, members in enumerate(plan or [[[]] * self.backend.num_workers()]):
-            riders = [extra] if index == 0 else []
+        for index, members in enumerate(plan):
+            riders = [extra] if index == riding else []
             with tf.control_dependencies(written):
                 segments = [_flat([sums[i].read_value() for i in part] + riders)
                             for part in members]

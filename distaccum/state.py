@@ -142,6 +142,12 @@ def exchange_slots(backend, local: dict) -> list[Slot]:
             for owner, piece in enumerate(pieces) for r in np.asarray(piece)]
 
 
+def _joined(parts: list[tf.Tensor]) -> tf.Tensor:
+    """`parts` as one uint8 vector: one part as it is (a concatenation would copy it, a whole
+    variable's size for a slot alone in its group)."""
+    return parts[0] if len(parts) == 1 else tf.concat([tf.zeros([0], tf.uint8)] + parts, axis=0)
+
+
 class SlotTransfer:
     """Moves the slots workers other than the chief hold, in bounded groups, one collective
     each: to the chief as it writes a checkpoint, and from the file it read to their owners.
@@ -157,18 +163,22 @@ class SlotTransfer:
         runs the gathers; the others get them too and drop them)."""
         start = len(self.state.model_variables) + len(self.state.global_variables)
         for group in groups_by_size(self._travelling, lambda item: item[1].nbytes):
-            mine = [self.state.local[(s.variable, s.position)] for _, s in group
-                    if s.owner == self.state.rank]
-            data = tf.concat([tf.zeros([0], tf.uint8)] + [as_bytes(v) for v in mine], axis=0)
-            [pieces] = self.backend.gather_all([data], "checkpoint")
-            arrays = {}
-            for owner, piece in enumerate(pieces):
-                held = [(i, s) for i, s in group if s.owner == owner]
-                offsets = np.cumsum([0] + [s.nbytes for _, s in held])
-                raw = np.asarray(piece)
-                for (i, s), begin, end in zip(held, offsets, offsets[1:]):
-                    arrays[start + i] = raw[begin:end].view(s.dtype).reshape(s.shape)
-            yield arrays
+            # Made in a call of its own, so that nothing of a group outlives its use here:
+            # locals of this generator would hold it while the next group travels.
+            yield self._gathered(group, start)
+
+    def _gathered(self, group: list, start: int) -> dict[int, np.ndarray]:
+        mine = [self.state.local[(s.variable, s.position)] for _, s in group
+                if s.owner == self.state.rank]
+        [pieces] = self.backend.gather_all([_joined([as_bytes(v) for v in mine])], "checkpoint")
+        arrays = {}
+        for owner, piece in enumerate(pieces):
+            held = [(i, s) for i, s in group if s.owner == owner]
+            offsets = np.cumsum([0] + [s.nbytes for _, s in held])
+            raw = np.asarray(piece)
+            for (i, s), begin, end in zip(held, offsets, offsets[1:]):
+                arrays[start + i] = raw[begin:end].view(s.dtype).reshape(s.shape)
+        return arrays
 
     def scatter(self, read) -> None:
         """Each slot to its owner: `read(index)` gives the array at that index of the entries
