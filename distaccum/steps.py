@@ -308,6 +308,9 @@ class WindowSteps:
         statistics = self._stored_window(last_micro_batch, stored)
         others = statistics + self.metric_states() + [votes]
         sums = self.accumulator.gradient_sum_variables
+        # The window's sparse accesses (the micro-batches' gathers, their rows added to the
+        # sums) are over: from here on every access is dense, and must not copy.
+        comm.pieces.shared_reads(self.model.trainable_variables + sums)
         if self._rows is not None:
             others = self._rows.sum_in_place(sums, others, "update")
         elif self.sharded is not None:  # each worker gets its own variables' sums

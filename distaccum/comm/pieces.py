@@ -54,15 +54,23 @@ class Piece:
         return math.prod(self.shape) * tf.as_dtype(self.variable.dtype).size
 
     def read(self) -> tf.Tensor:
+        """The piece's values, sharing the variable's memory where TensorFlow allows it (after
+        a sparse access, only once `shared_reads` has run)."""
         target = self._target
-        return tf.convert_to_tensor(target) if self.rows is None else target[slice(*self.rows)]
+        with tf.control_dependencies(shared_reads([self.variable])):
+            return (tf.convert_to_tensor(target) if self.rows is None
+                    else target[slice(*self.rows)])
 
     def write(self, value):
-        """Assign `value` to the piece; in a graph, returns the assignment (to wait for)."""
+        """Assign `value` to the piece; in a graph, returns the assignment (to wait for). A
+        range of rows is written as TensorFlow writes sparse updates, which leaves the variable
+        copying on every read: `shared_reads` ends that again."""
         target = self._target
         if self.rows is None:
             return target.assign(value, read_value=False)
-        return target[slice(*self.rows)].assign(value)
+        written = target[slice(*self.rows)].assign(value)
+        with tf.control_dependencies([written] if written is not None else []):
+            return tf.group(shared_reads([self.variable]))
 
 
 def pieces_of(variable, limit: int | None = None) -> list[Piece]:
@@ -121,3 +129,17 @@ def from_bytes(data: tf.Tensor, variable) -> tf.Tensor:
     dtype = tf.as_dtype(variable.dtype)
     shape = list(variable.shape) + ([dtype.size] if dtype.size > 1 else [])
     return tf.bitcast(tf.reshape(data, shape), dtype)
+
+
+def shared_reads(variables) -> list:
+    """Take `variables` out of TensorFlow's copy-on-read mode, in which a sparse access (an
+    `Embedding`'s gather of its table, a `scatter_add` of rows into a sum) leaves a variable for
+    good: then every dense read and every dense write first copies the whole variable (a table
+    that holds most of the weights: 1 W per read). Afterwards reads share its buffer again, and
+    a write copies only while a read still holds it. Returns the ops (in a graph, to wait for).
+
+    None under XLA, which has no such op and keeps variables its own way (no sparse access
+    there puts one in that mode)."""
+    if tf.__internal__.get_enclosing_xla_context() is not None:
+        return []
+    return [tf.raw_ops.DisableCopyOnRead(resource=variable.handle) for variable in variables]
