@@ -107,6 +107,12 @@ class TrainingState:
                       for i, per in enumerate(per_variable_state(optimizer, mine))
                       for position, variable in enumerate(per)}
         self.rank = 0 if backend is None else backend.rank()
+        deep = [v for v in trainable if len(v.shape) > _MAX_DIMS]
+        if backend is not None and deep:  # every worker sees the same model: all refuse alike
+            raise ValueError(
+                f"shard_optimizer_state describes each optimizer variable in at most "
+                f"{_MAX_DIMS} dimensions: {deep[0].path} has {len(deep[0].shape)}. Received: "
+                "shard_optimizer_state=True")
         slots = (local_slots(self.local, self.rank) if backend is None
                  else exchange_slots(backend, self.local))
         self.slots = sorted(slots, key=lambda s: (s.variable, s.position))

@@ -107,3 +107,13 @@ def test_every_optimizer_variable_is_global_or_one_variables_and_shards_agree(ma
             tuple(v.shape) for v in everything.global_variables]
         assert [(s.variable, s.position, s.shape) for s in sharded.slots] == [
             (s.variable, s.position, s.shape) for s in everything.slots if s.variable in share]
+
+
+def test_a_variable_of_more_dimensions_than_the_exchange_describes_is_refused_in_one_line():
+    model = keras.Sequential([keras.Input((1,) * 8), keras.layers.Dense(2)])
+    model.add_weight(shape=(1,) * 9, name="deep")
+    optimizer = keras.optimizers.SGD(momentum=0.9)
+    optimizer.build(model.trainable_variables)
+    with pytest.raises(ValueError, match="at most 8 dimensions: .*deep has 9") as raised:
+        state.TrainingState(model, optimizer, range(3), backend=_Workers(2))
+    assert "\n" not in str(raised.value)
