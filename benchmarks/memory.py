@@ -55,7 +55,8 @@ UNSHARDED = ("keras", "single", "mpi4py", "horovod")
 SHARDED = ("mpi4py-sharded", "horovod-sharded")
 SHARDED_4 = ("mpi4py-sharded-4", "horovod-sharded-4")
 # The models (workers.py: `dense_stack`, `embedding_table`), each at a width and with its runs;
-# the cases with Keras's own run are judged (each run against Keras's own on the same model).
+# the cases with every unsharded run are judged (each run against Keras's own on the same model
+# and width).
 # The Embedding's table is one variable: its owner keeps its whole state, so sharding it is shown
 # at 2 workers, not at 4.
 MODEL_LABELS = {"dense": "Dense stack", "embedding": "one Embedding"}
@@ -110,7 +111,7 @@ def summarize_growth(runs: list[dict], cases: tuple) -> list[dict]:
             measured = [run[name, model, width] for run in runs]
             rows.append({
                 "run": name, "label": GROWTH_RUNS[name][0], "model": model, "width": width,
-                "judged": "keras" in names,
+                "judged": set(UNSHARDED) <= set(names),
                 **{key: measured[0][key] for key in ("workers", "k", "weights_mb")},
                 **{part: common.summarize(m[part] for m in measured)
                    for part in ("steady_w", "peak_w")},
@@ -152,19 +153,20 @@ def growth_target(row: dict, rows: list[dict]) -> tuple[str, float]:
     the Dense stack, Keras + 0.35 W on 2 workers and lower still on 4 (the same backend's
     2-worker peak). The Embedding's owner holds the table's whole state: no waste is its target."""
     keras = next(r for r in rows if r["judged"] and r["model"] == row["model"]
-                 and r["run"] == "keras")["peak_w"].median
+                 and r["width"] == row["width"] and r["run"] == "keras")["peak_w"].median
     if row["run"] in SHARDED and row["model"] == "dense":
         return f"≤ Keras + {SHARDED_ALLOWANCE}", keras + SHARDED_ALLOWANCE
     if row["run"] in SHARDED_4:
         two = row["run"].removesuffix("-4")
-        two_workers = next(r for r in rows if r["model"] == row["model"] and r["run"] == two)
+        two_workers = next(r for r in rows if r["model"] == row["model"]
+                           and r["width"] == row["width"] and r["run"] == two)
         return f"< {GROWTH_RUNS[two][0]}", two_workers["peak_w"].median - 1e-9
     return f"≤ Keras + {GROWTH_ALLOWANCE}", keras + GROWTH_ALLOWANCE
 
 
 def growth_checks(rows: list[dict], smoke: bool) -> list[dict]:
     """Each judged distaccum run's peak against its target."""
-    keras_peak = {row["model"]: row["peak_w"] for row in rows
+    keras_peak = {(row["model"], row["width"]): row["peak_w"] for row in rows
                   if row["judged"] and row["run"] == "keras"}
     checks = []
     for row in rows:
@@ -173,7 +175,8 @@ def growth_checks(rows: list[dict], smoke: bool) -> list[dict]:
         target, limit = growth_target(row, rows)
         checks.append(common.check(
             f"memory per parameter, {MODEL_LABELS[row['model']]}: {row['label']}, peak growth ÷ W",
-            target, f"{row['peak_w'].format(2)} (Keras {keras_peak[row['model']].format(2)})",
+            target,
+            f"{row['peak_w'].format(2)} (Keras {keras_peak[row['model'], row['width']].format(2)})",
             None if smoke else row["peak_w"].median <= limit))
     return checks
 

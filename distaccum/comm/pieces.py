@@ -1,8 +1,8 @@
 """How the backends cut what they send into pieces: a gather's row counts, which cut each worker's
 piece out of a gathered tensor; the groups of variables that the start-up broadcast and the
 update's reduction send one after another; and the ranges of rows a large variable is read
-(checkpoints) or zeroed in. Each keeps its copies small. Kept in one place that every backend
-imports."""
+(checkpoints) or zeroed in, after which `shared_reads` takes the variable out of TensorFlow's
+copy-on-read mode. Each keeps its copies small. Kept in one place that every backend imports."""
 
 from __future__ import annotations
 
