@@ -17,7 +17,10 @@ a fresh launch per run, distaccum writing a checkpoint at the end: Keras's own `
 under `horovodrun --gloo`; then with `shard_optimizer_state` on 2 workers, and on 4 (k = 1, the
 Dense stack only: the Embedding's table is one variable, whose owner keeps its whole state). Each figure is a worker's RSS growth over its built, compiled model, in
 units of W (1 W = 4 bytes per parameter): "steady" is the RSS after the last update (and the
-checkpoint), "peak" the `ru_maxrss` of the whole run; the larger rank's. Keras and 1 process run
+checkpoint), "peak" the `ru_maxrss` of the whole run; the larger rank's. These runs use
+TensorFlow's system allocator (`TF_ONEDNN_USE_SYSTEM_ALLOCATOR=1`), so that RSS is what is live:
+oneDNN's default pool never returns memory, and its high-water mark varied from run to run
+(Keras's own step on the Dense stack: 2.2 to 4.2 W). Keras and 1 process run
 again at 8 Dense(1536) (W = 72 MB): the growth between the two sizes, per parameter added, is the
 slope.
 The target, Keras's own peak + 1.25 W (one W for the accumulated sums), is judged on the peak,
@@ -65,6 +68,11 @@ FULL_CASES = (("dense", 3072, UNSHARDED + SHARDED + SHARDED_4),
               ("dense", 1536, ("keras", "single")))
 SMOKE_CASES = (("dense", 256, UNSHARDED + SHARDED), ("embedding", 256, UNSHARDED))
 GROWTH_MODEL = {"layers": 8, "micro_batch": 8, "global_batch": 32, "updates": 3}
+# TensorFlow's oneDNN CPU allocator keeps what it freed (a pool): RSS is then its high-water
+# mark, which depends on how it fragmented and on what it held before the baseline (Keras's own
+# step read 2.2 to 4.2 W on the Dense stack from run to run). Freed memory returned, RSS is what
+# is live: every run, Keras's and distaccum's, is measured so.
+LIVE = {"TF_ONEDNN_USE_SYSTEM_ALLOCATOR": "1"}
 GROWTH_ALLOWANCE = 1.25  # W over Keras's own peak: the accumulated sums, and a quarter W to spare
 # W over Keras's own peak with sharded state on 2 workers, where each worker holds Adam's state
 # (2 W) for half the weights: the accumulated sums (1 W) less the half of the state it sheds.
@@ -93,7 +101,8 @@ def measure_growth(run: str, model: str, width: int) -> dict:
             "--layers", GROWTH_MODEL["layers"], "--micro-batch", GROWTH_MODEL["micro_batch"],
             "--global-batch", GROWTH_MODEL["global_batch"], "--updates", GROWTH_MODEL["updates"],
             "--out", work, num_workers=num_workers, launcher=launcher)
-        common.run_command(command, work / "workers.log", extra_env=backend, timeout=900)
+        common.run_command(command, work / "workers.log", extra_env={**LIVE, **(backend or {})},
+                           timeout=900)
         ranks = [common.read_json(work / f"rank{rank}.json") for rank in range(num_workers)]
     growth = {part: [(rank[f"{part}_mb"] - rank["base_mb"]) / rank["weights_mb"]
                      for rank in ranks] for part in ("steady", "peak")}

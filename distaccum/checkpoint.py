@@ -110,7 +110,8 @@ class CheckpointManager:
              elsewhere: Iterator[dict] = iter(())) -> Path:
         """Write `variables` (`state.TrainingState.entries()`) and where training stands; keep
         the last few. Entries other workers hold (`state.Elsewhere`) are taken from `elsewhere`,
-        which yields them by index, a group at a time (`state.SlotTransfer.gather`).
+        which yields each one's bytes in ranges of its rows, in order, with its index
+        (`state.SlotTransfer.gather`).
 
         Raises:
             CheckpointError: the write failed (a full disk, say): nothing of it is left behind
@@ -222,8 +223,7 @@ def _save_arrays(handle, variables: list, elsewhere: Iterator[dict] = iter(())) 
     """`np.savez(handle, *values)`, one piece of one variable in memory at a time
     (`pieces.pieces_of`: a large variable read in ranges of its rows): the state, or one large
     variable, is not copied whole before it is written (np.savez takes every array at once).
-    An `Elsewhere` entry is written from the group of `elsewhere` that holds it."""
-    arrived: dict[int, np.ndarray] = {}
+    An `Elsewhere` entry is written from the ranges of its rows `elsewhere` yields next."""
     with zipfile.ZipFile(handle, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
         for i, variable in enumerate(variables):
             with archive.open(f"{_member(i)}.npy", "w", force_zip64=True) as member:
@@ -231,9 +231,14 @@ def _save_arrays(handle, variables: list, elsewhere: Iterator[dict] = iter(())) 
                     "descr": np.lib.format.dtype_to_descr(np.dtype(variable.dtype)),
                     "fortran_order": False, "shape": tuple(variable.shape)})
                 if isinstance(variable, Elsewhere):
-                    while i not in arrived:
-                        arrived.update(next(elsewhere))
-                    member.write(np.ascontiguousarray(arrived.pop(i)).data)
+                    written = 0
+                    while written < variable.slot.nbytes:
+                        index, part = next(elsewhere)
+                        if index != i:
+                            raise RuntimeError(
+                                f"checkpoint entry {index} arrived where {i} was due")
+                        member.write(np.ascontiguousarray(part).data)
+                        written += part.nbytes
                     continue
                 for piece in pieces_of(variable):
                     member.write(np.ascontiguousarray(piece.read().numpy()).data)

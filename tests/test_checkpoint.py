@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import scenarios
+from distaccum import checkpoint
 from distaccum.checkpoint import OBJECTIVE, CheckpointError, CheckpointManager
 from distaccum.comm import pieces
 from distaccum.config import ConfigError
@@ -200,3 +201,48 @@ def test_format_1_checkpoint_is_refused_naming_the_way_when_sharded(tmp_path):
     with pytest.raises(CheckpointError, match="format 1.*resume it once without, then switch "
                                               "it on"):
         manager.restore_latest(_state(), SETTINGS)
+
+
+class _Pair:
+    """One of two workers in this process: `gather_all` meets the other's call (a barrier)
+    and gives each both tensors, as a real allgather would."""
+
+    def __init__(self, rank: int, meeting: dict) -> None:
+        self._rank, self._meeting = rank, meeting
+
+    def rank(self) -> int:
+        return self._rank
+
+    def num_workers(self) -> int:
+        return 2
+
+    def gather_all(self, tensors, name):
+        self._meeting[self._rank] = tensors
+        self._meeting["barrier"].wait()
+        both = [self._meeting[0], self._meeting[1]]
+        self._meeting["barrier"].wait()
+        return [[worker[i] for worker in both] for i in range(len(tensors))]
+
+
+def test_another_workers_slot_is_written_whole_from_its_ranges_of_rows(tmp_path, monkeypatch):
+    """Sharded state: a slot worker 1 holds travels to the chief in ranges of its rows (here
+    64 bytes each) and lands in the checkpoint as one array, bit for bit."""
+    import threading
+    import types
+
+    from distaccum import state
+
+    monkeypatch.setattr(state, "TRANSFER_BYTES", 64)
+    remote = np.arange(50 * 3, dtype=np.float32).reshape(50, 3) * 1.5
+    slot = state.Slot(0, 0, remote.shape, "float32", owner=1)
+    meeting = {"barrier": threading.Barrier(2)}
+    held = {0: {}, 1: {(0, 0): keras.Variable(remote)}}
+    transfers = [state.SlotTransfer(_Pair(rank, meeting), types.SimpleNamespace(
+        model_variables=[], global_variables=[], slots=[slot], local=held[rank], rank=rank))
+        for rank in (0, 1)]
+    other = threading.Thread(target=lambda: [None for _ in transfers[1].gather()])
+    other.start()
+    path = CheckpointManager(tmp_path).save(Position(1, 1, 1), [state.Elsewhere(slot)],
+                                            SETTINGS, transfers[0].gather())
+    other.join()
+    np.testing.assert_array_equal(checkpoint.read_array(path, 0), remote)

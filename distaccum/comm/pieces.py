@@ -73,17 +73,23 @@ class Piece:
             return tf.group(shared_reads([self.variable]))
 
 
+def row_ranges(shape: Sequence[int], itemsize: int,
+               limit: int | None = None) -> list[tuple[int, int] | None]:
+    """An array of `shape` whole (`[None]`), or, when it holds more than `limit` bytes
+    (`GROUP_BYTES`), as ranges of its rows of at most `limit` bytes each (at least one row)."""
+    limit = GROUP_BYTES if limit is None else limit
+    nbytes = math.prod(shape) * itemsize
+    if nbytes <= limit or len(shape) == 0 or shape[0] <= 1:
+        return [None]
+    rows = max(1, limit // (nbytes // shape[0]))
+    return [(start, min(start + rows, shape[0])) for start in range(0, shape[0], rows)]
+
+
 def pieces_of(variable, limit: int | None = None) -> list[Piece]:
     """`variable` whole, or, when it holds more than `limit` bytes (`GROUP_BYTES`), as ranges
     of its rows of at most `limit` bytes each (at least one row)."""
-    limit = GROUP_BYTES if limit is None else limit
-    whole = Piece(variable)
-    shape = whole.shape
-    if whole.nbytes <= limit or len(shape) == 0 or shape[0] <= 1:
-        return [whole]
-    rows = max(1, limit // (whole.nbytes // shape[0]))
-    return [Piece(variable, (start, min(start + rows, shape[0])))
-            for start in range(0, shape[0], rows)]
+    return [Piece(variable, rows) for rows in row_ranges(
+        tuple(variable.shape), tf.as_dtype(variable.dtype).size, limit)]
 
 
 def bounded_groups(variables: Sequence, limit: int | None = None) -> Iterator[list[Piece]]:
