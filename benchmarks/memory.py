@@ -11,22 +11,21 @@ shown too.
 Memory per parameter: two models that are nearly all weights, W = 288 MB of float32 trainable
 weights each: 8 Dense(3072) layers on a 3072-wide input, and one Embedding of 294,912 × 256 (16
 tokens per sample, their mean through one Dense(256): one variable holds nearly all of W, as a
-GPT-2's table holds most of its weights). Each, with Adam, trains 3 updates of global batch 32 in
-a fresh launch per run, distaccum writing a checkpoint at the end: Keras's own `fit`; distaccum on micro-batches of 8 (`Trainer.from_compiled`,
-`micro_batches`), 1 process (k = 4), and 2 workers (k = 2) on mpi4py under `mpirun` and on Horovod
-under `horovodrun --gloo`; then with `shard_optimizer_state` on 2 workers, and on 4 (k = 1, the
-Dense stack only: the Embedding's table is one variable, whose owner keeps its whole state). Each figure is a worker's RSS growth over its built, compiled model, in
-units of W (1 W = 4 bytes per parameter): "steady" is the RSS after the last update (and the
-checkpoint), "peak" the `ru_maxrss` of the whole run; the larger rank's. These runs use
-TensorFlow's system allocator (`TF_ONEDNN_USE_SYSTEM_ALLOCATOR=1`), so that RSS is what is live:
-oneDNN's default pool never returns memory, and its high-water mark varied from run to run
-(Keras's own step on the Dense stack: 2.2 to 4.2 W). Keras and 1 process run
-again at 8 Dense(1536) (W = 72 MB): the growth between the two sizes, per parameter added, is the
-slope.
+GPT-2's table holds most of its weights). Each, with Adam, trains 3 updates of global batch 32 in a
+fresh launch per run, distaccum writing a checkpoint at the end: Keras's own `fit`; distaccum on
+micro-batches of 8 (`Trainer.from_compiled`, `micro_batches`), 1 process (k = 4), and 2 workers (k
+= 2) on mpi4py under `mpirun` and on Horovod under `horovodrun --gloo`; then with
+`shard_optimizer_state` on 2 workers, and on 4 (k = 1, the Dense stack only: the Embedding's table
+is one variable, whose owner keeps its whole state). Each figure is a worker's RSS growth over its
+built, compiled model, in units of W (1 W = 4 bytes per parameter): "steady" is the RSS after the
+last update (and the checkpoint), "peak" the `ru_maxrss` of the whole run; the larger rank's. These
+runs use TensorFlow's system allocator (`TF_ONEDNN_USE_SYSTEM_ALLOCATOR=1`), so that RSS is what is
+live: oneDNN's default pool never returns memory, and its high-water mark varied from run to run
+(Keras's own step on the Dense stack: 2.2 to 4.2 W). Keras and 1 process run again at 8 Dense(1536)
+(W = 72 MB): the growth between the two sizes, per parameter added, is the slope.
 The target, Keras's own peak + 1.25 W (one W for the accumulated sums), is judged on the peak,
-which holds the steady figure (but for the kernel's page counts lagging by a few pages). Sharded
-on the Dense stack: Keras's own peak + 0.35 W on 2 workers (each sheds half of Adam's 2 W), and
-lower on 4 workers than on 2.
+which holds the steady figure. Sharded on the Dense stack: Keras's own peak + 0.35 W on 2 workers
+(each sheds half of Adam's 2 W), and lower on 4 workers than on 2.
 """
 
 from __future__ import annotations

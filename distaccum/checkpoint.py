@@ -107,7 +107,7 @@ class CheckpointManager:
         return sorted(p for p in self.directory.glob(f"{_PREFIX}*") if p.is_dir())
 
     def save(self, position: Position, variables: list, settings: dict,
-             elsewhere: Iterator[dict] = iter(())) -> Path:
+             elsewhere: Iterator[tuple[int, np.ndarray]] = iter(())) -> Path:
         """Write `variables` (`state.TrainingState.entries()`) and where training stands; keep
         the last few. Entries other workers hold (`state.Elsewhere`) are taken from `elsewhere`,
         which yields each one's bytes in ranges of its rows, in order, with its index
@@ -153,7 +153,7 @@ class CheckpointManager:
 
     @staticmethod
     def _write(staging: Path, position: Position, variables: list, settings: dict,
-               elsewhere: Iterator[dict]) -> None:
+               elsewhere: Iterator[tuple[int, np.ndarray]]) -> None:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         state = staging / "state.npz"
@@ -219,7 +219,8 @@ def _member(index: int) -> str:
     return f"arr_{index}"  # the names `np.savez` gives positional arrays
 
 
-def _save_arrays(handle, variables: list, elsewhere: Iterator[dict] = iter(())) -> None:
+def _save_arrays(handle, variables: list,
+                 elsewhere: Iterator[tuple[int, np.ndarray]] = iter(())) -> None:
     """`np.savez(handle, *values)`, one piece of one variable in memory at a time
     (`pieces.pieces_of`: a large variable read in ranges of its rows): the state, or one large
     variable, is not copied whole before it is written (np.savez takes every array at once).

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import threading
+import types
 
 import keras
 import numpy as np
 import pytest
 
 import scenarios
-from distaccum import checkpoint
+from distaccum import checkpoint, state
 from distaccum.checkpoint import OBJECTIVE, CheckpointError, CheckpointManager
 from distaccum.comm import pieces
 from distaccum.config import ConfigError
@@ -227,11 +229,6 @@ class _Pair:
 def test_another_workers_slot_is_written_whole_from_its_ranges_of_rows(tmp_path, monkeypatch):
     """Sharded state: a slot worker 1 holds travels to the chief in ranges of its rows (here
     64 bytes each) and lands in the checkpoint as one array, bit for bit."""
-    import threading
-    import types
-
-    from distaccum import state
-
     monkeypatch.setattr(state, "TRANSFER_BYTES", 64)
     remote = np.arange(50 * 3, dtype=np.float32).reshape(50, 3) * 1.5
     slot = state.Slot(0, 0, remote.shape, "float32", owner=1)
