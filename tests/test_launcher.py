@@ -114,7 +114,11 @@ def test_stop_ranks_stops_the_job_with_a_checkpoint_when_run_as_the_prestop_hook
     from test_reliability import _environment, _wait_for
 
     logdir, log = tmp_path / "logdir", tmp_path / "job.log"
+    # The namespace's first process outlives mpirun, as a worker pod's sshd does: when the first
+    # process ends, the kernel kills every other in the namespace, stop-ranks too (under load it
+    # was killed before it could report, 1 CI run in 5).
     command = ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child",
+               "sh", "-c", '"$@"; code=$?; sleep 5; exit $code', "init",
                *launcher_command("mpirun", 2), "sh", "-c", REPORT_EXIT, str(tmp_path / "exit-code"),
                DISTACCUM, "train", "--config", SYNTHETIC,
                "--set", f"logdir={logdir}", "--set", "checkpoint_interval=1000"]
@@ -126,8 +130,8 @@ def test_stop_ranks_stops_the_job_with_a_checkpoint_when_run_as_the_prestop_hook
         _wait_for(lambda: "update 10/" in log.read_text(errors="replace"), job)
         ranks = _ranks(job)
         assert len(ranks) == 2
-        [mpirun] = psutil.Process(job.pid).children()
-        stop = subprocess.run(["nsenter", "--target", str(mpirun.pid), "--pid", "--mount",
+        [init] = psutil.Process(job.pid).children()
+        stop = subprocess.run(["nsenter", "--target", str(init.pid), "--pid", "--mount",
                                DISTACCUM, "stop-ranks", "--timeout", "60"],
                               capture_output=True, text=True, timeout=120, env=env)
         ranks_gone = all(_gone(rank) for rank in ranks)
