@@ -23,10 +23,12 @@ holding most of the weights) sets the largest share by itself: its owner holds i
 from __future__ import annotations
 
 import collections
+import math
 from typing import Sequence
 
 import tensorflow as tf
 
+from distaccum.comm import pieces
 from distaccum.comm.pieces import GROUP_BYTES, Piece, as_bytes, from_bytes
 
 
@@ -127,9 +129,11 @@ class ShardedState:
         owner's copy only (the others' copies are left as they were, to be overwritten by the
         next window), one reduce-scatter per round; `others` summed on every worker. In a graph.
         """
-        sizes = [s.shape.num_elements() for s in sums]
+        travelling = pieces.travelling(sums)
+        sizes = [math.prod(piece.shape) for piece in travelling]
         extra = _flat([tf.cast(t, tf.float32) for t in others])
-        plan = rounds([4 * size for size in sizes], [self._sum_owners[id(s)] for s in sums],
+        plan = rounds([piece.nbytes for piece in travelling],
+                      [self._sum_owners[id(piece.variable)] for piece in travelling],
                       self.backend.num_workers())
         plan = plan or [[[]] * self.backend.num_workers()]
         # The riders go with the round of fewest bytes: a round of one large variable would
@@ -141,7 +145,7 @@ class ShardedState:
         for index, members in enumerate(plan):
             riders = [extra] if index == riding else []
             with tf.control_dependencies(written):
-                segments = [_flat([sums[i].read_value() for i in part] + riders)
+                segments = [_flat([travelling[i].read() for i in part] + riders)
                             for part in members]
                 mine = self.backend.reduce_scatter(segments, f"{name}{index}")
                 own = members[self.backend.rank()]
@@ -150,13 +154,13 @@ class ShardedState:
                 # The collective too: the next round waits for it where this rank owns none
                 # of this one's sums.
                 written.append(mine)
-                written += [sums[i].assign(tf.reshape(v, sums[i].shape), read_value=False)
+                written += [travelling[i].write(tf.reshape(v, travelling[i].shape))
                             for i, v in zip(own, values)]
             if riders:
                 reduced_extra = values[-1]
         with tf.control_dependencies(written):
-            pieces = tf.split(reduced_extra, [t.shape.num_elements() for t in others])
-            return [tf.cast(tf.reshape(p, t.shape), t.dtype) for p, t in zip(pieces, others)]
+            parts = tf.split(reduced_extra, [t.shape.num_elements() for t in others])
+            return [tf.cast(tf.reshape(p, t.shape), t.dtype) for p, t in zip(parts, others)]
 
     def global_norm(self, gradients: Sequence[tf.Tensor]) -> tf.Tensor:
         """The norm of the whole gradient, from this worker's share of it (`gradients`, those
@@ -175,20 +179,22 @@ class ShardedState:
         others): one buffer per round, cut into variables, peaked 1.3 W higher on Figure 4's
         Dense stack."""
         rank = self.backend.rank()
+        owner_of = {id(v): owner for v, owner in zip(self.variables, self.owners)}
+        travelling = pieces.travelling(self.variables)
+        owner = [owner_of[id(piece.variable)] for piece in travelling]
         written: list = []
-        for index, members in enumerate(rounds([_nbytes(v) for v in self.variables],
-                                               self.owners, self.backend.num_workers())):
-            travelling = [i for part in members for i in part]
+        for index, members in enumerate(rounds([piece.nbytes for piece in travelling], owner,
+                                               self.backend.num_workers())):
+            sent = [i for part in members for i in part]
             with tf.control_dependencies(written):
-                mine = [as_bytes(Piece(self.variables[i]).read()) if self.owners[i] == rank
-                        else tf.zeros([0], tf.uint8) for i in travelling]
+                mine = [as_bytes(travelling[i].read()) if owner[i] == rank
+                        else tf.zeros([0], tf.uint8) for i in sent]
                 gathered = self.backend.gather_all(mine, f"{name}{index}")
                 # The collective too: the next round waits for it where all it brings is this
                 # rank's own (in a graph; eagerly it has run, and holding it would keep every
                 # round's buffer).
                 if not tf.executing_eagerly():
                     written.append(gathered[0][0])
-                written += [Piece(self.variables[i]).write(
-                                from_bytes(pieces[self.owners[i]], self.variables[i]))
-                            for i, pieces in zip(travelling, gathered) if self.owners[i] != rank]
+                written += [travelling[i].write(from_bytes(parts[owner[i]], travelling[i]))
+                            for i, parts in zip(sent, gathered) if owner[i] != rank]
         return written

@@ -9,11 +9,15 @@ collective, negotiations cached by name, and collectives not marked stateful.
 from __future__ import annotations
 
 import hashlib
+import os
 from typing import Sequence
 
 import tensorflow as tf
 
-from distaccum.comm.pieces import row_counts
+from distaccum.comm.pieces import GROUP_BYTES, row_counts, run_time_zero
+
+# The fusion buffer distaccum asks Horovod for, unless the job sets `HOROVOD_FUSION_THRESHOLD`.
+FUSION_BYTES = GROUP_BYTES // 4
 
 
 def _per_dtype(tensors: Sequence, collective) -> list[tf.Tensor]:
@@ -44,13 +48,12 @@ def _never_constant(group: list[tf.Tensor]) -> list[tf.Tensor]:
     Horovod's collectives are not marked stateful (horovod#3229), so TensorFlow's constant
     folding runs one whose inputs are all constants (the zeros of a worker's empty window) once,
     while it optimises the graph, and bakes in that result: later calls skip the collective and
-    the workers' collectives stop pairing up. A zero made from `tf.timestamp` (stateful, finite)
-    keeps it a run-time op, for a few bytes of work.
+    the workers' collectives stop pairing up. A `run_time_zero` keeps it a run-time op.
     """
     if tf.executing_eagerly():
         return group
     smallest = min(range(len(group)), key=lambda i: group[i].shape.num_elements() or 0)
-    zero = tf.cast(tf.timestamp() * 0.0, group[smallest].dtype)
+    zero = run_time_zero(group[smallest].dtype)
     return [t + zero if i == smallest else t for i, t in enumerate(group)]
 
 
@@ -68,6 +71,11 @@ class HorovodBackend:
     def __init__(self) -> None:
         import horovod.tensorflow as hvd  # imported here only: single-process mode must not need it
 
+        # Horovod keeps its fusion buffer (64 MiB by default) for the whole run, a copy of what
+        # it fuses. distaccum's collectives come in groups of at most `GROUP_BYTES` already,
+        # so a smaller one still fuses their small tensors into one collective: Figure 4's
+        # sharded Dense stack peaked 0.14 W lower (2.85 → 2.71 W). A job's own setting wins.
+        os.environ.setdefault("HOROVOD_FUSION_THRESHOLD", str(FUSION_BYTES))
         hvd.init()
         self._hvd = hvd
         self._scratch = tf.Variable(0.0, trainable=False)  # what `_kept` writes

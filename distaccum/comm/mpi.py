@@ -140,7 +140,11 @@ class MPIBackend:
 
         def scatter(buffer: np.ndarray) -> np.ndarray:
             result = np.empty(mine, buffer.dtype)
-            self._world.Reduce_scatter(buffer, result, recvcounts=sizes, op=self._mpi.SUM)
+            for owner, (start, size) in enumerate(zip(np.cumsum(sizes) - sizes, sizes)):
+                if size:
+                    self._world.Reduce(buffer[start:start + size],
+                                       result if owner == self.rank() else None,
+                                       op=self._mpi.SUM, root=owner)
             self.collective_counts["reducescatter"] += 1
             self.collective_bytes["reducescatter"] += buffer.nbytes
             return result

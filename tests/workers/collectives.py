@@ -39,8 +39,9 @@ def run(backend) -> dict[str, np.ndarray]:
             return backend.reduce_scatter([2 * s for s in segments], "contract")
 
     scattered = tf.function(waited_for)()
-    # In place, in groups: 16-byte groups put each variable in a group of its own.
-    pieces.GROUP_BYTES = 16
+    # In place, in groups: 16-byte groups put each variable in a group of its own, and the table
+    # (40 bytes, above CUT_BYTES) travels in ranges of two rows.
+    pieces.GROUP_BYTES = pieces.CUT_BYTES = 16
     table, scalar = tf.Variable(tf.reshape(tf.range(10.0), [5, 2]) * one), tf.Variable(one)
     others = tf.function(lambda: comm.sum_in_place(backend, [table, scalar], [vector],
                                                    "contract_in_place", tf.float32))()
