@@ -315,7 +315,7 @@ def memory_per_parameter(args) -> None:
     base_mb = resident_mb()
     if args.mode == "keras":
         model.fit(x, y, batch_size=args.global_batch, epochs=1, verbose=0, shuffle=False)
-        accumulation_steps = None
+        accumulation_steps, gradient_sums = None, 0
     else:
         trainer = distaccum.Trainer.from_compiled(
             model, global_batch_size=args.global_batch,
@@ -329,9 +329,10 @@ def memory_per_parameter(args) -> None:
 
         trainer.fit(distaccum.micro_batches((x, y), args.micro_batch), epochs=1,
                     log_interval=10**9, save_checkpoint=save_checkpoint)
-        accumulation_steps = trainer.accumulation_steps
+        accumulation_steps, gradient_sums = trainer.accumulation_steps, trainer.gradient_sums
     (args.out / f"rank{distaccum.rank()}.json").write_text(json.dumps({
         "workers": distaccum.num_workers(), "k": accumulation_steps, "weights_mb": weights_mb,
+        "gradient_sums": gradient_sums,
         "base_mb": base_mb, "steady_mb": resident_mb(), "peak_mb": peak_rss_mb(),
     }))
 

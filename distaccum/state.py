@@ -148,10 +148,14 @@ def exchange_slots(backend, local: dict) -> list[Slot]:
             for owner, piece in enumerate(pieces) for r in np.asarray(piece)]
 
 
-def _piece_bytes(piece: tuple) -> int:
-    """The bytes of a travelling piece: (index, `Slot`, its range of rows or None)."""
+def _piece_shape(piece: tuple) -> tuple[int, ...]:
+    """The shape of a travelling piece: (index, `Slot`, its range of rows or None)."""
     _, slot, rows = piece
-    return slot.nbytes if rows is None else slot.nbytes // slot.shape[0] * (rows[1] - rows[0])
+    return slot.shape if rows is None else (rows[1] - rows[0], *slot.shape[1:])
+
+
+def _piece_bytes(piece: tuple) -> int:
+    return int(np.prod(_piece_shape(piece), dtype=np.int64)) * np.dtype(piece[1].dtype).itemsize
 
 
 def _joined(parts: list[tf.Tensor]) -> tf.Tensor:
@@ -180,14 +184,18 @@ class SlotTransfer:
         """On the chief, what the other workers hold: (index in `state.entries()`, the bytes of
         the slot's next range of rows), in the entries' order, each slot's rows in order (every
         worker runs the gathers; the others get them too and drop them)."""
-        start = len(self.state.model_variables) + len(self.state.global_variables)
-        pieces = [(start + i, slot, rows) for i, slot in self._travelling
-                  for rows in row_ranges(slot.shape, np.dtype(slot.dtype).itemsize,
-                                         TRANSFER_BYTES)]
-        for group in groups_by_size(pieces, _piece_bytes, TRANSFER_BYTES):
+        for group in groups_by_size(self._pieces(), _piece_bytes, TRANSFER_BYTES):
             # Made in a call of its own: locals of this generator would hold a group while the
             # next one travels.
             yield from self._gathered(group)
+
+    def _pieces(self) -> list[tuple[int, Slot, tuple[int, int] | None]]:
+        """(index in `state.entries()`, slot, range of rows) of every travelling slot, in
+        ranges of at most `TRANSFER_BYTES`."""
+        start = len(self.state.model_variables) + len(self.state.global_variables)
+        return [(start + i, slot, rows) for i, slot in self._travelling
+                for rows in row_ranges(slot.shape, np.dtype(slot.dtype).itemsize,
+                                       TRANSFER_BYTES)]
 
     def _gathered(self, group: list) -> list[tuple[int, np.ndarray]]:
         mine = [as_bytes(Piece(self.state.local[(slot.variable, slot.position)], rows).read())
@@ -203,13 +211,20 @@ class SlotTransfer:
         return [(index, arrived[index, rows]) for index, _, rows in group]
 
     def scatter(self, read) -> None:
-        """Each slot to its owner: `read(index)` gives the array at that index of the entries
-        (on the chief, from the checkpoint it restored; None elsewhere)."""
-        start = len(self.state.model_variables) + len(self.state.global_variables)
-        for group in groups_by_size(self._travelling, lambda item: item[1].nbytes):
-            values = [tf.constant(read(start + i)) if read is not None
-                      else tf.zeros(s.shape, s.dtype) for i, s in group]
-            for (_, s), value in zip(group, self.backend.broadcast_from_chief(values)):
-                if s.owner == self.state.rank:
-                    self.state.local[(s.variable, s.position)].assign(value)
+        """Each slot to its owner, in the ranges of rows `gather` sends: `read(index)` gives the
+        array at that index of the entries (on the chief, from the checkpoint it restored; None
+        elsewhere), read once per slot."""
+        held: dict[int, np.ndarray] = {}  # on the chief, the slot being sent
 
+        def values(index: int, rows) -> np.ndarray:
+            if index not in held:
+                held.clear()
+                held[index] = read(index)
+            return held[index] if rows is None else held[index][slice(*rows)]
+
+        for group in groups_by_size(self._pieces(), _piece_bytes, TRANSFER_BYTES):
+            sent = [tf.constant(values(piece[0], piece[2])) if read is not None
+                    else tf.zeros(_piece_shape(piece), piece[1].dtype) for piece in group]
+            for (_, slot, rows), value in zip(group, self.backend.broadcast_from_chief(sent)):
+                if slot.owner == self.state.rank:
+                    Piece(self.state.local[(slot.variable, slot.position)], rows).write(value)

@@ -236,6 +236,14 @@ class Trainer:
         return self._steps.update_step_traces
 
     @property
+    def gradient_sums(self) -> int:
+        """How many model-sized gradient sums each worker keeps (each W of float32): one per
+        distinct denominator of the loss, usually one (docs/design.md, "Accumulation: sums per
+        denominator"). 0 before the first step (`prepare`) creates them."""
+        accumulator = self._steps.accumulator
+        return 0 if accumulator is None else len(accumulator.normalisers)
+
+    @property
     def allreduce_per_update(self) -> tuple[int, int]:
         """(tensors, bytes) one update step allreduces: the gradient sums (in `allreduce_dtype`),
         and in float32 the statistics per normaliser, the sample count, the metrics' states and

@@ -109,8 +109,11 @@ def test_memory_smoke_measures_both_kinds_of_update_and_the_growth_per_parameter
     table = _table_rows(figure["table"])
     assert table["distaccum, 2 workers, Horovod"][2:4] == ["2", "2"]
     assert table["distaccum, 2 workers, Horovod, sharded"][2:4] == ["2", "2"]
+    # Each run's gradient sums (one for these models' one loss) are in its budget.
+    assert all(row["gradient_sums"] == (row["run"] != "keras") for row in rows)
+    whole, sharded = "≤ Keras + 1.25 (1 gradient sum)", "≤ Keras + 0.35 (1 gradient sum)"
     assert [check["target"] for check in figure["checks"]] == (
-        ["≤ 0.5"] + ["≤ Keras + 1.25"] * 3 + ["≤ Keras + 0.35"] * 2 + ["≤ Keras + 1.25"] * 3)
+        ["≤ 0.5"] + [whole] * 3 + [sharded] * 2 + [whole] * 3)
     assert [check["passed"] for check in figure["checks"]] == [None] * 9  # smoke: not judged
 
 

@@ -225,10 +225,14 @@ class _Pair:
         self._meeting["barrier"].wait()
         return [[worker[i] for worker in both] for i in range(len(tensors))]
 
+    def broadcast_from_chief(self, tensors):
+        return [from_both[0] for from_both in self.gather_all(tensors, "broadcast")]
+
 
 def test_another_workers_slot_is_written_whole_from_its_ranges_of_rows(tmp_path, monkeypatch):
     """Sharded state: a slot worker 1 holds travels to the chief in ranges of its rows (here
-    64 bytes each) and lands in the checkpoint as one array, bit for bit."""
+    64 bytes each) and lands in the checkpoint as one array, bit for bit; restored, it travels
+    back to worker 1 the same way."""
     monkeypatch.setattr(state, "TRANSFER_BYTES", 64)
     remote = np.arange(50 * 3, dtype=np.float32).reshape(50, 3) * 1.5
     slot = state.Slot(0, 0, remote.shape, "float32", owner=1)
@@ -243,3 +247,11 @@ def test_another_workers_slot_is_written_whole_from_its_ranges_of_rows(tmp_path,
                                             SETTINGS, transfers[0].gather())
     other.join()
     np.testing.assert_array_equal(checkpoint.read_array(path, 0), remote)
+    reads = []
+    held[1][0, 0].assign(np.zeros_like(remote))
+    other = threading.Thread(target=lambda: transfers[1].scatter(None))
+    other.start()
+    transfers[0].scatter(lambda index: reads.append(index) or checkpoint.read_array(path, index))
+    other.join()
+    np.testing.assert_array_equal(held[1][0, 0].numpy(), remote)
+    assert reads == [0]  # the slot read from the file once, not once per range

@@ -101,5 +101,8 @@ def test_denominators_that_are_the_same_sum_share_one_gradient_sum(name, normali
         model, (x, y, w) = case.build(), case.data()
         options = {"loss": case.loss, "loss_weights": case.loss_weights}
     trainer = distaccum.Trainer(model, reductions.optimizer(), accumulation_steps=2, **options)
+    assert trainer.gradient_sums == 0  # none before the first step
     trainer.prepare(scenarios.as_dataset(x, y, w).element_spec)
     assert sorted(trainer._steps.accumulator.normalisers) == normalisers
+    # What memory budgets count: a model-sized sum per denominator (benchmarks/memory.py).
+    assert trainer.gradient_sums == len(normalisers)
