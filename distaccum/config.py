@@ -40,9 +40,10 @@ class TrainConfig:
 
     dataset: str = _help(
         f"training data: a bundled dataset ({', '.join(BUNDLED_DATASETS)}), an import path "
-        "package.module:function returning a tf.data.Dataset of (x, y[, sample_weight]) samples "
-        "(or a (train, validation) pair of them), or an .npz file (x, y[, sample_weight, x_val, "
-        "y_val])", default="digits")
+        "package.module:function returning a tf.data.Dataset of (x, y[, sample_weight]) samples, "
+        "a random-access source (any other object with __len__ and __getitem__(i) giving one "
+        "sample; read 1/N per worker) or a tuple (train, validation) of them, or an .npz file "
+        "(x, y[, sample_weight, x_val, y_val])", default="digits")
     dataset_args: dict = _help("keyword arguments for a dataset function (refused for any other "
                                "dataset)", default_factory=dict)
     parse: str | None = _help(

@@ -1,4 +1,5 @@
-"""This worker's micro-batches of arrays or TFRecord files, in the order `order` defines.
+"""This worker's micro-batches of arrays, TFRecord files or a random-access source, in the order
+`order` defines.
 
 `micro_batches(...)` is the public way in: each worker reads only the samples it trains on (a
 window of sample numbers per update, gathered from arrays or read from record files), the updates
@@ -15,7 +16,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from distaccum import comm, order, recordfiles
+from distaccum import comm, order, randomaccess, recordfiles
 from distaccum.data import EpochPlan
 
 # Samples read per step of an unshuffled (validation) pass.
@@ -31,12 +32,13 @@ _FIXED.autotune.enabled = False
 
 
 class MicroBatches:
-    """This worker's micro-batches of arrays or record files, in `order`'s order: each worker
-    reads only its share, and update u of an epoch trains on the same samples whatever the
-    number of workers, as long as `global_batch_size` is the same.
+    """This worker's micro-batches of arrays, record files or a random-access source, in
+    `order`'s order: each worker reads only its share, and update u of an epoch trains on the
+    same samples whatever the number of workers, as long as `global_batch_size` is the same.
 
     Build one with `distaccum.micro_batches`. Owns batching and reading windows of samples; not
-    the order (`order`) nor what a sample is (`ArraySamples`, `recordfiles.RecordSamples`).
+    the order (`order`) nor what a sample is (`ArraySamples`, `recordfiles.RecordSamples`,
+    `randomaccess.RandomAccessSamples`).
     """
 
     def __init__(self, samples, micro_batch_size: int, *, seed: int = 0,
@@ -169,8 +171,10 @@ def micro_batches(data, micro_batch_size: int, *, parse=None, seed: int = 0,
     """This worker's micro-batches of `data`, for `Trainer.fit` (training or validation data).
 
     Args:
-        data: arrays `(x, y)` or `(x, y, sample_weight)`, or TFRecord files: a glob (any path
-            `tf.io.gfile` reads) whose records `parse` turns into samples.
+        data: arrays `(x, y)` or `(x, y, sample_weight)` (a tuple or list); TFRecord files: a
+            glob (any path `tf.io.gfile` reads) whose records `parse` turns into samples; or a
+            random-access source: any other object with `__len__` and `__getitem__(i)` returning
+            one sample, `(x, y)` or `(x, y, sample_weight)` (`distaccum.randomaccess`).
         micro_batch_size: samples per micro-batch on one worker.
         parse: a function of one serialized record returning `(x, y)` or `(x, y, sample_weight)`
             (record files only), as for `tf.data.Dataset.map`.
@@ -186,8 +190,9 @@ def micro_batches(data, micro_batch_size: int, *, parse=None, seed: int = 0,
         samples = recordfiles.RecordSamples(files, parse)
     else:
         if parse is not None:
-            raise ValueError("parse is for record files; arrays are samples already. Received: "
-                             f"parse={parse!r}")
-        samples = ArraySamples(tuple(data))
+            raise ValueError("parse is for record files; arrays and random-access sources give "
+                             f"samples already. Received: parse={parse!r}")
+        samples = (randomaccess.RandomAccessSamples(data) if randomaccess.is_random_access(data)
+                   else ArraySamples(tuple(data)))
     return MicroBatches(samples, micro_batch_size, seed=seed, partitions=partitions,
                         shuffle_buffer=shuffle_buffer)

@@ -1,8 +1,10 @@
 """Where the job's model, data, loss, metrics and optimizer come from: what a config names.
 
 A config names each by what a user has: a bundled name (`catalog`), an import path
-`package.module:name` (found on `PYTHONPATH`, or under `--workdir`), or files (`.keras` for a
-model, `.npz` for data, a glob of TFRecord files with a `parse` function). Every value is resolved here, on every worker, before any training, and
+`package.module:name` (found on `PYTHONPATH`, or under `--workdir`; for data, a function
+returning a `tf.data.Dataset`, a random-access source, or a tuple of two of them), or files
+(`.keras` for a model, `.npz` for data, a glob of TFRecord files with a `parse` function). Every
+value is resolved here, on every worker, before any training, and
 every bad one is a `ConfigError`: one line naming the key and the value.
 """
 
@@ -19,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 from keras.src.losses.losses import LossFunctionWrapper  # how Keras's compile wraps a function
 
-from distaccum import catalog, comm, data, recordfiles
+from distaccum import catalog, comm, data, randomaccess, recordfiles
 from distaccum.microbatches import MicroBatches, micro_batches
 from distaccum.trainer import compiled_arguments
 from distaccum.config import (BUNDLED_DATASETS, BUNDLED_MODELS, ConfigError, TrainConfig,
@@ -135,13 +137,15 @@ def _from_record_files(key: str, value: str, config: TrainConfig, index_file: Pa
 
 
 def _from_function(key: str, value: str, config: TrainConfig, shuffled: bool):
+    """What a dataset function returns, by its type: a `tf.data.Dataset` of samples, a
+    random-access source (`randomaccess`), or a tuple of two of them (training, validation)."""
     returned = _call(key, value, import_object(key, value), config.dataset_args)
     samples, validation = returned if isinstance(returned, tuple) else (returned, None)
-    for which, dataset in (("training", samples), ("validation", validation)):
-        if dataset is not None:
-            _check_samples(key, value, which, dataset)
     if validation is not None:
-        validation = data.shard(validation).batch(config.micro_batch_size)
+        validation = _validation(key, value, validation, config)
+    if randomaccess.is_random_access(samples):
+        return _micro_batches(key, value, samples, config), validation, []
+    _check_samples(key, value, "training", samples)
     if not shuffled:
         return data.shard(samples).batch(config.micro_batch_size), None, []
     if int(samples.cardinality()) == tf.data.INFINITE_CARDINALITY:
@@ -149,10 +153,18 @@ def _from_function(key: str, value: str, config: TrainConfig, shuffled: bool):
                           f"(distaccum repeats it per epoch). Received: {key}={value!r}")
     train = data.DatasetEpochs(data.shuffled_shards(samples, config.micro_batch_size,
                                                     config.seed, config.shuffle_buffer))
-    note = (f"distaccum: {key}: a dataset function: every worker reads all of its data and keeps "
-            f"1/{comm.num_workers()}; TFRecord files (dataset: a glob, parse: a function) are "
-            "read 1/N per worker")
+    note = (f"distaccum: {key}: a tf.data.Dataset: every worker reads all of its data and keeps "
+            f"1/{comm.num_workers()}; record files and random-access sources are read 1/N per "
+            "worker (README: Your own project)")
     return train, validation, [note] if comm.num_workers() > 1 else []
+
+
+def _validation(key: str, value: str, returned, config: TrainConfig):
+    """A dataset function's validation data: this worker's share, in micro-batches."""
+    if randomaccess.is_random_access(returned):
+        return _micro_batches(key, value, returned, config)
+    _check_samples(key, value, "validation", returned)
+    return data.shard(returned).batch(config.micro_batch_size)
 
 
 def _read_npz(key: str, value: str) -> list:
@@ -181,8 +193,8 @@ def _check_samples(key: str, value: str, which: str, dataset) -> None:
     if not isinstance(dataset, tf.data.Dataset) or not isinstance(spec, tuple) or len(spec) not in (2, 3):
         received = spec if isinstance(dataset, tf.data.Dataset) else type(dataset).__name__
         raise ConfigError(f"{key}: the {which} data must be a tf.data.Dataset of (x, y) or "
-                          f"(x, y, sample_weight) samples, got {received}. Received: "
-                          f"{key}={value!r}")
+                          f"(x, y, sample_weight) samples, or a random-access source (__len__ "
+                          f"and __getitem__), got {received}. Received: {key}={value!r}")
 
 
 def load_model(config: TrainConfig, job_data: JobData) -> keras.Model:

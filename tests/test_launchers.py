@@ -94,15 +94,21 @@ def test_main_command_reaches_95_percent_validation_accuracy_when_two_workers(tm
 EXAMPLE = REPO_ROOT / "examples" / "my_project"
 
 
-def test_example_project_trains_by_import_path_with_two_workers(tmp_path):
+@pytest.mark.parametrize("dataset", ["load", "load_rows"],
+                         ids=["tf_data_datasets", "random_access_sources"])
+def test_example_project_trains_by_import_path_with_two_workers(tmp_path, dataset):
     # A user's own package (model factory, dataset function), named in its config by import path.
     completed = _launch("mpi", "2", "--workdir", str(EXAMPLE), "--config",
-                        str(EXAMPLE / "config.yaml"), "--set", f"logdir={tmp_path}")
+                        str(EXAMPLE / "config.yaml"), "--set", f"logdir={tmp_path}",
+                        "--set", f"dataset=my_project.data:{dataset}")
     assert "num_workers 2," in completed.stdout
+    # A tf.data.Dataset is read whole by every worker; a random-access source 1/N per worker.
+    assert ("every worker reads all of its data" in completed.stdout) == (dataset == "load")
     summary = re.search(r"distaccum: done: (\d+) update steps, .*validation accuracy ([\d.]+)",
                         completed.stdout)
     assert summary, completed.stdout[-2000:]
-    # 426 training samples: 213 per worker, ceil(ceil(213 / 16) / 2) = 7 updates per epoch.
+    # 426 training samples: 213 per worker, ceil(ceil(213 / 16) / 2) = 7 updates per epoch; by
+    # the order's arithmetic for a source, ceil(426 / 64) = 7.
     assert int(summary.group(1)) == 10 * 7
     assert float(summary.group(2)) >= 0.93
     # Trained with the optimizer the factory compiled (Adam at 0.01), not distaccum's default.
