@@ -303,6 +303,16 @@ def _check_settings(restored: Restored, settings: dict) -> None:
               "its Keras reduction (the default divides by the number of loss elements), so "
               "weighted runs take other steps than before (loss_args {reduction: "
               "mean_with_sample_weight} divides by the weights' sum)", file=sys.stderr)
+    if "training_samples" in saved and "training_samples" in settings \
+            and saved["training_samples"] != settings["training_samples"]:
+        # Recorded since 2026-12 (an older checkpoint resumes unchecked): the order and the
+        # updates per epoch follow from the data's size, so other data is another run.
+        raise ConfigError(
+            f"dataset: the checkpoint in {restored.path.parent} was trained on "
+            f"{saved['training_samples']} samples, this dataset holds "
+            f"{settings['training_samples']}; resuming needs the same data (the order and the "
+            "updates per epoch follow from its size). Received: "
+            f"dataset={settings.get('dataset')!r} (use another logdir to start afresh)")
     for key in RESUME_MUST_MATCH:
         if key in settings and saved.get(key) != settings[key]:
             raise ConfigError(

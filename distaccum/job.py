@@ -21,6 +21,7 @@ from distaccum.checkpoint import OBJECTIVE, CheckpointError, CheckpointManager, 
 from distaccum.config import ConfigError, TrainConfig
 from distaccum.progress import ProgressReporter, loss_first
 from distaccum.history import Position
+from distaccum.microbatches import MicroBatches
 from distaccum.summaries import TensorBoardWriter
 from distaccum.trainer import Trainer, compiled_arguments
 
@@ -294,8 +295,11 @@ def run(config: TrainConfig, stream: TextIO | None = None) -> JobResult:
     total = config.update_steps or config.epochs * plan.updates_per_epoch
     trainer = build_trainer(config, job_data, total, shape.accumulation_steps)
     trainer.prepare(job_data.train.element_spec)
-    # As applied: the worker count, k and the global batch, and what trains (as built).
+    # As applied: the worker count, k and the global batch, what trains (as built), and the
+    # samples the order is drawn from (a dataset function's tf.data.Dataset has no count).
     settings = {**_resume_settings(config, shape), "applied": applied_training(trainer)}
+    if isinstance(job_data.train, MicroBatches):
+        settings["training_samples"] = job_data.train.layout.num_samples
     start, saved = _resume(trainer, manager if chief else None, settings)
     previous = BatchShape.of(saved) if saved and "num_workers" in saved else None
     device_codes = comm.gather_device_codes()

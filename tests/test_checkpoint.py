@@ -129,6 +129,19 @@ def test_restore_refuses_checkpoint_of_other_global_batch_naming_the_one_to_set(
                                           "global_batch_size": 16})
 
 
+def test_restore_refuses_data_of_another_size_and_takes_a_checkpoint_without_the_count(tmp_path):
+    manager = CheckpointManager(tmp_path)
+    counted = {**SETTINGS, "dataset": "my_project.data:load_rows", "training_samples": 426}
+    manager.save(Position(5, 1, 5), _state(), counted)
+    with pytest.raises(ConfigError, match=r"^dataset: the checkpoint in .* was trained on 426 "
+                       r"samples, this dataset holds 425; .*Received: dataset='my_project"):
+        manager.restore_latest(_state(), {**counted, "training_samples": 425})
+    assert manager.restore_latest(_state(), counted).position == Position(5, 1, 5)
+    uncounted = {k: v for k, v in counted.items() if k != "training_samples"}
+    manager.save(Position(10, 1, 10), _state(), uncounted)  # written before the count was kept
+    assert manager.restore_latest(_state(), counted).position == Position(10, 1, 10)
+
+
 def test_restore_refuses_checkpoint_of_other_model_shape(tmp_path, capsys):
     manager = CheckpointManager(tmp_path)
     manager.save(Position(5, 1, 5), _state()[:-1], SETTINGS)

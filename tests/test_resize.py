@@ -119,6 +119,22 @@ def test_resume_with_another_global_batch_exits_2_naming_the_one_to_set(train, t
                 "divide it)" in err and "Received: global_batch_size=32" in err), err
 
 
+def test_resume_on_data_of_another_size_exits_2_naming_both_counts(train, tmp_path):
+    data = tmp_path / "data.npz"
+
+    def write(rows: int) -> None:
+        rng = np.random.default_rng(rows)
+        np.savez(data, x=rng.normal(size=(rows, 64)).astype("float32"),
+                 y=rng.integers(0, 10, rows))
+
+    write(300)
+    assert train(tmp_path / "run", f"dataset={data}", "update_steps=2")[0] == 0
+    write(290)  # the same path, other data: its order would not be the run's
+    code, _, err = train(tmp_path / "run", f"dataset={data}")
+    assert code == cli.EXIT_BAD_INPUT and err.count("\n") == 1, err
+    assert "was trained on 300 samples, this dataset holds 290" in err, err
+
+
 # --- real workers: 2 -> 4 -> 2 -> 1 -------------------------------------------------------------
 
 RECORD_SIZES = (0, 300, 37, 200, 1, 92)  # test_recordfiles' files: 630 records
