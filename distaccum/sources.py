@@ -155,7 +155,7 @@ def _from_function(key: str, value: str, config: TrainConfig, shuffled: bool):
                                                     config.seed, config.shuffle_buffer))
     note = (f"distaccum: {key}: a tf.data.Dataset: every worker reads all of its data and keeps "
             f"1/{comm.num_workers()}; record files and random-access sources are read 1/N per "
-            "worker (README: Your own project)")
+            "worker (README: Data at scale)")
     return train, validation, [note] if comm.num_workers() > 1 else []
 
 

@@ -134,7 +134,10 @@ class MPIBackend:
         return result
 
     def reduce_scatter(self, segments: Sequence[tf.Tensor], name: str) -> tf.Tensor:
-        # One `Reduce_scatter` with each rank's count: no padding.
+        # One `Reduce` per rank that owns part of the round, rooted there: each rank's segment
+        # goes to its owner, no padding. Open MPI's `Reduce_scatter`, which takes counts too,
+        # holds temporaries of the whole round on the rank that receives (+2 W on the owner of
+        # Figure 4's table); a `Reduce` pipelines its segment.
         sizes = [s.shape.num_elements() for s in segments]
         mine = sizes[self.rank()]
 

@@ -13,9 +13,9 @@ from typing import Iterator, Sequence
 import tensorflow as tf
 
 # The start-up broadcast and the update's reduction send variables in groups of at most this many
-# bytes (a larger variable goes alone): what a group's collective copies (packing, buffers,
-# results) stays that small, never a copy of the whole state. Horovod's own fusion buffer, which
-# plays that part inside Horovod, holds 64 MiB.
+# bytes (a larger piece goes alone): what a group's collective copies (packing, buffers, results)
+# stays that small, never a copy of the whole state. Horovod's own fusion buffer plays that part
+# inside Horovod (`horovod.FUSION_BYTES`).
 GROUP_BYTES = 32 << 20
 
 # A variable larger than this travels in ranges of rows (`travelling`).
