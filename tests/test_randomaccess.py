@@ -3,6 +3,7 @@ samples of any form, reads of its own samples only, and one line for a source th
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 import threading
@@ -15,8 +16,11 @@ import pytest
 import distaccum
 from distaccum import comm
 from distaccum import config as config_module
-from distaccum import sources
+from distaccum import order, sources
+from distaccum.microbatches import ArraySamples
 from distaccum.randomaccess import SourceError
+
+import scenarios
 
 SAMPLES, FEATURES, MICRO_BATCH_SIZE, K = 37, 3, 4, 2
 
@@ -103,19 +107,43 @@ def test_samples_keep_their_form_when_x_is_a_dict_with_text():
     np.testing.assert_array_equal(w.numpy(), np.ones(5))
 
 
-def test_training_on_a_source_equals_training_on_its_arrays():
+def _classifier() -> keras.Model:
+    keras.utils.set_random_seed(1)
+    return keras.Sequential([keras.Input((FEATURES,)), keras.layers.Dense(3)])
+
+
+SCCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+@pytest.mark.rounding
+def test_training_on_a_source_takes_keras_large_batch_steps_and_the_arrays_steps():
     def trained(data):
-        keras.utils.set_random_seed(1)
-        model = keras.Sequential([keras.Input((FEATURES,)), keras.layers.Dense(3)])
-        trainer = distaccum.Trainer(
-            model, keras.optimizers.SGD(0.1),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            accumulation_steps=K)
-        trainer.fit(distaccum.micro_batches(data, MICRO_BATCH_SIZE, seed=5), epochs=2)
-        return [v.numpy() for v in model.trainable_variables]
+        model = _classifier()
+        trainer = distaccum.Trainer(model, keras.optimizers.SGD(0.1), loss=SCCE,
+                                    accumulation_steps=K)
+        history = trainer.fit(distaccum.micro_batches(data, MICRO_BATCH_SIZE, seed=5), epochs=2)
+        return [v.numpy() for v in model.trainable_variables], history.update_steps
 
     arrays = _arrays()
-    for got, expected in zip(trained(Source(arrays)), trained(arrays)):
+    weights, update_steps = trained(Source(arrays))
+    # Keras's own step on each window's concatenated batch, the window's samples by the order
+    # alone (ragged last update included).
+    reference, optimizer = _classifier(), keras.optimizers.SGD(0.1)
+    layout = order.Layout((SAMPLES,), order.DEFAULT_PARTITIONS, order.DEFAULT_SHUFFLE_BUFFER)
+    updates = 0
+    for epoch in (1, 2):
+        epoch_order = order.EpochOrder(layout, 5, epoch, K * MICRO_BATCH_SIZE)
+        micro_batches = [(arrays[0][s], arrays[1][s], None)
+                         for u in range(epoch_order.updates)
+                         for samples in [epoch_order.worker_update(u, 1, 0)]
+                         for s in np.split(samples, range(MICRO_BATCH_SIZE, len(samples),
+                                                          MICRO_BATCH_SIZE))]
+        updates += scenarios.reference_training(reference, optimizer, SCCE, [micro_batches], K,
+                                                epochs=1)
+    assert update_steps == updates == 2 * math.ceil(SAMPLES / (K * MICRO_BATCH_SIZE))
+    scenarios.assert_weights_close(weights, [v.numpy() for v in reference.trainable_variables])
+    # And the arrays' run, bit for bit: one order, one pipeline after the read.
+    for got, expected in zip(weights, trained(arrays)[0]):
         np.testing.assert_array_equal(got, expected)
 
 
@@ -149,12 +177,16 @@ def test_bad_sample_stops_fit_in_one_line_naming_its_index_with_nothing_applied(
     assert int(trainer.optimizer.iterations) == stopped_at - 1
 
 
-@pytest.mark.parametrize("source, message", [
-    ([], r"arrays must be"),
-], ids=["empty_list_is_arrays"])
-def test_lists_and_tuples_are_arrays_not_sources(source, message):
-    with pytest.raises(ValueError, match=message):
-        distaccum.micro_batches(source, MICRO_BATCH_SIZE)
+def test_a_list_is_arrays_as_a_tuple_is_and_neither_is_taken_for_a_source():
+    arrays = _arrays()
+    as_list = distaccum.micro_batches(list(arrays), MICRO_BATCH_SIZE, seed=3)
+    as_tuple = distaccum.micro_batches(arrays, MICRO_BATCH_SIZE, seed=3)
+    assert type(as_list.samples) is type(as_tuple.samples) is ArraySamples
+    for parts, expected in zip(_values(as_list.epoch(1, K)), _values(as_tuple.epoch(1, K))):
+        for part, expected_part in zip(parts, expected):
+            np.testing.assert_array_equal(part, expected_part)
+    with pytest.raises(ValueError, match=r"^arrays must be"):  # not "a source of 0 samples"
+        distaccum.micro_batches([], MICRO_BATCH_SIZE)
 
 
 class _Empty:
