@@ -24,6 +24,7 @@ _PUBLIC_NAMES = {
     "shard": "distaccum.data",
     "micro_batches": "distaccum.microbatches",
     "MicroBatches": "distaccum.microbatches",
+    "ImageFolder": "distaccum.imagefolders",
     "Trainer": "distaccum.trainer",
     "UpdateResult": "distaccum.steps",
     "InexactWarning": "distaccum.objective",

@@ -36,12 +36,12 @@ _PREFIX = "update-"
 # Changing these between a run and its resume would silently change what an update is. Not the
 # worker count, micro-batch size or k: with the same global batch, update u of an epoch takes the
 # same samples on any of them (`order`), so a run may resume on more or fewer workers.
-RESUME_MUST_MATCH = ("dataset", "dataset_args", "parse", "model", "model_args", "loss",
+RESUME_MUST_MATCH = ("dataset", "dataset_args", "parse", "image_options", "model", "model_args", "loss",
                      "loss_args", "optimizer", "optimizer_args", "learning_rate", "lr_schedule",
                      "warmup_steps", "global_batch_size", "seed", "partitions", "shuffle_buffer",
                      "precision")
 # Settings later formats added, as a checkpoint without them was written.
-_ADDED_SETTINGS = {"loss_args": {}}
+_ADDED_SETTINGS = {"loss_args": {}, "image_options": {}}
 # What an update minimises (`objective`): recorded so that a resume never silently changes it.
 OBJECTIVE = "each loss under its Keras reduction"
 # Checkpoints without the record were written when every weighted loss was divided by the sum of
@@ -313,6 +313,15 @@ def _check_settings(restored: Restored, settings: dict) -> None:
             f"{settings['training_samples']}; resuming needs the same data (the order and the "
             "updates per epoch follow from its size). Received: "
             f"dataset={settings.get('dataset')!r} (use another logdir to start afresh)")
+    if "training_files" in saved and "training_files" in settings \
+            and saved["training_files"] != settings["training_files"]:
+        # A listing's digest (folders of images): as many files, but other ones or renamed.
+        raise ConfigError(
+            f"dataset: the checkpoint in {restored.path.parent} was trained on other files (its "
+            f"listing's digest {saved['training_files']}, this one's "
+            f"{settings['training_files']}); resuming needs the same files in the same folders. "
+            f"Received: dataset={settings.get('dataset')!r} (use another logdir to start "
+            "afresh)")
     for key in RESUME_MUST_MATCH:
         if key in settings and saved.get(key) != settings[key]:
             raise ConfigError(

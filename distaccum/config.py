@@ -42,8 +42,10 @@ class TrainConfig:
         f"training data: a bundled dataset ({', '.join(BUNDLED_DATASETS)}), an import path "
         "package.module:function returning a tf.data.Dataset of (x, y[, sample_weight]) samples, "
         "a random-access source (any other object with __len__ and __getitem__(i) giving one "
-        "sample; read 1/N per worker) or a tuple (train, validation) of them, or an .npz file "
-        "(x, y[, sample_weight, x_val, y_val])", default="digits")
+        "sample; read 1/N per worker) or a tuple (train, validation) of them, an .npz file "
+        "(x, y[, sample_weight, x_val, y_val]), or a folder of images ending in / (one subfolder "
+        "per class, as keras.utils.image_dataset_from_directory reads; read 1/N per worker)",
+        default="digits")
     dataset_args: dict = _help("keyword arguments for a dataset function (refused for any other "
                                "dataset)", default_factory=dict)
     parse: str | None = _help(
@@ -51,7 +53,12 @@ class TrainConfig:
         "tf.io.gfile reads) and this an import path package.module:function turning one "
         "serialized record into (x, y[, sample_weight])", default=None)
     validation_dataset: str | None = _help(
-        "validation data, as dataset takes it (default: what dataset comes with)", default=None)
+        "validation data, as dataset takes it (default: what dataset comes with; a folder of "
+        "images takes the training folder's class names)", default=None)
+    image_options: dict = _help(
+        "for folders of images: image_size [height, width], color_mode, interpolation, "
+        "crop_to_aspect_ratio, pad_to_aspect_ratio, as image_dataset_from_directory takes them "
+        "(default: its defaults; refused for other data)", default_factory=dict)
     shuffle_buffer: int = _help(
         "samples shuffled at once, over all partitions (a worker holds at most "
         "shuffle_buffer / num_workers)", default=8192)
@@ -143,7 +150,7 @@ class TrainConfig:
                 self._check_named("validation_dataset", (), ".npz")
         elif not is_import_path(self.parse):
             _fail("parse", self.parse, "must be an import path package.module:function")
-        elif self.dataset in BUNDLED_DATASETS:
+        elif self.dataset in BUNDLED_DATASETS or is_folder(self.dataset):
             _fail("dataset", self.dataset, f"must be a glob of TFRecord files when parse is set "
                   f"(parse={self.parse!r})")
         self._check_named("model", BUNDLED_MODELS, ".keras")
@@ -201,6 +208,10 @@ class TrainConfig:
                 _fail(args, getattr(self, args), f"only a {key} given as an import path "
                       f"(package.module:function) takes arguments; {key}={value!r} would ignore "
                       "them")
+        if self.image_options and not any(
+                is_folder(value) for value in (self.dataset, self.validation_dataset or "")):
+            _fail("image_options", self.image_options, "is for folders of images (a dataset "
+                  f"ending in /); dataset={self.dataset!r} would ignore it")
         if self.warmup_steps and self.lr_schedule != "cosine":
             _fail("warmup_steps", self.warmup_steps, f"needs lr_schedule: cosine (the "
                   f"{self.lr_schedule} schedule has no warm-up)")
@@ -210,11 +221,12 @@ class TrainConfig:
 
     def _check_named(self, name: str, bundled: tuple, suffix: str) -> None:
         value = getattr(self, name)
-        if value not in bundled and not value.endswith(suffix) and not is_import_path(value):
+        if value not in bundled and not value.endswith(suffix) and not is_import_path(value) \
+                and not (suffix == ".npz" and is_folder(value)):
             names = f"one of {', '.join(bundled)}, " if bundled else ""
             _fail(name, value, f"must be {names}an import path package.module:name or a "
-                  f"{suffix} file" + (" (or, with parse, a glob of TFRecord files)"
-                                       if suffix == ".npz" else ""))
+                  f"{suffix} file" + (", a folder of images ending in / (or, with parse, a glob "
+                                       "of TFRecord files)" if suffix == ".npz" else ""))
 
     def accumulation_steps_on(self, num_workers: int) -> int:
         """k on `num_workers` workers: as given, or what makes `global_batch_size`.
@@ -251,6 +263,11 @@ def is_import_path(value: str) -> bool:
     """`package.module:name`, the form a config gives an import path in."""
     module, separator, name = value.partition(":")
     return bool(separator and module and name.isidentifier())
+
+
+def is_folder(value: str) -> bool:
+    """A path ending in `/`: the form a config gives a folder of images in."""
+    return value.endswith("/")
 
 
 def _fail(key: str, value, reason: str) -> typing.NoReturn:

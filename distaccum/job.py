@@ -300,6 +300,8 @@ def run(config: TrainConfig, stream: TextIO | None = None) -> JobResult:
     settings = {**_resume_settings(config, shape), "applied": applied_training(trainer)}
     if isinstance(job_data.train, MicroBatches):
         settings["training_samples"] = job_data.train.layout.num_samples
+        if getattr(job_data.train.samples, "fingerprint", None):  # a listing of files
+            settings["training_files"] = job_data.train.samples.fingerprint
     start, saved = _resume(trainer, manager if chief else None, settings)
     previous = BatchShape.of(saved) if saved and "num_workers" in saved else None
     device_codes = comm.gather_device_codes()

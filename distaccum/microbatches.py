@@ -1,5 +1,5 @@
-"""This worker's micro-batches of arrays, TFRecord files or a random-access source, in the order
-`order` defines.
+"""This worker's micro-batches of arrays, TFRecord files, a random-access source or a folder of
+images, in the order `order` defines.
 
 `micro_batches(...)` is the public way in: each worker reads only the samples it trains on (a
 window of sample numbers per update, gathered from arrays or read from record files), the updates
@@ -16,7 +16,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from distaccum import comm, order, randomaccess, recordfiles
+from distaccum import comm, imagefolders, order, randomaccess, recordfiles
 from distaccum.data import EpochPlan
 
 # Samples read per step of an unshuffled (validation) pass.
@@ -174,7 +174,8 @@ def micro_batches(data, micro_batch_size: int, *, parse=None, seed: int = 0,
         data: arrays `(x, y)` or `(x, y, sample_weight)` (a tuple or list); TFRecord files: a
             glob (any path `tf.io.gfile` reads) whose records `parse` turns into samples; or a
             random-access source: any other object with `__len__` and `__getitem__(i)` returning
-            one sample, `(x, y)` or `(x, y, sample_weight)` (`distaccum.randomaccess`).
+            one sample, `(x, y)` or `(x, y, sample_weight)` (`distaccum.randomaccess`); or a
+            folder of class subfolders of images (`distaccum.ImageFolder`).
         micro_batch_size: samples per micro-batch on one worker.
         parse: a function of one serialized record returning `(x, y)` or `(x, y, sample_weight)`
             (record files only), as for `tf.data.Dataset.map`.
@@ -188,6 +189,8 @@ def micro_batches(data, micro_batch_size: int, *, parse=None, seed: int = 0,
     if isinstance(data, str):
         files = recordfiles.index(data, index_file)
         samples = recordfiles.RecordSamples(files, parse)
+    elif isinstance(data, imagefolders.ImageFolder):
+        samples = data
     else:
         if parse is not None:
             raise ValueError("parse is for record files; arrays and random-access sources give "

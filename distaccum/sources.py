@@ -3,7 +3,8 @@
 A config names each by what a user has: a bundled name (`catalog`), an import path
 `package.module:name` (found on `PYTHONPATH`, or under `--workdir`; for data, a function
 returning a `tf.data.Dataset`, a random-access source, or a tuple of two of them), or files
-(`.keras` for a model, `.npz` for data, a glob of TFRecord files with a `parse` function). Every
+(`.keras` for a model, `.npz` for data, a glob of TFRecord files with a `parse` function, a
+folder of images per class ending in `/`). Every
 value is resolved here, on every worker, before any training, and
 every bad one is a `ConfigError`: one line naming the key and the value.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -21,11 +23,11 @@ import numpy as np
 import tensorflow as tf
 from keras.src.losses.losses import LossFunctionWrapper  # how Keras's compile wraps a function
 
-from distaccum import catalog, comm, data, randomaccess, recordfiles
+from distaccum import catalog, comm, data, imagefolders, randomaccess, recordfiles
 from distaccum.microbatches import MicroBatches, micro_batches
 from distaccum.trainer import compiled_arguments
 from distaccum.config import (BUNDLED_DATASETS, BUNDLED_MODELS, ConfigError, TrainConfig,
-                              is_import_path)
+                              is_folder, is_import_path)
 
 # The metrics of the bundled models, which produce class logits.
 BUNDLED_METRICS = ("accuracy",)
@@ -79,18 +81,22 @@ def load_data(config: TrainConfig, index_file: Path | None = None) -> JobData:
     `index_file`); every other worker must call this too."""
     train, validation, notes = _load("dataset", config.dataset, config, index_file)
     if config.validation_dataset is not None:
+        # A validation folder labels its images with the training folder's classes.
+        classes = getattr(getattr(train, "samples", None), "class_names", None)
         validation, _, more = _load("validation_dataset", config.validation_dataset, config,
-                                    index_file, shuffled=False)
+                                    index_file, shuffled=False, class_names=classes)
         notes += more
     return JobData(train, validation, tuple(notes))
 
 
 def _load(key: str, value: str, config: TrainConfig, index_file: Path | None,
-          shuffled: bool = True):
+          shuffled: bool = True, class_names=None):
     """(data, the validation data it came with or None, notes) for one config key: the
     training data when `shuffled`, else a validation set."""
     if config.parse is not None:
         return _from_record_files(key, value, config, index_file)
+    if is_folder(value):
+        return _from_image_folder(key, value, config, class_names)
     if value in BUNDLED_DATASETS and key == "dataset":
         split = catalog.load_dataset(value)
         arrays = [(split.x_train, split.y_train), (split.x_validation, split.y_validation)]
@@ -134,6 +140,22 @@ def _from_record_files(key: str, value: str, config: TrainConfig, index_file: Pa
     note = (f"distaccum: {key}: {len(files.paths)} record files, {sum(files.sizes):,} records, "
             f"{how}")
     return batches, None, [note]
+
+
+def _from_image_folder(key: str, value: str, config: TrainConfig, class_names):
+    """A folder of class subfolders of images, listed (on every worker: one collective)."""
+    started = time.perf_counter()
+    try:
+        folder = imagefolders.ImageFolder(value, class_names=class_names, **config.image_options)
+    except imagefolders.ImageFolderError as error:
+        if error.in_options:  # the message names the option and its value
+            raise ConfigError(f"image_options: {error}") from None
+        raise ConfigError(f"{key}: {error}. Received: {key}={value!r}") from None
+    notes = [f"distaccum: {key}: {len(folder.paths):,} images in {len(folder.class_names)} "
+             f"classes, listed in {time.perf_counter() - started:.1f} s"]
+    notes += [f"distaccum: warning: {key}: class folder {name!r} holds no image; it keeps label "
+              f"{folder.class_names.index(name)}, as in Keras" for name in folder.empty_classes]
+    return _micro_batches(key, value, folder, config), None, notes
 
 
 def _from_function(key: str, value: str, config: TrainConfig, shuffled: bool):

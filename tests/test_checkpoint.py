@@ -142,6 +142,21 @@ def test_restore_refuses_data_of_another_size_and_takes_a_checkpoint_without_the
     assert manager.restore_latest(_state(), counted).position == Position(10, 1, 10)
 
 
+def test_restore_refuses_other_files_of_the_same_count_and_image_options(tmp_path):
+    manager = CheckpointManager(tmp_path)
+    listed = {**SETTINGS, "dataset": "/data/train/", "training_samples": 20,
+              "training_files": "0123456789abcdef", "image_options": {"image_size": [8, 8]}}
+    manager.save(Position(5, 1, 5), _state(), listed)
+    with pytest.raises(ConfigError, match=r"^dataset: the checkpoint in .* was trained on other "
+                       r"files \(its listing's digest 0123456789abcdef, this one's "
+                       r"fedcba9876543210\); resuming needs the same files"):
+        manager.restore_latest(_state(), {**listed, "training_files": "fedcba9876543210"})
+    with pytest.raises(ConfigError, match=r"^image_options: the checkpoint .* was written with "
+                       r"image_options=\{'image_size': \[8, 8\]\}"):
+        manager.restore_latest(_state(), {**listed, "image_options": {"image_size": [9, 9]}})
+    assert manager.restore_latest(_state(), listed).position == Position(5, 1, 5)
+
+
 def test_restore_refuses_checkpoint_of_other_model_shape(tmp_path, capsys):
     manager = CheckpointManager(tmp_path)
     manager.save(Position(5, 1, 5), _state()[:-1], SETTINGS)
