@@ -36,12 +36,12 @@ _PREFIX = "update-"
 # Changing these between a run and its resume would silently change what an update is. Not the
 # worker count, micro-batch size or k: with the same global batch, update u of an epoch takes the
 # same samples on any of them (`order`), so a run may resume on more or fewer workers.
-RESUME_MUST_MATCH = ("dataset", "dataset_args", "parse", "image_options", "model", "model_args", "loss",
-                     "loss_args", "optimizer", "optimizer_args", "learning_rate", "lr_schedule",
-                     "warmup_steps", "global_batch_size", "seed", "partitions", "shuffle_buffer",
-                     "precision")
+RESUME_MUST_MATCH = ("dataset", "dataset_args", "parse", "columns", "image_options", "model",
+                     "model_args", "loss", "loss_args", "optimizer", "optimizer_args",
+                     "learning_rate", "lr_schedule", "warmup_steps", "global_batch_size", "seed",
+                     "partitions", "shuffle_buffer", "precision")
 # Settings later formats added, as a checkpoint without them was written.
-_ADDED_SETTINGS = {"loss_args": {}, "image_options": {}}
+_ADDED_SETTINGS = {"loss_args": {}, "image_options": {}, "columns": None}
 # What an update minimises (`objective`): recorded so that a resume never silently changes it.
 OBJECTIVE = "each loss under its Keras reduction"
 # Checkpoints without the record were written when every weighted loss was divided by the sum of

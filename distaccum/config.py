@@ -20,7 +20,9 @@ LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 # The types gradient sums can travel in between workers (float32 is exact; see `Trainer`).
 ALLREDUCE_DTYPES = ("float32", "bfloat16", "float16")
-JIT_COMPILE_VALUES = ("auto", "true", "false")  # the Trainer's "auto", True, False
+JIT_COMPILE_VALUES = ("auto", "true", "false")
+# Files read as tables (rows by row group): Parquet, then Arrow IPC.
+TABLE_EXTENSIONS = (".parquet", ".pq", ".arrow", ".feather", ".ipc")  # the Trainer's "auto", True, False
 # Keys of which a config gives one: a `--set` of either replaces the other's value from the file.
 ALTERNATIVES = {"accumulation_steps": "global_batch_size", "global_batch_size": "accumulation_steps",
                 "epochs": "update_steps", "update_steps": "epochs"}
@@ -49,9 +51,14 @@ class TrainConfig:
     dataset_args: dict = _help("keyword arguments for a dataset function (refused for any other "
                                "dataset)", default_factory=dict)
     parse: str | None = _help(
-        "with it, dataset (and validation_dataset) is a glob of TFRecord files (any path "
-        "tf.io.gfile reads) and this an import path package.module:function turning one "
-        "serialized record into (x, y[, sample_weight])", default=None)
+        "with it, dataset (and validation_dataset) is a glob of files (any path tf.io.gfile "
+        "reads) and this an import path package.module:function returning (x, y[, "
+        "sample_weight]) of one serialized record (TFRecord files), or of one row, a dict of "
+        "column values (Parquet or Arrow IPC files: .parquet, .arrow, .feather, .ipc)",
+        default=None)
+    columns: dict | None = _help(
+        "for Parquet or Arrow IPC files, instead of parse: {x: column or [columns] (stacked "
+        "into one float32 vector), y: column, sample_weight: column (optional)}", default=None)
     validation_dataset: str | None = _help(
         "validation data, as dataset takes it (default: what dataset comes with; a folder of "
         "images takes the training folder's class names)", default=None)
@@ -144,15 +151,7 @@ class TrainConfig:
             _check_type(spec.name, value, hints[spec.name])
             if isinstance(value, int) and float in typing.get_args(hints[spec.name]) + (hints[spec.name],):
                 object.__setattr__(self, spec.name, float(value))  # YAML reads "0" as an int
-        if self.parse is None:
-            self._check_named("dataset", BUNDLED_DATASETS, ".npz")
-            if self.validation_dataset is not None:
-                self._check_named("validation_dataset", (), ".npz")
-        elif not is_import_path(self.parse):
-            _fail("parse", self.parse, "must be an import path package.module:function")
-        elif self.dataset in BUNDLED_DATASETS or is_folder(self.dataset):
-            _fail("dataset", self.dataset, f"must be a glob of TFRecord files when parse is set "
-                  f"(parse={self.parse!r})")
+        self._check_data()
         self._check_named("model", BUNDLED_MODELS, ".keras")
         self._check_arguments()
         if self.metrics is not None and not all(isinstance(m, str) for m in self.metrics):
@@ -195,6 +194,29 @@ class TrainConfig:
         return [key for key in keys if getattr(self, key) != (
             fields[key].default_factory() if fields[key].default is dataclasses.MISSING
             else fields[key].default)]
+
+    def _check_data(self) -> None:
+        """What `dataset` names and what reads it agree: `parse` for files (TFRecord, or
+        tables), `columns` for tables only, neither for the other kinds."""
+        if self.parse is not None and not is_import_path(self.parse):
+            _fail("parse", self.parse, "must be an import path package.module:function")
+        if is_table_pattern(self.dataset):
+            if (self.parse is None) == (self.columns is None):
+                _fail("dataset", self.dataset, "Parquet or Arrow IPC files need parse (a "
+                      "function of one row) or columns (which columns are x, y and "
+                      "sample_weight), one of them")
+            return
+        if self.columns is not None:
+            _fail("columns", self.columns, "is for Parquet or Arrow IPC files (a dataset glob "
+                  f"ending in {', '.join(TABLE_EXTENSIONS)}); dataset={self.dataset!r} would "
+                  "ignore it")
+        if self.parse is None:
+            self._check_named("dataset", BUNDLED_DATASETS, ".npz")
+            if self.validation_dataset is not None:
+                self._check_named("validation_dataset", (), ".npz")
+        elif self.dataset in BUNDLED_DATASETS or is_folder(self.dataset):
+            _fail("dataset", self.dataset, f"must be a glob of TFRecord files when parse is set "
+                  f"(parse={self.parse!r})")
 
     def _check_arguments(self) -> None:
         """A `*_args` entry is applied exactly or refused: only a factory or function named by
@@ -263,6 +285,11 @@ def is_import_path(value: str) -> bool:
     """`package.module:name`, the form a config gives an import path in."""
     module, separator, name = value.partition(":")
     return bool(separator and module and name.isidentifier())
+
+
+def is_table_pattern(value: str) -> bool:
+    """A glob of Parquet or Arrow IPC files, by its extension (any other glob is TFRecord)."""
+    return value.lower().endswith(TABLE_EXTENSIONS)
 
 
 def is_folder(value: str) -> bool:

@@ -1,5 +1,5 @@
-"""This worker's micro-batches of arrays, TFRecord files, a random-access source or a folder of
-images, in the order `order` defines.
+"""This worker's micro-batches of arrays, TFRecord or table files, a random-access source or a
+folder of images, in the order `order` defines.
 
 `micro_batches(...)` is the public way in: each worker reads only the samples it trains on (a
 window of sample numbers per update, gathered from arrays or read from record files), the updates
@@ -16,7 +16,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from distaccum import comm, imagefolders, order, randomaccess, recordfiles
+from distaccum import comm, imagefolders, order, randomaccess, recordfiles, tables
 from distaccum.data import EpochPlan
 
 # Samples read per step of an unshuffled (validation) pass.
@@ -51,7 +51,8 @@ class MicroBatches:
         self.samples = samples
         self.micro_batch_size = micro_batch_size
         self.seed = seed
-        self.layout = order.Layout(tuple(samples.sizes), partitions, shuffle_buffer)
+        self.layout = order.Layout(tuple(samples.sizes), partitions, shuffle_buffer,
+                                   getattr(samples, "chunk_records", order.CHUNK_RECORDS))
         order.check_num_workers(comm.num_workers(), partitions)
         self._orders: dict[tuple[int, int], order.EpochOrder] = {}
         self._transforms: tuple = ()
@@ -117,7 +118,7 @@ class MicroBatches:
         by the shuffle buffer, not by the data (twice as many read 4 % fewer records again, at
         +4 % peak memory on the benchmark's 64,000 images: the bound matters more)."""
         partitions = self.layout.partitions // comm.num_workers()
-        return partitions * (math.ceil(self.layout.block_size / order.CHUNK_RECORDS) + 2)
+        return partitions * (math.ceil(self.layout.block_size / self.layout.chunk_records) + 2)
 
     def _batched(self, windows: tf.data.Dataset, samples_of) -> tf.data.Dataset:
         """Windows (indices into `samples_of`) read in order, one Python call each (the reader
@@ -164,37 +165,46 @@ class ArraySamples:
             f" and {len(samples) - 3} more" if len(samples) > 3 else "")
 
 
-def micro_batches(data, micro_batch_size: int, *, parse=None, seed: int = 0,
+def micro_batches(data, micro_batch_size: int, *, parse=None, columns=None, seed: int = 0,
                   partitions: int = order.DEFAULT_PARTITIONS,
                   shuffle_buffer: int = order.DEFAULT_SHUFFLE_BUFFER,
                   index_file=None) -> MicroBatches:
     """This worker's micro-batches of `data`, for `Trainer.fit` (training or validation data).
 
     Args:
-        data: arrays `(x, y)` or `(x, y, sample_weight)` (a tuple or list); TFRecord files: a
-            glob (any path `tf.io.gfile` reads) whose records `parse` turns into samples; or a
-            random-access source: any other object with `__len__` and `__getitem__(i)` returning
-            one sample, `(x, y)` or `(x, y, sample_weight)` (`distaccum.randomaccess`); or a
-            folder of class subfolders of images (`distaccum.ImageFolder`).
+        data: arrays `(x, y)` or `(x, y, sample_weight)` (a tuple or list); files, as a glob (any
+            path `tf.io.gfile` reads): Parquet or Arrow IPC tables (`.parquet`, `.arrow`,
+            `.feather`, `.ipc`), else TFRecord; a random-access source: any other object with
+            `__len__` and `__getitem__(i)` returning one sample, `(x, y)` or
+            `(x, y, sample_weight)` (`distaccum.randomaccess`); or a folder of class subfolders
+            of images (`distaccum.ImageFolder`).
         micro_batch_size: samples per micro-batch on one worker.
-        parse: a function of one serialized record returning `(x, y)` or `(x, y, sample_weight)`
-            (record files only), as for `tf.data.Dataset.map`.
+        parse: a function returning `(x, y)` or `(x, y, sample_weight)`, as for
+            `tf.data.Dataset.map`: of one serialized record (TFRecord files), or of one row, a
+            dict of column name → value (tables).
+        columns: tables only, instead of `parse`: {"x": a column or a list of them (stacked
+            into one float32 vector), "y": a column, optionally "sample_weight": a column}.
         seed: with the epoch, seeds the order (`distaccum.order`): update u of an epoch trains on
             the same samples for any number of workers with the same global batch size.
         partitions: the order's fixed logical partitions; the number of workers must divide it.
         shuffle_buffer: samples shuffled at once, over all partitions.
-        index_file: where to keep the record files' index (None: build it every time). Called on
+        index_file: where to keep the files' index (None: build it every time). Called on
             every worker: the workers split the indexing.
     """
-    if isinstance(data, str):
+    if isinstance(data, str) and tables.is_table_pattern(data):
+        samples = tables.TableSamples(tables.index(data, index_file), parse, columns)
+    elif columns is not None:
+        raise ValueError("columns is for Parquet or Arrow IPC files (a glob ending in .parquet, "
+                         f".arrow, .feather or .ipc). Received: columns={columns!r}")
+    elif isinstance(data, str):
         files = recordfiles.index(data, index_file)
         samples = recordfiles.RecordSamples(files, parse)
+    elif parse is not None:
+        raise ValueError("parse is for files; arrays, random-access sources and image folders "
+                         f"give samples already. Received: parse={parse!r}")
     elif isinstance(data, imagefolders.ImageFolder):
         samples = data
     else:
-        if parse is not None:
-            raise ValueError("parse is for record files; arrays and random-access sources give "
-                             f"samples already. Received: parse={parse!r}")
         samples = (randomaccess.RandomAccessSamples(data) if randomaccess.is_random_access(data)
                    else ArraySamples(tuple(data)))
     return MicroBatches(samples, micro_batch_size, seed=seed, partitions=partitions,

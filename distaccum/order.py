@@ -4,8 +4,9 @@ A pure function of the data's layout (records per file), `seed`, `epoch` and `gl
 in NumPy, with no I/O, so it can be read and tested alone. Samples are numbered 0…n−1 in file
 order (arrays: row order). An epoch's order is built in two levels:
 
-1. **Chunks.** Each file is cut into chunks of `CHUNK_RECORDS` consecutive records; the chunks
-   are permuted, seeded by (seed, epoch). Their concatenation is the epoch's *stream*.
+1. **Chunks.** Each file is cut into chunks of `CHUNK_RECORDS` consecutive records (a table's
+   row group is one chunk); the chunks are permuted, seeded by (seed, epoch). Their
+   concatenation is the epoch's *stream*.
 2. **Partitions and blocks.** The stream is cut into `partitions` contiguous partitions, and each
    partition into blocks of `shuffle_buffer // partitions` samples; each block is permuted,
    seeded by (seed, epoch, partition, block). A reader holds one block per partition at a time.
@@ -53,16 +54,19 @@ class Layout:
         partitions: logical partitions; every worker count must divide it.
         shuffle_buffer: samples shuffled at once over all partitions (a worker holds at most
             `shuffle_buffer / num_workers` of them).
+        chunk_records: records per chunk, the unit of the first shuffle level and of reading
+            (tables: a row group, which is read whole).
     """
 
     file_sizes: tuple[int, ...]
     partitions: int = DEFAULT_PARTITIONS
     shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER
+    chunk_records: int = CHUNK_RECORDS
 
     def __post_init__(self) -> None:
         if not self.file_sizes or min(self.file_sizes) < 0 or sum(self.file_sizes) == 0:
             raise ValueError(f"the data holds no samples. Received: file_sizes={self.file_sizes}")
-        for name in ("partitions", "shuffle_buffer"):
+        for name in ("partitions", "shuffle_buffer", "chunk_records"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1. Received: {name}={getattr(self, name)}")
 
@@ -81,9 +85,9 @@ class Layout:
         firsts, counts = [], []
         file_start = 0
         for size in self.file_sizes:
-            offsets = np.arange(0, size, CHUNK_RECORDS, dtype=np.int64)
+            offsets = np.arange(0, size, self.chunk_records, dtype=np.int64)
             firsts.append(file_start + offsets)
-            counts.append(np.minimum(CHUNK_RECORDS, size - offsets))
+            counts.append(np.minimum(self.chunk_records, size - offsets))
             file_start += size
         return np.concatenate(firsts), np.concatenate(counts)
 

@@ -136,12 +136,14 @@ def _gather(values: list[int], what: str) -> np.ndarray:
         return comm.current().max_all(tf.constant(values, tf.int64, shape=[len(values)])).numpy()
 
 
-def index(pattern: str, index_file: Path | None = None) -> RecordFiles:
-    """The files `pattern` matches, indexed; called on every worker (three collectives).
+def index(pattern: str, index_file: Path | None = None, scan=scan,
+          what: str = "record files") -> RecordFiles:
+    """The files `pattern` matches, indexed; called on every worker (four collectives).
 
     The chief reads the kept index and names the files to scan (new, or changed in size or
     modification time); the workers scan them in turns, then gather record counts and offsets.
-    The chief writes the index back.
+    The chief writes the index back. `scan` gives a file's (records, offsets): TFRecord's by
+    default; a table's row groups (`tables.scan`) use the same index.
 
     Raises:
         RecordFileError: no file matches, or one is not TFRecord (on every worker).
@@ -152,7 +154,7 @@ def index(pattern: str, index_file: Path | None = None) -> RecordFiles:
     kept = _load_kept(index_file) if chief else {}
     known = {i: kept[p] for i, p in enumerate(paths) if p in kept and kept[p]["stat"] == _stat(p)}
     stale = _gather([int(chief and i not in known) for i in range(len(paths))],
-                    "indexing the record files")
+                    f"indexing the {what}")
     mine = [int(i) for i in np.flatnonzero(stale)][comm.rank()::comm.num_workers()]
     found, failed = {}, {}
     for i in mine:
@@ -164,16 +166,17 @@ def index(pattern: str, index_file: Path | None = None) -> RecordFiles:
     found.update(known)
     # Records + 2 where known, 1 where the scan failed: 0 is nobody's knowledge.
     codes = _gather([found[i]["records"] + 2 if i in found else int(i in failed)
-                     for i in range(len(paths))], "indexing the record files")
+                     for i in range(len(paths))], f"indexing the {what}")
     if (codes == 1).any():
         bad = int(np.flatnonzero(codes == 1)[0])
-        reason = failed.get(bad, "not a TFRecord file, or unreadable")
+        reason = failed.get(bad, f"unreadable, or not one of the {what}")
         raise RecordFileError(f"{reason}: {paths[bad]}")
     sizes = [int(c) - 2 for c in codes]
-    lengths = [-(-size // CHUNK_RECORDS) + 1 for size in sizes]
+    lengths = _gather([len(found[i]["offsets"]) if i in found else 0
+                       for i in range(len(paths))], f"indexing the {what}").tolist()
     flat = _gather([v for i, length in enumerate(lengths)
                     for v in (found[i]["offsets"] if i in found else [0] * length)],
-                   "indexing the record files")
+                   f"indexing the {what}")
     offsets = tuple(np.split(flat, np.cumsum(lengths)[:-1]))
     if chief and index_file is not None and len(known) < len(paths):
         _write_kept(index_file, {paths[i]: {"records": sizes[i], "offsets": offsets[i].tolist(),
@@ -310,8 +313,15 @@ def check_parse(files: RecordFiles, parse) -> None:
         raise ParseError(f"not a function of one serialized record: a {type(parse).__name__}")
     first = next(i for i, size in enumerate(files.sizes) if size)
     record = RecordReader(files).read(np.array([sum(files.sizes[:first])], np.int64))
+    check_first_sample(parse, (tf.constant(record.tolist()),),
+                       f"the first record of {files.paths[first]}")
+
+
+def check_first_sample(parse, first: tuple, where: str) -> None:
+    """`parse` on the parts of one sample as read (each with a leading axis of 1); a
+    `ParseError` naming `where` if it raises or returns other than `(x, y[, sample_weight])`."""
     try:
-        parsed = tf.data.Dataset.from_tensor_slices(tf.constant(record.tolist())).map(parse)
+        parsed = tf.data.Dataset.from_tensor_slices(first).map(parse)
         spec = parsed.element_spec
         if not isinstance(spec, tuple) or len(spec) not in (2, 3):
             raise ValueError(f"it returned {spec}, not (x, y) or (x, y, sample_weight)")
@@ -320,4 +330,4 @@ def check_parse(files: RecordFiles, parse) -> None:
         reason = one_line(error)
         if not reason.startswith(f"{type(error).__name__}:"):  # a traced error's last line has it
             reason = f"{type(error).__name__}: {reason}"
-        raise ParseError(f"fails on the first record of {files.paths[first]} ({reason})") from None
+        raise ParseError(f"fails on {where} ({reason})") from None

@@ -27,7 +27,7 @@ from distaccum import catalog, comm, data, imagefolders, randomaccess, recordfil
 from distaccum.microbatches import MicroBatches, micro_batches
 from distaccum.trainer import compiled_arguments
 from distaccum.config import (BUNDLED_DATASETS, BUNDLED_MODELS, ConfigError, TrainConfig,
-                              is_folder, is_import_path)
+                              is_folder, is_import_path, is_table_pattern)
 
 # The metrics of the bundled models, which produce class logits.
 BUNDLED_METRICS = ("accuracy",)
@@ -93,8 +93,8 @@ def _load(key: str, value: str, config: TrainConfig, index_file: Path | None,
           shuffled: bool = True, class_names=None):
     """(data, the validation data it came with or None, notes) for one config key: the
     training data when `shuffled`, else a validation set."""
-    if config.parse is not None:
-        return _from_record_files(key, value, config, index_file)
+    if config.parse is not None or is_table_pattern(value):
+        return _from_files(key, value, config, index_file)
     if is_folder(value):
         return _from_image_folder(key, value, config, class_names)
     if value in BUNDLED_DATASETS and key == "dataset":
@@ -113,15 +113,17 @@ def _load(key: str, value: str, config: TrainConfig, index_file: Path | None,
 
 
 def _micro_batches(key: str, value: str, source, config: TrainConfig,
-                   index_file: Path | None = None, parse=None) -> MicroBatches:
+                   index_file: Path | None = None, parse=None, columns=None) -> MicroBatches:
     """`micro_batches`, its errors as one line naming the config key at fault."""
     try:
-        return micro_batches(source, config.micro_batch_size, parse=parse, seed=config.seed,
-                             partitions=config.partitions, shuffle_buffer=config.shuffle_buffer,
-                             index_file=index_file)
+        return micro_batches(source, config.micro_batch_size, parse=parse, columns=columns,
+                             seed=config.seed, partitions=config.partitions,
+                             shuffle_buffer=config.shuffle_buffer, index_file=index_file)
     except recordfiles.RecordFileError as error:
         raise ConfigError(f"{key}: {error}. Received: {key}={value!r}") from None
     except recordfiles.ParseError as error:
+        if config.parse is None:  # tables' columns: the message starts "columns: "
+            raise ConfigError(str(error)) from None
         raise ConfigError(f"parse: {error}. Received: parse={config.parse!r}") from None
     except ValueError as error:  # the worker count does not divide partitions, say
         message = str(error).splitlines()[0]
@@ -129,16 +131,20 @@ def _micro_batches(key: str, value: str, source, config: TrainConfig,
         raise ConfigError(f"{at_fault}: {message}") from None
 
 
-def _from_record_files(key: str, value: str, config: TrainConfig, index_file: Path | None):
-    parse = import_object("parse", config.parse)
-    batches = _micro_batches(key, value, value, config, index_file, parse)
+def _from_files(key: str, value: str, config: TrainConfig, index_file: Path | None):
+    """TFRecord files, or Parquet or Arrow IPC files (tables), indexed."""
+    parse = None if config.parse is None else import_object("parse", config.parse)
+    table = is_table_pattern(value)
+    batches = _micro_batches(key, value, value, config, index_file, parse,
+                             config.columns if table else None)
     files = batches.samples.files
     kept = len(files.paths) - files.scanned
     how = (f"index kept from an earlier run ({files.seconds:.1f} s)" if not files.scanned else
            f"indexed in {files.seconds:.1f} s" + (f" ({kept} files from the kept index)" if kept
                                                   else ""))
-    note = (f"distaccum: {key}: {len(files.paths)} record files, {sum(files.sizes):,} records, "
-            f"{how}")
+    kind = (f"table files, {sum(files.sizes):,} rows in {len(batches.samples.sizes):,} row "
+            "groups" if table else f"record files, {sum(files.sizes):,} records")
+    note = f"distaccum: {key}: {len(files.paths)} {kind}, {how}"
     return batches, None, [note]
 
 

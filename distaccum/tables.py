@@ -1,0 +1,242 @@
+"""Parquet and Arrow IPC files as data: rows numbered in file order, read by row group.
+
+A row group (an IPC file's record batch) is the unit Parquet compresses and decodes, and may hold
+10⁵ rows or more: reading it for a few of its rows would cost a worker far more than its share.
+So a table's row groups are the order's chunks (`order.Layout.chunk_records`): the epoch's stream
+is the row groups, permuted, and each worker's span of the stream covers whole row groups but at
+its two ends. A worker decodes each row group of its span once per epoch (kept while its
+partitions read it), only the columns it needs; the row groups a span's ends cut are decoded by
+both workers that share them. The index (rows per row group of every file) is the record files'
+(`recordfiles.index`): built once, split between the workers, kept beside the checkpoints.
+
+A row is a dict of column values. `parse` turns one into `(x, y[, sample_weight])` inside the
+input pipeline (as a record file's `parse` turns a record); `columns` names them instead.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from distaccum import recordfiles
+from distaccum.errors import one_line
+from distaccum.randomaccess import SourceError
+
+PARQUET = (".parquet", ".pq")
+ARROW = (".arrow", ".feather", ".ipc")
+# The keys `columns` takes: which column (or columns, stacked) each part of a sample is.
+COLUMN_PARTS = ("x", "y", "sample_weight")
+
+
+def is_table_pattern(pattern: str) -> bool:
+    """Whether a glob names Parquet or Arrow IPC files (by its extension)."""
+    return pattern.lower().endswith(PARQUET + ARROW)
+
+
+def _open(path: str):
+    """A file's reader: Parquet (`pyarrow.parquet.ParquetFile`) or Arrow IPC (memory-mapped)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    if path.lower().endswith(PARQUET):
+        return pq.ParquetFile(path)
+    return pa.ipc.open_file(pa.memory_map(path))
+
+
+def _group_sizes(table_file) -> list[int]:
+    if hasattr(table_file, "read_row_group"):  # Parquet
+        return [table_file.metadata.row_group(g).num_rows
+                for g in range(table_file.metadata.num_row_groups)]
+    return [table_file.get_batch(g).num_rows for g in range(table_file.num_record_batches)]
+
+
+def scan(path: str) -> tuple[int, np.ndarray]:
+    """(rows, row-group boundaries: 0, then the rows before each next group, then rows) of a
+    Parquet or Arrow IPC file, from its metadata."""
+    try:
+        sizes = _group_sizes(_open(path))
+    except Exception as error:  # noqa: BLE001 - pyarrow's many error types: one line naming it
+        kind = "a Parquet" if path.lower().endswith(PARQUET) else "an Arrow IPC"
+        raise recordfiles.RecordFileError(f"not {kind} file ({one_line(error)})") from None
+    return int(sum(sizes)), np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+
+
+class TableSamples:
+    """Samples from Parquet or Arrow IPC files, as `microbatches.MicroBatches` reads them: a
+    window of sample numbers becomes one array per column here (row groups decoded whole, kept
+    while the window's partitions read them), and samples in `parse`.
+
+    Args:
+        files: the index (`recordfiles.index(pattern, scan=tables.scan)`): per file, its row
+            groups' boundaries as offsets.
+        parse: a function of one row (a dict of column name → value) returning `(x, y)` or
+            `(x, y, sample_weight)`; or None with `columns`.
+        columns: {"x": a column or a list of them (stacked into one float32 vector), "y": a
+            column, optionally "sample_weight": a column}.
+    """
+
+    def __init__(self, files: recordfiles.RecordFiles, parse=None, columns=None) -> None:
+        if (parse is None) == (columns is None):
+            raise recordfiles.ParseError("give parse (a function of one row) or columns (which "
+                                         "columns are x, y and sample_weight), not both")
+        if not any(files.sizes):
+            raise recordfiles.RecordFileError("the files hold no rows")
+        self.files = files
+        # Every row group of every file, in order: the order's "files", one chunk each.
+        self._groups = [(f, g) for f, offsets in enumerate(files.offsets)
+                        for g in range(len(offsets) - 1) if offsets[g + 1] > offsets[g]]
+        self.sizes = tuple(int(files.offsets[f][g + 1] - files.offsets[f][g])
+                           for f, g in self._groups)
+        self.chunk_records = max(self.sizes)
+        self._group_start = np.concatenate([[0], np.cumsum(self.sizes)])
+        first_path = files.paths[self._groups[0][0]]
+        opened = _open(first_path)
+        available = list(getattr(opened, "schema_arrow", opened.schema).names)
+        if columns is not None:
+            self.columns, self.parse = _columns_parse(columns, available, first_path)
+        else:
+            self.columns, self.parse = available, _row_parse(parse, available)
+        first = self._read_rows(np.array([0], np.int64), OrderedDict())
+        self.window_signature = tuple(
+            tf.TensorSpec([None, *array.shape[1:]],
+                          tf.string if array.dtype == object else tf.as_dtype(array.dtype))
+            for array in first)
+        try:
+            recordfiles.check_first_sample(self.parse, first, f"the first row of {first_path}")
+        except recordfiles.ParseError as error:
+            raise recordfiles.ParseError(f"columns: {error}" if parse is None else str(error)
+                                         ) from None
+
+    def reader(self, cached_chunks: int = 4):
+        """A function of a window's sample numbers returning its columns; keeps the last
+        `cached_chunks` row groups decoded (one reader per pipeline: not thread-safe)."""
+        cache: OrderedDict = OrderedDict()
+
+        def read(samples: np.ndarray) -> tuple:
+            return self._read_rows(samples, cache, cached_chunks)
+
+        return read
+
+    def where(self, sample: int) -> tuple[str, int]:
+        """(file, 0-based row in it) of a sample."""
+        group = int(np.searchsorted(self._group_start, sample, side="right") - 1)
+        file, g = self._groups[group]
+        return (self.files.paths[file],
+                int(self.files.offsets[file][g] + sample - self._group_start[group]))
+
+    def describe(self, samples: np.ndarray) -> str:
+        places = ", ".join("{}#{}".format(*self.where(int(s))) for s in samples[:3].tolist())
+        return f"rows {places}" + (f" and {len(samples) - 3} more" if len(samples) > 3 else "")
+
+    def _read_rows(self, samples: np.ndarray, cache: OrderedDict, capacity: int = 4) -> tuple:
+        """The columns of `samples`, in that order: one NumPy array each (text: objects)."""
+        import pyarrow as pa
+        groups = np.searchsorted(self._group_start, samples, side="right") - 1
+        rows = samples - self._group_start[groups]
+        pieces, positions = [], []
+        for group in np.unique(groups).tolist():
+            mine = np.flatnonzero(groups == group)
+            pieces.append(self._group(group, cache, capacity).take(pa.array(rows[mine])))
+            positions.append(mine)
+        table = pa.Table.from_batches(pieces)
+        if len(pieces) > 1:
+            table = table.take(pa.array(np.argsort(np.concatenate(positions), kind="stable")))
+        return tuple(_as_array(table.column(name), name, self, samples)
+                     for name in self.columns)
+
+    def _group(self, group: int, cache: OrderedDict, capacity: int):
+        """Row group `group` decoded (the columns read only), from the cache if it holds it."""
+        if group in cache:
+            cache.move_to_end(group)
+            return cache[group]
+        file, g = self._groups[group]
+        path = self.files.paths[file]
+        try:
+            table_file = _open(path)
+            if hasattr(table_file, "read_row_group"):  # Parquet
+                decoded = table_file.read_row_group(g, columns=self.columns).combine_chunks(
+                ).to_batches()[0]
+            else:
+                decoded = table_file.get_batch(g).select(self.columns)
+        except Exception as error:  # noqa: BLE001 - pyarrow's error types: one line naming it
+            raise SourceError(f"{path}: row group {g} does not read ({one_line(error)})"
+                              ) from None
+        cache[group] = decoded
+        if len(cache) > capacity:
+            cache.popitem(last=False)
+        return decoded
+
+
+def _as_array(column, name: str, samples: TableSamples, rows: np.ndarray) -> np.ndarray:
+    """A column of a window as one array: numbers as they are, text as objects of bytes, lists
+    of numbers of one length per column as a 2-D array."""
+    import pyarrow as pa
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if column.null_count:
+        at = int(np.flatnonzero(np.asarray(column.is_null()))[0])
+        raise SourceError("{}#{}: column {!r} is null; fill it or drop the row".format(
+            *samples.where(int(rows[at])), name))
+    kind = column.type
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind) \
+            or pa.types.is_large_binary(kind):
+        values = column.cast(pa.large_binary()).to_pylist()
+        return np.array(values, dtype=object)
+    if pa.types.is_fixed_size_list(kind) or pa.types.is_list(kind) \
+            or pa.types.is_large_list(kind):
+        lengths = np.asarray(column.value_lengths())
+        if len(lengths) and (lengths != lengths[0]).any():
+            at = int(np.flatnonzero(lengths != lengths[0])[0])
+            raise SourceError("{}#{}: column {!r} holds a list of {} values, another row {}; "
+                              "every row needs one length (pad it, or write a fixed-size list)"
+                              .format(*samples.where(int(rows[at])), name, int(lengths[at]),
+                                      int(lengths[0])))
+        flat = column.flatten().to_numpy(zero_copy_only=False)
+        return flat.reshape(len(column), int(lengths[0]) if len(lengths) else 0)
+    if not (pa.types.is_integer(kind) or pa.types.is_floating(kind)
+            or pa.types.is_boolean(kind)):
+        raise SourceError(f"{samples.files.paths[0]}: column {name!r} is {kind}; columns of "
+                          "numbers, text, bytes or lists of numbers are read")
+    return column.to_numpy(zero_copy_only=False)
+
+
+def _columns_parse(columns, available: list[str], path: str):
+    """(columns to read, a parse of them) for `columns`: {"x": name or [names], "y": name,
+    "sample_weight": name}."""
+    if not isinstance(columns, dict) or not {"x", "y"} <= set(columns) \
+            or not set(columns) <= set(COLUMN_PARTS):
+        raise recordfiles.ParseError(f"columns: must be a dict with x and y (and optionally "
+                                     f"sample_weight). Received: columns={columns!r}")
+    parts = [[columns[part]] if isinstance(columns[part], str) else columns[part]
+             for part in COLUMN_PARTS if part in columns]
+    for part, names in zip(COLUMN_PARTS, parts):
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+            raise recordfiles.ParseError(f"columns: {part} must be a column name or a list of "
+                                         f"them. Received: {part}={columns[part]!r}")
+        missing = [name for name in names if name not in available]
+        if missing:
+            raise recordfiles.ParseError(f"columns: {part}: column {missing[0]!r} is not in "
+                                         f"{path} (its columns: {', '.join(available)})")
+    read = list(dict.fromkeys(name for names in parts for name in names))
+    stacked = [isinstance(columns[part], list) for part in COLUMN_PARTS if part in columns]
+
+    def parse(*values):
+        row = dict(zip(read, values))
+        return tuple(tf.stack([tf.cast(row[n], tf.float32) for n in names], axis=-1) if stack
+                     else row[names[0]] for names, stack in zip(parts, stacked))
+
+    return read, parse
+
+
+def _row_parse(parse, available: list[str]):
+    """`MicroBatches`' parse of a row's columns (flat): the user's function of the row's dict."""
+    if not callable(parse):
+        raise recordfiles.ParseError(f"not a function of one row: a {type(parse).__name__}")
+    return lambda *values: parse(dict(zip(available, values)))
+
+
+def index(pattern: str, index_file: Path | None = None) -> recordfiles.RecordFiles:
+    """The Parquet or Arrow IPC files `pattern` matches, their row groups indexed (on every
+    worker: `recordfiles.index`'s collectives)."""
+    return recordfiles.index(pattern, index_file, scan=scan, what="table files")
