@@ -25,6 +25,8 @@ _PUBLIC_NAMES = {
     "micro_batches": "distaccum.microbatches",
     "MicroBatches": "distaccum.microbatches",
     "ImageFolder": "distaccum.imagefolders",
+    "mixture": "distaccum.mixtures",
+    "Mixture": "distaccum.mixtures",
     "Trainer": "distaccum.trainer",
     "UpdateResult": "distaccum.steps",
     "InexactWarning": "distaccum.objective",

@@ -40,13 +40,15 @@ def _help(text: str, **kwargs):
 class TrainConfig:
     """Everything `distaccum train` needs. Every `*_interval` counts update steps."""
 
-    dataset: str = _help(
+    dataset: str | list = _help(
         f"training data: a bundled dataset ({', '.join(BUNDLED_DATASETS)}), an import path "
         "package.module:function returning a tf.data.Dataset of (x, y[, sample_weight]) samples, "
         "a random-access source (any other object with __len__ and __getitem__(i) giving one "
         "sample; read 1/N per worker) or a tuple (train, validation) of them, an .npz file "
         "(x, y[, sample_weight, x_val, y_val]), or a folder of images ending in / (one subfolder "
-        "per class, as keras.utils.image_dataset_from_directory reads; read 1/N per worker)",
+        "per class, as keras.utils.image_dataset_from_directory reads; read 1/N per worker); or "
+        "a mixture: a list of {dataset: any of these but a function's tf.data.Dataset, weight: "
+        "> 0}, each update taking weight / sum of weights of its samples from each",
         default="digits")
     dataset_args: dict = _help("keyword arguments for a dataset function (refused for any other "
                                "dataset)", default_factory=dict)
@@ -195,28 +197,57 @@ class TrainConfig:
             fields[key].default_factory() if fields[key].default is dataclasses.MISSING
             else fields[key].default)]
 
+    def training_sources(self) -> list[tuple[str, str]]:
+        """(config key, value) of each training source: `dataset`, or each entry of a mixture
+        (`dataset[i]`)."""
+        if isinstance(self.dataset, str):
+            return [("dataset", self.dataset)]
+        return [(f"dataset[{i}]", entry["dataset"]) for i, entry in enumerate(self.dataset)]
+
     def _check_data(self) -> None:
         """What `dataset` names and what reads it agree: `parse` for files (TFRecord, or
-        tables), `columns` for tables only, neither for the other kinds."""
+        tables), `columns` for tables only, neither for the other kinds; a mixture's entries
+        each name a source and a weight."""
         if self.parse is not None and not is_import_path(self.parse):
             _fail("parse", self.parse, "must be an import path package.module:function")
-        if is_table_pattern(self.dataset):
-            if (self.parse is None) == (self.columns is None):
-                _fail("dataset", self.dataset, "Parquet or Arrow IPC files need parse (a "
-                      "function of one row) or columns (which columns are x, y and "
-                      "sample_weight), one of them")
-            return
-        if self.columns is not None:
+        if isinstance(self.dataset, list):
+            self._check_mixture()
+        kinds = {key: source_kind(value, self.parse) for key, value in self.training_sources()}
+        for key, value in self.training_sources():
+            if kinds[key] == "tables" and (self.parse is None) == (self.columns is None):
+                _fail(key, value, "Parquet or Arrow IPC files need parse (a function of one row) "
+                      "or columns (which columns are x, y and sample_weight), one of them")
+            if kinds[key] is None:
+                _fail(key, value, f"must be one of {', '.join(BUNDLED_DATASETS)}, an import path "
+                      "package.module:name, an .npz file, a folder of images ending in /, "
+                      "Parquet or Arrow IPC files (with columns or parse), or (with parse) a "
+                      "glob of TFRecord files")
+        if self.columns is not None and "tables" not in kinds.values():
             _fail("columns", self.columns, "is for Parquet or Arrow IPC files (a dataset glob "
                   f"ending in {', '.join(TABLE_EXTENSIONS)}); dataset={self.dataset!r} would "
                   "ignore it")
-        if self.parse is None:
-            self._check_named("dataset", BUNDLED_DATASETS, ".npz")
-            if self.validation_dataset is not None:
-                self._check_named("validation_dataset", (), ".npz")
-        elif self.dataset in BUNDLED_DATASETS or is_folder(self.dataset):
+        if self.parse is not None and not {"records", "tables"} & set(kinds.values()):
             _fail("dataset", self.dataset, f"must be a glob of TFRecord files when parse is set "
                   f"(parse={self.parse!r})")
+        if self.validation_dataset is not None \
+                and source_kind(self.validation_dataset, self.parse) is None:
+            self._check_named("validation_dataset", (), ".npz")
+
+    def _check_mixture(self) -> None:
+        """A mixture: a list of {dataset, weight} entries, each weight a number > 0."""
+        if not self.dataset:
+            _fail("dataset", self.dataset, "a mixture needs at least one entry {dataset: ..., "
+                  "weight: ...}")
+        for i, entry in enumerate(self.dataset):
+            if not isinstance(entry, dict) or set(entry) != {"dataset", "weight"} \
+                    or not isinstance(entry["dataset"], str):
+                _fail(f"dataset[{i}]", entry, "a mixture's entry is {dataset: <a dataset as "
+                      "dataset takes it>, weight: <a number > 0>}")
+            weight = entry["weight"]
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) \
+                    or not weight > 0 or weight == float("inf"):
+                _fail(f"dataset[{i}].weight", weight, "must be a number > 0 (the share of "
+                      "every update this source gives is weight / the weights' sum)")
 
     def _check_arguments(self) -> None:
         """A `*_args` entry is applied exactly or refused: only a factory or function named by
@@ -224,14 +255,16 @@ class TrainConfig:
         would ignore them), and `optimizer_args` must not carry what has its own key."""
         for args, key, takes in (("model_args", "model", is_import_path(self.model)),
                                  ("dataset_args", "dataset",
-                                  self.parse is None and is_import_path(self.dataset))):
+                                  any(source_kind(v, self.parse) == "function"
+                                      for _, v in self.training_sources()))):
             value = getattr(self, key)
             if getattr(self, args) and not takes:
                 _fail(args, getattr(self, args), f"only a {key} given as an import path "
                       f"(package.module:function) takes arguments; {key}={value!r} would ignore "
                       "them")
         if self.image_options and not any(
-                is_folder(value) for value in (self.dataset, self.validation_dataset or "")):
+                is_folder(value) for value in [v for _, v in self.training_sources()]
+                + [self.validation_dataset or ""]):
             _fail("image_options", self.image_options, "is for folders of images (a dataset "
                   f"ending in /); dataset={self.dataset!r} would ignore it")
         if self.warmup_steps and self.lr_schedule != "cosine":
@@ -285,6 +318,22 @@ def is_import_path(value: str) -> bool:
     """`package.module:name`, the form a config gives an import path in."""
     module, separator, name = value.partition(":")
     return bool(separator and module and name.isidentifier())
+
+
+def source_kind(value: str, parse: str | None) -> str | None:
+    """What a dataset value names: "bundled", "npz", "function", "folder", "tables",
+    "records" (a glob, with parse), or None."""
+    if is_table_pattern(value):
+        return "tables"
+    if is_folder(value):
+        return "folder"
+    if value in BUNDLED_DATASETS:
+        return "bundled"
+    if value.endswith(".npz"):
+        return "npz"
+    if is_import_path(value):
+        return "function"
+    return "records" if parse is not None else None
 
 
 def is_table_pattern(value: str) -> bool:

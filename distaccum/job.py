@@ -22,6 +22,7 @@ from distaccum.config import ConfigError, TrainConfig
 from distaccum.progress import ProgressReporter, loss_first
 from distaccum.history import Position
 from distaccum.microbatches import MicroBatches
+from distaccum.mixtures import Mixture
 from distaccum.summaries import TensorBoardWriter
 from distaccum.trainer import Trainer, compiled_arguments
 
@@ -298,10 +299,10 @@ def run(config: TrainConfig, stream: TextIO | None = None) -> JobResult:
     # As applied: the worker count, k and the global batch, what trains (as built), and the
     # samples the order is drawn from (a dataset function's tf.data.Dataset has no count).
     settings = {**_resume_settings(config, shape), "applied": applied_training(trainer)}
-    if isinstance(job_data.train, MicroBatches):
-        settings["training_samples"] = job_data.train.layout.num_samples
-        if getattr(job_data.train.samples, "fingerprint", None):  # a listing of files
-            settings["training_files"] = job_data.train.samples.fingerprint
+    if isinstance(job_data.train, (MicroBatches, Mixture)):
+        settings["training_samples"] = job_data.train.num_samples
+        if job_data.train.fingerprint:  # a listing of files
+            settings["training_files"] = job_data.train.fingerprint
     start, saved = _resume(trainer, manager if chief else None, settings)
     previous = BatchShape.of(saved) if saved and "num_workers" in saved else None
     device_codes = comm.gather_device_codes()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import threading
 
 import numpy as np
 import tensorflow as tf
@@ -29,6 +30,8 @@ PARSE_THREADS = os.cpu_count() or 1
 MICRO_BATCHES_AHEAD = 4
 _FIXED = tf.data.Options()
 _FIXED.autotune.enabled = False
+# Epoch orders a `MicroBatches` keeps (a mixture's source may be at the turn of two epochs).
+ORDERS_KEPT = 4
 
 
 class MicroBatches:
@@ -54,7 +57,8 @@ class MicroBatches:
         self.layout = order.Layout(tuple(samples.sizes), partitions, shuffle_buffer,
                                    getattr(samples, "chunk_records", order.CHUNK_RECORDS))
         order.check_num_workers(comm.num_workers(), partitions)
-        self._orders: dict[tuple[int, int], order.EpochOrder] = {}
+        self._orders: dict[tuple, order.EpochOrder] = {}
+        self._orders_lock = threading.Lock()
         self._transforms: tuple = ()
 
     def map(self, transform) -> "MicroBatches":
@@ -73,12 +77,29 @@ class MicroBatches:
     def global_batch_size(self, accumulation_steps: int) -> int:
         return comm.num_workers() * accumulation_steps * self.micro_batch_size
 
+    @property
+    def num_samples(self) -> int:
+        return self.layout.num_samples
+
+    @property
+    def fingerprint(self) -> str | None:
+        """The files' listing's digest, for samples listed at start-up (folders of images)."""
+        return getattr(self.samples, "fingerprint", None)
+
+    def order(self, epoch: int, global_batch_size: int, quota=None) -> order.EpochOrder:
+        """The epoch's order for this global batch (and per-partition quota, a mixture's); the
+        last few are kept."""
+        key = (epoch, global_batch_size, None if quota is None else tuple(quota.tolist()))
+        with self._orders_lock:  # a mixture's pipelines ask from their threads
+            if key not in self._orders:
+                if len(self._orders) >= ORDERS_KEPT:
+                    del self._orders[next(iter(self._orders))]
+                self._orders[key] = order.EpochOrder(self.layout, self.seed, epoch,
+                                                     global_batch_size, quota)
+            return self._orders[key]
+
     def _order(self, epoch: int, accumulation_steps: int) -> order.EpochOrder:
-        key = (epoch, accumulation_steps)
-        if key not in self._orders:
-            self._orders = {key: order.EpochOrder(self.layout, self.seed, epoch,
-                                                  self.global_batch_size(accumulation_steps))}
-        return self._orders[key]
+        return self.order(epoch, self.global_batch_size(accumulation_steps))
 
     def plan(self, accumulation_steps: int) -> EpochPlan:
         """By arithmetic: no pass over the data, no collective."""
@@ -121,9 +142,13 @@ class MicroBatches:
         return partitions * (math.ceil(self.layout.block_size / self.layout.chunk_records) + 2)
 
     def _batched(self, windows: tf.data.Dataset, samples_of) -> tf.data.Dataset:
-        """Windows (indices into `samples_of`) read in order, one Python call each (the reader
-        keeps a cache: calls are sequential), then parsed in parallel and cut into micro-batches
-        (a window holds whole micro-batches, but the epoch's last)."""
+        """Windows (indices into `samples_of`) read, parsed and cut into micro-batches (a window
+        holds whole micro-batches, but the epoch's last)."""
+        return self.batched(self.parsed(windows, samples_of))
+
+    def parsed(self, windows: tf.data.Dataset, samples_of) -> tf.data.Dataset:
+        """The samples of windows (indices into `samples_of`), read in order, one Python call
+        each (the reader keeps a cache: calls are sequential), then parsed in parallel."""
         read = self.samples.reader(self._cached_chunks())
         signature = self.samples.window_signature
 
@@ -135,10 +160,19 @@ class MicroBatches:
         samples = windows.map(read_window).prefetch(2).unbatch()
         if self.samples.parse is not None:
             samples = samples.map(self.samples.parse, num_parallel_calls=PARSE_THREADS)
-        batched = samples.batch(self.micro_batch_size)
-        for transform in self._transforms:
-            batched = transform(batched)
-        return batched.prefetch(MICRO_BATCHES_AHEAD).with_options(_FIXED)
+        return samples
+
+    def batched(self, samples: tf.data.Dataset) -> tf.data.Dataset:
+        return batch_micro_batches(samples, self.micro_batch_size, self._transforms)
+
+
+def batch_micro_batches(samples: tf.data.Dataset, micro_batch_size: int,
+                        transforms: tuple = ()) -> tf.data.Dataset:
+    """Samples in micro-batches, through `map`ped transforms, a few ahead."""
+    batched = samples.batch(micro_batch_size)
+    for transform in transforms:
+        batched = transform(batched)
+    return batched.prefetch(MICRO_BATCHES_AHEAD).with_options(_FIXED)
 
 
 class ArraySamples:

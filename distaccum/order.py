@@ -109,7 +109,11 @@ class EpochOrder:
     costs memory for one block per partition, not for the epoch.
     """
 
-    def __init__(self, layout: Layout, seed: int, epoch: int, global_batch_size: int) -> None:
+    def __init__(self, layout: Layout, seed: int, epoch: int, global_batch_size: int,
+                 quota: np.ndarray | None = None) -> None:
+        """`quota`: the samples each partition gives a full update, summing to
+        `global_batch_size` (default: as even as integers allow; a mixture's source gives
+        `mixture.apportion`'s)."""
         if global_batch_size < 1:
             raise ValueError(f"global_batch_size must be >= 1. Received: {global_batch_size}")
         self.layout = layout
@@ -117,7 +121,7 @@ class EpochOrder:
         n, partitions = layout.num_samples, layout.partitions
         self.updates = math.ceil(n / global_batch_size)
         tail = n - (self.updates - 1) * global_batch_size
-        self._quota = even_split(global_batch_size, partitions)
+        self._quota = even_split(global_batch_size, partitions) if quota is None else quota
         self._tail_quota = even_split(tail, partitions)
         sizes = (self.updates - 1) * self._quota + self._tail_quota
         self._partition_start = np.concatenate([[0], np.cumsum(sizes)])
@@ -164,8 +168,13 @@ class EpochOrder:
         return np.concatenate(pieces) if pieces else np.empty(0, np.int64)
 
     def worker_partitions(self, num_workers: int, rank: int) -> range:
-        check_num_workers(num_workers, self.layout.partitions)
-        share = self.layout.partitions // num_workers
+        return self.worker_partitions_of(self.layout.partitions, num_workers, rank)
+
+    @staticmethod
+    def worker_partitions_of(partitions: int, num_workers: int, rank: int) -> range:
+        """The contiguous partitions worker `rank` of `num_workers` reads."""
+        check_num_workers(num_workers, partitions)
+        share = partitions // num_workers
         return range(rank * share, (rank + 1) * share)
 
     def worker_update(self, update: int, num_workers: int, rank: int) -> np.ndarray:

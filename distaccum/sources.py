@@ -25,9 +25,10 @@ from keras.src.losses.losses import LossFunctionWrapper  # how Keras's compile w
 
 from distaccum import catalog, comm, data, imagefolders, randomaccess, recordfiles
 from distaccum.microbatches import MicroBatches, micro_batches
+from distaccum.mixtures import Mixture
 from distaccum.trainer import compiled_arguments
 from distaccum.config import (BUNDLED_DATASETS, BUNDLED_MODELS, ConfigError, TrainConfig,
-                              is_folder, is_import_path, is_table_pattern)
+                              is_import_path, is_table_pattern, source_kind)
 
 # The metrics of the bundled models, which produce class logits.
 BUNDLED_METRICS = ("accuracy",)
@@ -42,7 +43,7 @@ class JobData:
     set, its share of the validation set (None without one), and what the start-up block says
     about them."""
 
-    train: MicroBatches | data.DatasetEpochs
+    train: MicroBatches | Mixture | data.DatasetEpochs
     validation: MicroBatches | tf.data.Dataset | None
     notes: tuple[str, ...] = ()
 
@@ -89,27 +90,55 @@ def load_data(config: TrainConfig, index_file: Path | None = None) -> JobData:
     return JobData(train, validation, tuple(notes))
 
 
-def _load(key: str, value: str, config: TrainConfig, index_file: Path | None,
+def _load(key: str, value, config: TrainConfig, index_file: Path | None,
           shuffled: bool = True, class_names=None):
     """(data, the validation data it came with or None, notes) for one config key: the
     training data when `shuffled`, else a validation set."""
-    if config.parse is not None or is_table_pattern(value):
+    if isinstance(value, list):
+        return _from_mixture(config, index_file)
+    kind = source_kind(value, config.parse)
+    if kind in ("records", "tables"):
         return _from_files(key, value, config, index_file)
-    if is_folder(value):
+    if kind == "folder":
         return _from_image_folder(key, value, config, class_names)
-    if value in BUNDLED_DATASETS and key == "dataset":
+    if kind == "function":
+        return _from_function(key, value, config, shuffled)
+    if kind == "bundled" and shuffled:
         split = catalog.load_dataset(value)
         arrays = [(split.x_train, split.y_train), (split.x_validation, split.y_validation)]
-    elif value.endswith(".npz"):
+    elif kind == "npz":
         arrays = _read_npz(key, value)
-    elif is_import_path(value):
-        return _from_function(key, value, config, shuffled)
     else:
-        raise ConfigError(f"{key}: not a bundled dataset ({', '.join(BUNDLED_DATASETS)}), an "
-                          f"import path (package.module:function), an .npz file, or (with "
-                          f"parse:) a glob of TFRecord files. Received: {key}={value!r}")
+        raise ConfigError(f"{key}: not a bundled training set ({', '.join(BUNDLED_DATASETS)}), "
+                          "an import path (package.module:function), an .npz file, a folder "
+                          "of images ending in /, Parquet or Arrow IPC files, or (with parse:) "
+                          f"a glob of TFRecord files. Received: {key}={value!r}")
     batches = [None if a is None else _micro_batches(key, value, a, config) for a in arrays]
     return batches[0], batches[1], []
+
+
+def _from_mixture(config: TrainConfig, index_file: Path | None):
+    """A mixture's sources, each loaded as `dataset` would be (validation data they come with
+    is not used: give validation_dataset)."""
+    parts, notes = [], []
+    for key, value in config.training_sources():
+        train, _, more = _load(key, value, config, index_file)
+        if not isinstance(train, MicroBatches):
+            raise ConfigError(f"{key}: a mixture takes sources read in the order's windows "
+                              "(arrays, record or table files, folders of images, random-access "
+                              "sources), not a tf.data.Dataset, whose samples per update cannot "
+                              f"be dealt. Received: {key}={value!r}")
+        parts.append(train)
+        notes += more
+    weights = [entry["weight"] for entry in config.dataset]
+    try:
+        mixed = Mixture(parts, weights)
+    except ValueError as error:  # sources of other forms: one line naming the mixture
+        raise ConfigError(f"dataset: {error}") from None
+    shares = ", ".join(f"{w / sum(weights):.0%} {value}"
+                       for w, (_, value) in zip(weights, config.training_sources()))
+    return mixed, None, notes + [f"distaccum: dataset: a mixture of {len(parts)} sources: "
+                                 f"{shares} of every update"]
 
 
 def _micro_batches(key: str, value: str, source, config: TrainConfig,
