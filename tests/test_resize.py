@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import data_kinds
 import scenarios
 from conftest import (MPI_ROOT_VARIABLES, REPO_ROOT, VENV_BIN, WORKERS_DIR, launcher_command,
                       worker_processes)
@@ -246,3 +247,41 @@ def test_run_resized_2_4_2_1_at_mid_epoch_checkpoints_ends_as_the_uninterrupted_
                    for a, b in zip(resized_state, whole_state) if np.any(b))
     print(f"{chain}: largest |resized - uninterrupted| of a state tensor / its largest |value|: "
           f"{relative:.2g}")
+
+
+# --- every kind of data: 2 workers, cut mid-epoch, resumed on 1 ----------------------------------
+
+# Per kind: the keys that name it (a callable of the test's directory for written data). The
+# bundled digits in each form (data_kinds), global batch 128.
+KINDS = {
+    "image_folders": lambda root: [
+        f"dataset={data_kinds.write_folder(root / 'images')}", "model=data_kinds:image_classifier",
+        "image_options={image_size: [8, 8], color_mode: grayscale}"],
+    "random_access_source": lambda root: ["dataset=data_kinds:digit_rows"],
+    "parquet": lambda root: [f"dataset={data_kinds.write_parquet(root / 'tables')}",
+                             "columns={x: x, y: y}"],
+    "mixture": lambda root: [
+        f"dataset=[{{dataset: digits, weight: 3}}, "
+        f"{{dataset: '{data_kinds.write_parquet(root / 'tables')}', weight: 1}}]",
+        "columns={x: x, y: y}"],
+}
+
+
+@pytest.mark.rounding
+@pytest.mark.multiworker
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_each_kind_of_data_cut_mid_epoch_on_2_workers_resumes_on_1_as_the_uninterrupted_run(
+        kind, tmp_path, monkeypatch):
+    keys = KINDS[kind](tmp_path) + ["micro_batch_size=32", "global_batch_size=128"] + SCHEDULE
+    whole, resized = tmp_path / "whole", tmp_path / "resized"
+    monkeypatch.chdir(REPO_ROOT)
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    _uninterrupted(whole, keys + ["epochs=2"])
+    first = _launch("mpirun", "mpi", 2, tmp_path / "dump", keys + ["update_steps=5",
+                                                                   f"logdir={resized}"])
+    assert "distaccum: done: 5 update steps" in first, first[-3000:]
+    _uninterrupted(resized, keys + ["epochs=2"])
+    whole_meta, whole_state = _state(whole)
+    resized_meta, resized_state = _state(resized)
+    assert resized_meta["position"] == whole_meta["position"]
+    scenarios.assert_weights_close(resized_state, whole_state)
