@@ -59,7 +59,9 @@ class TrainConfig:
         "column values (Parquet or Arrow IPC files: .parquet, .arrow, .feather, .ipc)",
         default=None)
     columns: dict | None = _help(
-        "for Parquet or Arrow IPC files, instead of parse: {x: column or [columns] (stacked "
+        "for Parquet or Arrow IPC files (instead of parse) and a dataset function's "
+        "random-access source of rows (dicts of column values, as a Hugging Face "
+        "datasets.Dataset gives): {x: column or [columns] (stacked "
         "into one float32 vector), y: column, sample_weight: column (optional)}", default=None)
     validation_dataset: str | None = _help(
         "validation data, as dataset takes it (default: what dataset comes with; a folder of "
@@ -206,8 +208,8 @@ class TrainConfig:
 
     def _check_data(self) -> None:
         """What `dataset` names and what reads it agree: `parse` for files (TFRecord, or
-        tables), `columns` for tables only, neither for the other kinds; a mixture's entries
-        each name a source and a weight."""
+        tables), `columns` for tables and sources of rows, neither for the other kinds; a
+        mixture's entries each name a source and a weight."""
         if self.parse is not None and not is_import_path(self.parse):
             _fail("parse", self.parse, "must be an import path package.module:function")
         if isinstance(self.dataset, list):
@@ -222,10 +224,10 @@ class TrainConfig:
                       "package.module:name, an .npz file, a folder of images ending in /, "
                       "Parquet or Arrow IPC files (with columns or parse), or (with parse) a "
                       "glob of TFRecord files")
-        if self.columns is not None and "tables" not in kinds.values():
+        if self.columns is not None and not {"tables", "function"} & set(kinds.values()):
             _fail("columns", self.columns, "is for Parquet or Arrow IPC files (a dataset glob "
-                  f"ending in {', '.join(TABLE_EXTENSIONS)}); dataset={self.dataset!r} would "
-                  "ignore it")
+                  f"ending in {', '.join(TABLE_EXTENSIONS)}) and a dataset function's rows; "
+                  f"dataset={self.dataset!r} would ignore it")
         if self.parse is not None and not {"records", "tables"} & set(kinds.values()):
             _fail("dataset", self.dataset, f"must be a glob of TFRecord files when parse is set "
                   f"(parse={self.parse!r})")

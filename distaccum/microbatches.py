@@ -216,8 +216,10 @@ def micro_batches(data, micro_batch_size: int, *, parse=None, columns=None, seed
         parse: a function returning `(x, y)` or `(x, y, sample_weight)`, as for
             `tf.data.Dataset.map`: of one serialized record (TFRecord files), or of one row, a
             dict of column name → value (tables).
-        columns: tables only, instead of `parse`: {"x": a column or a list of them (stacked
-            into one float32 vector), "y": a column, optionally "sample_weight": a column}.
+        columns: for tables (instead of `parse`) and random-access sources of rows (dicts of
+            column values, as a Hugging Face `datasets.Dataset` gives): {"x": a column or a list
+            of them (stacked into one float32 vector), "y": a column, optionally
+            "sample_weight": a column} (`distaccum.columns`).
         seed: with the epoch, seeds the order (`distaccum.order`): update u of an epoch trains on
             the same samples for any number of workers with the same global batch size.
         partitions: the order's fixed logical partitions; the number of workers must divide it.
@@ -227,19 +229,20 @@ def micro_batches(data, micro_batch_size: int, *, parse=None, columns=None, seed
     """
     if isinstance(data, str) and tables.is_table_pattern(data):
         samples = tables.TableSamples(tables.index(data, index_file), parse, columns)
-    elif columns is not None:
+    elif columns is not None and not randomaccess.is_random_access(data):
         raise ValueError("columns is for Parquet or Arrow IPC files (a glob ending in .parquet, "
-                         f".arrow, .feather or .ipc). Received: columns={columns!r}")
+                         ".arrow, .feather or .ipc) and random-access sources of rows. "
+                         f"Received: columns={columns!r}")
     elif isinstance(data, str):
-        files = recordfiles.index(data, index_file)
-        samples = recordfiles.RecordSamples(files, parse)
+        samples = recordfiles.RecordSamples(recordfiles.index(data, index_file), parse)
     elif parse is not None:
         raise ValueError("parse is for files; arrays, random-access sources and image folders "
                          f"give samples already. Received: parse={parse!r}")
     elif isinstance(data, imagefolders.ImageFolder):
         samples = data
+    elif randomaccess.is_random_access(data):
+        samples = randomaccess.RandomAccessSamples(data, columns)
     else:
-        samples = (randomaccess.RandomAccessSamples(data) if randomaccess.is_random_access(data)
-                   else ArraySamples(tuple(data)))
+        samples = ArraySamples(tuple(data))
     return MicroBatches(samples, micro_batch_size, seed=seed, partitions=partitions,
                         shuffle_buffer=shuffle_buffer)

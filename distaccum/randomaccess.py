@@ -1,7 +1,7 @@
 """A random-access source as `MicroBatches` reads it: any object with `__len__` and
 `__getitem__(i)` returning one sample, `(x, y)` or `(x, y, sample_weight)` (Grain's
-`RandomAccessDataSource` protocol; a Hugging Face `datasets.Dataset` or a Grain `MapDataset`
-behind a small adapter).
+`RandomAccessDataSource` protocol: a Grain `MapDataset` is one), or a row, a dict of column
+values, with `columns` naming x, y and sample_weight (a Hugging Face `datasets.Dataset`).
 
 Each worker calls `__getitem__` for the samples of its own windows only, in threads (a source that
 waits on storage keeps up), and stacks them into the window's arrays; the order, the updates per
@@ -10,10 +10,13 @@ epoch, resume and resize are `order`'s arithmetic, as for arrays and record file
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import tensorflow as tf
+
+from distaccum.columns import Columns
 
 # Samples fetched at once: `__getitem__` of a source on a network or a disk mostly waits, so more
 # threads than cores.
@@ -42,9 +45,11 @@ class RandomAccessSamples:
         source: an object with `__len__` and `__getitem__(i)` → `(x, y)` or
             `(x, y, sample_weight)`, each part an array, a number, a string, or a dict, list or
             tuple of them (several inputs), of one shape and type for every sample.
+        columns: with rows (`__getitem__(i)` → a dict of column values), which columns are x, y
+            and sample_weight (`distaccum.columns`).
     """
 
-    def __init__(self, source) -> None:
+    def __init__(self, source, columns=None) -> None:
         self.source = source
         try:
             size = len(source)
@@ -56,9 +61,16 @@ class RandomAccessSamples:
         self.sizes = (size,)
         self._threads: ThreadPoolExecutor | None = None  # made by the first reader
         first = self._fetch(0)
-        if not isinstance(first, tuple) or len(first) not in (2, 3):
-            raise SourceError(f"source[0] must be (x, y) or (x, y, sample_weight). Received: "
-                              f"{type(first).__name__}"
+        self._columns = None
+        if columns is not None:  # rows: a dict of column values per index
+            if not isinstance(first, Mapping):
+                raise SourceError(f"with columns, source[i] must be a row (a dict of column "
+                                  f"values). Received: source[0] of {type(first).__name__}")
+            self._columns = Columns(columns, list(first), "source[0]")
+            first = {name: first[name] for name in self._columns.read}
+        elif not isinstance(first, tuple) or len(first) not in (2, 3):
+            raise SourceError(f"source[0] must be (x, y) or (x, y, sample_weight) (or a row, "
+                              f"with columns). Received: {type(first).__name__}"
                               + (f" of {len(first)}" if isinstance(first, tuple) else ""))
         self._structure = first
         leaves = [_as_array(leaf) for leaf in tf.nest.flatten(first)]
@@ -68,8 +80,10 @@ class RandomAccessSamples:
             for shape, dtype in self._leaves)
 
     def parse(self, *leaves):
-        """One sample's parts, read flat, in the form `__getitem__` gave them."""
-        return tf.nest.pack_sequence_as(self._structure, list(leaves))
+        """One sample's parts, read flat, in the form `__getitem__` gave them (a row: its
+        columns as `columns` names them)."""
+        sample = tf.nest.pack_sequence_as(self._structure, list(leaves))
+        return sample if self._columns is None else self._columns.sample(sample)
 
     def reader(self, cached_chunks: int = 0):
         """A function of a window's sample numbers returning its flat arrays, fetched
@@ -95,6 +109,11 @@ class RandomAccessSamples:
 
     def _flat_sample(self, index: int) -> list[np.ndarray]:
         sample = self._fetch(index)
+        if self._columns is not None and isinstance(sample, Mapping):
+            missing = [name for name in self._columns.read if name not in sample]
+            if missing:
+                raise SourceError(f"source[{index}] has no column {missing[0]!r}")
+            sample = {name: sample[name] for name in self._columns.read}
         try:
             tf.nest.assert_same_structure(sample, self._structure, check_types=False)
         except (TypeError, ValueError):

@@ -201,7 +201,12 @@ def _from_function(key: str, value: str, config: TrainConfig, shuffled: bool):
     if validation is not None:
         validation = _validation(key, value, validation, config)
     if randomaccess.is_random_access(samples):
-        return _micro_batches(key, value, samples, config), validation, []
+        return (_micro_batches(key, value, samples, config, columns=config.columns), validation,
+                [])
+    if config.columns is not None:
+        raise ConfigError(f"columns: is for Parquet or Arrow IPC files and random-access sources "
+                          f"of rows; {key}={value!r} returns a {type(samples).__name__}, which "
+                          f"would ignore it. Received: columns={config.columns!r}")
     _check_samples(key, value, "training", samples)
     if not shuffled:
         return data.shard(samples).batch(config.micro_batch_size), None, []
@@ -219,7 +224,7 @@ def _from_function(key: str, value: str, config: TrainConfig, shuffled: bool):
 def _validation(key: str, value: str, returned, config: TrainConfig):
     """A dataset function's validation data: this worker's share, in micro-batches."""
     if randomaccess.is_random_access(returned):
-        return _micro_batches(key, value, returned, config)
+        return _micro_batches(key, value, returned, config, columns=config.columns)
     _check_samples(key, value, "validation", returned)
     return data.shard(returned).batch(config.micro_batch_size)
 

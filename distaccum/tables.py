@@ -22,13 +22,12 @@ import numpy as np
 import tensorflow as tf
 
 from distaccum import recordfiles
+from distaccum.columns import Columns
 from distaccum.errors import one_line
 from distaccum.randomaccess import SourceError
 
 PARQUET = (".parquet", ".pq")
 ARROW = (".arrow", ".feather", ".ipc")
-# The keys `columns` takes: which column (or columns, stacked) each part of a sample is.
-COLUMN_PARTS = ("x", "y", "sample_weight")
 
 
 def is_table_pattern(pattern: str) -> bool:
@@ -73,8 +72,7 @@ class TableSamples:
             groups' boundaries as offsets.
         parse: a function of one row (a dict of column name → value) returning `(x, y)` or
             `(x, y, sample_weight)`; or None with `columns`.
-        columns: {"x": a column or a list of them (stacked into one float32 vector), "y": a
-            column, optionally "sample_weight": a column}.
+        columns: which columns are x, y and sample_weight (`distaccum.columns`).
     """
 
     def __init__(self, files: recordfiles.RecordFiles, parse=None, columns=None) -> None:
@@ -95,7 +93,9 @@ class TableSamples:
         opened = _open(first_path)
         available = list(getattr(opened, "schema_arrow", opened.schema).names)
         if columns is not None:
-            self.columns, self.parse = _columns_parse(columns, available, first_path)
+            by_name = Columns(columns, available, first_path)
+            self.columns = by_name.read
+            self.parse = lambda *values: by_name.sample(dict(zip(by_name.read, values)))
         else:
             self.columns, self.parse = available, _row_parse(parse, available)
         first = self._read_rows(np.array([0], np.int64), OrderedDict())
@@ -199,34 +199,6 @@ def _as_array(column, name: str, samples: TableSamples, rows: np.ndarray) -> np.
         raise SourceError(f"{samples.files.paths[0]}: column {name!r} is {kind}; columns of "
                           "numbers, text, bytes or lists of numbers are read")
     return column.to_numpy(zero_copy_only=False)
-
-
-def _columns_parse(columns, available: list[str], path: str):
-    """(columns to read, a parse of them) for `columns`: {"x": name or [names], "y": name,
-    "sample_weight": name}."""
-    if not isinstance(columns, dict) or not {"x", "y"} <= set(columns) \
-            or not set(columns) <= set(COLUMN_PARTS):
-        raise recordfiles.ParseError(f"columns: must be a dict with x and y (and optionally "
-                                     f"sample_weight). Received: columns={columns!r}")
-    parts = [[columns[part]] if isinstance(columns[part], str) else columns[part]
-             for part in COLUMN_PARTS if part in columns]
-    for part, names in zip(COLUMN_PARTS, parts):
-        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-            raise recordfiles.ParseError(f"columns: {part} must be a column name or a list of "
-                                         f"them. Received: {part}={columns[part]!r}")
-        missing = [name for name in names if name not in available]
-        if missing:
-            raise recordfiles.ParseError(f"columns: {part}: column {missing[0]!r} is not in "
-                                         f"{path} (its columns: {', '.join(available)})")
-    read = list(dict.fromkeys(name for names in parts for name in names))
-    stacked = [isinstance(columns[part], list) for part in COLUMN_PARTS if part in columns]
-
-    def parse(*values):
-        row = dict(zip(read, values))
-        return tuple(tf.stack([tf.cast(row[n], tf.float32) for n in names], axis=-1) if stack
-                     else row[names[0]] for names, stack in zip(parts, stacked))
-
-    return read, parse
 
 
 def _row_parse(parse, available: list[str]):

@@ -204,7 +204,8 @@ class _NotASample(Source):
 
 @pytest.mark.parametrize("source, message", [
     (_Empty(), r"at least one sample. Received: len\(source\)=0"),
-    (_NotASample(_arrays()), r"source\[0\] must be \(x, y\) or \(x, y, sample_weight\). "
+    (_NotASample(_arrays()), r"source\[0\] must be \(x, y\) or \(x, y, sample_weight\) \(or a "
+                             r"row, with columns\). "
                              r"Received: dict"),
 ], ids=["empty", "not_a_tuple"])
 def test_source_that_gives_no_samples_is_refused_in_one_line(source, message):
@@ -230,3 +231,50 @@ def test_dataset_function_returning_sources_gives_micro_batches_for_training_and
     with pytest.raises(config_module.ConfigError,
                        match=r"^dataset: source\[0\] raised OSError: the disk went away$"):
         sources.load_data(broken)
+
+
+def _same_micro_batches(got, expected) -> None:
+    got, expected = _values(got), _values(expected)
+    assert len(got) == len(expected) > 0
+    for parts, expected_parts in zip(got, expected):
+        for part, expected_part in zip(parts, expected_parts):
+            np.testing.assert_array_equal(part, expected_part)
+
+
+@pytest.mark.parametrize("formatted", [True, False], ids=["numpy_format", "python_rows"])
+def test_a_hugging_face_dataset_gives_the_arrays_micro_batches_through_columns(formatted):
+    import datasets
+    x, y = _arrays()
+    rows = datasets.Dataset.from_dict({**{f"f{i}": x[:, i] for i in range(FEATURES)},
+                                       "label": y, "note": [f"row {i}" for i in range(SAMPLES)]})
+    rows = rows.with_format("numpy") if formatted else rows
+    columns = {"x": [f"f{i}" for i in range(FEATURES)], "y": "label"}
+    _same_micro_batches(distaccum.micro_batches(rows, MICRO_BATCH_SIZE, seed=3, columns=columns
+                                                ).epoch(1, K),
+                        distaccum.micro_batches((x, y), MICRO_BATCH_SIZE, seed=3).epoch(1, K))
+    with pytest.raises(ValueError, match=r"^columns: y: column 'lable' is not in source\[0\] "
+                       r"\(its columns: f0, f1, f2, label, note\)$"):
+        distaccum.micro_batches(rows, MICRO_BATCH_SIZE, columns={"x": "f0", "y": "lable"})
+    with pytest.raises(SourceError, match=r"^with columns, source\[i\] must be a row"):
+        distaccum.micro_batches(Source(_arrays()), MICRO_BATCH_SIZE, columns=columns)
+
+
+def test_grain_map_dataset_over_array_record_files_gives_the_arrays_micro_batches(tmp_path):
+    import grain
+    from array_record.python.array_record_module import ArrayRecordWriter
+    x, y = _arrays()
+    paths = []
+    for part, rows in enumerate(np.array_split(np.arange(SAMPLES), 2)):
+        paths.append(str(tmp_path / f"part-{part}.array_record"))
+        writer = ArrayRecordWriter(paths[-1], "group_size:1")
+        for row in rows:
+            writer.write(x[row].tobytes() + y[row].tobytes())
+        writer.close()
+
+    def decode(record: bytes):
+        return (np.frombuffer(record[:4 * FEATURES], "float32"),
+                np.frombuffer(record[4 * FEATURES:], "int64")[0])
+
+    source = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths)).map(decode)
+    _same_micro_batches(distaccum.micro_batches(source, MICRO_BATCH_SIZE, seed=3).epoch(2, K),
+                        distaccum.micro_batches((x, y), MICRO_BATCH_SIZE, seed=3).epoch(2, K))
