@@ -362,11 +362,13 @@ def startup(args) -> None:
 
 
 def record_files(args) -> None:
-    """Write the data figure's TFRecord files, `OUT/records-N` for each size N (one process,
-    before any measured run)."""
+    """Write the data figure's TFRecord files, `OUT/records-N` for each size N, and the same
+    samples in the other kinds beside them (one process, before any measured run)."""
     for samples in args.samples:
         workload.write_record_files(args.out / f"records-{samples}", samples, args.files,
                                     args.seed)
+        workload.write_other_kinds(args.out / f"records-{samples}", samples, args.files,
+                                   args.seed)
 
 
 class ParseProbe:
@@ -392,20 +394,75 @@ class ParseProbe:
 
 
 class RecordsRead:
-    """Counts the records this worker's distaccum reader takes from the files (whole chunks of
-    `order.CHUNK_RECORDS`: a sample read is not yet a sample parsed), by wrapping the module's
-    chunk splitter; distaccum's own files are not touched."""
+    """Counts the records (and bytes) this worker's distaccum reader takes from the files (whole
+    chunks of `order.CHUNK_RECORDS`: a sample read is not yet a sample parsed), by wrapping the
+    module's chunk splitter; distaccum's own files are not touched."""
 
     def __init__(self) -> None:
-        self.records = 0
+        self.records = self.bytes = 0
         split = recordfiles._split_records
 
         def counting_split(*arguments):
             records = split(*arguments)
             self.records += len(records)
+            self.bytes += len(arguments[0])  # the chunk's bytes, framing included
             return records
 
         recordfiles._split_records = counting_split
+
+
+class KindReads:
+    """Counts what this worker's distaccum reader takes from a kind other than record files:
+    samples decoded (and which), and bytes read from storage (image files opened; Parquet row
+    groups decoded, at their compressed size, with their rows; source rows).
+
+    Wraps the pipeline's `reader`, and for tables the row-group decode; the counts are taken
+    by the reading thread, before any sample is parsed.
+    """
+
+    def __init__(self, kind: str, micro_batches) -> None:
+        samples = micro_batches.samples
+        self.kind, self.num_samples = kind, micro_batches.num_samples
+        self.per_sample = np.zeros(self.num_samples, np.int64)
+        self.records = self.bytes = 0
+        reader = samples.reader
+        sizes = ([os.path.getsize(path) for path in samples.paths] if kind == "images" else None)
+        row_bytes = math.prod(workload.RECORD_IMAGE_SHAPE) + 4
+
+        def counting_reader(*arguments):
+            read = reader(*arguments)
+
+            def counted(window):
+                self.per_sample[window] += 1
+                if kind == "images":
+                    self.bytes += sum(sizes[i] for i in window.tolist())
+                if kind != "tables":
+                    self.records += len(window)
+                    self.bytes += 0 if kind == "images" else row_bytes * len(window)
+                return read(window)
+            return counted
+
+        samples.reader = counting_reader
+        if kind == "tables":
+            from distaccum import tables
+            group = tables.TableSamples._group
+
+            def counting_group(table_samples, index, cache, capacity):
+                if index not in cache:
+                    file, g = table_samples._groups[index]
+                    metadata = tables._open(table_samples.files.paths[file]).metadata
+                    row_group = metadata.row_group(g)
+                    self.records += row_group.num_rows
+                    self.bytes += sum(  # the column chunks decoded, as stored
+                        row_group.column(c).total_compressed_size
+                        for c in range(row_group.num_columns)
+                        if row_group.column(c).path_in_schema in table_samples.columns)
+                return group(table_samples, index, cache, capacity)
+
+            tables.TableSamples._group = counting_group
+
+    def snapshot(self) -> tuple[int, np.ndarray]:
+        return int(self.per_sample.sum()), self.per_sample.copy()
 
 
 class EpochClock(keras.callbacks.Callback):
@@ -426,6 +483,7 @@ class EpochClock(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None) -> None:
         self._at_start = self._counts()
+        self._bytes_at_start = getattr(self.reads, "bytes", 0)
         self._started = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None) -> None:
@@ -442,19 +500,26 @@ class EpochClock(keras.callbacks.Callback):
                          samples=np.repeat(np.arange(len(times)), times).tolist())
         if self.reads:
             entry["read"] = read - read_before
+            entry["bytes"] = getattr(self.reads, "bytes", 0) - self._bytes_at_start
         self.epochs.append(entry)
 
 
-def data_pipeline(pipeline: str, records: Path, parse):
-    """This worker's micro-batches of the record files in `records`: distaccum's
-    `micro_batches`, or the hand-written tf.data pipeline (`workload.expert_micro_batches`)."""
+def data_pipeline(pipeline: str, kind: str, records: Path, parse):
+    """This worker's micro-batches of `kind` in `records` (the directory `record-files` wrote):
+    distaccum's `micro_batches`, or the hand-written tf.data pipeline."""
+    shuffle_buffer = order.DEFAULT_SHUFFLE_BUFFER // distaccum.num_workers()
+    if kind != "records":
+        if pipeline == "distaccum":
+            return workload.distaccum_kind_micro_batches(kind, records / kind)
+        return workload.expert_kind_micro_batches(kind, records / kind, distaccum.num_workers(),
+                                                  distaccum.rank(), shuffle_buffer)
     if pipeline == "distaccum":
         return distaccum.micro_batches(str(records / "*.tfrecord"), MICRO_BATCH_SIZE,
                                        parse=parse, index_file=records / "index.json")
     manifest = json.loads((records / workload.RECORDS_MANIFEST).read_text())
     return workload.expert_micro_batches(
         records, manifest, distaccum.num_workers(), distaccum.rank(), parse,
-        shuffle_buffer=order.DEFAULT_SHUFFLE_BUFFER // distaccum.num_workers())
+        shuffle_buffer=shuffle_buffer)
 
 
 def data_trainer(accumulation_steps: int) -> distaccum.Trainer:
@@ -465,44 +530,63 @@ def data_trainer(accumulation_steps: int) -> distaccum.Trainer:
 
 
 def data_share(args) -> None:
-    """distaccum's pipeline for `--epochs` epochs in a fresh process: per epoch, the records this
-    worker parsed (and which) and read from the files; then its peak memory."""
+    """distaccum's pipeline for `--epochs` epochs in a fresh process: per epoch, the samples
+    this worker parsed (and which) and read from storage; then its peak memory."""
     distaccum.init()
-    num_samples = json.loads((args.records / workload.RECORDS_MANIFEST).read_text())["samples"]
-    probe, reads = ParseProbe(num_samples), RecordsRead()
-    micro_batches = data_pipeline("distaccum", args.records, probe.parse)
+    if args.kind == "records":
+        num_samples = json.loads((args.records / workload.RECORDS_MANIFEST).read_text()
+                                 )["samples"]
+        probe, reads = ParseProbe(num_samples), RecordsRead()
+        micro_batches = data_pipeline("distaccum", "records", args.records, probe.parse)
+    else:
+        micro_batches = data_pipeline("distaccum", args.kind, args.records, None)
+        num_samples = micro_batches.num_samples
+        probe = reads = KindReads(args.kind, micro_batches)
     trainer = data_trainer(args.accumulation_steps)
     clock = EpochClock(probe, reads)
     before_training = peak_rss_mb()
     trainer.fit(micro_batches, epochs=args.epochs, callbacks=[clock], log_interval=10**9)
     (args.out / f"rank{distaccum.rank()}.json").write_text(json.dumps({
         "num_workers": distaccum.num_workers(), "num_samples": num_samples,
+        "data_bytes": data_bytes(args.kind, args.records),
         "epochs": clock.epochs, "peak_mb": peak_rss_mb(), "before_training_mb": before_training,
     }))
 
 
+def data_bytes(kind: str, records: Path) -> int:
+    """The bytes a kind's samples take in storage (what a worker's share of reads is measured
+    against): the files of records, images, tables; the source's rows."""
+    if kind == "source":
+        return int(sum(np.load(records / "source" / name, mmap_mode="r").nbytes
+                       for name in ("images.npy", "labels.npy")))
+    pattern = {"records": "*.tfrecord", "images": "*/*.png", "tables": "*.parquet"}[kind]
+    where = records if kind == "records" else records / kind
+    return sum(path.stat().st_size for path in where.glob(pattern))
+
+
 def data_throughput(args) -> None:
-    """Both pipelines in one pair of workers, each with its own trainer: a warm-up of
-    `--warm-up-updates` updates each (tracing), then `--repeats` rounds of one epoch each, the
-    order swapped every round; per epoch, the seconds from its start to its last update and
-    `History.seconds`. Nothing is counted."""
+    """Both pipelines of each of `--kinds` in one pair of workers, each with its own trainer: a
+    warm-up of `--warm-up-updates` updates each (tracing), then `--repeats` rounds of one epoch
+    each, the order swapped every round; per epoch, the seconds from its start to its last update
+    and `History.seconds`. Nothing is counted."""
     distaccum.init()
-    runners = {pipeline: (data_pipeline(pipeline, args.records, workload.parse_record),
-                          data_trainer(args.accumulation_steps))
-               for pipeline in ("distaccum", "expert")}
-    for source, trainer in runners.values():
-        trainer.fit(source, update_steps=args.warm_up_updates, log_interval=10**9)
     measurements = []
-    for repeat in range(args.repeats):
-        for pipeline in list(runners)[::1 if repeat % 2 == 0 else -1]:
-            source, trainer = runners[pipeline]
-            clock = EpochClock(None, None)
-            history = trainer.fit(source, epochs=1, callbacks=[clock], log_interval=10**9)
-            measurements.append({"repeat": repeat, "pipeline": pipeline,
-                                 "samples": history.samples,
-                                 "epoch_seconds": clock.epochs[0]["seconds"],
-                                 "ending_seconds": clock.epochs[0]["ending_seconds"],
-                                 "fit_seconds": history.seconds})
+    for kind in args.kinds:
+        runners = {pipeline: (data_pipeline(pipeline, kind, args.records, workload.parse_record),
+                              data_trainer(args.accumulation_steps))
+                   for pipeline in ("distaccum", "expert")}
+        for source, trainer in runners.values():
+            trainer.fit(source, update_steps=args.warm_up_updates, log_interval=10**9)
+        for repeat in range(args.repeats):
+            for pipeline in list(runners)[::1 if repeat % 2 == 0 else -1]:
+                source, trainer = runners[pipeline]
+                clock = EpochClock(None, None)
+                history = trainer.fit(source, epochs=1, callbacks=[clock], log_interval=10**9)
+                measurements.append({"kind": kind, "repeat": repeat, "pipeline": pipeline,
+                                     "samples": history.samples,
+                                     "epoch_seconds": clock.epochs[0]["seconds"],
+                                     "ending_seconds": clock.epochs[0]["ending_seconds"],
+                                     "fit_seconds": history.seconds})
     (args.out / f"rank{distaccum.rank()}.json").write_text(json.dumps(measurements))
 
 
@@ -626,6 +710,9 @@ def parse_arguments() -> argparse.Namespace:
                                    help="a directory record-files wrote")
         figures[name].add_argument("--accumulation-steps", type=positive_int, required=True)
     figures["data-share"].add_argument("--epochs", type=positive_int, required=True)
+    figures["data-share"].add_argument("--kind", choices=workload.DATA_KINDS, default="records")
+    figures["data-throughput"].add_argument("--kinds", choices=workload.DATA_KINDS, nargs="+",
+                                            default=["records"])
     for option in ("--repeats", "--warm-up-updates"):
         figures["data-throughput"].add_argument(option, type=positive_int, required=True)
     figures["sparse-exchange"].add_argument("--vocabulary", type=positive_int, required=True)

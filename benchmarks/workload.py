@@ -185,16 +185,22 @@ def record_file_sizes(samples: int, files: int, seed: int) -> list[int]:
     return np.diff(np.concatenate([[0], bounds])).tolist()
 
 
+def record_file_samples(samples: int, files: int, seed: int):
+    """Per record file, its (images, labels): the data figure's samples, which every kind of
+    data holds alike."""
+    rng = np.random.default_rng(seed)
+    for size in record_file_sizes(samples, files, seed):
+        yield (rng.integers(0, 256, size=(size, *RECORD_IMAGE_SHAPE), dtype=np.uint8),
+               rng.integers(0, catalog.NUM_CLASSES, size=size))
+
+
 def write_record_files(directory: Path, samples: int, files: int, seed: int) -> dict:
     """TFRecord files of `tf.train.Example`s (an image's raw bytes, a label, the sample's number
     0…samples−1 in file order), and a manifest naming them with their record counts."""
     directory.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
     names, sizes, sample_id = [], record_file_sizes(samples, files, seed), 0
-    for number, size in enumerate(sizes):
+    for number, (images, labels) in enumerate(record_file_samples(samples, files, seed)):
         names.append(f"part-{number:05d}-of-{files:05d}.tfrecord")
-        images = rng.integers(0, 256, size=(size, *RECORD_IMAGE_SHAPE), dtype=np.uint8)
-        labels = rng.integers(0, catalog.NUM_CLASSES, size=size)
         with tf.io.TFRecordWriter(str(directory / names[-1])) as writer:
             for image, label in zip(images, labels):
                 writer.write(tf.train.Example(features=tf.train.Features(feature={
@@ -207,6 +213,130 @@ def write_record_files(directory: Path, samples: int, files: int, seed: int) -> 
     manifest = {"files": names, "records": sizes, "samples": samples, "seed": seed}
     (directory / RECORDS_MANIFEST).write_text(json.dumps(manifest))
     return manifest
+
+
+# The other kinds of the data figure: the same samples as class folders of PNG files (listed
+# by class: one-class chunks), Parquet files in row groups, and arrays behind `__getitem__`.
+DATA_KINDS = ("records", "images", "tables", "source")
+TABLE_FILES, TABLE_ROW_GROUP = 16, 1000
+
+
+def write_other_kinds(directory: Path, samples: int, files: int, seed: int) -> None:
+    """The record files' samples as `images/<label>/<id>.png`, `tables/part-*.parquet` (image
+    bytes, label, id; row groups of `TABLE_ROW_GROUP`) and `source/{images,labels}.npy`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    images, labels = (np.concatenate(parts) for parts in zip(
+        *record_file_samples(samples, files, seed)))
+    for label in range(catalog.NUM_CLASSES):
+        (directory / "images" / f"{label}").mkdir(parents=True, exist_ok=True)
+    for sample, (image, label) in enumerate(zip(images, labels)):
+        (directory / "images" / f"{label}" / f"{sample:06d}.png").write_bytes(
+            tf.io.encode_png(image).numpy())
+    (directory / "tables").mkdir(exist_ok=True)
+    for number, rows in enumerate(np.array_split(np.arange(samples), TABLE_FILES)):
+        pq.write_table(pa.table({"image": [images[r].tobytes() for r in rows],
+                                 "label": labels[rows], "id": rows}),
+                       directory / "tables" / f"part-{number:05d}.parquet",
+                       row_group_size=TABLE_ROW_GROUP)
+    (directory / "source").mkdir(exist_ok=True)
+    np.save(directory / "source" / "images.npy", images)
+    np.save(directory / "source" / "labels.npy", labels.astype(np.int32))
+
+
+class ArraySource:
+    """The data figure's random-access source: `__getitem__(i)` reads sample i from memory-mapped
+    `.npy` files (an image scaled to [0, 1], its label), as a user's source reads storage."""
+
+    def __init__(self, directory: Path) -> None:
+        self.images = np.load(directory / "images.npy", mmap_mode="r")
+        self.labels = np.load(directory / "labels.npy", mmap_mode="r")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        return self.images[index].astype(np.float32) / 255.0, self.labels[index]
+
+
+def scaled(x, y):
+    """An image folder's pixels (0…255, as Keras decodes them) in [0, 1], as the model takes."""
+    return x / 255.0, y
+
+
+def parse_table_row(row: dict) -> tuple[tf.Tensor, tf.Tensor]:
+    """The `parse` of a Parquet row, for both pipelines: the image's bytes to float32 in
+    [0, 1], its label."""
+    image = tf.reshape(tf.io.decode_raw(row["image"], tf.uint8), RECORD_IMAGE_SHAPE)
+    return tf.cast(image, tf.float32) / 255.0, tf.cast(row["label"], tf.int32)
+
+
+def load_png(path: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """The hand-written folder pipeline's decode: what Keras's reader does for one file
+    (`decode_image`, `resize` to the size it has), its label from the folder's name."""
+    image = tf.image.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    image = tf.image.resize(image, RECORD_IMAGE_SHAPE[:2])
+    label = tf.strings.to_number(tf.strings.split(path, "/")[-2], tf.int32)
+    return image / 255.0, label
+
+
+def expert_kind_micro_batches(kind: str, directory: Path, num_workers: int, rank: int,
+                              shuffle_buffer: int, seed: int = 0) -> tf.data.Dataset:
+    """This worker's micro-batches of the other kinds, the way an expert writes the pipeline for
+    the worker's own share: folders, `list_files` + `shard` + a shuffle of paths + a parallel
+    decode; Parquet, `tf.data` over pyarrow batches of the worker's row groups; a random-access
+    source, a parallel `py_function` over the worker's indices."""
+    if kind == "images":
+        paths = tf.data.Dataset.list_files(str(directory / "*" / "*.png"), shuffle=False)
+        total = int(paths.cardinality())
+        share = paths.shard(num_workers, rank).shuffle(shuffle_buffer, seed=seed + rank)
+        samples = share.map(load_png, num_parallel_calls=tf.data.AUTOTUNE)
+        count = len(range(rank, total, num_workers))
+    elif kind == "tables":
+        import pyarrow.parquet as pq
+        groups = [(path, g) for path in sorted(directory.glob("*.parquet"))
+                  for g in range(pq.ParquetFile(path).metadata.num_row_groups)]
+        mine = groups[rank::num_workers]
+        count = sum(pq.ParquetFile(p).metadata.row_group(g).num_rows for p, g in mine)
+
+        def batches():
+            for path, group in mine:
+                batch = pq.ParquetFile(path).read_row_group(group, columns=["image", "label"])
+                yield batch.column("image").to_numpy(), batch.column("label").to_numpy()
+
+        rows = tf.data.Dataset.from_generator(batches, output_signature=(
+            tf.TensorSpec([None], tf.string), tf.TensorSpec([None], tf.int64))).unbatch()
+        samples = rows.shuffle(shuffle_buffer, seed=seed + rank).map(
+            lambda image, label: parse_table_row({"image": image, "label": label}),
+            num_parallel_calls=tf.data.AUTOTUNE)
+    else:
+        source = ArraySource(directory)
+        indices = tf.data.Dataset.range(rank, len(source), num_workers)
+        count = len(range(rank, len(source), num_workers))
+
+        def read(index):
+            image, label = tf.py_function(lambda i: source[int(i)], [index],
+                                          [tf.float32, tf.int32])
+            return tf.ensure_shape(image, RECORD_IMAGE_SHAPE), tf.ensure_shape(label, [])
+
+        samples = indices.shuffle(shuffle_buffer, seed=seed + rank).map(
+            read, num_parallel_calls=tf.data.AUTOTUNE)
+    micro_batches = samples.batch(MICRO_BATCH_SIZE).prefetch(tf.data.AUTOTUNE)
+    return micro_batches.apply(tf.data.experimental.assert_cardinality(
+        math.ceil(count / MICRO_BATCH_SIZE)))
+
+
+def distaccum_kind_micro_batches(kind: str, directory: Path) -> "distaccum.MicroBatches":
+    """distaccum's micro-batches of the other kinds (the folder's pixels scaled as the expert
+    scales them)."""
+    if kind == "images":
+        folder = distaccum.ImageFolder(f"{directory}/", image_size=RECORD_IMAGE_SHAPE[:2])
+        return distaccum.micro_batches(folder, MICRO_BATCH_SIZE).map(
+            lambda batches: batches.map(scaled))
+    if kind == "tables":
+        return distaccum.micro_batches(f"{directory}/*.parquet", MICRO_BATCH_SIZE,
+                                       parse=parse_table_row)
+    return distaccum.micro_batches(ArraySource(directory), MICRO_BATCH_SIZE)
 
 
 def parse_example(record: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:

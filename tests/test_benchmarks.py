@@ -126,20 +126,30 @@ def test_startup_smoke_times_launch_to_first_update(tmp_path):
 @pytest.mark.multiworker
 def test_data_smoke_counts_each_workers_share_and_times_both_pipelines(tmp_path):
     figure = run_benchmark(tmp_path, "data", "--repeats", "1")
-    # 2 workers, 2 epochs, on 256 and 2,048 samples: parse counts are exact at any size.
-    assert [(row["samples"], row["epoch"]) for row in figure["counts"]] == [
-        (256, 1), (256, 2), (2048, 1), (2048, 2)]
+    kinds = ["records", "images", "tables", "source"]
+    # 2 workers, 2 epochs, on 256 and 2,048 samples of each kind: the counts are exact at any
+    # size.
+    assert [(row["kind"], row["samples"], row["epoch"]) for row in figure["counts"]] == [
+        (kind, samples, epoch) for kind in kinds for samples in (256, 2048) for epoch in (1, 2)]
     for row in figure["counts"]:
-        assert row["workers"] == 2 and row["parsed"] == [1.0, 1.0]
+        assert row["workers"] == 2 and row["parsed"] == [1.0, 1.0], row
         assert row["exactly_once"] == row["samples"]
-        assert all(read >= 1.0 for read in row["read"])  # whole chunks: at least the share
+        # Record files read whole chunks, tables whole row groups: at least the share. The
+        # bytes of images and the source are exactly their share; a table's columns are
+        # fewer bytes than its files (footers, statistics).
+        assert all(read >= 1.0 for read in row["read"]) and all(b > 0.8 for b in row["bytes"])
     throughput, memory = figure["plots"]
-    assert [bar["label"] for bar in throughput["bars"]] == ["distaccum micro_batches",
-                                                            "hand-written tf.data"]
+    assert [bar["label"] for bar in throughput["bars"]] == [
+        f"{label}: {pipeline}" for label in ("TFRecord files", "image folders", "Parquet files",
+                                             "random-access source")
+        for pipeline in ("distaccum", "expert")]
     assert all(bar["median"] > 0 for bar in throughput["bars"])
     # TensorFlow alone holds hundreds of MB: a smaller peak would mean a wrong unit.
-    assert len(memory["bars"]) == 2 and all(bar["median"] > 100 for bar in memory["bars"])
-    assert [check["passed"] for check in figure["checks"]] == [None] * 4
+    assert len(memory["bars"]) == 8 and all(bar["median"] > 100 for bar in memory["bars"])
+    assert [check["passed"] for check in figure["checks"]] == [None] * 16
+    # Sorted by class, an update's classes stray further from the data's than a permutation's.
+    mix = figure["class_mix"]
+    assert 0 < mix["permutation"]["mean"] < mix["distaccum"]["mean"] < 0.5
 
 
 @pytest.mark.multiworker
