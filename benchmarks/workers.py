@@ -447,8 +447,8 @@ class KindReads:
             from distaccum import tables
             group = tables.TableSamples._group
 
-            def counting_group(table_samples, index, cache, capacity):
-                if index not in cache:
+            def counting_group(table_samples, index, held):
+                if index not in held.groups:
                     file, g = table_samples._groups[index]
                     metadata = tables._open(table_samples.files.paths[file]).metadata
                     row_group = metadata.row_group(g)
@@ -457,7 +457,7 @@ class KindReads:
                         row_group.column(c).total_compressed_size
                         for c in range(row_group.num_columns)
                         if row_group.column(c).path_in_schema in table_samples.columns)
-                return group(table_samples, index, cache, capacity)
+                return group(table_samples, index, held)
 
             tables.TableSamples._group = counting_group
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import keras
@@ -245,18 +246,25 @@ def write_other_kinds(directory: Path, samples: int, files: int, seed: int) -> N
 
 
 class ArraySource:
-    """The data figure's random-access source: `__getitem__(i)` reads sample i from memory-mapped
-    `.npy` files (an image scaled to [0, 1], its label), as a user's source reads storage."""
+    """The data figure's random-access source: `__getitem__(i)` reads sample i's bytes from the
+    `.npy` file (`os.pread`, as a source reads storage; the labels are small and held), an image
+    scaled to [0, 1] and its label. Not a memory map: its pages, once read, would count in the
+    process's resident memory as the data grows, whoever reads them."""
 
     def __init__(self, directory: Path) -> None:
-        self.images = np.load(directory / "images.npy", mmap_mode="r")
-        self.labels = np.load(directory / "labels.npy", mmap_mode="r")
+        images = np.load(directory / "images.npy", mmap_mode="r")
+        self._offset, self._shape = images.offset, images.shape[1:]
+        self._bytes = int(np.prod(self._shape))
+        self.labels = np.load(directory / "labels.npy")
+        self._file = os.open(directory / "images.npy", os.O_RDONLY)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int):
-        return self.images[index].astype(np.float32) / 255.0, self.labels[index]
+        raw = os.pread(self._file, self._bytes, self._offset + index * self._bytes)
+        image = np.frombuffer(raw, np.uint8).reshape(self._shape)
+        return image.astype(np.float32) / 255.0, self.labels[index]
 
 
 def scaled(x, y):

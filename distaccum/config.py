@@ -21,8 +21,10 @@ PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 # The types gradient sums can travel in between workers (float32 is exact; see `Trainer`).
 ALLREDUCE_DTYPES = ("float32", "bfloat16", "float16")
 JIT_COMPILE_VALUES = ("auto", "true", "false")
-# Files read as tables (rows by row group): Parquet, then Arrow IPC.
-TABLE_EXTENSIONS = (".parquet", ".pq", ".arrow", ".feather", ".ipc")  # the Trainer's "auto", True, False
+# Files read as tables (rows by row group): Parquet, and Arrow IPC.
+PARQUET_EXTENSIONS = (".parquet", ".pq")
+ARROW_EXTENSIONS = (".arrow", ".feather", ".ipc")
+TABLE_EXTENSIONS = PARQUET_EXTENSIONS + ARROW_EXTENSIONS  # the Trainer's "auto", True, False
 # Keys of which a config gives one: a `--set` of either replaces the other's value from the file.
 ALTERNATIVES = {"accumulation_steps": "global_batch_size", "global_batch_size": "accumulation_steps",
                 "epochs": "update_steps", "update_steps": "epochs"}

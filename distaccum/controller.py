@@ -295,8 +295,11 @@ class Controller:
         if bad:
             origin = self._source.describe(start.epoch, self._trainer.accumulation_steps, bad[0])
             part = self._trainer.refusing_part(*bad[2]) if bad[2] is not None else None
+            # A micro-batch the input pipeline could not give (bad[2] None: a file that does
+            # not decode, a source that raised) is the data's fault, whatever the model.
             diagnosis.raise_if_bad(record, bad[:2], origin, part,
-                          first_of_run=self._updates_run == 0 and bad[0] == first + 1)
+                                   first_of_run=self._updates_run == 0 and bad[0] == first + 1
+                                   and bad[2] is not None)
         else:  # another worker's report stops this one too
             diagnosis.raise_if_bad(record, None)
         return record

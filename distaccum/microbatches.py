@@ -18,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from distaccum import comm, imagefolders, order, randomaccess, recordfiles, tables
+from distaccum.config import is_table_pattern
 from distaccum.data import EpochPlan
 
 # Samples read per step of an unshuffled (validation) pass.
@@ -227,7 +228,7 @@ def micro_batches(data, micro_batch_size: int, *, parse=None, columns=None, seed
         index_file: where to keep the files' index (None: build it every time). Called on
             every worker: the workers split the indexing.
     """
-    if isinstance(data, str) and tables.is_table_pattern(data):
+    if isinstance(data, str) and is_table_pattern(data):
         samples = tables.TableSamples(tables.index(data, index_file), parse, columns)
     elif columns is not None and not randomaccess.is_random_access(data):
         raise ValueError("columns is for Parquet or Arrow IPC files (a glob ending in .parquet, "

@@ -137,8 +137,10 @@ def _from_mixture(config: TrainConfig, index_file: Path | None):
         raise ConfigError(f"dataset: {error}") from None
     shares = ", ".join(f"{w / sum(weights):.0%} {value}"
                        for w, (_, value) in zip(weights, config.training_sources()))
+    unvalidated = "" if config.validation_dataset else (
+        "; no validation set (the sources' own are not used: give validation_dataset)")
     return mixed, None, notes + [f"distaccum: dataset: a mixture of {len(parts)} sources: "
-                                 f"{shares} of every update"]
+                                 f"{shares} of every update{unvalidated}"]
 
 
 def _micro_batches(key: str, value: str, source, config: TrainConfig,
@@ -174,6 +176,10 @@ def _from_files(key: str, value: str, config: TrainConfig, index_file: Path | No
     kind = (f"table files, {sum(files.sizes):,} rows in {len(batches.samples.sizes):,} row "
             "groups" if table else f"record files, {sum(files.sizes):,} records")
     note = f"distaccum: {key}: {len(files.paths)} {kind}, {how}"
+    if table:  # a row group is decoded whole: say what holding them costs
+        held = config.partitions // comm.num_workers() * batches.samples.group_bytes
+        note += (f"; a worker holds about one decoded row group per partition it reads, up to "
+                 f"{held / 2**20:,.1f} MB (smaller row groups hold less)")
     return batches, None, [note]
 
 

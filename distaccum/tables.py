@@ -23,23 +23,15 @@ import tensorflow as tf
 
 from distaccum import recordfiles
 from distaccum.columns import Columns
+from distaccum.config import PARQUET_EXTENSIONS
 from distaccum.errors import one_line
 from distaccum.randomaccess import SourceError
-
-PARQUET = (".parquet", ".pq")
-ARROW = (".arrow", ".feather", ".ipc")
-
-
-def is_table_pattern(pattern: str) -> bool:
-    """Whether a glob names Parquet or Arrow IPC files (by its extension)."""
-    return pattern.lower().endswith(PARQUET + ARROW)
-
 
 def _open(path: str):
     """A file's reader: Parquet (`pyarrow.parquet.ParquetFile`) or Arrow IPC (memory-mapped)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    if path.lower().endswith(PARQUET):
+    if path.lower().endswith(PARQUET_EXTENSIONS):
         return pq.ParquetFile(path)
     return pa.ipc.open_file(pa.memory_map(path))
 
@@ -57,7 +49,7 @@ def scan(path: str) -> tuple[int, np.ndarray]:
     try:
         sizes = _group_sizes(_open(path))
     except Exception as error:  # noqa: BLE001 - pyarrow's many error types: one line naming it
-        kind = "a Parquet" if path.lower().endswith(PARQUET) else "an Arrow IPC"
+        kind = "a Parquet" if path.lower().endswith(PARQUET_EXTENSIONS) else "an Arrow IPC"
         raise recordfiles.RecordFileError(f"not {kind} file ({one_line(error)})") from None
     return int(sum(sizes)), np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
 
@@ -91,6 +83,11 @@ class TableSamples:
         self._group_start = np.concatenate([[0], np.cumsum(self.sizes)])
         first_path = files.paths[self._groups[0][0]]
         opened = _open(first_path)
+        # Decoded, as the first file's largest (all columns): what holding one costs.
+        self.group_bytes = max(
+            [opened.metadata.row_group(g).total_byte_size
+             for g in range(opened.metadata.num_row_groups)] if hasattr(opened, "read_row_group")
+            else [opened.get_batch(g).nbytes for g in range(opened.num_record_batches)])
         available = list(getattr(opened, "schema_arrow", opened.schema).names)
         if columns is not None:
             by_name = Columns(columns, available, first_path)
@@ -98,7 +95,7 @@ class TableSamples:
             self.parse = lambda *values: by_name.sample(dict(zip(by_name.read, values)))
         else:
             self.columns, self.parse = available, _row_parse(parse, available)
-        first = self._read_rows(np.array([0], np.int64), OrderedDict())
+        first = self._read_rows(np.array([0], np.int64), DecodedGroups(1))
         self.window_signature = tuple(
             tf.TensorSpec([None, *array.shape[1:]],
                           tf.string if array.dtype == object else tf.as_dtype(array.dtype))
@@ -110,14 +107,11 @@ class TableSamples:
                                          ) from None
 
     def reader(self, cached_chunks: int = 4):
-        """A function of a window's sample numbers returning its columns; keeps the last
-        `cached_chunks` row groups decoded (one reader per pipeline: not thread-safe)."""
-        cache: OrderedDict = OrderedDict()
-
-        def read(samples: np.ndarray) -> tuple:
-            return self._read_rows(samples, cache, cached_chunks)
-
-        return read
+        """A function of a window's sample numbers returning its columns, row groups decoded
+        once and held while this reader takes their rows (one reader per pipeline: not
+        thread-safe)."""
+        held = DecodedGroups(cached_chunks)
+        return lambda samples: self._read_rows(samples, held)
 
     def where(self, sample: int) -> tuple[str, int]:
         """(file, 0-based row in it) of a sample."""
@@ -130,48 +124,92 @@ class TableSamples:
         places = ", ".join("{}#{}".format(*self.where(int(s))) for s in samples[:3].tolist())
         return f"rows {places}" + (f" and {len(samples) - 3} more" if len(samples) > 3 else "")
 
-    def _read_rows(self, samples: np.ndarray, cache: OrderedDict, capacity: int = 4) -> tuple:
+    def _read_rows(self, samples: np.ndarray, held: "DecodedGroups") -> tuple:
         """The columns of `samples`, in that order: one NumPy array each (text: objects)."""
-        import pyarrow as pa
         groups = np.searchsorted(self._group_start, samples, side="right") - 1
         rows = samples - self._group_start[groups]
-        pieces, positions = [], []
+        parts, positions = [], []
         for group in np.unique(groups).tolist():
             mine = np.flatnonzero(groups == group)
-            pieces.append(self._group(group, cache, capacity).take(pa.array(rows[mine])))
+            parts.append([column[rows[mine]] for column in self._group(group, held)])
             positions.append(mine)
-        table = pa.Table.from_batches(pieces)
-        if len(pieces) > 1:
-            table = table.take(pa.array(np.argsort(np.concatenate(positions), kind="stable")))
-        return tuple(_as_array(table.column(name), name, self, samples)
-                     for name in self.columns)
+            held.took(group, len(mine), self.sizes[group])
+        if len(parts) == 1:
+            return tuple(parts[0])
+        back = np.argsort(np.concatenate(positions), kind="stable")
+        return tuple(np.concatenate(column)[back] for column in zip(*parts))
 
-    def _group(self, group: int, cache: OrderedDict, capacity: int):
-        """Row group `group` decoded (the columns read only), from the cache if it holds it."""
-        if group in cache:
-            cache.move_to_end(group)
-            return cache[group]
+    def _group(self, group: int, held: "DecodedGroups") -> tuple:
+        """Row group `group` decoded (the columns read only) into one array per column, held or
+        decoded now."""
+        if group in held.groups:
+            return held.groups[group]
         file, g = self._groups[group]
         path = self.files.paths[file]
         try:
             table_file = _open(path)
             if hasattr(table_file, "read_row_group"):  # Parquet
-                decoded = table_file.read_row_group(g, columns=self.columns).combine_chunks(
-                ).to_batches()[0]
+                decoded = table_file.read_row_group(g, columns=self.columns)
             else:
                 decoded = table_file.get_batch(g).select(self.columns)
         except Exception as error:  # noqa: BLE001 - pyarrow's error types: one line naming it
             raise SourceError(f"{path}: row group {g} does not read ({one_line(error)})"
                               ) from None
-        cache[group] = decoded
-        if len(cache) > capacity:
-            cache.popitem(last=False)
-        return decoded
+        samples = np.arange(self._group_start[group], self._group_start[group + 1])
+        columns = tuple(_as_array(decoded.column(name), name, self, samples)
+                        for name in self.columns)
+        held.hold(group, columns)
+        return columns
 
 
-def _as_array(column, name: str, samples: TableSamples, rows: np.ndarray) -> np.ndarray:
-    """A column of a window as one array: numbers as they are, text as objects of bytes, lists
-    of numbers of one length per column as a 2-D array."""
+class DecodedGroups:
+    """The row groups a reader holds decoded. A worker reads each row of its span once an epoch,
+    so a row group goes once the reader has taken as many rows from it as it holds; those it
+    takes only part of (the two its span's ends cut, a validation pass's) go when `capacity`
+    newer ones push them out. So a worker holds about one row group per partition it reads."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.groups: OrderedDict = OrderedDict()
+        self._taken: dict[int, int] = {}
+
+    def hold(self, group: int, decoded) -> None:
+        self.groups[group] = decoded
+        self._taken[group] = 0
+        if len(self.groups) > self.capacity:
+            oldest, _ = self.groups.popitem(last=False)
+            del self._taken[oldest]
+
+    def took(self, group: int, rows: int, size: int) -> None:
+        self.groups.move_to_end(group)
+        self._taken[group] += rows
+        if self._taken[group] >= size:
+            del self.groups[group], self._taken[group]
+
+
+class BinaryColumn:
+    """A text or bytes column of a row group as Arrow holds it (offsets into one buffer): a
+    window's values are sliced out of it as `bytes` objects, not the whole row group turned
+    into Python objects."""
+
+    def __init__(self, column) -> None:
+        import pyarrow as pa
+        column = column.cast(pa.large_binary())
+        _, offsets, data = column.buffers()
+        self._offsets = np.frombuffer(offsets, np.int64)[column.offset:
+                                                         column.offset + len(column) + 1]
+        self._data = memoryview(data) if data is not None else memoryview(b"")
+
+    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
+        values = np.empty(len(rows), dtype=object)
+        offsets = self._offsets
+        values[:] = [bytes(self._data[offsets[r]:offsets[r + 1]]) for r in rows.tolist()]
+        return values
+
+
+def _as_array(column, name: str, samples: TableSamples, rows: np.ndarray):
+    """A row group's column as a window reads it: numbers as an array, lists of numbers of one
+    length as a 2-D array, text and bytes as a `BinaryColumn`."""
     import pyarrow as pa
     column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     if column.null_count:
@@ -181,8 +219,7 @@ def _as_array(column, name: str, samples: TableSamples, rows: np.ndarray) -> np.
     kind = column.type
     if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind) \
             or pa.types.is_large_binary(kind):
-        values = column.cast(pa.large_binary()).to_pylist()
-        return np.array(values, dtype=object)
+        return BinaryColumn(column)
     if pa.types.is_fixed_size_list(kind) or pa.types.is_list(kind) \
             or pa.types.is_large_list(kind):
         lengths = np.asarray(column.value_lengths())

@@ -173,7 +173,9 @@ def test_config_mixes_sources_by_weight_and_refuses_what_cannot_be_mixed(monkeyp
     assert isinstance(loaded.train, distaccum.Mixture) and loaded.validation is None
     assert loaded.train.num_samples == [A_SAMPLES, B_SAMPLES]
     assert loaded.notes[-1] == (f"distaccum: dataset: a mixture of 2 sources: 75% "
-                                f"{tmp_path / 'a.npz'}, 25% user_mixture:rows of every update")
+                                f"{tmp_path / 'a.npz'}, 25% user_mixture:rows of every update; "
+                                "no validation set (the sources' own are not used: give "
+                                "validation_dataset)")
     with pytest.raises(config_module.ConfigError, match=r"^dataset\[1\]: a mixture takes "
                        r"sources read in the order's windows .*Received: "
                        r"dataset\[1\]='user_mixture:dataset'$"):

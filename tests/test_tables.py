@@ -107,10 +107,10 @@ def test_each_of_two_workers_decodes_the_row_groups_of_its_span_only(tmp_path, m
     decoded = [[]]  # per worker and epoch (the first: the look at the first row)
     group = tables.TableSamples._group
 
-    def counting(self, index, cache, capacity):
-        if index not in cache:
+    def counting(self, index, held):
+        if index not in held.groups:
             decoded[-1].append(index)
-        return group(self, index, cache, capacity)
+        return group(self, index, held)
 
     monkeypatch.setattr(tables.TableSamples, "_group", counting)
     # Indexed by this one process (two patched workers would each index half the files).
@@ -170,7 +170,8 @@ def test_a_null_value_stops_fit_in_one_line_naming_its_file_and_row(tmp_path):
     weights[33] = None
     table = table.set_column(table.schema.get_field_index("weight"), "weight",
                              pa.array(weights, pa.float64()))
-    pq.write_table(table, tmp_path / "nulls.parquet", row_group_size=GROUP)
+    # The null in the second row group: the first is read at start-up (the samples' form).
+    pq.write_table(table, tmp_path / "nulls.parquet", row_group_size=20)
     trainer = distaccum.Trainer(_classifier(), keras.optimizers.SGD(0.1), loss=SCCE,
                                 accumulation_steps=K)
     batches = distaccum.micro_batches(f"{tmp_path}/*.parquet", MICRO_BATCH_SIZE, columns=COLUMNS)
@@ -192,6 +193,8 @@ def test_config_reads_tables_by_their_extension_and_keeps_their_index(tmp_path):
     loaded = sources.load_data(config, tmp_path / "index.json")
     assert loaded.notes[0].startswith("distaccum: dataset: 3 table files, 400 rows in 9 row "
                                       "groups, indexed in")
+    assert re.search(r"; a worker holds about one decoded row group per partition it reads, up "
+                     r"to \d+\.\d MB \(smaller row groups hold less\)$", loaded.notes[0])
     again = sources.load_data(config, tmp_path / "index.json")
     assert "index kept from an earlier run" in again.notes[0]
     assert again.train.samples.sizes == loaded.train.samples.sizes
