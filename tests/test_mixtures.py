@@ -186,3 +186,13 @@ def test_config_mixes_sources_by_weight_and_refuses_what_cannot_be_mixed(monkeyp
                            ({"dataset": "nothing", "weight": 1}, r"^dataset\[1\]: must be one of")):
         with pytest.raises(config_module.ConfigError, match=message):
             config([mixed[0], entry])
+
+
+def test_cli_exits_2_in_one_line_for_a_weight_that_is_not_positive(capsys, tmp_path):
+    from distaccum import cli
+    code = cli.main(["train", "--set", "dataset=[{dataset: digits, weight: 1}, "
+                     "{dataset: digits, weight: 0}]", "--set", "epochs=1",
+                     "--set", f"logdir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_BAD_INPUT and err.count("\n") == 1, err
+    assert err.startswith("distaccum: error: dataset[1].weight: must be a number > 0"), err
