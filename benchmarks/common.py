@@ -37,6 +37,8 @@ MPI_ROOT_VARIABLES = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CON
 CHIEF_RESULT = "result.json"
 START_UP_RESULT = "start-up.json"  # the overhead figure's seconds to the first update
 MICRO_BATCH_SIZE = 32
+# The data figure's Parquet row groups: rows of one 32×32×3 image each (3 KB), so 3 MB.
+TABLE_ROW_GROUP = 1000
 # A command to run instead of `horovodrun` (words split as a shell would): the test suite's smoke
 # runs name horovodrun's own launcher without its build check (tests/workers/horovodrun_gloo.py),
 # which costs a TensorFlow import per launch. Unset, as `run.sh` leaves it: `horovodrun`.

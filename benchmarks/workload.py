@@ -17,7 +17,7 @@ import tensorflow as tf
 import distaccum
 from distaccum import catalog, comm
 
-from common import MICRO_BATCH_SIZE
+from common import MICRO_BATCH_SIZE, TABLE_ROW_GROUP
 
 IMAGE_SHAPE = (64, 64, 3)
 # The data figure's record files: 32×32×3 uint8 images, 10 classes.
@@ -219,7 +219,7 @@ def write_record_files(directory: Path, samples: int, files: int, seed: int) -> 
 # The other kinds of the data figure: the same samples as class folders of PNG files (listed
 # by class: one-class chunks), Parquet files in row groups, and arrays behind `__getitem__`.
 DATA_KINDS = ("records", "images", "tables", "source")
-TABLE_FILES, TABLE_ROW_GROUP = 16, 1000
+TABLE_FILES = 16
 
 
 def write_other_kinds(directory: Path, samples: int, files: int, seed: int) -> None:

@@ -1,10 +1,11 @@
 """Folders of images, one subfolder per class (the layout `keras.utils.image_dataset_from_directory`
 reads), as `MicroBatches` reads them.
 
-The files are listed once, at start-up, as Keras lists them (class subfolders in sorted order,
-files sorted within each, the formats Keras decodes), and numbered in that order: sample i is the
-i-th file. Every worker lists the folder and the workers check in one collective that they found
-the same files, so the order, which follows from the listing, is the same on every worker. A
+The files are listed once, as Keras lists them (class subfolders in sorted order, files sorted
+within each, the formats Keras decodes), and numbered in that order: sample i is the i-th file.
+The listing is kept beside the checkpoints and read back while no folder changed; every worker
+lists the folder (or reads the kept listing) and the workers check in one collective that they
+found the same files, so the order, which follows from the listing, is the same on every worker. A
 window of sample numbers is then a window of paths: each worker opens and decodes only the files
 of its own updates, in parallel (`MicroBatches`' parse threads), with the functions Keras's own
 reader uses, so the pixels are Keras's for the same options.
@@ -13,8 +14,11 @@ reader uses, so the pixels are Keras's for the same options.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -56,16 +60,21 @@ class ImageFolder:
             `keras.utils.image_dataset_from_directory` takes them.
         class_names: the classes and their order, say a training folder's for its validation
             folder (a class without a subfolder here then has no image, and keeps its label).
+        listing_file: where to keep the listing (None: list every time), read back while no
+            folder's modification time changed.
     """
 
-    def __init__(self, directory: str, *, class_names=None, **options) -> None:
+    def __init__(self, directory: str, *, class_names=None, listing_file=None,
+                 **options) -> None:
         unknown = sorted(set(options) - set(OPTIONS))
         if unknown:
             raise ImageFolderError(f"unknown image option {unknown[0]!r}; the options are "
                                    f"{', '.join(OPTIONS)}", in_options=True)
         self.directory = directory
         self.options = _checked({**OPTIONS, **options})
-        self.class_names, self.paths, self.labels = _listing(directory, class_names)
+        (self.class_names, self.paths, self.labels, self.listing_seconds,
+         self.listing_kept) = _listing(directory, class_names,
+                                       None if listing_file is None else Path(listing_file))
         self.empty_classes = tuple(name for label, name in enumerate(self.class_names)
                                    if not np.any(self.labels == label))
         if len(self.paths) == 0:
@@ -151,11 +160,37 @@ def _checked(options: dict) -> dict:
     return {**options, "image_size": tuple(size), "interpolation": interpolation}
 
 
-def _listing(directory: str, class_names) -> tuple[tuple[str, ...], list[str], np.ndarray]:
-    """(class names, file paths, int32 labels), files in Keras's order: class by class, sorted
-    within each (subfolders of a class included)."""
+def _listing(directory: str, class_names, listing_file: Path | None
+             ) -> tuple[tuple[str, ...], list[str], np.ndarray, float, bool]:
+    """(class names, file paths, int32 labels, seconds, whether the kept listing was used),
+    files in Keras's order: class by class, sorted within each (subfolders of a class
+    included).
+
+    A listing is kept in `listing_file` (the chief writes it) with the modification time of
+    every folder it walked: adding, removing or renaming a file changes its folder's, so a kept
+    listing whose folders all kept theirs is the listing, read back without walking the files.
+    Local folders only: an object store's have no such time.
+    """
+    started = time.perf_counter()
     if not tf.io.gfile.isdir(directory):
         raise ImageFolderError("not a folder")
+    if "://" in directory:  # an object store's "folders" have no modification time to check
+        listing_file = None
+    key = json.dumps([directory, None if class_names is None else list(class_names)])
+    kept = _read_json(listing_file).get(key)
+    if kept and all(_mtime(folder) == mtime for folder, mtime in kept["folders"].items()):
+        return (tuple(kept["class_names"]), [os.path.join(directory, p) for p in kept["files"]],
+                np.asarray(kept["labels"], np.int32), time.perf_counter() - started, True)
+    names, paths, labels, folders = _walk(directory, class_names)
+    if listing_file is not None and comm.is_chief():
+        _write_json(listing_file, {**_read_json(listing_file), key: {
+            "class_names": list(names), "folders": folders, "labels": labels.tolist(),
+            "files": [os.path.relpath(path, directory) for path in paths]}})
+    return names, paths, labels, time.perf_counter() - started, False
+
+
+def _walk(directory: str, class_names) -> tuple[tuple[str, ...], list[str], np.ndarray, dict]:
+    """Keras's listing of the folder, and the modification time of every folder walked."""
     subfolders = sorted(name.rstrip("/") for name in tf.io.gfile.listdir(directory)
                         if not name.startswith(".")
                         and tf.io.gfile.isdir(os.path.join(directory, name)))
@@ -177,7 +212,35 @@ def _listing(directory: str, class_names) -> tuple[tuple[str, ...], list[str], n
             present))
     paths = [os.path.join(directory, name) for names, _ in found for name in names]
     labels = np.array([label for _, labels in found for label in labels], np.int32)
-    return tuple(class_names), paths, labels
+    folders = [directory] + [root for _, name in present
+                             for root, _, _ in os.walk(os.path.join(directory, name))] \
+        if "://" not in directory else []
+    return tuple(class_names), paths, labels, {folder: _mtime(folder) for folder in folders}
+
+
+def _mtime(folder: str) -> int | None:
+    """A local folder's modification time, in ns (TensorFlow's file stat rounds to seconds);
+    None for a folder that is gone."""
+    try:
+        return os.stat(folder).st_mtime_ns
+    except OSError:
+        return None
+
+
+def _read_json(path: Path | None) -> dict:
+    if path is None or not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # unreadable: list again, and write a good one
+
+
+def _write_json(path: Path, value: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.{os.getpid()}")
+    staging.write_text(json.dumps(value))
+    os.replace(staging, path)
 
 
 def _fingerprint(class_names: tuple, paths: list[str]) -> str:

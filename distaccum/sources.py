@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -32,6 +31,8 @@ from distaccum.config import (BUNDLED_DATASETS, BUNDLED_MODELS, ConfigError, Tra
 
 # The metrics of the bundled models, which produce class logits.
 BUNDLED_METRICS = ("accuracy",)
+# Beside the record index: the kept listing of folders of images.
+IMAGE_LISTING = "image-listing.json"
 # Keys of an .npz dataset: required, then optional.
 NPZ_REQUIRED = ("x", "y")
 NPZ_OPTIONAL = ("sample_weight", "x_val", "y_val")
@@ -100,7 +101,7 @@ def _load(key: str, value, config: TrainConfig, index_file: Path | None,
     if kind in ("records", "tables"):
         return _from_files(key, value, config, index_file)
     if kind == "folder":
-        return _from_image_folder(key, value, config, class_names)
+        return _from_image_folder(key, value, config, class_names, index_file)
     if kind == "function":
         return _from_function(key, value, config, shuffled)
     if kind == "bundled" and shuffled:
@@ -183,17 +184,21 @@ def _from_files(key: str, value: str, config: TrainConfig, index_file: Path | No
     return batches, None, [note]
 
 
-def _from_image_folder(key: str, value: str, config: TrainConfig, class_names):
+def _from_image_folder(key: str, value: str, config: TrainConfig, class_names,
+                       index_file: Path | None):
     """A folder of class subfolders of images, listed (on every worker: one collective)."""
-    started = time.perf_counter()
+    listing = None if index_file is None else index_file.with_name(IMAGE_LISTING)
     try:
-        folder = imagefolders.ImageFolder(value, class_names=class_names, **config.image_options)
+        folder = imagefolders.ImageFolder(value, class_names=class_names, listing_file=listing,
+                                          **config.image_options)
     except imagefolders.ImageFolderError as error:
         if error.in_options:  # the message names the option and its value
             raise ConfigError(f"image_options: {error}") from None
         raise ConfigError(f"{key}: {error}. Received: {key}={value!r}") from None
+    how = ("listing kept from an earlier run" if folder.listing_kept else "listed") + \
+        f" in {folder.listing_seconds:.1f} s"
     notes = [f"distaccum: {key}: {len(folder.paths):,} images in {len(folder.class_names)} "
-             f"classes, listed in {time.perf_counter() - started:.1f} s"]
+             f"classes, {how}"]
     notes += [f"distaccum: warning: {key}: class folder {name!r} holds no image; it keeps label "
               f"{folder.class_names.index(name)}, as in Keras" for name in folder.empty_classes]
     return _micro_batches(key, value, folder, config), None, notes

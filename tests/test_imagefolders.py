@@ -190,3 +190,21 @@ def test_workers_that_list_different_files_stop_in_one_line(tmp_path, monkeypatc
     monkeypatch.setattr(backend, "max_all", lambda values: values + tf.constant([1, 0], tf.int64))
     with pytest.raises(ImageFolderError, match=r"^the workers listed different files"):
         ImageFolder(folder)
+
+
+def test_listing_is_kept_beside_the_index_and_listed_again_when_a_folder_changes(tmp_path):
+    folder = write_folder(tmp_path / "train")
+    index = tmp_path / "logs" / "record-index.json"
+    config = _config(dataset=folder, image_options={"image_size": [5, 5]})
+    first = sources.load_data(config, index)
+    kept = sources.load_data(config, index)
+    assert "20 images in 4 classes, listed in" in first.notes[0]
+    assert "20 images in 4 classes, listing kept from an earlier run in" in kept.notes[0]
+    assert kept.train.fingerprint == first.train.fingerprint
+    assert (index.parent / sources.IMAGE_LISTING).is_file()
+    # A file added in a nested folder: that folder's time changed, so the folder is listed again.
+    (tmp_path / "train" / "dog" / "nested" / "99.png").write_bytes(
+        (tmp_path / "train" / "dog" / "nested" / "01.png").read_bytes())
+    again = sources.load_data(config, index)
+    assert "21 images in 4 classes, listed in" in again.notes[0]
+    assert again.train.fingerprint != first.train.fingerprint
