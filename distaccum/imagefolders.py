@@ -25,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 from keras.src.utils import dataset_utils  # Keras's own listing: the labels it infers
 
-from distaccum import comm
+from distaccum import comm, recordfiles
 
 # What Keras's image reader takes and decodes.
 FORMATS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
@@ -177,13 +177,13 @@ def _listing(directory: str, class_names, listing_file: Path | None
     if "://" in directory:  # an object store's "folders" have no modification time to check
         listing_file = None
     key = json.dumps([directory, None if class_names is None else list(class_names)])
-    kept = _read_json(listing_file).get(key)
+    kept = recordfiles.read_kept(listing_file).get(key)
     if kept and all(_mtime(folder) == mtime for folder, mtime in kept["folders"].items()):
         return (tuple(kept["class_names"]), [os.path.join(directory, p) for p in kept["files"]],
                 np.asarray(kept["labels"], np.int32), time.perf_counter() - started, True)
     names, paths, labels, folders = _walk(directory, class_names)
     if listing_file is not None and comm.is_chief():
-        _write_json(listing_file, {**_read_json(listing_file), key: {
+        recordfiles.write_kept(listing_file, {key: {
             "class_names": list(names), "folders": folders, "labels": labels.tolist(),
             "files": [os.path.relpath(path, directory) for path in paths]}})
     return names, paths, labels, time.perf_counter() - started, False
@@ -225,22 +225,6 @@ def _mtime(folder: str) -> int | None:
         return os.stat(folder).st_mtime_ns
     except OSError:
         return None
-
-
-def _read_json(path: Path | None) -> dict:
-    if path is None or not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}  # unreadable: list again, and write a good one
-
-
-def _write_json(path: Path, value: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.{os.getpid()}")
-    staging.write_text(json.dumps(value))
-    os.replace(staging, path)
 
 
 def _fingerprint(class_names: tuple, paths: list[str]) -> str:

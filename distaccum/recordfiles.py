@@ -112,7 +112,8 @@ def _stat(path: str) -> list[int]:
     return [int(status.length), int(status.mtime_nsec)]
 
 
-def _load_kept(index_file: Path | None) -> dict:
+def read_kept(index_file: Path | None) -> dict:
+    """What a kept index (a JSON object) holds; empty when there is none or it is unreadable."""
     if index_file is None or not index_file.is_file():
         return {}
     try:
@@ -121,8 +122,9 @@ def _load_kept(index_file: Path | None) -> dict:
         return {}  # unreadable: scan again, and write a good one
 
 
-def _write_kept(index_file: Path, entries: dict) -> None:
-    kept = {**_load_kept(index_file), **entries}
+def write_kept(index_file: Path, entries: dict) -> None:
+    """`entries` into a kept index, atomically, beside what it holds."""
+    kept = {**read_kept(index_file), **entries}
     index_file.parent.mkdir(parents=True, exist_ok=True)
     staging = index_file.with_name(f".{index_file.name}.{os.getpid()}")
     staging.write_text(json.dumps(kept))
@@ -151,7 +153,7 @@ def index(pattern: str, index_file: Path | None = None, scan=scan,
     started = time.perf_counter()
     paths = expand(pattern)
     chief = comm.is_chief()
-    kept = _load_kept(index_file) if chief else {}
+    kept = read_kept(index_file) if chief else {}
     known = {i: kept[p] for i, p in enumerate(paths) if p in kept and kept[p]["stat"] == _stat(p)}
     stale = _gather([int(chief and i not in known) for i in range(len(paths))],
                     f"indexing the {what}")
@@ -179,7 +181,7 @@ def index(pattern: str, index_file: Path | None = None, scan=scan,
                    f"indexing the {what}")
     offsets = tuple(np.split(flat, np.cumsum(lengths)[:-1]))
     if chief and index_file is not None and len(known) < len(paths):
-        _write_kept(index_file, {paths[i]: {"records": sizes[i], "offsets": offsets[i].tolist(),
+        write_kept(index_file, {paths[i]: {"records": sizes[i], "offsets": offsets[i].tolist(),
                                             "stat": _stat(paths[i])} for i in range(len(paths))})
     return RecordFiles(tuple(paths), tuple(sizes), offsets, time.perf_counter() - started,
                        int(stale.sum()))
