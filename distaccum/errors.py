@@ -45,7 +45,8 @@ def one_line(error: Exception) -> str:
     """An error's message in one line, without what TensorFlow wraps around it: the op that
     raised it (`{{node ...}}`, `[Op:...]`) and, for an error inside a compiled step or raised
     while tracing one, the "Graph execution error:" or "in user code:" header and the traceback
-    of where it was detected (the message itself comes last). TensorFlow quotes a record's raw
+    of where it was detected (the message itself comes last), and for an error raised in an
+    input pipeline's function, the transformation and iterator. TensorFlow quotes a record's raw
     bytes in some messages and then fails to decode its own text (`UnicodeDecodeError`): the
     text is read with the bytes replaced."""
     if isinstance(error, UnicodeDecodeError) and isinstance(error.object, bytes):
@@ -53,6 +54,9 @@ def one_line(error: Exception) -> str:
     else:
         text = str(error)
     text = re.sub(r"\[\[\{\{[^}]*\}\}\]\]|\{\{[^}]*\}\}|\[Op:[^\]]*\]", "", text)
+    # A Python error inside an input pipeline's function: what raised it, not where tf.data was.
+    text = re.sub(r"Error in user-defined function passed to \S+ transformation with iterator: "
+                  r"\S+: ", "", text)
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if lines and lines[0] in ("Graph execution error:", "in user code:"):  # then a traceback
         return lines[-1][:300]
