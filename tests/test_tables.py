@@ -172,7 +172,7 @@ def test_a_null_value_stops_fit_in_one_line_naming_its_file_and_row(tmp_path):
                              pa.array(weights, pa.float64()))
     # The null in the second row group: the first is read at start-up (the samples' form). A
     # long path, as a cluster's are: the line still ends with the reason, not tf.data's prefix.
-    where = tmp_path / ("long-directory-name-" * 8)
+    where = tmp_path / ("long-directory-name-" * 3)
     where.mkdir()
     pq.write_table(table, where / "nulls.parquet", row_group_size=20)
     trainer = distaccum.Trainer(_classifier(), keras.optimizers.SGD(0.1), loss=SCCE,
