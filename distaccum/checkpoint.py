@@ -303,25 +303,17 @@ def _check_settings(restored: Restored, settings: dict) -> None:
               "its Keras reduction (the default divides by the number of loss elements), so "
               "weighted runs take other steps than before (loss_args {reduction: "
               "mean_with_sample_weight} divides by the weights' sum)", file=sys.stderr)
-    if "training_samples" in saved and "training_samples" in settings \
-            and saved["training_samples"] != settings["training_samples"]:
-        # Recorded since 2026-12 (an older checkpoint resumes unchecked): the order and the
-        # updates per epoch follow from the data's size, so other data is another run.
-        raise ConfigError(
-            f"dataset: the checkpoint in {restored.path.parent} was trained on "
-            f"{saved['training_samples']} samples, this dataset holds "
-            f"{settings['training_samples']}; resuming needs the same data (the order and the "
-            "updates per epoch follow from its size). Received: "
-            f"dataset={settings.get('dataset')!r} (use another logdir to start afresh)")
-    if "training_files" in saved and "training_files" in settings \
-            and saved["training_files"] != settings["training_files"]:
-        # A listing's digest (folders of images): as many files, but other ones or renamed.
-        raise ConfigError(
-            f"dataset: the checkpoint in {restored.path.parent} was trained on other files (its "
-            f"listing's digest {saved['training_files']}, this one's "
-            f"{settings['training_files']}); resuming needs the same files in the same folders. "
-            f"Received: dataset={settings.get('dataset')!r} (use another logdir to start "
-            "afresh)")
+    # The data a run was trained on, recorded since 2026-12 (an older checkpoint resumes
+    # unchecked): the order and the updates per epoch follow from its size, and a folder's from
+    # its listing, so other data is another run.
+    for key, said in (("training_samples", "{} samples"),
+                      ("training_files", "files listed as {} (a digest)")):
+        if key in saved and key in settings and saved[key] != settings[key]:
+            raise ConfigError(
+                f"dataset: the checkpoint in {restored.path.parent} was trained on "
+                f"{said.format(saved[key])}, this dataset holds {said.format(settings[key])}; "
+                "resuming needs the same data (the order follows from it). Received: "
+                f"dataset={settings.get('dataset')!r} (use another logdir to start afresh)")
     for key in RESUME_MUST_MATCH:
         if key in settings and saved.get(key) != settings[key]:
             raise ConfigError(

@@ -141,16 +141,19 @@ class Mixture:
 
     def worker_window(self, epoch: int, update: int, accumulation_steps: int) -> list[np.ndarray]:
         """This worker's samples of each source in update `update` (0-based) of `epoch`."""
+        return [self._source_window(s, epoch, update, accumulation_steps)
+                for s in range(len(self.sources))]
+
+    def _source_window(self, index: int, epoch: int, update: int,
+                       accumulation_steps: int) -> np.ndarray:
+        """This worker's samples of source `index` in update `update` of `epoch`: its turn's
+        order, by arithmetic."""
         batch = self.global_batch_size(accumulation_steps)
-        dealt = self.dealt(batch)
+        source, quota = self.sources[index], self.dealt(batch)[index]
         run_update = (epoch - 1) * self.updates_per_epoch(batch) + update
-        windows = []
-        for source, quota in zip(self.sources, dealt):
-            turns = source.layout.num_samples // int(quota.sum())
-            turn, within = divmod(run_update, turns)
-            windows.append(source.order(turn + 1, int(quota.sum()), quota).worker_update(
-                within, comm.num_workers(), comm.rank()))
-        return windows
+        turn, within = divmod(run_update, source.layout.num_samples // int(quota.sum()))
+        return source.order(turn + 1, int(quota.sum()), quota).worker_update(
+            within, comm.num_workers(), comm.rank())
 
     def epoch(self, epoch: int, accumulation_steps: int, first_update: int = 0) -> tf.data.Dataset:
         """The epoch's micro-batches from update `first_update` on: each source's samples of a
@@ -159,8 +162,8 @@ class Mixture:
         batch = self.global_batch_size(accumulation_steps)
         updates = tf.data.Dataset.range(first_update, self.updates_per_epoch(batch))
         per_source = [
-            source.parsed(updates, lambda u, s=s: self.worker_window(
-                epoch, int(u), accumulation_steps)[s])
+            source.parsed(updates, lambda u, s=s: self._source_window(
+                s, epoch, int(u), accumulation_steps))
             for s, source in enumerate(self.sources)]
         mine = order.EpochOrder.worker_partitions_of(self.sources[0].layout.partitions,
                                                      comm.num_workers(), comm.rank())

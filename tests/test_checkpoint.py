@@ -134,7 +134,7 @@ def test_restore_refuses_data_of_another_size_and_takes_a_checkpoint_without_the
     counted = {**SETTINGS, "dataset": "my_project.data:load_rows", "training_samples": 426}
     manager.save(Position(5, 1, 5), _state(), counted)
     with pytest.raises(ConfigError, match=r"^dataset: the checkpoint in .* was trained on 426 "
-                       r"samples, this dataset holds 425; .*Received: dataset='my_project"):
+                       r"samples, this dataset holds 425 samples; .*Received: dataset=.my_project"):
         manager.restore_latest(_state(), {**counted, "training_samples": 425})
     assert manager.restore_latest(_state(), counted).position == Position(5, 1, 5)
     uncounted = {k: v for k, v in counted.items() if k != "training_samples"}
@@ -147,9 +147,9 @@ def test_restore_refuses_other_files_of_the_same_count_and_image_options(tmp_pat
     listed = {**SETTINGS, "dataset": "/data/train/", "training_samples": 20,
               "training_files": "0123456789abcdef", "image_options": {"image_size": [8, 8]}}
     manager.save(Position(5, 1, 5), _state(), listed)
-    with pytest.raises(ConfigError, match=r"^dataset: the checkpoint in .* was trained on other "
-                       r"files \(its listing's digest 0123456789abcdef, this one's "
-                       r"fedcba9876543210\); resuming needs the same files"):
+    with pytest.raises(ConfigError, match=r"^dataset: the checkpoint in .* was trained on files "
+                       r"listed as 0123456789abcdef \(a digest\), this dataset holds files "
+                       r"listed as fedcba9876543210 \(a digest\); resuming needs the same data"):
         manager.restore_latest(_state(), {**listed, "training_files": "fedcba9876543210"})
     with pytest.raises(ConfigError, match=r"^image_options: the checkpoint .* was written with "
                        r"image_options=\{'image_size': \[8, 8\]\}"):
