@@ -18,7 +18,7 @@ from typing import Callable, Protocol, Sequence, Union
 import tensorflow as tf
 
 from distaccum import callbacks as keras_callbacks
-from distaccum import data, diagnosis
+from distaccum import comm, data, diagnosis, elastic
 from distaccum.batch import check_count
 from distaccum.errors import NonFiniteGradients, TrainingInterrupted
 from distaccum.history import (
@@ -49,7 +49,9 @@ class StepRunner(Protocol):
 
     def update_step(self, stop_vote: bool = False, cancel_vote: bool = False,
                     bad_micro_batch: int = 0, step: int | None = None,
-                    last_micro_batch: tuple | None = None): ...
+                    last_micro_batch: tuple | None = None, change_vote: bool = False): ...
+
+    def resize(self, accumulation_steps: int | None = None) -> None: ...
 
     def metric_results(self) -> dict[str, float]: ...
 
@@ -143,6 +145,16 @@ class Controller:
         options: the intervals.
         save_checkpoint: called with the `Position` at checkpoint boundaries and before stopping
             on SIGTERM, on every worker (the function decides who writes).
+        rebuild: in an elastic job, what the workers train on once they have rejoined, with
+            the trainer resized (run on every worker alike, its collectives those a joining
+            process runs before `run`); without it, the trainer is resized and the data kept
+            (`micro_batches` are read by the worker count of the moment).
+        regrouped: in an elastic job, called with the `Position` once the workers have
+            regrouped; the callbacks it returns join this worker's (a new chief's writers).
+
+    In an elastic job (`comm.elastic()`) the loop also regroups the workers when some join or
+    leave (see `elastic`): after an update whose change vote says so, and at once when a
+    collective fails; training goes on from the last update every worker applied.
     """
 
     def __init__(
@@ -152,8 +164,13 @@ class Controller:
         callbacks: Sequence = (),
         options: CadenceOptions = CadenceOptions(),
         save_checkpoint: Callable[[Position], None] | None = None,
+        rebuild: Callable[[], data.EpochSource] | None = None,
+        regrouped: Callable[[Position], Sequence] | None = None,
     ) -> None:
         self._trainer = trainer
+        self._rebuild = rebuild
+        self._regrouped = regrouped
+        self._regroup_pending = False  # workers join or leave before the next window
         self._callbacks = keras_callbacks.check_callbacks(callbacks)
         self._options = options
         self._save_checkpoint = save_checkpoint
@@ -198,17 +215,25 @@ class Controller:
         position = start
         started = self._interval_started = time.perf_counter()
         self._trainer.model.stop_training = False
+        synchronized = False
+        if comm.elastic():
+            elastic.refuse_unless_exact(self._trainer.global_batch_size, source)
+            position = self._synchronize(history, start if comm.is_chief() else None,
+                                         survivor=False)
+            synchronized = True
         callbacks.on_train_begin()
         with _StopRequest() as stop:
             while position.update_step < total:
-                self._trainer.reset_metrics()
-                self._epoch_loss = [0.0, 0.0]
+                if not synchronized:  # a synchronized epoch's counts are the group's
+                    self._trainer.reset_metrics()
+                    self._epoch_loss = [0.0, 0.0]
+                synchronized = False
                 callbacks.on_epoch_begin(position.epoch - 1)
-                records, cancelled = self._run_epoch(source, plan, position, total, stop,
-                                                     history, callbacks)
-                if records:  # as Keras's fit, an epoch stopped midway still ends (validation too)
-                    self._end_epoch(position.epoch, records, validation_dataset, history, callbacks)
-                position = _advance(position, len(records), plan.updates_per_epoch)
+                epoch = position.epoch
+                position, ran, cancelled = self._run_epoch(plan, position, total, stop, history,
+                                                           callbacks)
+                if ran:  # as Keras's fit, an epoch stopped midway still ends (validation too)
+                    self._end_epoch(epoch, validation_dataset, history, callbacks)
                 if cancelled:
                     break
         history.seconds = time.perf_counter() - started
@@ -226,43 +251,99 @@ class Controller:
             self._save_checkpoint(position)
             self._checkpointed_step = position.update_step
 
-    def _run_epoch(self, source, plan, start: Position, total, stop, history, callbacks):
-        """The epoch's windows; `(records, cancelled)`, cancelled when a callback stopped it."""
-        k = self._trainer.accumulation_steps
-        # Resuming mid-epoch: the same epoch's data, from the first window not yet applied.
-        iterator = iter(source.epoch(start.epoch, k, start.windows_done))
+    def _run_epoch(self, plan, start: Position, total, stop, history, callbacks):
+        """The epoch's windows from `start`: `(position, updates run, cancelled)`, cancelled when
+        a callback stopped it."""
+        position, ran, iterator = start, 0, None
         # Finite even for a repeating dataset: then update_steps bounds the run.
-        windows = int(min(plan.updates_per_epoch - start.windows_done, total - start.update_step))
-        records = []
-        for done in range(1, windows + 1):
-            callbacks.on_train_batch_begin(done - 1)
-            first = (start.windows_done + done - 1) * k  # this window's first micro-batch, 0-based
-            record = self._run_window(iterator, start, done, stop.requested, first)
+        while position.epoch == start.epoch and position.update_step < total:
+            if self._regroup_pending:
+                position = self._regroup(position, history, callbacks)
+                iterator = None
+                continue  # the state taken may be an update further on, the next epoch's
+            if iterator is None:  # from the first window not yet applied
+                iterator = iter(self._source.epoch(position.epoch, self._trainer.accumulation_steps,
+                                                   position.windows_done))
+            callbacks.on_train_batch_begin(position.windows_done)
+            try:
+                record = self._run_window(iterator, position, stop.requested)
+            except comm.WorkersChanged:  # the survivors' state is the last update's
+                self._regroup_pending = True
+                continue
             if float(record.result.cancel_votes) > 0:
-                return records, True  # nothing was applied: the state is the last update's
-            records.append(record)
-            self._after_update(record, total, history, callbacks, done - 1)
-            position = _advance(start, done, plan.updates_per_epoch)
+                return position, ran, True  # nothing was applied: the state is the last update's
+            ran += 1
+            self._after_update(record, total, history, callbacks, position.windows_done)
+            position = _advance(position, 1, plan.updates_per_epoch)
+            self._regroup_pending = float(record.result.change_votes) > 0
             interval = self._options.checkpoint_interval
             if float(record.result.stop_votes) > 0:
-                self._stop(position, records, total, history, callbacks)
+                self._stop(position, total, history, callbacks)
             if interval and record.update_step % interval == 0:
                 self._checkpoint(position)
-        if start.windows_done + windows == plan.updates_per_epoch and next(iterator, None) is not None:
+        if position.epoch > start.epoch and iterator is not None \
+                and next(iterator, None) is not None:
             raise RuntimeError(
                 f"the dataset yielded more than the {plan.micro_batches_per_epoch} micro-batches "
                 "counted before training; its size must not change between epochs"
             )
-        return records, False
+        return position, ran, False
 
-    def _run_window(self, iterator, start: Position, done: int, stop_vote: bool,
-                    first: int) -> UpdateRecord:
-        """The window's micro-batches but the last in one call, then the update step, which
+    def _progress(self, position: Position, history: History) -> elastic.Progress:
+        return elastic.Progress(position, *self._epoch_loss, history.update_steps,
+                                history.samples, history.skipped_updates,
+                                self._consecutive_skips)
+
+    def _synchronize(self, history: History, position: Position | None, survivor: bool
+                     ) -> Position:
+        """Take the state and the counters of the worker furthest along (`elastic`); where
+        training stands. `position`: this worker's, None when it holds none of the run's."""
+        progress, _ = elastic.synchronize(
+            self._trainer.synchronized_variables,
+            None if position is None else self._progress(position, history), survivor)
+        self._epoch_loss = [progress.epoch_loss_sum, progress.epoch_samples]
+        history.update_steps, history.samples = progress.update_steps, progress.samples
+        history.skipped_updates = progress.skipped_updates
+        self._consecutive_skips = progress.consecutive_skips
+        return progress.position
+
+    def _regroup(self, position: Position, history: History, callbacks) -> Position:
+        """Workers joined or left: rejoin, rebuild what holds the worker count, and take the
+        state of the worker furthest along; where training stands. A change while regrouping
+        starts it again."""
+        started = time.perf_counter()
+        workers = comm.num_workers()
+        while True:
+            try:
+                comm.rejoin()
+                if self._rebuild is None:
+                    self._trainer.resize()
+                else:
+                    self._source = self._rebuild()
+                position = self._synchronize(history, position, survivor=True)
+                break
+            except comm.WorkersChanged:
+                continue
+        for callback in self._regrouped(position) if self._regrouped else ():
+            callback.set_model(self._trainer.model)
+            callbacks.append(callback)
+            callback.on_train_begin()
+        self._regroup_pending = False
+        if comm.is_chief():
+            print(f"distaccum: {workers} → {comm.num_workers()} workers after update step "
+                  f"{position.update_step}: k={self._trainer.accumulation_steps}, the same global "
+                  f"batch; regrouped in {time.perf_counter() - started:.1f} s", flush=True)
+        return position
+
+    def _run_window(self, iterator, position: Position, stop_vote: bool) -> UpdateRecord:
+        """The window after `position`: its micro-batches but the last in one call, then the
+        update step, which
         trains the last itself (its gradient feeds the reduction directly): two compiled calls
         per window whatever k. A micro-batch that cannot be trained on is not raised here alone,
         which would leave the others waiting in the update: it is reported in the update, so
         that every worker stops there."""
         started = time.perf_counter()
+        first = position.windows_done * self._trainer.accumulation_steps  # 0-based
         micro_batches, bad = [], None  # bad: (1-based index in the epoch, error, micro-batch)
         try:  # the input pipeline's error (a wrong dtype or shape) surfaces in `next`
             for _ in range(self._trainer.accumulation_steps):
@@ -276,24 +357,27 @@ class Controller:
         if micro_batches and bad is None:
             bad = self._stored_micro_steps(micro_batches, first)
         computed = time.perf_counter()
-        step = start.update_step + done
-        # A callback's stop request (model.stop_training) travels in this update's allreduce.
-        votes = (stop_vote, bool(self._trainer.model.stop_training))
+        step = position.update_step + 1
+        # A callback's stop request (model.stop_training) travels in this update's allreduce,
+        # and so does rank 0's news that workers will join or leave.
+        votes = dict(stop_vote=stop_vote, cancel_vote=bool(self._trainer.model.stop_training),
+                     step=step, change_vote=comm.announced_change())
         result = None
         if last is not None and bad is None:
             try:
-                result = self._trainer.update_step(*votes, 0, step, last_micro_batch=last)
+                result = self._trainer.update_step(**votes, last_micro_batch=last)
             except _DATA_ERRORS as error:
                 # Raised before the collective (the reduction needs this micro-batch's
                 # gradient): nothing was reduced or applied, so report it like the others.
                 bad = (first + len(micro_batches) + 1, error, last)
         if result is None:
-            result = self._trainer.update_step(*votes, bad[0] if bad else 0, step)
+            result = self._trainer.update_step(**votes, bad_micro_batch=bad[0] if bad else 0)
         micro_steps = 0 if bad else len(micro_batches) + (last is not None)
-        record = UpdateRecord(step, start.epoch, micro_steps, result,
+        record = UpdateRecord(step, position.epoch, micro_steps, result,
                               computed - started, time.perf_counter() - computed)
         if bad:
-            origin = self._source.describe(start.epoch, self._trainer.accumulation_steps, bad[0])
+            k = self._trainer.accumulation_steps
+            origin = self._source.describe(position.epoch, k, bad[0])
             part = self._trainer.refusing_part(*bad[2]) if bad[2] is not None else None
             # A micro-batch the input pipeline could not give (bad[2] None: a file that does
             # not decode, a source that raised) is the data's fault, whatever the model.
@@ -328,6 +412,8 @@ class Controller:
         samples = float(record.result.sample_count)
         self._epoch_loss[0] += float(record.result.window_loss) * samples
         self._epoch_loss[1] += samples
+        history.update_steps += 1
+        history.samples += samples
         if bool(record.result.skipped):
             history.skipped_updates += 1
             self._consecutive_skips += 1
@@ -344,11 +430,10 @@ class Controller:
         if record.update_step % self._options.log_interval == 0 or record.update_step == total:
             self._log(total, history.skipped_updates, callbacks)
 
-    def _stop(self, position: Position, records, total: int, history: History, callbacks) -> None:
+    def _stop(self, position: Position, total: int, history: History, callbacks) -> None:
         if self._interval:
             self._log(total, history.skipped_updates, callbacks)
         self._checkpoint(position)
-        history.update_steps += len(records)
         raise TrainingInterrupted(position, history)
 
     def _log(self, total_updates: int, skipped_updates: int, callbacks) -> None:
@@ -372,12 +457,15 @@ class Controller:
             metrics=self._trainer.metric_results(),
         ))
 
-    def _end_epoch(self, epoch: int, records, validation_dataset, history: History,
-                   callbacks) -> None:
-        loss_sum, samples = weighted_totals([r.result for r in records])
-        logs = {"loss": weighted_mean(loss_sum, samples), **self._trainer.metric_results()}
+    def _end_epoch(self, epoch: int, validation_dataset, history: History, callbacks) -> None:
+        logs = {"loss": weighted_mean(*self._epoch_loss), **self._trainer.metric_results()}
         if validation_dataset is not None:
-            logs.update({f"val_{k}": v for k, v in self._trainer.evaluate(validation_dataset).items()})
-        history.update_steps += len(records)
-        history.samples += samples
+            try:
+                logs.update({f"val_{k}": v for k, v in
+                             self._trainer.evaluate(validation_dataset).items()})
+            except comm.WorkersChanged:  # a joining worker starts at the next epoch's windows
+                self._regroup_pending = True
+                if comm.is_chief():
+                    print(f"distaccum: warning: epoch {epoch}'s validation was cut short by a "
+                          "worker leaving; training goes on", flush=True)
         callbacks.on_epoch_end(epoch - 1, logs)

@@ -16,7 +16,7 @@ from typing import TextIO
 import keras
 import tensorflow as tf
 
-from distaccum import comm, data, devices, precision, sources
+from distaccum import comm, data, devices, elastic, precision, sources
 from distaccum.checkpoint import OBJECTIVE, CheckpointError, CheckpointManager, read_array
 from distaccum.config import ConfigError, TrainConfig
 from distaccum.progress import ProgressReporter, loss_first
@@ -82,14 +82,17 @@ def build_optimizer(config: TrainConfig, model: keras.Model,
 def build_trainer(config: TrainConfig, job_data: sources.JobData, total_update_steps: int,
                   accumulation_steps: int) -> Trainer:
     """The configured model (built under the configured dtype policy), optimizer, loss and
-    metrics, accumulating `accumulation_steps` micro-batches per update."""
+    metrics, accumulating `accumulation_steps` micro-batches per update (with
+    `global_batch_size`, the trainer keeps it: an elastic job's k follows the worker count)."""
     keras.mixed_precision.set_global_policy(config.precision)
     model = sources.load_model(config, job_data)
     arguments = sources.compile_arguments(config, model)
     optimizer = build_optimizer(config, model, total_update_steps)
     try:
-        trainer = Trainer(model, optimizer, **arguments,
-                          accumulation_steps=accumulation_steps,
+        batch = ({"accumulation_steps": accumulation_steps} if config.global_batch_size is None
+                 else {"global_batch_size": config.global_batch_size,
+                       "micro_batch_size": config.micro_batch_size})
+        trainer = Trainer(model, optimizer, **arguments, **batch,
                           clip_global_norm=config.clip_global_norm,
                           shard_optimizer_state=config.shard_optimizer_state,
                           allreduce_dtype=config.allreduce_dtype,
@@ -229,7 +232,9 @@ def describe_end(result: JobResult, sharded_state: bool = False) -> str:
 def _resume(trainer: Trainer, manager: CheckpointManager | None,
             settings: dict) -> tuple[Position, dict | None]:
     """The chief loads the latest checkpoint; every worker then gets its state and position.
-    Also the checkpoint's settings (the chief's; None elsewhere and on a fresh start)."""
+    Also the checkpoint's settings (the chief's; None elsewhere and on a fresh start). In an
+    elastic job the chief keeps them: the workers take the state of the one furthest along when
+    training starts (`Controller`), which may be a worker already training."""
     position, restored = Position(), None
     transfer = trainer.slot_transfer
     if manager is not None:
@@ -237,10 +242,12 @@ def _resume(trainer: Trainer, manager: CheckpointManager | None,
                                           legacy=None if transfer else trainer.state_variables)
         if restored is not None:
             position = restored.position
+    if comm.elastic():
+        return position, restored and restored.settings
     encoded = tf.constant([position.update_step, position.epoch, position.windows_done,
                            restored is not None], tf.int64)
     with comm.collective("the start-up broadcast"):
-        [encoded] = comm.current().broadcast_from_chief([encoded])
+        [encoded] = comm.current().broadcast([encoded])
     trainer.broadcast_from_chief()
     if transfer is not None and encoded[-1]:  # the other workers' optimizer state, to them
         with comm.collective("the restored optimizer state's broadcast"):
@@ -293,6 +300,11 @@ def run(config: TrainConfig, stream: TextIO | None = None) -> JobResult:
         plan = job_data.train.plan(shape.accumulation_steps)
     except ValueError as error:  # an empty dataset
         raise ConfigError(f"dataset: {error}. Received: dataset={config.dataset!r}") from None
+    if comm.elastic():
+        try:
+            elastic.refuse_unless_exact(config.global_batch_size, job_data.train)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
     total = config.update_steps or config.epochs * plan.updates_per_epoch
     trainer = build_trainer(config, job_data, total, shape.accumulation_steps)
     trainer.prepare(job_data.train.element_spec)
@@ -307,20 +319,37 @@ def run(config: TrainConfig, stream: TextIO | None = None) -> JobResult:
     previous = BatchShape.of(saved) if saved and "num_workers" in saved else None
     device_codes = comm.gather_device_codes()
 
-    def save_checkpoint(position: Position) -> None:
-        manager.save_from_every_worker(position, trainer.training_state, settings, chief=chief,
-                                       transfer=trainer.slot_transfer)
+    def save_checkpoint(position: Position) -> None:  # by the chief of the moment
+        manager.save_from_every_worker(position, trainer.training_state, settings,
+                                       chief=comm.is_chief(), transfer=trainer.slot_transfer)
+
+    def rebuild() -> data.EpochSource:
+        """An elastic job's new group: k for its worker count, the data read anew (the start-up
+        collectives a joining process runs), the steps traced for it."""
+        nonlocal job_data
+        accumulation_steps = config.accumulation_steps_on(comm.num_workers())
+        job_data = sources.load_data(config, logdir / RECORD_INDEX)
+        trainer.resize(accumulation_steps)
+        comm.gather_device_codes()
+        return job_data.train
 
     callbacks = []
+
+    def regrouped(position: Position) -> list:
+        """A worker that became the chief takes over the progress line and TensorBoard."""
+        if not comm.is_chief() or callbacks:
+            return []
+        callbacks.extend(_chief_callbacks(logdir, trainer, position, total, stream))
+        return callbacks
+
     if chief:
         print(describe_start(config, shape, plan.updates_per_epoch, total, logdir,
                              describe_resume(start, shape, previous), device_codes,
                              job_data.notes + _resize_notes(job_data, shape, previous),
                              settings["applied"], trainer.jit_compile),
               file=stream, flush=True)
-        writer = TensorBoardWriter(str(logdir), trainer.allreduce_per_update, start.update_step)
-        writer.write_config(settings)
-        callbacks = [ProgressReporter(total, stream), writer]
+        callbacks = _chief_callbacks(logdir, trainer, start, total, stream)
+        callbacks[-1].write_config(settings)
     history = trainer.fit(
         job_data.train,
         epochs=config.epochs,
@@ -333,6 +362,8 @@ def run(config: TrainConfig, stream: TextIO | None = None) -> JobResult:
         checkpoint_interval=config.checkpoint_interval,
         save_checkpoint=save_checkpoint,
         start=start,
+        rebuild=rebuild,
+        regrouped=regrouped,
     )
     result = JobResult(
         update_steps=start.update_step + history.update_steps,
@@ -344,11 +375,18 @@ def run(config: TrainConfig, stream: TextIO | None = None) -> JobResult:
         model_path=logdir / "model.keras",
         logdir=logdir,
     )
-    if chief:
-        writer.close()
+    if comm.is_chief():
+        callbacks[-1].close()
         save_model(trainer, result.model_path)
         print(describe_end(result, trainer.slot_transfer is not None), file=stream, flush=True)
     return result
+
+
+def _chief_callbacks(logdir: Path, trainer: Trainer, start: Position, total: int,
+                     stream: TextIO) -> list:
+    """The chief's progress line and TensorBoard writer (last), from update `start` on."""
+    return [ProgressReporter(total, stream),
+            TensorBoardWriter(str(logdir), trainer.allreduce_per_update, start.update_step)]
 
 
 def save_model(trainer: Trainer, path: Path) -> None:

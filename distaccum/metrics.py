@@ -67,8 +67,17 @@ class GlobalMetrics:
         """Add the window's states summed over workers to the running states; empty the window."""
         for variable, value in zip(self._running.variables, states):
             variable.assign_add(tf.cast(value, variable.dtype))
+        self.drop_window()
+
+    def drop_window(self) -> None:
+        """Empty the window states without adding them (a window that was not applied)."""
         for variable in self._window.variables:
             variable.assign(tf.zeros_like(variable))
+
+    @property
+    def running_variables(self) -> list:
+        """The running states: what every worker holds alike."""
+        return list(self._running.variables)
 
     def results(self) -> dict[str, float]:
         """The running values over every worker's samples since the last `reset`."""

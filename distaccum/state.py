@@ -225,6 +225,6 @@ class SlotTransfer:
         for group in groups_by_size(self._pieces(), _piece_bytes, TRANSFER_BYTES):
             sent = [tf.constant(values(piece[0], piece[2])) if read is not None
                     else tf.zeros(_piece_shape(piece), piece[1].dtype) for piece in group]
-            for (_, slot, rows), value in zip(group, self.backend.broadcast_from_chief(sent)):
+            for (_, slot, rows), value in zip(group, self.backend.broadcast(sent)):
                 if slot.owner == self.state.rank:
                     Piece(self.state.local[(slot.variable, slot.position)], rows).write(value)

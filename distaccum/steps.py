@@ -26,6 +26,10 @@ from distaccum.metrics import GlobalMetrics
 from distaccum.objective import Objective, weight_regularizers
 
 
+# The update's votes before each rank's bad micro-batch: stop, cancel, change.
+VOTES = 3
+
+
 @dataclass(frozen=True)
 class UpdateResult:
     """What one update step reports, summed over all workers (tensors: reading them syncs).
@@ -40,6 +44,8 @@ class UpdateResult:
         stop_votes: how many workers asked to stop after this update (e.g. on SIGTERM).
         cancel_votes: how many workers' callbacks asked to stop before it: then no worker
             applied this update, and training ends with the previous update's state.
+        change_votes: how many workers heard that workers will join or leave (an elastic
+            job): then every worker regroups after this update (`Controller`).
         bad_micro_batches: per rank, 0, or the 1-based index in its epoch of a micro-batch it
             could not train on (wrong shape or dtype): then no worker applied this update.
     """
@@ -50,6 +56,7 @@ class UpdateResult:
     skipped: tf.Tensor
     stop_votes: tf.Tensor
     cancel_votes: tf.Tensor
+    change_votes: tf.Tensor
     bad_micro_batches: tf.Tensor
 
     @property
@@ -172,9 +179,23 @@ class WindowSteps:
             self._trace_micro_step(micro_batch, micro_batch_size)
         if self._accumulation_steps() > 2:  # fit's windows: k - 1 micro-batches in one call
             self._micro_steps.get_concrete_function(_stacked_spec(micro_batch), True)
-        votes = tf.TensorSpec([2 + self.backend.num_workers()], tf.float32)
+        votes = tf.TensorSpec([VOTES + self.backend.num_workers()], tf.float32)
         self._update_step.get_concrete_function(votes, micro_batch,
                                                 self._accumulation_steps() > 1)
+
+    def drop_window(self) -> None:
+        """Forget the window in progress (an elastic job's workers changed before its update):
+        its next micro-step starts the sums afresh, and its metrics' states are emptied."""
+        self._stored_micro_steps = 0
+        if self.metrics is not None:
+            self.metrics.drop_window()
+
+    def retrace(self, micro_batch, micro_batch_size: int | None) -> None:
+        """New step functions for a new worker count (an elastic job's), traced before any runs:
+        a window's sample count, the votes and whether there is anything to reduce are the
+        worker count's. The sums and the optimizer are kept."""
+        self._compile(self.jit_compile)
+        self.trace(micro_batch, micro_batch_size)
 
     def _trace_micro_step(self, micro_batch, micro_batch_size: int | None) -> None:
         try:
@@ -330,7 +351,7 @@ class WindowSteps:
     def _apply_totals_body(self, statistics, metric_states, votes):
         """From the window's sums and statistics over every worker: the update, applied unless
         a vote cancels it. The mean gradient is divided in the sums' memory (`mean_in_place`)."""
-        cancelled = (votes[1] > 0) | tf.reduce_any(votes[2:] > 0)
+        cancelled = (votes[1] > 0) | tf.reduce_any(votes[VOTES:] > 0)
         if self.metrics is not None:
             def add_metric_states():
                 self.metrics.add_reduced(metric_states)
@@ -377,7 +398,7 @@ class WindowSteps:
             with tf.control_dependencies(shared):
                 window_loss = tf.identity(window_loss)
         return (window_loss, sample_count, gradient_norm, tf.logical_not(finite),
-                votes[0], votes[1], votes[2:])
+                votes[0], votes[1], votes[2], votes[VOTES:])
 
     def metric_states(self) -> list[tf.Tensor]:
         return self.metrics.window_states() if self.metrics is not None else []
@@ -389,9 +410,10 @@ class WindowSteps:
         # Counted from shapes: the sums are not read (that would copy them).
         sums = self.accumulator.gradient_sum_variables
         states = self.metric_states()
-        # Per normaliser a numerator and a divisor, and the sample count; the stop and cancel
-        # votes and each rank's bad micro-batch (one tensor); the touched rows (one tensor).
-        small = [1] * (2 * len(self.accumulator.normalisers) + 1) + [2 + self.backend.num_workers()]
+        # Per normaliser a numerator and a divisor, and the sample count; the stop, cancel and
+        # change votes and each rank's bad micro-batch (one tensor); the touched rows (one tensor).
+        small = ([1] * (2 * len(self.accumulator.normalisers) + 1)
+                 + [VOTES + self.backend.num_workers()])
         if self._rows is not None:
             small.append(len(self._rows.positions))
         return (len(sums) + len(states) + len(small),

@@ -16,7 +16,7 @@ from typing import Sequence
 import keras
 import tensorflow as tf
 
-from distaccum import comm, data, diagnosis, precision, state, xla
+from distaccum import comm, data, diagnosis, elastic, precision, state, xla
 from distaccum.batch import BatchSizes
 from distaccum.controller import CadenceOptions, Controller
 from distaccum.history import Position
@@ -63,6 +63,11 @@ def _check_sharding(shard_optimizer_state, optimizer, allreduce_dtype: str) -> N
                         f"shard_optimizer_state={shard_optimizer_state!r}")
     if not shard_optimizer_state:
         return
+    if comm.elastic():
+        raise ValueError(
+            "shard_optimizer_state keeps each worker's share of the optimizer state on that "
+            "worker alone, so a worker that leaves an elastic job takes it along: train elastic "
+            "without it. Received: shard_optimizer_state=True")
     if precision.unscaled(optimizer).global_clipnorm is not None:
         raise ValueError(
             "with shard_optimizer_state the optimizer sees one worker's share of the gradient, "
@@ -73,6 +78,11 @@ def _check_sharding(shard_optimizer_state, optimizer, allreduce_dtype: str) -> N
         raise ValueError(
             "shard_optimizer_state reduce-scatters the sums in float32 (a 16-bit reduce-scatter "
             f"is not built). Received: allreduce_dtype={allreduce_dtype!r}")
+
+
+def _with_class_weight(rebuild, class_weight):
+    """`rebuild`, its data with `class_weight` applied as `fit` applies it to the first."""
+    return lambda: data.with_class_weight(rebuild(), class_weight)
 
 
 class Trainer:
@@ -174,6 +184,7 @@ class Trainer:
             model.optimizer = self.optimizer  # where Keras callbacks (ReduceLROnPlateau) look
         backend = comm.current()
         self.training_state: state.TrainingState | None = None  # made by `prepare`
+        self._element_spec = None  # the data's, given to `prepare`
         self._batch = BatchSizes(backend.num_workers(), global_batch_size=global_batch_size,
                                  micro_batch_size=micro_batch_size,
                                  accumulation_steps=accumulation_steps)
@@ -271,6 +282,7 @@ class Trainer:
         self._batch.settle(micro_batch_size)
         if self._steps.accumulator is not None:
             return
+        self._element_spec = element_spec
         if not self.model.built:
             self.model.build(tf.nest.map_structure(lambda s: s.shape, element_spec[0]))
         data.check_inputs_match_model(element_spec, self.model)
@@ -342,11 +354,31 @@ class Trainer:
 
     def broadcast_from_chief(self) -> None:
         """Overwrite model and optimizer state with rank 0's (`comm.broadcast_in_place`: in groups
-        of at most 32 MiB, a larger variable alone; no copy of the whole state is ever made)."""
-        if self.backend.num_workers() == 1:
+        of at most 32 MiB, a larger variable alone; no copy of the whole state is ever made). In
+        an elastic job the `Controller` does it instead: from the worker furthest along."""
+        if self.backend.num_workers() == 1 or self.backend.elastic:
             return
         with comm.collective("the start-up broadcast"):
             comm.broadcast_in_place(self.backend, self.state_variables)
+
+    @property
+    def synchronized_variables(self) -> list:
+        """What an elastic job's workers take from the one furthest along when they regroup:
+        `state_variables` and the metrics' running states."""
+        running = self.metrics.running_variables if self.metrics is not None else []
+        return self.state_variables + running
+
+    def resize(self, accumulation_steps: int | None = None) -> None:
+        """Train on as many workers as there are now (an elastic job's new group): the same
+        global batch, k following (or `accumulation_steps`, for a trainer given k), the steps
+        traced anew; the window in progress is dropped.
+
+        Raises:
+            ValueError: the global batch cannot be split over this many workers.
+        """
+        self._batch = self._batch.on(self.backend.num_workers(), accumulation_steps)
+        self._steps.drop_window()
+        self._steps.retrace(data.unpack(self._element_spec), self.micro_batch_size)
 
     def micro_step(self, x, y, sample_weight=None) -> None:
         """Forward, backward and accumulate one micro-batch on this worker. No communication."""
@@ -363,7 +395,8 @@ class Trainer:
 
     def update_step(self, stop_vote: bool = False, cancel_vote: bool = False,
                     bad_micro_batch: int = 0, step: int | None = None,
-                    last_micro_batch: tuple | None = None) -> UpdateResult:
+                    last_micro_batch: tuple | None = None,
+                    change_vote: bool = False) -> UpdateResult:
         """Reduce the window over workers, normalise, clip, apply; every worker calls it.
 
         Args:
@@ -379,10 +412,12 @@ class Trainer:
                 to the stored sums as it is computed (one call per window less). If it cannot
                 be trained on (its error is raised), nothing was reduced or applied: call
                 `update_step` again without it, reporting it as `bad_micro_batch`.
+            change_vote: this worker heard that workers will join or leave (an elastic job):
+                every worker regroups after this update.
         """
         bad = [0.0] * self.backend.num_workers()
         bad[self.backend.rank()] = float(bad_micro_batch)
-        votes = tf.constant([float(stop_vote), float(cancel_vote), *bad])
+        votes = tf.constant([float(stop_vote), float(cancel_vote), float(change_vote), *bad])
         with comm.collective(f"update step {step}'s allreduce" if step else
                              "the update step's allreduce"):
             return self._steps.update_step(votes, last_micro_batch)
@@ -433,6 +468,8 @@ class Trainer:
         checkpoint_interval: int | None = None,
         save_checkpoint=None,
         start: Position = Position(),
+        rebuild=None,
+        regrouped=None,
     ):
         """Train on this worker's micro-batches.
 
@@ -461,6 +498,8 @@ class Trainer:
                 stopping on SIGTERM and at the end (see `Controller`).
             start: where to resume (a checkpoint's `Position`): the epoch's updates before it are
                 not read again.
+            rebuild, regrouped: in an elastic job, what the workers train on once they have
+                rejoined, and what a worker adds once they have regrouped (see `Controller`).
 
         Returns:
             A `History` (a `keras.callbacks.History`: per-epoch loss, metrics and `val_` values
@@ -472,7 +511,10 @@ class Trainer:
         comm.set_collective_timeout(collective_timeout)
         if class_weight is not None:
             dataset = data.with_class_weight(dataset, class_weight)
+            if rebuild is not None:
+                rebuild = _with_class_weight(rebuild, class_weight)
         controller = Controller(self, callbacks=callbacks, options=options,
-                                save_checkpoint=save_checkpoint)
+                                save_checkpoint=save_checkpoint, rebuild=rebuild,
+                                regrouped=regrouped)
         return controller.run(dataset, epochs=epochs, update_steps=update_steps,
                               validation_dataset=validation_data, start=start)

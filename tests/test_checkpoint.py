@@ -253,8 +253,8 @@ class _Pair:
         self._meeting["barrier"].wait()
         return [[worker[i] for worker in both] for i in range(len(tensors))]
 
-    def broadcast_from_chief(self, tensors):
-        return [from_both[0] for from_both in self.gather_all(tensors, "broadcast")]
+    def broadcast(self, tensors, root=0):
+        return [from_all[root] for from_all in self.gather_all(tensors, "broadcast")]
 
 
 def test_another_workers_slot_is_written_whole_from_its_ranges_of_rows(tmp_path, monkeypatch):

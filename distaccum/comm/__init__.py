@@ -31,19 +31,20 @@ from distaccum import devices
 from distaccum.comm import pieces
 from distaccum.comm.single import SingleProcessBackend
 from distaccum.comm.watchdog import (DEFAULT_COLLECTIVE_TIMEOUT, EXIT_COLLECTIVE_TIMEOUT,
-                                     WorkerLost, guarded, set_collective_timeout)
+                                     WorkerLost, WorkersChanged, guarded, set_collective_timeout)
 
 __all__ = [
     "BACKENDS", "DEFAULT_COLLECTIVE_TIMEOUT", "EXIT_COLLECTIVE_TIMEOUT", "Backend",
-    "HostMemoryWarning", "SingleProcessBackend", "WorkerLost", "barrier", "broadcast_in_place",
-    "choose_backend_name",
-    "collective", "current", "gather_device_codes", "init", "is_chief", "launched_by_launcher",
-    "local_rank", "num_workers", "rank", "set_collective_timeout", "shutdown", "sum_in_place",
-    "warn_if_gpus_sum_through_host",
+    "HostMemoryWarning", "SingleProcessBackend", "WorkerLost", "WorkersChanged",
+    "announced_change", "barrier", "broadcast_in_place", "choose_backend_name", "collective",
+    "current", "elastic", "elastic_launch", "gather_device_codes", "init", "is_chief",
+    "launched_by_launcher", "local_rank", "num_workers", "rank", "rejoin",
+    "set_collective_timeout", "shutdown", "sum_in_place", "warn_if_gpus_sum_through_host",
 ]
 
 _LAUNCHER_VARIABLES = ("HOROVOD_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_RANK", "PMIX_RANK")
 _BACKEND_VARIABLE = "DISTACCUM_BACKEND"
+_ELASTIC_VARIABLE = "HOROVOD_ELASTIC"  # set by `horovodrun --min-np/--max-np/--host-discovery-script`
 BACKENDS = ("single", "horovod", "mpi")
 
 
@@ -67,6 +68,7 @@ class Backend(Protocol):
 
     name: str
     summable_dtypes: tuple[str, ...]  # the dtypes `sum_all` can sum
+    elastic: bool  # workers may come and go while the job trains (`horovodrun` elastic)
 
     def num_workers(self) -> int: ...
 
@@ -95,9 +97,9 @@ class Backend(Protocol):
         worker's float32 part (1-D) of rank r's result, its size the same on every worker (each
         rank may get a different size). `name` as for `sum_all`."""
 
-    def broadcast_from_chief(self, tensors: Sequence[tf.Tensor]) -> list[tf.Tensor]:
-        """Rank 0's values of `tensors` on every worker, as one collective (the caller bounds
-        its size: `broadcast_in_place`)."""
+    def broadcast(self, tensors: Sequence[tf.Tensor], root: int = 0) -> list[tf.Tensor]:
+        """Rank `root`'s values of `tensors` on every worker, as one collective (the caller
+        bounds its size: `broadcast_in_place`)."""
 
     def shutdown(self) -> None:
         """End this worker's part in the collectives (a process about to exit)."""
@@ -113,10 +115,17 @@ def launched_by_launcher(environ: dict[str, str] | None = None) -> bool:
     return any(name in environ for name in _LAUNCHER_VARIABLES)
 
 
+def elastic_launch(environ: dict[str, str] | None = None) -> bool:
+    """Whether `horovodrun` runs this job elastic (`--min-np`, `--max-np`,
+    `--host-discovery-script`): workers may then come and go while it trains."""
+    return (os.environ if environ is None else environ).get(_ELASTIC_VARIABLE) == "1"
+
+
 def choose_backend_name(environ: dict[str, str] | None = None,
                         horovod_installed: bool | None = None) -> str:
     """`horovod` under horovodrun; under mpirun `horovod` if it is installed, else `mpi`;
-    `single` without a launcher. `DISTACCUM_BACKEND` overrides."""
+    `single` without a launcher. `DISTACCUM_BACKEND` overrides, but for an elastic
+    `horovodrun`, whose workers come and go through Horovod alone."""
     environ = os.environ if environ is None else environ
     requested = environ.get(_BACKEND_VARIABLE, "")
     if requested:
@@ -124,6 +133,11 @@ def choose_backend_name(environ: dict[str, str] | None = None,
             raise ValueError(
                 f"{_BACKEND_VARIABLE} must be one of {', '.join(BACKENDS)}. Received: {requested!r}"
             )
+        if requested != "horovod" and elastic_launch(environ):
+            raise ValueError(
+                f"horovodrun runs this job elastic, whose workers join and leave through "
+                f"Horovod's collectives: unset {_BACKEND_VARIABLE} (or set it to horovod). "
+                f"Received: {_BACKEND_VARIABLE}={requested}")
         return requested
     if not launched_by_launcher(environ):
         return "single"
@@ -201,9 +215,28 @@ def is_chief() -> bool:
 
 def collective(what: str) -> contextlib.AbstractContextManager[None]:
     """Run the collective(s) of `what` under the watchdog (`collective_timeout`), and turn a
-    failed Horovod or MPI collective into one clear `WorkerLost`."""
+    failed Horovod or MPI collective into one clear `WorkerLost`; in an elastic job, into
+    `WorkersChanged`, which the survivors answer by `rejoin`ing."""
     backend = current()
-    return guarded(what, backend.num_workers(), backend.rank)
+    return guarded(what, backend.num_workers(), backend.rank, backend.elastic)
+
+
+def elastic() -> bool:
+    """Whether workers may come and go while this job trains (`horovodrun` elastic)."""
+    return current().elastic
+
+
+def announced_change() -> bool:
+    """Whether the launcher told this worker that workers will join or leave (rank 0 only
+    hears it; the update step's votes tell the others)."""
+    backend = current()
+    return backend.elastic and backend.announced_change()
+
+
+def rejoin() -> None:
+    """Leave the workers' group and join the next one (an elastic job, after `WorkersChanged`
+    or an announced change): on return, `rank()` and `num_workers()` are the new group's."""
+    current().restart()
 
 
 def barrier(what: str) -> None:
@@ -246,11 +279,11 @@ def sum_in_place(backend: Backend, variables: Sequence[tf.Variable], others: Seq
         return [tf.identity(t) for t in reduced_others]
 
 
-def broadcast_in_place(backend: Backend, variables: Sequence) -> None:
-    """Overwrite `variables` with rank 0's values, eagerly: in `pieces.bounded_groups`, each
-    group assigned before the next travels."""
+def broadcast_in_place(backend: Backend, variables: Sequence, root: int = 0) -> None:
+    """Overwrite `variables` with rank `root`'s values, eagerly: in `pieces.bounded_groups`,
+    each group assigned before the next travels."""
     for group in pieces.bounded_groups(variables):
-        values = backend.broadcast_from_chief([piece.read() for piece in group])
+        values = backend.broadcast([piece.read() for piece in group], root)
         for piece, value in zip(group, values):
             piece.write(value)
 

@@ -14,6 +14,7 @@ from typing import Sequence
 
 import tensorflow as tf
 
+from distaccum.comm import elastic_launch
 from distaccum.comm.pieces import GROUP_BYTES, row_counts, run_time_zero
 
 # The fusion buffer distaccum asks Horovod for, unless the job sets `HOROVOD_FUSION_THRESHOLD`.
@@ -57,6 +58,23 @@ def _never_constant(group: list[tf.Tensor]) -> list[tf.Tensor]:
     return [t + zero if i == smallest else t for i, t in enumerate(group)]
 
 
+class _Announcements:
+    """Listens to `horovodrun`'s elastic driver, which tells rank 0 when hosts were added or
+    removed (Horovod's worker notification service, started once per process)."""
+
+    def __init__(self) -> None:
+        self.changed = False
+
+    def listen(self) -> None:
+        from horovod.common.elastic import notification_manager
+
+        notification_manager.init()
+        notification_manager.register_listener(self)
+
+    def on_hosts_updated(self, timestamp, update_result) -> None:  # Horovod's listener hook
+        self.changed = True
+
+
 class HorovodBackend:
     """Horovod collectives (Gloo or MPI controller) on plain `tf.Tensor`s.
 
@@ -79,6 +97,10 @@ class HorovodBackend:
         hvd.init()
         self._hvd = hvd
         self._scratch = tf.Variable(0.0, trainable=False)  # what `_kept` writes
+        self.elastic = elastic_launch()
+        self._announcements = _Announcements()
+        if self.elastic:
+            self._announcements.listen()
 
     def _kept(self, result: tf.Tensor) -> tf.Tensor:
         """`result`, with its collective kept in the graph even where nothing reads it.
@@ -151,17 +173,30 @@ class HorovodBackend:
         received = tf.reshape(self._kept(received), [self.num_workers(), sizes[self.rank()]])
         return tf.reduce_sum(received, axis=0)
 
-    def broadcast_from_chief(self, tensors: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+    def broadcast(self, tensors: Sequence[tf.Tensor], root: int = 0) -> list[tf.Tensor]:
         # One broadcast per dtype of all values flattened together: start-up pays one collective
         # per group, not one per variable. Named by the group's shapes (`sum_all`'s reason).
         def broadcast(group: list[tf.Tensor]) -> list[tf.Tensor]:
             flat = tf.concat([tf.reshape(t, [-1]) for t in group], axis=0)
-            flat = self._hvd.broadcast(flat, root_rank=0,
+            flat = self._hvd.broadcast(flat, root_rank=root,
                                        name=f"distaccum.broadcast.{_signature(group)}")
             pieces = tf.split(flat, [int(tf.size(t)) for t in group])
             return [tf.reshape(piece, t.shape) for piece, t in zip(pieces, group)]
 
         return _per_dtype(tensors, broadcast)
+
+    def announced_change(self) -> bool:
+        """Whether `horovodrun`'s elastic driver announced a change of hosts since the last call
+        (it tells rank 0 only; `elastic` carries it to the others in the update's votes)."""
+        changed, self._announcements.changed = self._announcements.changed, False
+        return changed
+
+    def restart(self) -> None:
+        """Leave the workers' group and join the next one: `horovodrun`'s elastic driver gives
+        this process its rank among the workers that are there now, once every one of them has
+        joined. A process whose host left the job ends inside (Horovod's own exit)."""
+        self._hvd.shutdown()
+        self._hvd.init()
 
     def shutdown(self) -> None:
         self._hvd.shutdown()

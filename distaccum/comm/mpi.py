@@ -29,6 +29,7 @@ class MPIBackend:
 
     name = "mpi"
     summable_dtypes = ("float32", "bfloat16", "float16")
+    elastic = False  # mpirun and one process: the workers are fixed for the job
 
     def __init__(self) -> None:
         from mpi4py import MPI  # imported here only: the other backends must not need it
@@ -204,17 +205,17 @@ class MPIBackend:
             (parts[0] if len(parts) == 1 else np.concatenate(parts)).view(a.dtype)
             .reshape(-1, *a.shape[1:]) for parts, a in zip(wholes, arrays)]
 
-    def broadcast_from_chief(self, tensors: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+    def broadcast(self, tensors: Sequence[tf.Tensor], root: int = 0) -> list[tf.Tensor]:
         # Eager (start-up only): every value's bytes in one `Bcast` into one buffer, whose views
         # become the results (every rank knows the shapes and dtypes: the same model's).
         arrays = [np.asarray(t) for t in tensors]
         sizes = [a.nbytes for a in arrays]
-        if self.rank() == 0:
+        if self.rank() == root:
             buffer = np.concatenate([a.reshape(-1).view(np.uint8) for a in arrays]
                                     + [np.zeros(0, np.uint8)])
         else:
             buffer = np.empty(sum(sizes), np.uint8)
-        self._world.Bcast(buffer, root=0)
+        self._world.Bcast(buffer, root=root)
         self.collective_counts["broadcast"] += 1
         pieces = np.split(buffer, np.cumsum(sizes)[:-1])
         return [tf.convert_to_tensor(piece.view(a.dtype).reshape(a.shape))

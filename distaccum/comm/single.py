@@ -16,6 +16,7 @@ class SingleProcessBackend:
 
     name = "single"
     summable_dtypes = ("float32", "bfloat16", "float16")
+    elastic = False  # mpirun and one process: the workers are fixed for the job
 
     def num_workers(self) -> int:
         return 1
@@ -38,7 +39,7 @@ class SingleProcessBackend:
     def reduce_scatter(self, segments: Sequence[tf.Tensor], name: str) -> tf.Tensor:
         return segments[0]
 
-    def broadcast_from_chief(self, tensors: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+    def broadcast(self, tensors: Sequence[tf.Tensor], root: int = 0) -> list[tf.Tensor]:
         return list(tensors)
 
     def shutdown(self) -> None:

@@ -28,6 +28,12 @@ class WorkerLost(RuntimeError):
     failed). Raised on the surviving workers so they stop instead of waiting forever."""
 
 
+class WorkersChanged(RuntimeError):
+    """A collective failed in an elastic job (another worker is gone): the survivors go back to
+    the last update every one of them applied and go on with the workers that are left
+    (`Controller`), instead of stopping."""
+
+
 class Watchdog:
     """Ends this process when a collective outlasts its timeout.
 
@@ -94,10 +100,12 @@ def set_collective_timeout(seconds: float) -> None:
 
 
 @contextlib.contextmanager
-def guarded(what: str, workers: int, rank: Callable[[], int]) -> Iterator[None]:
+def guarded(what: str, workers: int, rank: Callable[[], int], elastic: bool = False
+            ) -> Iterator[None]:
     """The package's `collective()`, given the job's worker count and this worker's `rank` (asked
     only for a message, so entering makes no call into the backend). A lone worker waits for
-    nobody: it goes unwatched, and only its errors become `WorkerLost`."""
+    nobody: it goes unwatched, and only its errors become `WorkerLost` (`WorkersChanged` when
+    the job is `elastic`: workers may join it)."""
     watched = _watchdog.watching(what, rank) if workers > 1 else contextlib.nullcontext()
     try:
         with watched:
@@ -105,6 +113,9 @@ def guarded(what: str, workers: int, rank: Callable[[], int]) -> Iterator[None]:
     except tf.errors.OpError as error:
         if not any(name in str(error).lower() for name in ("horovod", "mpi")):
             raise
+        if elastic:
+            raise WorkersChanged(f"rank {rank()} lost contact with another worker during {what}; "
+                                 "going on with the workers that are left") from None
         raise WorkerLost(
             f"rank {rank()} lost contact with another worker during {what} (a worker process "
             "died, was killed, or its network failed); stopping"

@@ -28,7 +28,7 @@ def run(backend) -> dict[str, np.ndarray]:
     narrow = backend.sum_all([tf.cast(vector, tf.float16), matrix], "contract_narrow")
     rows = tf.fill([r + 1, 2], one)
     gathered = tf.function(lambda: backend.gather_all([rows], "contract"))()
-    broadcast = backend.broadcast_from_chief([vector, tf.constant([[r, -r]], tf.int64)])
+    broadcast = backend.broadcast([vector, tf.constant([[r, -r]], tf.int64)])
     # Rank q's segment holds q values (rank 0's none). The first reduce-scatter is only waited
     # for, as a round of sharded state's is: every rank must run it all the same.
     segments = [tf.fill([q], one) for q in range(backend.num_workers())]
