@@ -326,7 +326,7 @@ class Controller:
                 continue
         for callback in self._regrouped(position) if self._regrouped else ():
             callback.set_model(self._trainer.model)
-            callbacks.append(callback)
+            callbacks.callbacks.append(callback)
             callback.on_train_begin()
         self._regroup_pending = False
         if comm.is_chief():
