@@ -90,6 +90,14 @@ def _add_k8s_commands(commands) -> None:
     options.add_argument("--name", default="distaccum", help="job name (DNS label)")
     options.add_argument("--workdir", help="absolute directory of your project in the image: "
                          "ranks start there and `distaccum train` imports its packages")
+    options.add_argument("--elastic", action="store_true",
+                         help="train on as many worker pods as run (horovodrun's elastic mode): "
+                         "workers may leave and join while the job trains, on the same "
+                         "trajectory (needs global_batch_size and --api mpijob)")
+    options.add_argument("--min-workers", type=int, help="with --elastic: the fewest worker "
+                         "pods to train on (default 1)")
+    options.add_argument("--max-workers", type=int, help="with --elastic: the most worker pods "
+                         "to train on (default --workers)")
     options.add_argument("--output-dir", help="write a Kustomize base here instead of printing")
     options.add_argument("--command", dest="user_command", nargs=argparse.REMAINDER,
                          metavar="COMMAND ...",
@@ -104,6 +112,10 @@ def _render_k8s(arguments) -> int:
         raise ConfigError("k8s render takes --config FILE or --command COMMAND ... (one of them). "
                           f"Received: --config={arguments.config!r}, "
                           f"--command={arguments.user_command!r}")
+    if not arguments.elastic and (arguments.min_workers or arguments.max_workers):
+        raise ConfigError(f"--min-workers and --max-workers are an elastic job's: add "
+                          f"--elastic. Received: --min-workers={arguments.min_workers}, "
+                          f"--max-workers={arguments.max_workers}")
     # A config that would fail in the cluster fails here.
     config = load_config(arguments.config) if arguments.config else None
     options = k8s.ClusterOptions(
@@ -115,6 +127,8 @@ def _render_k8s(arguments) -> int:
         memory_per_rank=arguments.memory_per_rank,
         workdir=arguments.workdir,
         command=tuple(arguments.user_command or ()),
+        min_workers=(arguments.min_workers or 1) if arguments.elastic else None,
+        max_workers=arguments.max_workers if arguments.elastic else None,
     )
     if config is not None:
         k8s.check_ranks(options, config)

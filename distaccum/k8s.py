@@ -14,6 +14,11 @@ so it starts exactly one rank per hostfile slot, and the GPU limit is that same 
 
 A config is checked against the ranks it is rendered for (`check_ranks`), so that a job resized
 under the same name (claim, logdir) resumes on the new ranks instead of stopping at start-up.
+
+An elastic job (`ClusterOptions.min_workers`) runs `horovodrun`'s elastic mode on the discovery
+script mpi-operator keeps (`k8s_pods.elastic_launcher`): its launcher starts at once and trains on
+the worker pods that run, from min to max, each count checked against the config; a worker pod
+that stops is a worker that leaves (no preStop hook stopping every rank).
 """
 
 from __future__ import annotations
@@ -38,19 +43,26 @@ def check_ranks(options: ClusterOptions, config: TrainConfig) -> None:
 
     Every slot is a rank, so num_workers = workers x slots per worker. The job would stop at
     start-up (every rank, one line) unless the global batch is a whole number of micro-batches
-    per rank and num_workers divides the data's partitions.
+    per rank and num_workers divides the data's partitions; an elastic job, at every count of
+    worker pods it may train on, and only with `global_batch_size` (k follows the count).
 
     Raises:
         ManifestError: one line naming the workers, the slots and the config's values.
     """
-    num_workers = options.workers * options.slots_per_worker
-    try:
-        config.accumulation_steps_on(num_workers)
-        order.check_num_workers(num_workers, config.partitions)
-    except ValueError as error:
+    if options.elastic and config.global_batch_size is None:
         raise ManifestError(
-            f"the config cannot run on workers={options.workers} x slots_per_worker="
-            f"{options.slots_per_worker} = num_workers {num_workers}: {error}") from None
+            "an elastic job keeps the global batch while workers come and go: give the config "
+            f"global_batch_size, not accumulation_steps. Received: min_workers="
+            f"{options.min_workers}, accumulation_steps={config.accumulation_steps}")
+    for workers in options.worker_counts:
+        num_workers = workers * options.slots_per_worker
+        try:
+            config.accumulation_steps_on(num_workers)
+            order.check_num_workers(num_workers, config.partitions)
+        except ValueError as error:
+            raise ManifestError(
+                f"the config cannot run on workers={workers} x slots_per_worker="
+                f"{options.slots_per_worker} = num_workers {num_workers}: {error}") from None
 
 
 def job_labels(options: ClusterOptions) -> dict:
@@ -90,7 +102,8 @@ def mpijob(options: ClusterOptions) -> dict:
         "spec": {
             "slotsPerWorker": options.slots_per_worker,
             "mpiImplementation": "OpenMPI",
-            "launcherCreationPolicy": "WaitForWorkersReady",
+            # An elastic launcher starts at once: horovodrun waits for min_workers itself.
+            "launcherCreationPolicy": "AtStartup" if options.elastic else "WaitForWorkersReady",
             "sshAuthMountPath": f"{k8s_pods.HOME}/.ssh",
             "runPolicy": {
                 "cleanPodPolicy": "Running",

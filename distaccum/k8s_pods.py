@@ -32,6 +32,9 @@ HOME = "/home/mpiuser"
 CONFIG_DIR = "/etc/distaccum"
 DATA_DIR = "/data"
 HOSTFILE = "/etc/mpi/hostfile"  # where mpi-operator mounts the hostfile it generates
+# Beside it, the script mpi-operator rewrites as worker pods start and stop: one running worker
+# pod per line (an elastic job's `horovodrun --host-discovery-script`).
+DISCOVER_HOSTS = "/etc/mpi/discover_hosts.sh"
 TENSORBOARD_PORT = 6006
 # The one writable directory of every container (an emptyDir): the root filesystem is read-only.
 # Open MPI's session directory, TensorFlow's and Keras's files go to /tmp; sshd writes nothing.
@@ -55,6 +58,12 @@ STOP_RANKS = ["distaccum", "stop-ranks", "--timeout", str(TERMINATION_GRACE_SECO
 # peaks at 0.65 GB (digits) to 0.82 GB (synthetic); TensorFlow with CUDA maps more host memory.
 MEMORY_PER_RANK = {"cpu": "2Gi", "gpu": "8Gi"}
 LAUNCHER_RESOURCES = {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"memory": "256Mi"}}
+# horovodrun imports TensorFlow (its check that Horovod has Gloo): about 0.5 GB more.
+ELASTIC_LAUNCHER_RESOURCES = {"requests": {"cpu": "500m", "memory": "1Gi"},
+                              "limits": {"memory": "1Gi"}}
+# A worker pod that failed (its host blacklisted) is tried again after 10 s, then after longer
+# waits up to 2 min: a pod restarted under the same name rejoins the job.
+BLACKLIST_COOLDOWN_SECONDS = (10, 120)
 TENSORBOARD_RESOURCES = {"requests": {"cpu": "250m", "memory": "2Gi"}, "limits": {"memory": "2Gi"}}
 _MEMORY = re.compile(r"^([1-9][0-9]*)(Mi|Gi)$")
 _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -92,6 +101,10 @@ class ClusterOptions:
     command: tuple[str, ...] = ()
     # Each worker pod's memory request and limit is this times its ranks. None: MEMORY_PER_RANK.
     memory_per_rank: str | None = None
+    # An elastic job (`horovodrun`'s elastic mode) trains on as many worker pods as are running,
+    # from `min_workers` to `max_workers` (None: `workers`); None: not elastic (`mpirun`).
+    min_workers: int | None = None
+    max_workers: int | None = None
 
     def __post_init__(self) -> None:
         if not _DNS_LABEL.match(self.name):
@@ -117,6 +130,17 @@ class ClusterOptions:
         if not _MEMORY.match(self.memory_per_rank):
             raise ManifestError("memory_per_rank must be a whole number of Mi or Gi, such as 2Gi "
                                 f"or 1536Mi. Received: memory_per_rank={self.memory_per_rank!r}")
+        if self.min_workers is None and self.max_workers is not None:
+            raise ManifestError(f"max_workers is an elastic job's: give min_workers too. "
+                                f"Received: max_workers={self.max_workers}")
+        if self.min_workers is not None:
+            if self.max_workers is None:
+                object.__setattr__(self, "max_workers", self.workers)
+            if not 1 <= self.min_workers <= self.workers <= self.max_workers:
+                raise ManifestError(
+                    f"an elastic job needs 1 <= min_workers <= workers <= max_workers. Received: "
+                    f"min_workers={self.min_workers}, workers={self.workers}, "
+                    f"max_workers={self.max_workers}")
         if self.workdir is not None and not self.workdir.startswith("/"):
             raise ManifestError(f"workdir must be an absolute path in the image. Received: "
                                 f"workdir={self.workdir!r}")
@@ -131,6 +155,15 @@ class ClusterOptions:
     def slots_per_worker(self) -> int:
         """Ranks per worker pod: one per GPU, or `cpu_slots_per_worker` without GPUs."""
         return self.gpus_per_worker or self.cpu_slots_per_worker
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers is not None
+
+    @property
+    def worker_counts(self) -> range:
+        """The numbers of worker pods the job may train on."""
+        return range(self.min_workers or self.workers, (self.max_workers or self.workers) + 1)
 
     @property
     def worker_memory(self) -> str:
@@ -154,15 +187,18 @@ def launcher_command(options: ClusterOptions) -> list[str]:
     SIGKILLed 0.5 s later. Any other command gets mpirun's own SIGTERM (SIGUSR1 would end a
     program that does not handle it at once, without even that notice).
     """
-    forwarded = ["PATH", "PYTHONUNBUFFERED"]
-    if options.gpus_per_worker:
-        forwarded += ["NCCL_DEBUG", "NCCL_SOCKET_IFNAME"]
     command = ["distaccum", "launch"] if runs_distaccum_train(options) else []
-    command += ["mpirun", "--hostfile", HOSTFILE, "--bind-to", "none", "--map-by", "slot"]
-    for variable in forwarded:
-        command += ["-x", variable]
-    if options.workdir:
-        command += ["--wdir", options.workdir]
+    if options.elastic:
+        command += elastic_launcher(options)
+    else:
+        forwarded = ["PATH", "PYTHONUNBUFFERED"]
+        if options.gpus_per_worker:
+            forwarded += ["NCCL_DEBUG", "NCCL_SOCKET_IFNAME"]
+        command += ["mpirun", "--hostfile", HOSTFILE, "--bind-to", "none", "--map-by", "slot"]
+        for variable in forwarded:
+            command += ["-x", variable]
+        if options.workdir:
+            command += ["--wdir", options.workdir]
     if options.command:
         return command + list(options.command)
     workdir = ["--workdir", options.workdir] if options.workdir else []
@@ -170,6 +206,21 @@ def launcher_command(options: ClusterOptions) -> list[str]:
         "distaccum", "train", *workdir, "--config", f"{CONFIG_DIR}/config.yaml",
         "--set", f"logdir={DATA_DIR}/runs/{options.name}",
     ]
+
+
+def elastic_launcher(options: ClusterOptions) -> list[str]:
+    """An elastic job's `horovodrun`: it starts once `min_workers` worker pods run (so a
+    restarted launcher trains on as many as are running, not waiting for all), adds and drops
+    workers as mpi-operator's discovery script lists them, up to `max_workers`, and reaches
+    their sshd on SSH_PORT (over eth0, the pods' network, which it need not probe for). It
+    passes its environment on and starts the ranks in its own working directory (the
+    launcher's `workingDir`: `--workdir`)."""
+    slots = options.slots_per_worker
+    return ["horovodrun", "--gloo", "--network-interface", "eth0", "--ssh-port", str(SSH_PORT),
+            "-np", str(options.min_workers * slots), "--min-np", str(options.min_workers * slots),
+            "--max-np", str(options.max_workers * slots), "--slots-per-host", str(slots),
+            "--blacklist-cooldown-range", *map(str, BLACKLIST_COOLDOWN_SECONDS),
+            "--host-discovery-script", DISCOVER_HOSTS]
 
 
 def config_map_name(options: ClusterOptions) -> str:
@@ -221,8 +272,11 @@ def launcher_pod(options: ClusterOptions) -> dict:
             {"name": "NCCL_DEBUG", "value": "WARN"},
             {"name": "NCCL_SOCKET_IFNAME", "value": "eth0"},
         ]
+    resources = ELASTIC_LAUNCHER_RESOURCES if options.elastic else LAUNCHER_RESOURCES
     container = _container(options, "launcher", command=launcher_command(options),
-                           env=environment, resources=copy.deepcopy(LAUNCHER_RESOURCES))
+                           env=environment, resources=copy.deepcopy(resources))
+    if options.elastic and options.workdir:  # horovodrun starts the ranks in its own
+        container["workingDir"] = options.workdir
     return _pod(container, terminationGracePeriodSeconds=TERMINATION_GRACE_SECONDS)
 
 
@@ -244,9 +298,11 @@ def worker_pod(options: ClusterOptions) -> dict:
                                 "memory": options.worker_memory},
                    "limits": {"memory": options.worker_memory}},
     )
-    if runs_distaccum_train(options):
+    if runs_distaccum_train(options) and not options.elastic:
         # sshd (PID 1) would exit on the pod's SIGTERM and take the ranks with it, unsignalled:
         # the kubelet runs this first, and it returns once the job has stopped with a checkpoint.
+        # Not in an elastic job: there a worker pod that stops is a worker that leaves, and the
+        # others go on from the last update (stopping its ranks would stop them all).
         container["lifecycle"] = {"preStop": {"exec": {"command": STOP_RANKS}}}
     volumes = [{"name": "data", "persistentVolumeClaim": {"claimName": f"{options.name}-data"}}]
     if not options.command:  # `distaccum train` reads the ConfigMap's config on every rank

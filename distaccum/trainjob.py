@@ -146,6 +146,11 @@ def train_job(options: k8s_pods.ClusterOptions) -> dict:
 def render(options: k8s_pods.ClusterOptions, config_text: str | None) -> list[dict]:
     """Every object of one Trainer submission, in apply order. It is the MPIJob submission with
     the runtime and the TrainJob in place of the MPIJob, so the two cannot drift apart."""
+    if options.elastic:
+        raise k8s.ManifestError(
+            "Kubeflow Trainer v2 has no elastic mode for MPI (its TrainJob's node count is "
+            "fixed): render an elastic job as an MPIJob (--api mpijob). Received: --api trainjob "
+            f"with min_workers={options.min_workers}")
     documents = k8s.render(options, config_text)  # also refuses a config together with a command
     at = [document["kind"] for document in documents].index("MPIJob")
     return [*documents[:at], cluster_training_runtime(options), train_job(options),

@@ -804,3 +804,60 @@ def test_network_policy_check_fails_when_a_policy_admits_another_job():
     del policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]["distaccum/job"]
     reach = _reachable(documents)
     assert ("MPIJob/one/Worker", "MPIJob/two/Launcher") in reach
+
+
+# --- an elastic job ---------------------------------------------------------------------------
+
+GLOBAL_BATCH_384 = "global_batch_size: 384\nmicro_batch_size: 32\nepochs: 1\n"  # 2, 3, 4 ranks
+
+
+def test_elastic_mpijob_runs_horovodrun_on_the_operators_discovery_script_and_validates(
+        tmp_path, mpijob_schema):
+    config = tmp_path / "config.yaml"
+    config.write_text(GLOBAL_BATCH_384)
+    documents = _rendered_by_cli("--config", str(config), "--elastic", "--workers", "3",
+                                 "--min-workers", "2", "--max-workers", "4")
+    validate(documents, mpijob_schema)
+    spec = _by_kind(documents)["MPIJob"]["spec"]
+    launcher_pod, worker_pod = (spec["mpiReplicaSpecs"][role]["template"]["spec"]
+                                for role in ("Launcher", "Worker"))
+    [launcher], [worker] = launcher_pod["containers"], worker_pod["containers"]
+    command = launcher["command"]
+    assert command[:4] == ["distaccum", "launch", "horovodrun", "--gloo"]
+    options = dict(zip(command[4:], command[5:]))
+    assert (options["-np"], options["--min-np"], options["--max-np"]) == ("2", "2", "4")
+    assert options["--host-discovery-script"] == k8s_pods.DISCOVER_HOSTS
+    assert options["--ssh-port"] == str(k8s_pods.SSH_PORT)
+    assert command[-6:-4] == ["distaccum", "train"]
+    # The launcher starts at once (horovodrun waits for the fewest workers itself), and a worker
+    # pod that stops is a worker that leaves: no hook stops every rank with it.
+    assert spec["launcherCreationPolicy"] == "AtStartup"
+    assert "lifecycle" not in worker
+    assert spec["mpiReplicaSpecs"]["Worker"]["replicas"] == 3
+    assert launcher["resources"]["limits"]["memory"] == "1Gi"  # horovodrun imports TensorFlow
+
+
+@pytest.mark.parametrize("config, arguments, message", [
+    (None, ["--elastic", "--workers", "2", "--max-workers", "3"],
+     "the config cannot run on workers=3 x slots_per_worker=1 = num_workers 3: global_batch_size"),
+    (None, ["--elastic", "--workers", "2", "--cpu-slots-per-worker", "3", "--min-workers", "2"],
+     "the config cannot run on workers=2 x slots_per_worker=3 = num_workers 6"),
+    ("accumulation_steps: 2\nepochs: 1\n", ["--elastic"],
+     "give the config global_batch_size, not accumulation_steps"),
+    (None, ["--elastic", "--api", "trainjob"], "Kubeflow Trainer v2 has no elastic mode"),
+    (None, ["--min-workers", "1"], "--min-workers and --max-workers are an elastic job's"),
+    (None, ["--elastic", "--workers", "2", "--min-workers", "3"],
+     "needs 1 <= min_workers <= workers <= max_workers. Received: min_workers=3, workers=2"),
+], ids=["a_count_in_between", "slots_times_min", "k_given", "trainjob", "not_elastic",
+        "min_above_workers"])
+def test_elastic_render_exits_2_with_one_line_for_what_cannot_be_elastic(
+        config, arguments, message, tmp_path):
+    config_file = DIGITS
+    if config is not None:
+        config_file = tmp_path / "config.yaml"
+        config_file.write_text(config)
+    completed = subprocess.run(
+        [str(VENV_BIN / "distaccum"), "k8s", "render", "--config", str(config_file), *arguments],
+        capture_output=True, text=True)
+    assert completed.returncode == 2 and completed.stdout == "", completed.stderr
+    assert completed.stderr.count("\n") == 1 and message in completed.stderr, completed.stderr
