@@ -14,7 +14,7 @@ py="$repo_root/.venv/bin/python"
 # followed by benchmarks/report.py --readme README.md.
 started=$(date +%s)
 for figure in communication slow_link overhead memory startup peer_systems data preemption \
-    sparse_exchange; do
+    sparse_exchange elastic; do
   echo "[benchmarks] $figure ($(date +%H:%M:%S))" >&2
   "$py" "$repo_root/benchmarks/$figure.py" --json "$repo_root/benchmarks/results/$figure.json"
 done

@@ -218,8 +218,12 @@ class Controller:
         synchronized = False
         if comm.elastic():
             elastic.refuse_unless_exact(self._trainer.global_batch_size, source)
-            position = self._synchronize(history, start if comm.is_chief() else None,
-                                         survivor=False)
+            try:
+                position = self._synchronize(history, start if comm.is_chief() else None,
+                                             survivor=False)
+            except comm.WorkersChanged:  # another change while this worker joined
+                position = self._regroup(start if comm.is_chief() else None, history,
+                                         callbacks, survivor=False)
             synchronized = True
         callbacks.on_train_begin()
         with _StopRequest() as stop:
@@ -307,10 +311,11 @@ class Controller:
         self._consecutive_skips = progress.consecutive_skips
         return progress.position
 
-    def _regroup(self, position: Position, history: History, callbacks) -> Position:
+    def _regroup(self, position: Position | None, history: History, callbacks,
+                 survivor: bool = True) -> Position:
         """Workers joined or left: rejoin, rebuild what holds the worker count, and take the
         state of the worker furthest along; where training stands. A change while regrouping
-        starts it again."""
+        starts it again. `position`: this worker's (None: it holds none of the run's)."""
         started = time.perf_counter()
         workers = comm.num_workers()
         while True:
@@ -320,7 +325,7 @@ class Controller:
                     self._trainer.resize()
                 else:
                     self._source = self._rebuild()
-                position = self._synchronize(history, position, survivor=True)
+                position = self._synchronize(history, position, survivor)
                 break
             except comm.WorkersChanged:
                 continue

@@ -279,3 +279,17 @@ def test_readme_and_results_quote_the_committed_figures():
     readme = (REPO_ROOT / "README.md").read_text()
     assert f"{report.README_BEGIN}\n{report.readme_block(figures)}\n{report.README_END}" in readme
     assert report.targets_table(figures) in (BENCHMARKS_DIR / "results.md").read_text()
+
+
+@pytest.mark.multiworker
+def test_elastic_smoke_times_each_change_in_place_and_by_stop_and_resume(tmp_path):
+    figure = run_benchmark(tmp_path, "elastic", "--repeats", "1")
+    assert figure["title"] == "9. Elastic in place: seconds lost per change of worker count"
+    [run] = figure["runs"]
+    assert set(run) == {"2 → 1, a host leaves", "1 → 2, a host joins", "2 → 1, rank 1 SIGKILLed",
+                        "2 → 1, stop and resume", "1 → 2, stop and resume"}
+    # A stop and resume pays a new process's start-up; a host that leaves costs only a regroup.
+    assert 0 < run["2 → 1, stop and resume"] and 0 < run["1 → 2, stop and resume"]
+    assert run["2 → 1, a host leaves"] < run["2 → 1, stop and resume"]
+    assert [check["passed"] for check in figure["checks"]] == [None, None, None]  # not judged
+    assert "| 2 → 1 | a host leaves |" in figure["table"]

@@ -27,6 +27,9 @@ import pytest
 import data_kinds
 import scenarios
 from conftest import MPI_ROOT_VARIABLES, REPO_ROOT, VENV_BIN, WORKERS_DIR, launcher_command
+from distaccum import comm, elastic
+from distaccum.batch import BatchSizes
+from distaccum.history import Position
 
 DIGITS = str(REPO_ROOT / "distaccum" / "configs" / "digits.yaml")
 HOSTS = ("localhost", "127.0.0.1")
@@ -44,7 +47,7 @@ KINDS = {
                              "columns={x: x, y: y}"],
 }
 
-pytestmark = [pytest.mark.multiworker, pytest.mark.rounding]
+launched = pytest.mark.multiworker
 
 
 def _environment() -> dict:
@@ -66,7 +69,7 @@ class ElasticJob:
     """A running elastic `horovodrun`: its output read line by line as it comes, the hosts its
     discovery script prints, its workers' processes."""
 
-    def __init__(self, root: Path, keys: list[str]) -> None:
+    def __init__(self, root: Path, keys: list[str], script: list[str] | None = None) -> None:
         self.dump = root / "dump"
         self.dump.mkdir(parents=True)
         self._hosts = root / "hosts"
@@ -76,7 +79,8 @@ class ElasticJob:
         discovery.chmod(0o755)
         command = [*launcher_command("horovodrun", 2), "--min-np", "1", "--max-np", "2",
                    "--host-discovery-script", str(discovery),
-                   "--blacklist-cooldown-range", "1", "2", *_train_command(self.dump, keys)]
+                   "--blacklist-cooldown-range", "1", "2",
+                   *(script or _train_command(self.dump, keys))]
         self._process = subprocess.Popen(command, stdout=subprocess.PIPE,
                                          stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT,
                                          env=_environment())
@@ -204,6 +208,8 @@ def _check_against(uninterrupted, kind: str, job: ElasticJob) -> dict:
     return logs
 
 
+@launched
+@pytest.mark.rounding
 def test_2_to_1_to_2_workers_in_place_ends_as_the_uninterrupted_2_worker_run(
         tmp_path, uninterrupted):
     job = ElasticJob(tmp_path, KINDS["digits"](tmp_path) + KEYS)
@@ -219,6 +225,8 @@ def test_2_to_1_to_2_workers_in_place_ends_as_the_uninterrupted_2_worker_run(
     assert whole and {workers for _, _, workers, _ in whole[0]} == {1, 2}
 
 
+@launched
+@pytest.mark.rounding
 def test_a_killed_worker_rank_1_then_rank_0_leaves_the_other_training_on_a_table(
         tmp_path, uninterrupted):
     job = ElasticJob(tmp_path, KINDS["parquet"](tmp_path) + KEYS)
@@ -239,3 +247,62 @@ def test_a_killed_worker_rank_1_then_rank_0_leaves_the_other_training_on_a_table
         went_on = [pid for pid, lines in logs.items() if pid != killed and lines[0][0] <= last
                    and (last + 1, 128, 1, 4) in lines]
         assert went_on, (last, {pid: lines[:1] + lines[-1:] for pid, lines in logs.items()})
+
+
+@launched
+@pytest.mark.rounding
+def test_a_users_own_trainer_fit_goes_on_in_place_when_a_worker_leaves(tmp_path, monkeypatch):
+    # workers/elastic_fit.py: a compiled model on arrays, Trainer.from_compiled with
+    # global_batch_size, fit with a callback of its own; the reference is the same function on
+    # one worker in this process (any count makes the same run to round-off).
+    job = ElasticJob(tmp_path, [], [str(VENV_BIN / "python"), str(WORKERS_DIR / "elastic_fit.py"),
+                                    str(tmp_path / "dump")])
+    started = job.wait_for(r"update 10 on 2 workers")
+    job.hosts(job.host_of(0))
+    job.wait_for(r"distaccum: 2 → 1 workers after update step \d+: k=4", started)
+    job.wait_for(r"update \d+ on 1 workers")
+    text = job.finish()
+    assert "update 64 on 1 workers" in text, text[-3000:]  # 8 epochs of 8 updates
+    monkeypatch.syspath_prepend(str(WORKERS_DIR))
+    import elastic_fit
+
+    expected = elastic_fit.train().get_weights()
+    scenarios.assert_weights_close(final_state(job.dump), expected)
+
+
+# --- the parts, in one process --------------------------------------------------------------
+
+def test_a_worker_state_is_taken_from_the_one_furthest_along():
+    at = lambda step: elastic.Progress(Position(step, 2, 3))  # noqa: E731
+    assert elastic.claim(None, survivor=False) == 0  # joined: holds none of the run's
+    assert elastic.claim(at(0), survivor=False) > 0  # a fresh start's chief: its initial state
+    assert elastic.claim(at(7), survivor=True) > elastic.claim(at(7), survivor=False)
+    assert elastic.claim(at(8), survivor=False) > elastic.claim(at(7), survivor=True)
+    progress = elastic.Progress(Position(41, 4, 5), 12.5, 640.0, 41, 5248.0, 2, 1)
+    assert elastic.Progress.decoded(progress.encoded()) == progress
+
+
+def test_the_same_global_batch_on_another_worker_count_sets_k():
+    batch = BatchSizes(2, global_batch_size=128, micro_batch_size=32, accumulation_steps=None)
+    assert [batch.on(n).accumulation_steps for n in (1, 2, 4)] == [4, 2, 1]
+    with pytest.raises(ValueError, match="128"):
+        batch.on(3).accumulation_steps
+
+
+def test_what_cannot_be_elastic_is_refused_in_one_line(monkeypatch):
+    with pytest.raises(ValueError, match="give global_batch_size .* not accumulation_steps"):
+        elastic.refuse_unless_exact(None, object())
+    with pytest.raises(ValueError, match="not this worker's own tf.data.Dataset"):
+        elastic.refuse_unless_exact(128, object())
+    environ = {"HOROVOD_RANK": "0", "HOROVOD_ELASTIC": "1", "DISTACCUM_BACKEND": "mpi"}
+    with pytest.raises(ValueError, match="horovodrun runs this job elastic.*DISTACCUM_BACKEND=mpi"):
+        comm.choose_backend_name(environ)
+    assert comm.choose_backend_name({**environ, "DISTACCUM_BACKEND": "horovod"}) == "horovod"
+    import keras
+    from distaccum import Trainer
+
+    monkeypatch.setattr(comm.current(), "elastic", True)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    with pytest.raises(ValueError, match="a worker that leaves an elastic job takes it along"):
+        Trainer(model, keras.optimizers.Adam(), loss="mse", global_batch_size=8,
+                micro_batch_size=4, shard_optimizer_state=True)
