@@ -77,10 +77,11 @@ class ElasticJob:
         discovery = root / "discover_hosts.sh"
         discovery.write_text(f"#!/bin/sh\ncat {self._hosts}\n")
         discovery.chmod(0o755)
+        script = script or _train_command(self.dump, keys)
+        self._script = Path(script[1]).name  # what tells a worker from horovodrun's helpers
         command = [*launcher_command("horovodrun", 2), "--min-np", "1", "--max-np", "2",
                    "--host-discovery-script", str(discovery),
-                   "--blacklist-cooldown-range", "1", "2",
-                   *(script or _train_command(self.dump, keys))]
+                   "--blacklist-cooldown-range", "1", "2", *script]
         self._process = subprocess.Popen(command, stdout=subprocess.PIPE,
                                          stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT,
                                          env=_environment())
@@ -119,7 +120,7 @@ class ElasticJob:
 
         for child in psutil.Process(self._process.pid).children(recursive=True):
             try:
-                if "train_job.py" in " ".join(child.cmdline()) and \
+                if self._script in " ".join(child.cmdline()) and \
                         child.environ().get("HOROVOD_RANK") == str(launched_rank):
                     return child
             except psutil.NoSuchProcess:
