@@ -342,9 +342,8 @@ class Controller:
 
     def _run_window(self, iterator, position: Position, stop_vote: bool) -> UpdateRecord:
         """The window after `position`: its micro-batches but the last in one call, then the
-        update step, which
-        trains the last itself (its gradient feeds the reduction directly): two compiled calls
-        per window whatever k. A micro-batch that cannot be trained on is not raised here alone,
+        update step, which trains the last itself (its gradient feeds the reduction directly):
+        two compiled calls per window whatever k. A micro-batch that cannot be trained on is not raised here alone,
         which would leave the others waiting in the update: it is reported in the update, so
         that every worker stops there."""
         started = time.perf_counter()

@@ -265,7 +265,11 @@ def _resume_settings(config: TrainConfig, shape: BatchShape) -> dict:
 def _resize_notes(job_data: sources.JobData, shape: BatchShape,
                   previous: BatchShape | None) -> tuple[str, ...]:
     """What a resume on another shape cannot keep: a dataset function's samples per update
-    depend on the worker count (`micro_batches`' do not)."""
+    depend on the worker count (`micro_batches`' do not). In an elastic job, that the count may
+    change while it trains."""
+    if comm.elastic():
+        return ("distaccum: elastic (horovodrun): workers may leave and join while the job "
+                "trains; k follows their number, the global batch and each update's samples stay",)
     if previous is None or previous.num_workers == shape.num_workers \
             or not isinstance(job_data.train, data.DatasetEpochs):
         return ()

@@ -112,6 +112,7 @@ class MicroBatches:
     def epoch(self, epoch: int, accumulation_steps: int, first_update: int = 0) -> tf.data.Dataset:
         """The epoch's micro-batches from update `first_update` on: the updates before it are
         neither read nor parsed (at most one shuffle block per partition is read again)."""
+        order.check_num_workers(comm.num_workers(), self.layout.partitions)  # an elastic job's
         epoch_order = order.EpochOrder(self.layout, self.seed, epoch,
                                        self.global_batch_size(accumulation_steps))
         workers, rank = comm.num_workers(), comm.rank()

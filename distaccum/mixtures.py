@@ -159,6 +159,7 @@ class Mixture:
         """The epoch's micro-batches from update `first_update` on: each source's samples of a
         window read and parsed by its own pipeline, then taken source by source (a worker's
         count from each is the same in every update: its partitions' dealt samples)."""
+        order.check_num_workers(comm.num_workers(), self.sources[0].layout.partitions)
         batch = self.global_batch_size(accumulation_steps)
         updates = tf.data.Dataset.range(first_update, self.updates_per_epoch(batch))
         per_source = [
