@@ -6,12 +6,12 @@ with Adam; micro-batch 32, global batch 256), `epochs=6`, `log_interval=1` (rank
 update, each line stamped here as it arrives), under `horovodrun --gloo` with two hosts on this
 machine, `localhost` and `127.0.0.1`. **In place**: one elastic job (`--min-np 1 --max-np 2`,
 a discovery script printing a file this script rewrites) goes 2 → 1 (rank 1's host taken out of
-the file) after update 20, back 1 → 2 (the host put back: a new process starts and joins) 15
+the file) after update 20, back 1 → 2 (the host put back: a new process starts and joins) 10
 updates after it regrouped, then loses rank 1 to SIGKILL (its host comes back after
-`--blacklist-cooldown-range 1 2`, not counted) 15 updates after that. **Stop and resume**: a
+`--blacklist-cooldown-range 1 2`, not counted) 10 updates after that. **Stop and resume**: a
 fixed job on 2 workers is stopped with SIGTERM to `horovodrun` after update 20 (every rank
 finishes the update, rank 0 checkpoints, all exit), and the same command on 1 worker resumes
-it; then the same from 1 to 2. A change's cost is the time between the last update before it
+it; 10 updates later the same from 1 to 2. A change's cost is the time between the last update before it
 and the first after it, less the median time between updates around it (what that update took
 anyway). Stop and resume loses no update to a planned stop; a failure there would also lose the
 updates since the last checkpoint, which in place are never lost. The machine is shared, so a
