@@ -417,7 +417,7 @@ class Controller:
         self._epoch_loss[0] += float(record.result.window_loss) * samples
         self._epoch_loss[1] += samples
         history.update_steps += 1
-        history.samples += samples
+        history.samples += int(samples)
         if bool(record.result.skipped):
             history.skipped_updates += 1
             self._consecutive_skips += 1

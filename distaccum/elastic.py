@@ -51,7 +51,7 @@ class Progress:
     epoch_loss_sum: float = 0.0
     epoch_samples: float = 0.0
     update_steps: int = 0
-    samples: float = 0.0
+    samples: int = 0
     skipped_updates: int = 0
     consecutive_skips: int = 0
 
@@ -61,8 +61,8 @@ class Progress:
     @classmethod
     def decoded(cls, values) -> "Progress":
         values = [float(v) for v in np.asarray(values)]
-        return cls(Position(*(int(v) for v in values[:3])), values[3], values[4], int(values[5]),
-                   values[6], int(values[7]), int(values[8]))
+        return cls(Position(*(int(v) for v in values[:3])), values[3], values[4],
+                   *(int(v) for v in values[5:]))
 
 
 def claim(progress: Progress | None, survivor: bool) -> int:

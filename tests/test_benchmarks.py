@@ -179,8 +179,8 @@ def test_sparse_exchange_smoke_counts_both_exchanges_and_the_windows_distinct_ro
     [message] = figure["messages"]  # smoke: V = 20,000, d = 8, on 2 workers under mpirun
     assert message["width"] == 8 and message["allreduces_per_update"] == 1
     # Every parameter's float32 sum, then loss sum, divisor, sample count, and the votes
-    # (stop, cancel, one per rank), as the mpi4py backend counted them.
-    assert message["bytes_per_update"] == 4 * message["parameters"] + 4 * 3 + 4 * (2 + 2)
+    # (stop, cancel, change, one per rank), as the mpi4py backend counted them.
+    assert message["bytes_per_update"] == 4 * message["parameters"] + 4 * 3 + 4 * (3 + 2)
     assert message["trainer_allreduce_per_update"][1] == message["bytes_per_update"]
     # With the row exchange: one allgather of the rows the rank's windows touched beside one
     # allreduce without the table, as the figure's own checks count them.

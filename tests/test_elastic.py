@@ -279,7 +279,7 @@ def test_a_worker_state_is_taken_from_the_one_furthest_along():
     assert elastic.claim(at(0), survivor=False) > 0  # a fresh start's chief: its initial state
     assert elastic.claim(at(7), survivor=True) > elastic.claim(at(7), survivor=False)
     assert elastic.claim(at(8), survivor=False) > elastic.claim(at(7), survivor=True)
-    progress = elastic.Progress(Position(41, 4, 5), 12.5, 640.0, 41, 5248.0, 2, 1)
+    progress = elastic.Progress(Position(41, 4, 5), 12.5, 640.0, 41, 5248, 2, 1)
     assert elastic.Progress.decoded(progress.encoded()) == progress
 
 

@@ -222,7 +222,8 @@ def test_sharded_optimizer_state_sends_the_allreduces_bytes_when_counted(runs):
     mpi4py backend, in bytes each rank passes in."""
     workers, accumulation_steps = 2, 3
     gradient = 4 * sum(w.size for w in scenarios.weights_of(scenarios.make_model()))
-    riders = 4 * (3 + 2 + workers)  # loss sum, divisor, sample count; stop, cancel, bad per rank
+    # loss sum, divisor, sample count; stop, cancel, change, bad per rank
+    riders = 4 * (3 + 3 + workers)
     whole = [np.load(runs[("mpirun-mpi4py", accumulation_steps)] / f"rank{r}.npz")
              for r in range(workers)]
     sharded = [np.load(runs[("mpirun-mpi4py", accumulation_steps, "sharded", "sgd")]

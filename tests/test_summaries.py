@@ -77,9 +77,9 @@ def test_collective_counts_grow_one_group_per_update(frozen_run):
     _, events = frozen_run
     model = catalog.build_model("digits_mlp", 64, seed=0)
     # + loss sum, weight sum, sample count; the accuracy metric's total and count; the votes
-    # (stop, cancel and each of the 2 ranks' bad micro-batch, one tensor of four)
+    # (stop, cancel, change and each of the 2 ranks' bad micro-batch, one tensor of five)
     tensors_per_update = len(model.trainable_variables) + 3 + 2 + 1
-    bytes_per_update = 4 * (model.count_params() + 3 + 2 + 4)
+    bytes_per_update = 4 * (model.count_params() + 3 + 2 + 5)
     assert _scalars(events, "communication/allreduce_tensors") == {
         12: 12 * tensors_per_update, 24: 24 * tensors_per_update}
     assert _scalars(events, "communication/allreduce_bytes") == {
