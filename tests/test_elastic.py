@@ -1,13 +1,14 @@
 """Elastic in place: `distaccum train` under `horovodrun --gloo --min-np 1 --max-np 2
 --host-discovery-script S` keeps training while workers leave and join, and ends as the
 uninterrupted 2-worker run (within float32 round-off: `test_resize`'s docstring says why not
-bitwise), every update on the same number of samples.
+bitwise), every update on the same samples.
 
 Two "hosts" on this machine, `localhost` and `127.0.0.1`, as Horovod's own elastic tests have
 them: the discovery script prints a file the test rewrites, and a killed worker's host comes back
 after `--blacklist-cooldown-range`. Every process appends each update it applies to a log
 (`workers/train_job.py`), which is how the tests count samples and see that the survivors were
-never restarted.
+never restarted. One job goes through every kind of change (each join costs a new process's
+start-up, and the suite's time is counted).
 """
 
 from __future__ import annotations
@@ -33,19 +34,19 @@ from distaccum.history import Position
 
 DIGITS = str(REPO_ROOT / "distaccum" / "configs" / "digits.yaml")
 HOSTS = ("localhost", "127.0.0.1")
-# 10 epochs of 12 updates, each held 0.1 s: however fast the machine, a change announced at
-# update 10 reaches the job within a few seconds, long before its end. Not much longer: Adam's
-# steps near convergence magnify round-off (a fixed 1- and 2-worker run: 3e-7 of the largest
-# weight apart after 120 updates, 3e-2 after 480).
-KEYS = ["micro_batch_size=32", "global_batch_size=128", "epochs=10", "lr_schedule=constant",
-        "warmup_steps=0", "log_interval=1", "checkpoint_interval=100000"]
-UPDATE_PAUSE = "0.1"
-TOTAL = 120
-KINDS = {
-    "digits": lambda root: [],
-    "parquet": lambda root: [f"dataset={data_kinds.write_parquet(root / 'tables')}",
-                             "columns={x: x, y: y}"],
-}
+# 5 epochs of 12 updates on the training digits as Parquet files (issue 38's tables: their
+# reader is rebuilt with the rest), each update held 0.3 s: however fast the machine, a change
+# reaches the job within a few seconds, long before its end. Not longer: round-off is what tells
+# two float32 runs apart only while the trajectory does not magnify it, and here a ReLU or Adam's
+# near-zero moments do so after some 60 updates (a fixed 1- and a fixed 2-worker run on these
+# tables: 1.3e-7 of the largest weight apart after 24 updates, 1.6e-7 after 60, 9.5e-4 after 120).
+KEYS = ["micro_batch_size=32", "global_batch_size=128", "epochs=5", "lr_schedule=constant",
+        "warmup_steps=0", "log_interval=1", "checkpoint_interval=100000", "columns={x: x, y: y}"]
+UPDATE_PAUSE = "0.3"
+TOTAL = 60
+LEFT, JOINED = r"distaccum: 2 → 1 workers after update step \d+: k=4", \
+    r"distaccum: 1 → 2 workers after update step \d+: k=2"
+UPDATE_LINE = r"^\[\d\]<stdout>:update \d+/"
 
 launched = pytest.mark.multiworker
 
@@ -81,7 +82,7 @@ class ElasticJob:
         self._script = Path(script[1]).name  # what tells a worker from horovodrun's helpers
         command = [*launcher_command("horovodrun", 2), "--min-np", "1", "--max-np", "2",
                    "--host-discovery-script", str(discovery),
-                   "--blacklist-cooldown-range", "1", "2", *script]
+                   "--blacklist-cooldown-range", "2", "2", *script]
         self._process = subprocess.Popen(command, stdout=subprocess.PIPE,
                                          stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT,
                                          env=_environment())
@@ -159,26 +160,22 @@ def final_state(dump: Path) -> list[np.ndarray]:
     return [ranks[0][f"arr_{i}"] for i in range(len(ranks[0].files))]
 
 
+def _parquet(root: Path) -> str:
+    return f"dataset={data_kinds.write_parquet(root / 'tables')}"
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    """Per kind of data, the fixed 2-worker run (`horovodrun --gloo -np 2`): its samples per
-    update and its final state."""
-    runs = {}
-
-    def run(kind: str):
-        if kind not in runs:
-            root = tmp_path_factory.mktemp(f"uninterrupted-{kind}")
-            dump = root / "dump"
-            dump.mkdir()
-            command = [*launcher_command("horovodrun", 2),
-                       *_train_command(dump, KINDS[kind](root) + KEYS)]
-            done = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT,
-                                  env={**_environment(), "UPDATE_PAUSE": "0"}, timeout=300)
-            assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-            runs[kind] = (samples_per_update(updates(dump), TOTAL), final_state(dump))
-        return runs[kind]
-
-    return run
+    """The fixed 2-worker run (`horovodrun --gloo -np 2`): its samples per update and its final
+    state."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    dump = root / "dump"
+    dump.mkdir()
+    command = [*launcher_command("horovodrun", 2), *_train_command(dump, [_parquet(root), *KEYS])]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT,
+                          env={**_environment(), "UPDATE_PAUSE": "0"}, timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    return samples_per_update(updates(dump), TOTAL), final_state(dump)
 
 
 def samples_per_update(logs: dict, total: int) -> dict[int, int]:
@@ -195,59 +192,45 @@ def samples_per_update(logs: dict, total: int) -> dict[int, int]:
     return {step: values.pop() for step, values in seen.items()}
 
 
-def _check_against(uninterrupted, kind: str, job: ElasticJob) -> dict:
-    reference_samples, reference_state = uninterrupted(kind)
+@launched
+@pytest.mark.rounding
+def test_workers_leave_join_and_die_in_place_and_the_run_ends_as_the_uninterrupted_one(
+        tmp_path, uninterrupted):
+    job = ElasticJob(tmp_path, [_parquet(tmp_path), *KEYS])
+    at = job.wait_for(r"update 5/")
+    job.hosts(job.host_of(0))  # rank 1's host leaves: 2 → 1, then it comes back: 1 → 2
+    at = job.wait_for(LEFT, at)
+    job.hosts(*HOSTS)
+    at = job.wait_for(UPDATE_LINE, job.wait_for(JOINED, at) + 1)  # an update on 2 workers
+    killed = [job.kill(1)]  # then rank 1, then rank 0 SIGKILLed, each host back after 2 s
+    at = job.wait_for(UPDATE_LINE, job.wait_for(JOINED, job.wait_for(LEFT, at)) + 1)
+    killed.append(job.kill(0))
+    job.wait_for(JOINED, job.wait_for(LEFT, at))
+    text = job.finish()
+    assert f"distaccum: done: {TOTAL} update steps" in text, text[-3000:]
+    assert "resuming after update step" not in text  # nothing was restored from disk
+    reference_samples, reference_state = uninterrupted
     logs = updates(job.dump)
     assert samples_per_update(logs, TOTAL) == reference_samples
-    assert f"distaccum: done: {TOTAL} update steps" in job.text, job.text[-3000:]
-    assert "resuming after update step" not in job.text  # nothing was restored from disk
     state = final_state(job.dump)
     scenarios.assert_weights_close(state, reference_state)
-    largest = max(float(np.max(np.abs(b))) for b in reference_state)
-    relative = max(float(np.max(np.abs(a - b))) for a, b in zip(state, reference_state))
-    print(f"{kind}: largest |elastic - uninterrupted| / largest |value|: {relative / largest:.2g}")
-    return logs
-
-
-@launched
-@pytest.mark.rounding
-def test_2_to_1_to_2_workers_in_place_ends_as_the_uninterrupted_2_worker_run(
-        tmp_path, uninterrupted):
-    job = ElasticJob(tmp_path, KINDS["digits"](tmp_path) + KEYS)
-    started = job.wait_for(r"update 10/")
-    job.hosts(job.host_of(0))  # rank 1's host leaves
-    left = job.wait_for(r"distaccum: 2 → 1 workers after update step \d+: k=4", started)
-    job.hosts(*HOSTS)
-    job.wait_for(r"distaccum: 1 → 2 workers after update step \d+: k=2", left)
-    job.finish()
-    logs = _check_against(uninterrupted, "digits", job)
-    # The first rank 0 trained every update, in one process: the change was made in place.
-    whole = [lines for lines in logs.values() if [s for s, *_ in lines] == list(range(1, TOTAL + 1))]
-    assert whole and {workers for _, _, workers, _ in whole[0]} == {1, 2}
-
-
-@launched
-@pytest.mark.rounding
-def test_a_killed_worker_rank_1_then_rank_0_leaves_the_other_training_on_a_table(
-        tmp_path, uninterrupted):
-    job = ElasticJob(tmp_path, KINDS["parquet"](tmp_path) + KEYS)
-    started = job.wait_for(r"update 10/")
-    first = job.kill(1)
-    left = job.wait_for(r"distaccum: 2 → 1 workers", started)
-    back = job.wait_for(r"distaccum: 1 → 2 workers", left)  # its host, after the cooldown
-    job.wait_for(r"^\[\d\]<stdout>:update \d+/", back + 1)  # an update on 2 workers
-    second = job.kill(0)
-    left_again = job.wait_for(r"distaccum: 2 → 1 workers", back)
-    job.wait_for(r"distaccum: 1 → 2 workers", left_again)
-    job.finish()
-    logs = _check_against(uninterrupted, "parquet", job)
-    # A worker that trained with the killed one went on in its own process, on 1 worker: the
-    # update after the killed one's last (had only the killed one applied that, it too again).
-    for killed in (first, second):
-        last = logs[killed][-1][0]
-        went_on = [pid for pid, lines in logs.items() if pid != killed and lines[0][0] <= last
-                   and (last + 1, 128, 1, 4) in lines]
-        assert went_on, (last, {pid: lines[:1] + lines[-1:] for pid, lines in logs.items()})
+    weights = [(a, b) for a, b in zip(state, reference_state) if b.dtype == np.float32]
+    largest = max(float(np.max(np.abs(b))) for _, b in weights)
+    relative = max(float(np.max(np.abs(a - b))) for a, b in weights)
+    print(f"largest |elastic - uninterrupted| / largest |value|: {relative / largest:.2g}")
+    # In place: the first rank 0 applied every update up to its kill in one process, on 2
+    # workers, then 1, then 2 again.
+    steps = [step for step, *_ in logs[killed[1]]]
+    counts = [workers for _, _, workers, _ in logs[killed[1]]]
+    assert steps == list(range(1, steps[-1] + 1))
+    assert counts[0] == 2 and 1 in counts and 2 in counts[counts.index(1):]
+    # After each kill, a worker that trained with the killed one applied the next update on 1
+    # worker (had only the killed one applied its last, that update too again).
+    for pid in killed:
+        last = logs[pid][-1][0]
+        assert [other for other, lines in logs.items() if other != pid and lines[0][0] <= last
+                and (last + 1, 128, 1, 4) in lines], (last, {o: l[:1] + l[-1:]
+                                                               for o, l in logs.items()})
 
 
 @launched
