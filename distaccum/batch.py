@@ -48,12 +48,9 @@ class BatchSizes:
         elif micro_batch_size is not None:
             self.settle(micro_batch_size)
 
-    def on(self, num_workers: int, accumulation_steps: int | None = None) -> "BatchSizes":
-        """The same batch on `num_workers` workers (an elastic job's new group): the same global
-        batch, k following, or, given without one, `accumulation_steps`."""
-        if self.global_batch_size is None:
-            return BatchSizes(num_workers, global_batch_size=None, micro_batch_size=None,
-                              accumulation_steps=accumulation_steps or self.accumulation_steps)
+    def on(self, num_workers: int) -> "BatchSizes":
+        """The same global batch on `num_workers` workers (an elastic job's new group, which
+        needs one), k following."""
         return BatchSizes(num_workers, global_batch_size=self.global_batch_size,
                           micro_batch_size=self.micro_batch_size, accumulation_steps=None)
 

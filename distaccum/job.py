@@ -328,12 +328,13 @@ def run(config: TrainConfig, stream: TextIO | None = None) -> JobResult:
                                        chief=comm.is_chief(), transfer=trainer.slot_transfer)
 
     def rebuild() -> data.EpochSource:
-        """An elastic job's new group: k for its worker count, the data read anew (the start-up
-        collectives a joining process runs), the steps traced for it."""
+        """An elastic job's new group: k for its worker count (one that the global batch does
+        not allow is a `ConfigError` naming it), the data read anew (the start-up collectives a
+        joining process runs), the steps traced for it."""
         nonlocal job_data
-        accumulation_steps = config.accumulation_steps_on(comm.num_workers())
+        config.accumulation_steps_on(comm.num_workers())
         job_data = sources.load_data(config, logdir / RECORD_INDEX)
-        trainer.resize(accumulation_steps)
+        trainer.resize()
         comm.gather_device_codes()
         return job_data.train
 

@@ -16,7 +16,7 @@ from typing import Sequence
 import keras
 import tensorflow as tf
 
-from distaccum import comm, data, diagnosis, elastic, precision, state, xla
+from distaccum import comm, data, diagnosis, precision, state, xla
 from distaccum.batch import BatchSizes
 from distaccum.controller import CadenceOptions, Controller
 from distaccum.history import Position
@@ -368,15 +368,14 @@ class Trainer:
         running = self.metrics.running_variables if self.metrics is not None else []
         return self.state_variables + running
 
-    def resize(self, accumulation_steps: int | None = None) -> None:
+    def resize(self) -> None:
         """Train on as many workers as there are now (an elastic job's new group): the same
-        global batch, k following (or `accumulation_steps`, for a trainer given k), the steps
-        traced anew; the window in progress is dropped.
+        global batch, k following, the steps traced anew; the window in progress is dropped.
 
         Raises:
             ValueError: the global batch cannot be split over this many workers.
         """
-        self._batch = self._batch.on(self.backend.num_workers(), accumulation_steps)
+        self._batch = self._batch.on(self.backend.num_workers())
         self._steps.drop_window()
         self._steps.retrace(data.unpack(self._element_spec), self.micro_batch_size)
 
