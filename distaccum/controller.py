@@ -343,9 +343,9 @@ class Controller:
     def _run_window(self, iterator, position: Position, stop_vote: bool) -> UpdateRecord:
         """The window after `position`: its micro-batches but the last in one call, then the
         update step, which trains the last itself (its gradient feeds the reduction directly):
-        two compiled calls per window whatever k. A micro-batch that cannot be trained on is not raised here alone,
-        which would leave the others waiting in the update: it is reported in the update, so
-        that every worker stops there."""
+        two compiled calls per window whatever k. A micro-batch that cannot be trained on is not
+        raised here alone, which would leave the others waiting in the update: it is reported in
+        the update, so that every worker stops there."""
         started = time.perf_counter()
         first = position.windows_done * self._trainer.accumulation_steps  # 0-based
         micro_batches, bad = [], None  # bad: (1-based index in the epoch, error, micro-batch)
