@@ -67,7 +67,8 @@ MODEL_LABELS = {"dense": "Dense stack", "embedding": "one Embedding"}
 FULL_CASES = (("dense", 3072, UNSHARDED + SHARDED + SHARDED_4),
               ("embedding", 3072, UNSHARDED + SHARDED),
               ("dense", 1536, ("keras", "single")))
-SMOKE_CASES = (("dense", 256, UNSHARDED + SHARDED), ("embedding", 256, UNSHARDED))
+# The smoke runs every launch on the Dense stack and the Embedding's model in one process only.
+SMOKE_CASES = (("dense", 256, UNSHARDED + SHARDED), ("embedding", 256, ("keras", "single")))
 GROWTH_MODEL = {"layers": 8, "micro_batch": 8, "global_batch": 32, "updates": 3}
 # TensorFlow's oneDNN CPU allocator keeps what it freed (a pool): RSS is then its high-water
 # mark, which depends on how it fragmented and on what it held before the baseline (Keras's own

@@ -94,14 +94,15 @@ def test_memory_smoke_measures_both_kinds_of_update_and_the_growth_per_parameter
     peaks = [bar["median"] for bar in figure["plots"][0]["bars"] if bar["label"].endswith("peak")]
     # TensorFlow alone holds hundreds of MB: a smaller peak would mean a wrong unit.
     assert len(peaks) == 2 and all(peak > 100 for peak in peaks)
-    # Memory per parameter (smoke: one tiny width), on the Dense stack and on the Embedding:
-    # Keras's own fit, then distaccum in 1 process (k = 4) and on 2 workers (k = 2) under mpirun
-    # (mpi4py) and horovodrun, each rank measured; on the Dense stack with sharded state too.
+    # Memory per parameter (smoke: one tiny width), on the Dense stack: Keras's own fit, then
+    # distaccum in 1 process (k = 4) and on 2 workers (k = 2) under mpirun (mpi4py) and
+    # horovodrun, each rank measured, with sharded state too; on the Embedding, Keras's and 1
+    # process.
     rows = figure["per_parameter"]
     runs = [("keras", 1, None), ("single", 1, 4), ("mpi4py", 2, 2), ("horovod", 2, 2)]
     sharded = [("mpi4py-sharded", 2, 2), ("horovod-sharded", 2, 2)]
     assert [(row["model"], row["run"], row["workers"], row["k"]) for row in rows] == [
-        *(("dense", *run) for run in runs + sharded), *(("embedding", *run) for run in runs)]
+        *(("dense", *run) for run in runs + sharded), *(("embedding", *run) for run in runs[:2])]
     for row in rows:
         by_rank = [*row["steady_w_ranks"], *row["peak_w_ranks"]]
         assert len(by_rank) == 2 * row["workers"] and all(math.isfinite(w) for w in by_rank)
@@ -112,9 +113,8 @@ def test_memory_smoke_measures_both_kinds_of_update_and_the_growth_per_parameter
     # Each run's gradient sums (one for these models' one loss) are in its budget.
     assert all(row["gradient_sums"] == (row["run"] != "keras") for row in rows)
     whole, sharded = "≤ Keras + 1.25 (1 gradient sum)", "≤ Keras + 0.35 (1 gradient sum)"
-    assert [check["target"] for check in figure["checks"]] == (
-        ["≤ 0.5"] + [whole] * 3 + [sharded] * 2 + [whole] * 3)
-    assert [check["passed"] for check in figure["checks"]] == [None] * 9  # smoke: not judged
+    assert [check["target"] for check in figure["checks"]] == ["≤ 0.5"] + [whole] * 3 + [sharded] * 2
+    assert [check["passed"] for check in figure["checks"]] == [None] * 6  # smoke: not judged
 
 
 def test_startup_smoke_times_launch_to_first_update(tmp_path):

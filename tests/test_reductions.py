@@ -25,22 +25,19 @@ def _assert_keras_step(case_name: str, trained, iterations: int, workers: int) -
     assert error <= reductions.TOLERANCE, f"{case_name}: {error:.2e} of the weights' movement"
 
 
+# One case a test, so that the suite's test processes share them out (XLA compiles each anew).
 @pytest.mark.rounding
-@pytest.mark.parametrize("kind", ["sequence", "classifier", "two_output"])
-def test_every_reduction_and_weighting_takes_keras_step_on_the_window_when_accumulated(kind):
-    # One process, every case of the kind of model in turn (windows of 6, 6 and a ragged 2).
-    names = [name for name, case in CASES.items() if case.model == kind]
-    assert len(names) >= 4
-    for name in names:
-        case = CASES[name]
-        model = case.build()
-        trainer = distaccum.Trainer(model, reductions.optimizer(), loss=case.loss,
-                                    loss_weights=case.loss_weights,
-                                    accumulation_steps=reductions.K)
-        trainer.fit(scenarios.as_dataset(*case.data(), reductions.MICRO_BATCH_SIZE),
-                    epochs=reductions.EPOCHS, **case.train_options())
-        _assert_keras_step(name, model.trainable_variables, int(trainer.optimizer.iterations),
-                           workers=1)
+@pytest.mark.parametrize("name", list(CASES))
+def test_every_reduction_and_weighting_takes_keras_step_on_the_window_when_accumulated(name):
+    # One process; windows of 6, 6 and a ragged 2.
+    case = CASES[name]
+    model = case.build()
+    trainer = distaccum.Trainer(model, reductions.optimizer(), loss=case.loss,
+                                loss_weights=case.loss_weights, accumulation_steps=reductions.K)
+    trainer.fit(scenarios.as_dataset(*case.data(), reductions.MICRO_BATCH_SIZE),
+                epochs=reductions.EPOCHS, **case.train_options())
+    _assert_keras_step(name, model.trainable_variables, int(trainer.optimizer.iterations),
+                       workers=1)
 
 
 # launcher, backend, distaccum's steps under XLA
