@@ -87,12 +87,27 @@ def launch(work: Path, subcommand: str, num_workers: int, *arguments) -> list:
     return ranks
 
 
-def share_run(work: Path, records: Path, num_workers: int, kind: str) -> dict:
-    """distaccum's pipeline in fresh processes: the share counts and peak memory."""
+def share_launch(work: Path, records: Path, num_workers: int, kinds) -> dict[str, dict]:
+    """distaccum's pipeline on each kind in one launch: per kind, the share counts and peak
+    memory (a kind's own in a launch of its own kind)."""
     ranks = launch(work, "data-share", num_workers, "--records", records, "--epochs", EPOCHS,
-                   "--kind", kind)
-    return {"counts": parse_counts(ranks), "peak_mb": max(r["peak_mb"] for r in ranks),
-            "training_mb": max(r["peak_mb"] - r["before_training_mb"] for r in ranks)}
+                   "--kinds", *kinds)
+    return {kind: {"counts": parse_counts([r[kind] for r in ranks]),
+                   "peak_mb": max(r[kind]["peak_mb"] for r in ranks),
+                   "training_mb": max(r[kind]["peak_mb"] - r[kind]["before_training_mb"]
+                                      for r in ranks)}
+            for kind in kinds}
+
+
+def shares(work: Path, records: dict[str, Path], smoke: bool) -> dict[str, dict[str, dict]]:
+    """One repeat of the share runs, `{kind: {size: run}}`: each kind at each size in fresh
+    processes of its own (its own peak memory); the smoke, every kind in one launch per size."""
+    if smoke:
+        by_size = {size: share_launch(work, records[size], THROUGHPUT_WORKERS, KINDS)
+                   for size in ("small", "large")}
+        return {kind: {size: by_size[size][kind] for size in by_size} for kind in KINDS}
+    return {kind: {size: share_launch(work, records[size], THROUGHPUT_WORKERS, [kind])[kind]
+                   for size in ("small", "large")} for kind in KINDS}
 
 
 def parse_counts(ranks: list[dict]) -> list[dict]:
@@ -329,15 +344,13 @@ def main() -> None:
     sizes = SMOKE if args.smoke else FULL
     with common.work_directory("data") as work:
         records = write_records(work, sizes)
-        repeats = [{kind: {size: share_run(work, records[size], THROUGHPUT_WORKERS, kind)
-                           for size in ("small", "large")} for kind in KINDS}
-                   for _ in range(args.repeats)]
+        repeats = [shares(work, records, args.smoke) for _ in range(args.repeats)]
         share_runs = {(kind, THROUGHPUT_WORKERS, sizes[size]): [run[kind][size]
                                                                 for run in repeats]
                       for kind in KINDS for size in ("small", "large")}
         if not args.smoke:
             share_runs["records", 4, sizes["small"]] = [
-                share_run(work, records["small"], 4, "records")]
+                share_launch(work, records["small"], 4, ["records"])["records"]]
         speed_runs = throughput(work, records["large"], args.repeats)
     rows = count_rows(share_runs)
     memory, speed = memory_summary(repeats), throughput_summary(speed_runs)

@@ -193,7 +193,7 @@ def checks(rows: dict, smoke: bool) -> list[dict]:
 
 def main() -> None:
     args = common.parse_arguments(__doc__, default_repeats=2)
-    epochs, first = (3, 8) if args.smoke else (6, 20)
+    epochs, first = (2, 8) if args.smoke else (6, 20)
     runs = []
     with common.work_directory("elastic") as work:
         for repeat in range(args.repeats):

@@ -530,27 +530,30 @@ def data_trainer(accumulation_steps: int) -> distaccum.Trainer:
 
 
 def data_share(args) -> None:
-    """distaccum's pipeline for `--epochs` epochs in a fresh process: per epoch, the samples
-    this worker parsed (and which) and read from storage; then its peak memory."""
+    """distaccum's pipeline for `--epochs` epochs on each of `--kinds` in turn: per epoch, the
+    samples this worker parsed (and which) and read from storage; then its peak memory so far
+    (a kind's own peak when it is the process's only kind)."""
     distaccum.init()
-    if args.kind == "records":
-        num_samples = json.loads((args.records / workload.RECORDS_MANIFEST).read_text()
-                                 )["samples"]
-        probe, reads = ParseProbe(num_samples), RecordsRead()
-        micro_batches = data_pipeline("distaccum", "records", args.records, probe.parse)
-    else:
-        micro_batches = data_pipeline("distaccum", args.kind, args.records, None)
-        num_samples = micro_batches.num_samples
-        probe = reads = KindReads(args.kind, micro_batches)
-    trainer = data_trainer(args.accumulation_steps)
-    clock = EpochClock(probe, reads)
-    before_training = peak_rss_mb()
-    trainer.fit(micro_batches, epochs=args.epochs, callbacks=[clock], log_interval=10**9)
-    (args.out / f"rank{distaccum.rank()}.json").write_text(json.dumps({
-        "num_workers": distaccum.num_workers(), "num_samples": num_samples,
-        "data_bytes": data_bytes(args.kind, args.records),
-        "epochs": clock.epochs, "peak_mb": peak_rss_mb(), "before_training_mb": before_training,
-    }))
+    results = {}
+    for kind in args.kinds:
+        if kind == "records":
+            num_samples = json.loads((args.records / workload.RECORDS_MANIFEST).read_text()
+                                     )["samples"]
+            probe, reads = ParseProbe(num_samples), RecordsRead()
+            micro_batches = data_pipeline("distaccum", "records", args.records, probe.parse)
+        else:
+            micro_batches = data_pipeline("distaccum", kind, args.records, None)
+            num_samples = micro_batches.num_samples
+            probe = reads = KindReads(kind, micro_batches)
+        trainer = data_trainer(args.accumulation_steps)
+        clock = EpochClock(probe, reads)
+        before_training = peak_rss_mb()
+        trainer.fit(micro_batches, epochs=args.epochs, callbacks=[clock], log_interval=10**9)
+        results[kind] = {
+            "num_workers": distaccum.num_workers(), "num_samples": num_samples,
+            "data_bytes": data_bytes(kind, args.records), "epochs": clock.epochs,
+            "peak_mb": peak_rss_mb(), "before_training_mb": before_training}
+    (args.out / f"rank{distaccum.rank()}.json").write_text(json.dumps(results))
 
 
 def data_bytes(kind: str, records: Path) -> int:
@@ -710,9 +713,9 @@ def parse_arguments() -> argparse.Namespace:
                                    help="a directory record-files wrote")
         figures[name].add_argument("--accumulation-steps", type=positive_int, required=True)
     figures["data-share"].add_argument("--epochs", type=positive_int, required=True)
-    figures["data-share"].add_argument("--kind", choices=workload.DATA_KINDS, default="records")
-    figures["data-throughput"].add_argument("--kinds", choices=workload.DATA_KINDS, nargs="+",
-                                            default=["records"])
+    for name in ("data-share", "data-throughput"):
+        figures[name].add_argument("--kinds", choices=workload.DATA_KINDS, nargs="+",
+                                   default=["records"])
     for option in ("--repeats", "--warm-up-updates"):
         figures["data-throughput"].add_argument(option, type=positive_int, required=True)
     figures["sparse-exchange"].add_argument("--vocabulary", type=positive_int, required=True)
