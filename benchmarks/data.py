@@ -102,12 +102,12 @@ def share_launch(work: Path, records: Path, num_workers: int, kinds) -> dict[str
 def shares(work: Path, records: dict[str, Path], smoke: bool) -> dict[str, dict[str, dict]]:
     """One repeat of the share runs, `{kind: {size: run}}`: each kind at each size in fresh
     processes of its own (its own peak memory); the smoke, every kind in one launch per size."""
-    if smoke:
-        by_size = {size: share_launch(work, records[size], THROUGHPUT_WORKERS, KINDS)
-                   for size in ("small", "large")}
-        return {kind: {size: by_size[size][kind] for size in by_size} for kind in KINDS}
-    return {kind: {size: share_launch(work, records[size], THROUGHPUT_WORKERS, [kind])[kind]
-                   for size in ("small", "large")} for kind in KINDS}
+    runs: dict[str, dict[str, dict]] = {}
+    for kinds in [list(KINDS)] if smoke else [[kind] for kind in KINDS]:
+        for size in ("small", "large"):
+            for kind, run in share_launch(work, records[size], THROUGHPUT_WORKERS, kinds).items():
+                runs.setdefault(kind, {})[size] = run
+    return runs
 
 
 def parse_counts(ranks: list[dict]) -> list[dict]:

@@ -4,10 +4,10 @@ uninterrupted 2-worker run (within float32 round-off: `test_resize`'s docstring 
 bitwise), every update on the same samples.
 
 Two "hosts" on this machine, `localhost` and `127.0.0.1`, as Horovod's own elastic tests have
-them: the discovery script prints a file the test rewrites (a killed worker's host is taken out of
-it until the other worker goes on alone, then put back). Every process appends each update it applies to a log
-(`workers/train_job.py`), which is how the tests count samples and see that the survivors were
-never restarted. One job goes through every kind of change (each join costs a new process's
+them: the discovery script prints a file the test rewrites (a killed worker's host is taken out
+of it until the other worker goes on alone, then put back). Every process appends each update it
+applies to a log (`workers/train_job.py`), which is how the tests count samples and see that the
+survivors were never restarted. One job goes through every kind of change (each join costs a new process's
 start-up, and the suite's time is counted).
 """
 

@@ -5,6 +5,8 @@ mpi4py under XLA: `reductions.xla_cases()`)."""
 
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 import pytest
 
@@ -23,6 +25,13 @@ def _assert_keras_step(case_name: str, trained, iterations: int, workers: int) -
     assert iterations == steps, case_name
     error = scenarios.distance(trained, reference.trainable_variables, start)
     assert error <= reductions.TOLERANCE, f"{case_name}: {error:.2e} of the weights' movement"
+
+
+def test_every_kind_of_model_has_its_reductions_and_weightings():
+    # The cases are a test each below: their list itself must not shrink unnoticed.
+    kinds = collections.Counter(case.model for case in CASES.values())
+    assert set(kinds) == {"sequence", "classifier", "two_output"}
+    assert all(count >= 4 for count in kinds.values()), kinds
 
 
 # One case a test, so that the suite's test processes share them out (XLA compiles each anew).
